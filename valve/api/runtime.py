@@ -1,0 +1,47 @@
+"""Runtime options shared by the operator (CRD `spec.runtime`), the arbiter and the offline client."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvictionPolicy(str, Enum):
+    selective = "selective"
+    fifo = "fifo"
+
+
+class ReservePolicy(BaseModel):
+    """How much free GPU memory the arbiter keeps for online bursts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_bytes: int = Field(1 << 30, ge=0, description="Reserve floor in bytes.")
+    margin_ratio: float = Field(0.1, ge=0.0, le=4.0, description="Margin over the online recent peak.")
+    decay_seconds: float = Field(60.0, gt=0.0, description="Half-life of the recent-peak tracker.")
+    hysteresis_bytes: int = Field(512 << 20, ge=0, description="Free memory above reserve before offline may grow.")
+
+
+class ReclaimLimits(BaseModel):
+    """Rate limits on reclaim (shrink) and regrow requests sent to the offline client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes_per_second: int = Field(64 << 30, gt=0)
+    requests_per_second: float = Field(50.0, gt=0.0)
+    grow_bytes_per_second: int = Field(8 << 30, gt=0)
+
+
+class RuntimeSpec(BaseModel):
+    """Arbiter and client settings; the CRD's `spec.runtime` and the arbiter's config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idle_hysteresis_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="Online idleness before the gate reopens.")
+    max_preemptions_per_second: float = Field(100.0, gt=0.0, description="Hard cap on gate closures per second.")
+    heartbeat_lease_ms: float = Field(1000.0, gt=0.0, description="Stale arbiter heartbeat after which offline opens its gate.")
+    queue_ahead: int = Field(2, ge=1, le=64, description="Sub-layers the offline CPU may enqueue past the last gate.")
+    reserve: ReservePolicy = Field(default_factory=ReservePolicy)
+    reclaim: ReclaimLimits = Field(default_factory=ReclaimLimits)
+    eviction_policy: EvictionPolicy = EvictionPolicy.selective

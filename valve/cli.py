@@ -34,7 +34,7 @@ def version() -> None:
 
 @app.command()
 def demo(
-    seconds: float = typer.Option(20.0, min=1.0, help="Simulated seconds of traffic per variant."),
+    seconds: float = typer.Option(60.0, min=1.0, help="Simulated seconds of traffic per variant."),
     seed: int = typer.Option(0, help="Random seed (runs are deterministic under a seed)."),
     gpus: int = typer.Option(1, min=1, max=16, help="Virtual GPUs on the simulated node."),
     json_out: str | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
@@ -53,3 +53,7 @@ def not_yet(issue: int, what: str) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

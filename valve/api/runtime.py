@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class EvictionPolicy(str, Enum):
+class EvictionPolicy(StrEnum):
     selective = "selective"
     fifo = "fifo"
 

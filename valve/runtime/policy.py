@@ -1,0 +1,69 @@
+"""The arbiter's gate decisions as a pure state machine over a clock (real or simulated).
+
+Close the gate when online goes from idle to busy (at most ``max_preemptions_per_second`` closures in any
+one-second window), keep it closed while online requests are in flight, reopen after ``idle_hysteresis`` of
+online idleness. A request that arrives while the gate is still closed (within the hysteresis) costs no new
+preemption: one preemption per burst.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+SECOND = 1_000_000_000
+
+
+@dataclass
+class GatePolicy:
+    idle_hysteresis_ns: int = 5_000_000
+    max_preemptions_per_second: float = 100.0
+    gate_open: bool = True
+    inflight: int = 0
+    idle_since: int = 0
+    preemptions: int = 0
+    capped: int = 0  # online bursts that found the cap reached and ran with the gate open
+    closed_ns: int = 0
+    _closed_at: int = 0
+    _recent: deque = field(default_factory=deque)
+
+    def online_start(self, now: int) -> bool:
+        """An online request began. Returns True if this call closed the gate (a preemption)."""
+        self.inflight += 1
+        if not self.gate_open:
+            return False
+        while self._recent and now - self._recent[0] >= SECOND:
+            self._recent.popleft()
+        if len(self._recent) >= self.max_preemptions_per_second:
+            self.capped += 1
+            return False
+        self._recent.append(now)
+        self.gate_open = False
+        self.preemptions += 1
+        self._closed_at = now
+        return True
+
+    def online_end(self, now: int) -> None:
+        if self.inflight <= 0:
+            raise ValueError("online_end without a matching online_start")
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle_since = now
+
+    def reopen_at(self) -> int | None:
+        """When the gate should reopen if nothing else happens, or None if it stays as it is."""
+        if self.gate_open or self.inflight:
+            return None
+        return self.idle_since + self.idle_hysteresis_ns
+
+    def tick(self, now: int) -> bool:
+        """Reopen the gate if online has been idle long enough. Returns True if it reopened."""
+        due = self.reopen_at()
+        if due is None or now < due:
+            return False
+        self.gate_open = True
+        self.closed_ns += now - self._closed_at
+        return True
+
+    def closed_time(self, now: int) -> int:
+        return self.closed_ns + (0 if self.gate_open else now - self._closed_at)

@@ -212,6 +212,8 @@ def run_demo(seconds: float = 60.0, seed: int = 0, gpus: int = 1, json_out: str 
 
     w = workload or Workload()
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough that the table is never cut
+        console = Console(width=150)
     console.print(f"[bold]Valve demo[/]: simulated node with {gpus} GPU(s), {seconds:g} s of traffic per variant, "
                   f"online {w.rate_per_s:g} req/s, time slice 2 ms, seed {seed}")
     merged: dict[str, Result] = {v: Result(v) for v in VARIANTS}

@@ -1,0 +1,531 @@
+"""Memory reclaim benchmark: KVPool reclaim latency with live KV data, the freed memory in another process, and
+selective vs FIFO eviction on one offline trace with online memory bursts.
+
+    python3 bench/reclaim.py [--quick] [--out DIR] [--device cuda|cpu] [--seed N]
+
+1. Latency (real CUDA): for each size (1, 4, 8, 16 GiB) a KVPool maps twice that, fills a share of its blocks with
+   live, patterned KV data scattered over all chunks, and reclaims the size: compaction copies, the stream wait and
+   the unmaps are all inside the timed call. Data is checked after each reclaim (moved blocks included). p50/p99
+   over repetitions. ``--device cpu`` runs the same code on the simulated backend (modelled device time).
+2. Handover: the device is filled (pool + a filler tensor) so that a fresh process cannot allocate the size; the
+   pool reclaims it; a child process then allocates exactly the released bytes with torch (and, before the
+   reclaim, is shown to fail).
+3. Eviction policies: a modelled offline engine (chunked prefill, paged KV from a KVPool on the simulated
+   backend, block tables and progress reported to the pool) runs one seeded trace next to online memory bursts,
+   with Valve's real MemoryController and ReclaimHandler between them; offline output tokens/s for offline alone,
+   FIFO and selective; loss = 1 - tokens/s / alone. Timing is modelled (settings in the JSON).
+
+Writes ``<out>/reclaim_<gpu>.json`` and ``<out>/reclaim_<gpu>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec  # noqa: E402
+from valve.runtime.control import ControlBlock  # noqa: E402
+from valve.runtime.memory import KVPool, PoolExhausted  # noqa: E402
+from valve.runtime.memory_client import ReclaimHandler  # noqa: E402
+from valve.runtime.memory_control import MemoryController  # noqa: E402
+from valve.runtime.memory_sim import SimBackend, SimGpuInfo  # noqa: E402
+from valve.runtime.sim import SimGPU  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+MS = 1_000_000
+
+
+def percentile(xs, q):
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. reclaim latency with live data
+# ---------------------------------------------------------------------------------------------------------
+def make_backend(device: str, gpu: SimGPU | None = None):
+    if device == "cuda":
+        from valve.runtime.memory_cuda import CudaBackend
+
+        return CudaBackend()
+    return SimBackend(gpu=gpu, store=True)
+
+
+def fill_live(pool: KVPool, view, live_fraction: float, rng: random.Random) -> dict:
+    """Map the whole pool with sequences of 1-8 blocks, then free random ones until ``live_fraction`` of the
+    blocks stay live; stamp each live block with a value of its own. Returns {seq: [values]}."""
+    import torch
+
+    n, s = pool.free_blocks(), 0
+    while n > 0:
+        k = min(n, rng.randint(1, 8))
+        pool.allocate(s, k)
+        n -= k
+        s += 1
+    seqs = pool.sequences()
+    rng.shuffle(seqs)
+    target = int(pool.used_blocks() * live_fraction)
+    for sid in seqs:
+        if pool.used_blocks() - len(pool.block_table(sid)) < target:
+            break
+        pool.free(sid)
+    values = {}
+    ids, vals = [], []
+    for sid in pool.sequences():
+        table = pool.block_table(sid)
+        values[sid] = [sid * 1000 + i + 1 for i in range(len(table))]
+        ids += table
+        vals += values[sid]
+    if ids:
+        idx = torch.tensor(ids, device=view.device)
+        view[idx] = torch.tensor(vals, dtype=view.dtype, device=view.device)[:, None]
+    return values
+
+
+def check_live(pool: KVPool, view, values: dict) -> None:
+    import torch
+
+    ids, vals = [], []
+    for sid in pool.sequences():
+        ids += pool.block_table(sid)
+        vals += values[sid]
+    if not ids:
+        return
+    idx = torch.tensor(ids, device=view.device)
+    want = torch.tensor(vals, dtype=view.dtype, device=view.device)[:, None]
+    bad = (view[idx] != want).any(dim=1)
+    if bool(bad.any()):
+        raise AssertionError(f"{int(bad.sum())} of {len(ids)} live blocks corrupted after reclaim")
+
+
+def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes: int, chunk_bytes: int,
+            seed: int) -> list[dict]:
+    import torch
+
+    rng = random.Random(seed)
+    rows = []
+    for size in sizes_gib:
+        nbytes = int(size * GiB)
+        times, copied, moved = [], [], []
+        for _ in range(reps):
+            be = make_backend(device)
+            pool = KVPool(be, block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=2 * nbytes)
+            try:
+                view = pool.tensor(torch.int32, (block_bytes // 4,))
+                values = fill_live(pool, view, live_fraction, rng)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t_dev = getattr(be, "elapsed_ns", 0)
+                t0 = time.perf_counter()
+                res = pool.reclaim(nbytes)
+                dt = time.perf_counter() - t0
+                if device != "cuda":
+                    dt = (be.elapsed_ns - t_dev) / 1e9  # the simulated backend's modelled device time
+                if res.evicted:
+                    raise AssertionError(f"reclaim of {size} GiB evicted {len(res.evicted)} sequences; "
+                                         f"live_fraction {live_fraction} should leave room")
+                check_live(pool, view, values)
+                times.append(dt)
+                copied.append(res.copied_bytes)
+                moved.append(len(res.moved))
+            finally:
+                view = None
+                pool.close()
+        rows.append(dict(size_gib=size, reps=reps, p50_ms=percentile(times, 50) * 1e3,
+                         p99_ms=percentile(times, 99) * 1e3, max_ms=max(times) * 1e3,
+                         copied_gib_mean=sum(copied) / len(copied) / GiB, moved_blocks_mean=sum(moved) / len(moved),
+                         samples_ms=[t * 1e3 for t in times]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. the freed memory in another process
+# ---------------------------------------------------------------------------------------------------------
+CHILD = ("import sys, torch\n"
+         "n = int(sys.argv[1])\n"
+         "try:\n"
+         "    x = torch.empty(n, dtype=torch.uint8, device='cuda'); x.fill_(1); torch.cuda.synchronize()\n"
+         "    print('ok', flush=True)\n"
+         "except torch.OutOfMemoryError as e:\n"
+         "    print('oom', str(e).splitlines()[0], flush=True)\n")
+
+
+def child_alloc(nbytes: int, timeout: float = 120.0) -> str:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(nbytes)], capture_output=True, text=True,
+                       timeout=timeout)
+    out = (p.stdout.strip().splitlines() or [""])[-1]
+    if p.returncode != 0 and not out:
+        out = f"error rc={p.returncode}: {p.stderr.strip()[-300:]}"
+    return out
+
+
+def handover(size_gib: float, block_bytes: int, chunk_bytes: int, child_reserve: int, check_before: bool) -> dict:
+    """Fill the GPU, reclaim ``size_gib`` from the pool, and let a child process allocate exactly that."""
+    import torch
+
+    from valve.runtime.memory_cuda import CudaBackend
+
+    nbytes = int(size_gib * GiB)
+    pool = KVPool(CudaBackend(), block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=nbytes + 4 * GiB)
+    filler = None
+    try:
+        pool.allocate("live", (nbytes + 2 * GiB) // block_bytes)
+        view = pool.tensor(torch.uint8, (block_bytes,))
+        view[pool.block_table("live")[:16]] = 7
+        free, total = torch.cuda.mem_get_info()
+        # leave room for the child's CUDA context and torch's workspace, not for its allocation
+        filler_bytes = max(0, free - child_reserve)
+        filler = torch.empty(filler_bytes, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        before = child_alloc(nbytes) if check_before else "skipped"
+        res = pool.reclaim(nbytes)  # evicts part of "live": the pool is full of it
+        free_after = torch.cuda.mem_get_info()[0]
+        after = child_alloc(res.released_bytes)
+        return dict(size_gib=size_gib, released_bytes=res.released_bytes, reclaim_ms=res.seconds * 1e3,
+                    free_before=free_before, free_after=free_after, child_before=before, child_after=after,
+                    ok=after == "ok" and (not check_before or before.startswith("oom")))
+    finally:
+        del filler
+        view = None
+        pool.close()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. selective vs FIFO on a modelled offline engine with online memory bursts
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TraceConfig:
+    capacity_gib: float = 80.0
+    online_weights_gib: float = 16.0
+    online_base_gib: float = 2.0
+    offline_weights_gib: float = 16.0
+    kv_bytes_per_token: int = 128 << 10  # an 8B Llama in fp16: 2 * 32 layers * 8 heads * 128 * 2 bytes
+    block_tokens: int = 16
+    chunk_bytes: int = 32 << 20
+    burst_every_s: float = 6.0  # mean gap between online bursts (exponential)
+    burst_gib: tuple[float, float] = (6.0, 20.0)
+    burst_s: tuple[float, float] = (0.5, 3.0)
+    prompt: tuple[int, int] = (256, 2048)
+    output: tuple[int, int] = (64, 512)
+    max_batch: int = 256
+    prefill_budget: int = 2048  # prompt tokens per step (chunked prefill)
+    step_ms: float = 12.0  # fixed cost of a step
+    decode_ms_per_seq: float = 0.04
+    prefill_ms_per_token: float = 0.02
+    tick_ms: float = 1.0  # arbiter loop and sub-layer boundary period
+    min_reserve_gib: float = 1.0
+
+
+@dataclass
+class _Req:
+    rid: int
+    prompt: int
+    output: int
+    generated: int = 0
+    computed: int = 0  # tokens whose KV is in the cache
+    blocks: int = 0
+    evictions: int = 0
+
+
+def bursts(cfg: TraceConfig, seconds: float, seed: int) -> list[tuple[float, float, float]]:
+    rng = random.Random(seed * 7919 + 1)
+    out, t = [], rng.expovariate(1 / cfg.burst_every_s)
+    while t < seconds:
+        d = rng.uniform(*cfg.burst_s)
+        out.append((t, t + d, rng.uniform(*cfg.burst_gib) * GiB))
+        t += d + rng.expovariate(1 / cfg.burst_every_s)
+    return out
+
+
+def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), online: bool = True,
+          n_requests: int | None = None) -> dict:
+    """Run the modelled offline engine for ``seconds`` (or until ``n_requests`` finish). Returns figures."""
+    rng = random.Random(seed)
+    gpu = SimGPU(capacity_bytes=int(cfg.capacity_gib * GiB))
+    on_ctx, off_ctx = gpu.context("online"), gpu.context("offline")
+    on_ctx.malloc(int(cfg.online_weights_gib * GiB))
+    off_ctx.malloc(int(cfg.offline_weights_gib * GiB))
+    cb = ControlBlock.anonymous()
+    spec = RuntimeSpec(eviction_policy=policy,
+                       reserve=ReservePolicy(min_bytes=int(cfg.min_reserve_gib * GiB), decay_seconds=30.0),
+                       reclaim=ReclaimLimits(grow_bytes_per_second=16 * GiB))
+    ctl = MemoryController(spec, SimGpuInfo(gpu, ("online",)))
+    block_bytes = cfg.kv_bytes_per_token * cfg.block_tokens
+    pool = KVPool(SimBackend(gpu, off_ctx, store=False), block_bytes=block_bytes, chunk_bytes=cfg.chunk_bytes,
+                  max_bytes=gpu.capacity_bytes, policy=policy)
+    running: dict[int, _Req] = {}
+    queue: deque[_Req] = deque()
+    evicted_ids: set[int] = set()
+    stats = dict(evictions=0, recomputed_tokens=0, engine_preemptions=0, online_short_ms=0.0, finished=0,
+                 output_tokens=0)
+
+    def on_reclaim(res):
+        for rid in res.evicted:
+            r = running.pop(rid)
+            stats["evictions"] += 1
+            stats["recomputed_tokens"] += r.computed
+            requeue(r)
+
+    def requeue(r: _Req) -> None:
+        r.computed, r.blocks = 0, 0
+        r.evictions += 1
+        evicted_ids.add(r.rid)
+        queue.appendleft(r)  # first in line: its generated tokens are kept, its KV recomputed
+
+    handler = ReclaimHandler(pool, cb, on_reclaim=on_reclaim)
+    next_id = 0
+
+    def new_request() -> _Req:
+        nonlocal next_id
+        next_id += 1
+        return _Req(next_id, rng.randint(*cfg.prompt), rng.randint(*cfg.output))
+
+    if n_requests is not None:
+        queue.extend(new_request() for _ in range(n_requests))
+    plan = bursts(cfg, seconds, seed) if online else []
+    online_allocs: list = []
+    base = int(cfg.online_base_gib * GiB) if online else 0
+
+    def online_want(t: float) -> int:
+        return base + int(sum(b for s, e, b in plan if s <= t < e))
+
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // cfg.block_tokens)
+
+    def admit() -> None:
+        while len(running) < cfg.max_batch:
+            if not queue:
+                if n_requests is not None:
+                    return
+                queue.append(new_request())
+            r = queue[0]
+            need = blocks_for(r.prompt + r.generated)
+            try:
+                pool.allocate(r.rid, need)
+            except PoolExhausted:
+                return
+            queue.popleft()
+            r.blocks = need
+            running[r.rid] = r
+
+    tick_ns = int(cfg.tick_ms * MS)
+    now = 0
+    step_end = 0
+    step_work: dict[int, int] = {}  # rid -> tokens this step computes (prefill chunk, or 1 for decode)
+    end_ns = int(seconds * 1e9)
+    while True:
+        if n_requests is None and now >= end_ns:
+            break
+        if n_requests is not None and stats["finished"] >= n_requests:
+            break
+        if now > 3600 * 1e9:
+            raise RuntimeError("trace did not finish in an hour of simulated time")
+        t = now / 1e9
+        # online: hold what it wants, as far as free memory allows
+        want, have = online_want(t), on_ctx.mem_used - int(cfg.online_weights_gib * GiB)
+        while have > want and online_allocs:
+            have -= online_allocs[-1].nbytes
+            gpu.free(online_allocs.pop())
+        if want > have:
+            got = min(want - have, gpu.mem_free)
+            if got > 0:
+                online_allocs.append(on_ctx.malloc(got))
+            if got < want - have:
+                stats["online_short_ms"] += cfg.tick_ms
+        cb.fields.online_mem_bytes = want
+        ctl.step(now, cb)
+        handler.poll()  # a sub-layer boundary: evictions drop out of the step in flight
+        if now >= step_end:
+            # finish the step: account tokens of those still running
+            for rid, n in step_work.items():
+                r = running.get(rid)
+                if r is None:
+                    continue  # evicted mid-step: its work is lost
+                if r.computed < r.prompt + r.generated:
+                    r.computed += n
+                else:  # decode: one token out
+                    r.generated += 1
+                    r.computed += 1
+                    stats["output_tokens"] += 1
+                if r.generated >= r.output:
+                    pool.free(rid)
+                    del running[rid]
+                    stats["finished"] += 1
+                else:
+                    pool.set_progress(rid, r.computed)
+            # plan the next step
+            admit()
+            step_work, budget, decodes = {}, cfg.prefill_budget, 0
+            for r in sorted(running.values(), key=lambda r: r.rid):
+                todo = r.prompt + r.generated - r.computed
+                if todo > 0:
+                    if budget > 0:
+                        step_work[r.rid] = min(todo, budget)
+                        budget -= step_work[r.rid]
+                    continue
+                # decode: room for one more token
+                if blocks_for(r.computed + 1) > r.blocks:
+                    try:
+                        pool.allocate(r.rid, 1)
+                        r.blocks += 1
+                    except PoolExhausted:  # engine-level preemption (the same for every policy)
+                        victim = max(running.values(), key=lambda x: x.rid)
+                        pool.free(victim.rid)
+                        del running[victim.rid]
+                        stats["engine_preemptions"] += 1
+                        stats["recomputed_tokens"] += victim.computed
+                        requeue(victim)
+                        step_work.pop(victim.rid, None)
+                        if victim is r:
+                            continue
+                        decodes -= victim.rid in step_work
+                        try:
+                            pool.allocate(r.rid, 1)
+                            r.blocks += 1
+                        except PoolExhausted:
+                            continue
+                step_work[r.rid] = 1
+                decodes += 1
+            prefill = cfg.prefill_budget - budget
+            dur = cfg.step_ms + cfg.decode_ms_per_seq * max(decodes, 0) + cfg.prefill_ms_per_token * prefill
+            step_end = now + int(dur * MS)
+        now += tick_ns
+    secs = now / 1e9
+    stats.update(policy=policy, online=online, seconds=secs, tokens_per_s=stats["output_tokens"] / secs,
+                 bursts=len(plan), reclaim_requests=ctl.requests, reclaimed_gib=ctl.reclaimed_bytes / GiB,
+                 reclaim_latency_p99_ms=percentile(ctl.latencies_ns, 99) / 1e6,
+                 evicted_unique=len(evicted_ids), unfinished=len(running) + len(queue),
+                 pool_peak_gib=pool.counters["mapped_chunks_total"] * cfg.chunk_bytes / GiB)
+    return stats
+
+
+def policies(seconds: float, seed: int, cfg: TraceConfig = TraceConfig()) -> dict:
+    alone = trace("selective", seconds, seed, cfg, online=False)
+    out = {"alone": alone}
+    for p in ("fifo", "selective"):
+        r = trace(p, seconds, seed, cfg)
+        r["loss"] = 1.0 - r["tokens_per_s"] / alone["tokens_per_s"]
+        out[p] = r
+    f, s = out["fifo"]["loss"], out["selective"]["loss"]
+    out["selective_cut_vs_fifo"] = (f - s) / f if f > 0 else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    env = dict(python=platform.python_version(), device=device, host=platform.node())
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+        if device == "cuda":
+            env["gpu"] = torch.cuda.get_device_name()
+            env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
+    except ImportError:
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - no NVML on CPU machines
+        pass
+    env.setdefault("gpu", "sim")
+    return env
+
+
+def table(result: dict) -> str:
+    lines = ["reclaim latency (live KV data, compaction included)",
+             f"{'size GiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'copied GiB':>10} {'reps':>5}"]
+    for r in result["latency"]:
+        lines.append(f"{r['size_gib']:>8g} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} "
+                     f"{r['copied_gib_mean']:>10.2f} {r['reps']:>5}")
+    for h in result.get("handover", []):
+        lines.append(f"handover {h['size_gib']:g} GiB: released {h['released_bytes'] / GiB:.2f} GiB, child before "
+                     f"'{h['child_before'][:40]}', after '{h['child_after'][:40]}' -> {'ok' if h['ok'] else 'FAIL'}")
+    p = result["policies"]
+    lines += ["", "offline throughput with online memory bursts (modelled engine, same trace)",
+              f"{'variant':>10} {'tok/s':>9} {'ratio':>7} {'loss':>7} {'evicted':>8} {'recomp tok':>11} "
+              f"{'requests':>9}"]
+    for name in ("alone", "fifo", "selective"):
+        r = p[name]
+        ratio = r["tokens_per_s"] / p["alone"]["tokens_per_s"]
+        lines.append(f"{name:>10} {r['tokens_per_s']:>9.0f} {ratio:>7.3f} {1 - ratio:>7.1%} {r['evictions']:>8} "
+                     f"{r['recomputed_tokens']:>11} {r['reclaim_requests']:>9}")
+    lines.append(f"selective cuts the loss by {p['selective_cut_vs_fifo']:.1%} versus FIFO")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run (< 60 s)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--live-fraction", type=float, default=0.25, help="live share of the mapped blocks")
+    ap.add_argument("--block-mib", type=float, default=2.0)
+    ap.add_argument("--chunk-mib", type=int, default=32)
+    ap.add_argument("--sizes", default=None, help="GiB, comma-separated (default 1,4,8,16; quick 1,8)")
+    ap.add_argument("--reps", type=int, default=None, help="default 20 (quick 3)")
+    ap.add_argument("--trace-seconds", type=float, default=None, help="default 300 (quick 40)")
+    a = ap.parse_args(argv)
+    device = a.device
+    if device is None:
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+    sizes = [float(x) for x in (a.sizes or ("1,8" if a.quick else "1,4,8,16")).split(",")]
+    reps = a.reps or (3 if a.quick else 20)
+    secs = a.trace_seconds or (40.0 if a.quick else 300.0)
+    block, chunk = int(a.block_mib * MiB), a.chunk_mib * MiB
+    if device == "cpu":  # a CPU byte store: everything 64x smaller (modelled times scale with bytes and chunks)
+        sizes, block, chunk = [s / 64 for s in sizes], block // 16, max(2 * MiB, chunk // 8)
+    t0 = time.perf_counter()
+    env = environment(device)
+    print(f"reclaim bench on {env['gpu']} ({device}); sizes {sizes} GiB x {reps}", flush=True)
+    result = dict(env=env, settings=dict(quick=a.quick, seed=a.seed, live_fraction=a.live_fraction,
+                                         block_bytes=block, chunk_bytes=chunk, sizes_gib=sizes, reps=reps,
+                                         trace_seconds=secs, trace=asdict(TraceConfig())))
+    result["latency"] = latency(device, sizes, reps, a.live_fraction, block, chunk, a.seed)
+    print("latency done", flush=True)
+    result["handover"] = []
+    if device == "cuda":
+        for size in ([8.0] if a.quick else [1.0, 8.0, 16.0]):
+            result["handover"].append(handover(size, block, chunk, child_reserve=1536 * MiB,
+                                               check_before=(size == 8.0)))
+        print("handover done", flush=True)
+    result["policies"] = policies(secs, a.seed)
+    result["wall_s"] = time.perf_counter() - t0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() else "_" for c in env["gpu"]).strip("_").lower()
+    (out / f"reclaim_{name}.json").write_text(json.dumps(result, indent=1))
+    text = table(result)
+    (out / f"reclaim_{name}.txt").write_text(text + "\n")
+    print(text)
+    print(f"wrote {out / f'reclaim_{name}.json'} in {result['wall_s']:.1f} s")
+    ok = all(h["ok"] for h in result["handover"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The offline side of the reclaim protocol: answer the arbiter's "give back N bytes" at a sub-layer boundary.
+
+Register a :class:`ReclaimHandler` with the offline client's boundary hooks (:func:`install`), or call it from the
+engine's step loop. At each call it
+
+1. follows the arbiter's ``offline_limit_bytes`` (the pool stops growing above it),
+2. if a request is pending (``reclaim_req_seq`` even and above ``reclaim_ack_seq``, unchanged while its bytes
+   were read), reclaims that many bytes from the pool (everything it holds if it holds less), acknowledges with
+   the bytes released, and passes the :class:`~valve.runtime.memory.ReclaimResult` to ``on_reclaim`` so the
+   engine remaps moved blocks and re-queues evicted sequences before it queues more work,
+3. reports the pool size (``offline_pool_bytes``) and cumulative evictions for the arbiter's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from valve.runtime.memory import KVPool, ReclaimResult
+from valve.runtime.memory_evict import check_policy
+
+log = logging.getLogger(__name__)
+
+
+class ReclaimHandler:
+    def __init__(
+        self,
+        pool: KVPool,
+        cb,
+        policy: str | None = None,
+        on_reclaim: Callable[[ReclaimResult], object] | None = None,
+        follow_limit: bool = True,
+    ) -> None:
+        self.pool, self.cb = pool, cb
+        self.policy = check_policy(policy or pool.policy)
+        self.on_reclaim = on_reclaim
+        self.follow_limit = follow_limit
+        self.handled = 0
+        self.last: ReclaimResult | None = None
+
+    def __call__(self, *args, **kwargs) -> ReclaimResult | None:
+        """The boundary hook (arguments from the caller are ignored)."""
+        return self.poll()
+
+    def poll(self) -> ReclaimResult | None:
+        f = self.cb.fields
+        if self.follow_limit and (f.offline_limit_bytes or f.reserve_target_bytes):  # 0/0: no memory arbiter
+            self.pool.set_limit(int(f.offline_limit_bytes))
+        res = None
+        seq = int(f.reclaim_req_seq)
+        if seq % 2 == 0 and seq > int(f.reclaim_ack_seq):
+            nbytes = int(f.reclaim_req_bytes)
+            if int(f.reclaim_req_seq) == seq:  # not rewritten while we read the bytes
+                res = self._answer(f, seq, nbytes)
+        f.offline_pool_bytes = self.pool.mapped_bytes
+        return res
+
+    def _answer(self, f, seq: int, nbytes: int) -> ReclaimResult:
+        res = self.pool.reclaim(nbytes, self.policy, allow_partial=True)
+        f.offline_pool_bytes = self.pool.mapped_bytes
+        f.evicted_sequences += len(res.evicted)
+        f.recomputed_tokens += res.evicted_tokens
+        f.reclaim_ack_bytes = res.released_bytes
+        f.reclaim_ack_seq = seq  # last: the arbiter reads the bytes once it sees the number
+        self.handled += 1
+        self.last = res
+        if res.shortfall_bytes:
+            log.warning("reclaim %d asked %d bytes, the pool held only %d: released all of it", seq, nbytes,
+                        res.released_bytes)
+        if self.on_reclaim is not None:
+            self.on_reclaim(res)
+        return res
+
+
+def install(pool: KVPool, cb=None, gate=None, policy: str | None = None,
+            on_reclaim: Callable[[ReclaimResult], object] | None = None) -> ReclaimHandler:
+    """Create a handler and register it with the offline gate's sub-layer boundary hooks (``Gate.on_boundary``).
+    ``gate`` defaults to a ``valve.runtime.offline.Gate`` on ``cb``; ``cb`` defaults to the gate's block."""
+    if gate is None:
+        try:
+            from valve.runtime.offline import Gate
+        except ImportError as e:
+            raise RuntimeError("valve.runtime.offline.Gate is not available: call ReclaimHandler.poll() from the "
+                               "engine's step loop instead") from e
+        gate = Gate(cb)
+    if cb is None:
+        cb = getattr(gate, "control", None) or getattr(gate, "cb", None)
+        if cb is None:
+            raise ValueError("install() needs the control block: pass cb")
+    handler = ReclaimHandler(pool, cb, policy, on_reclaim)
+    gate.on_boundary(handler)
+    return handler

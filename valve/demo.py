@@ -1,8 +1,10 @@
 """`valve demo`: online and offline LLM-shaped work on a simulated GPU node, with and without Valve's gate.
 
 Online requests are a prefill then a decode loop (a CPU gap between steps, as in a real engine); offline is a
-large-batch engine whose sub-layers each sit behind a gate wait, with bounded queue-ahead. The gate decisions are
-the arbiter's policy (``valve.runtime.policy.GatePolicy``) driven by the simulated clock.
+large-batch engine whose sub-layers each sit behind a gate wait, with bounded queue-ahead. The valve variant runs
+the real runtime on the simulated clock: the online client (``OnlineSignal``) closes the gate at request start,
+the ``Arbiter`` (``GatePolicy``) reopens it after the idle hysteresis, and the offline ``Gate`` (sim backend)
+enqueues its waits on the simulated stream.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 
-from valve.runtime.policy import GatePolicy
+from valve.api.runtime import RuntimeSpec
+from valve.runtime.arbiter import Arbiter
+from valve.runtime.control import ControlBlock
+from valve.runtime.gate_sim import SimGateBackend
+from valve.runtime.offline import Gate
+from valve.runtime.online import OnlineSignal
 from valve.runtime.sim import MS, US, SimGPU
 
 VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve")
@@ -80,19 +87,20 @@ def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None
     online_on = variant != "offline-alone"
     offline_on = variant != "online-alone"
     gated = variant == "valve"
-    policy = GatePolicy(w.idle_hysteresis_ns, w.max_preemptions_per_second)
-    gate_word = [1]  # 1 = open: the word offline's stream waits on
-    closed_at: list[int] = []
+    arbiter = sig = gate = None
+    if gated:  # the real runtime pieces on the simulated clock: arbiter, online signal, offline gate
+        cb = ControlBlock.anonymous()
+        spec = RuntimeSpec(idle_hysteresis_ms=w.idle_hysteresis_ns / MS,
+                           max_preemptions_per_second=w.max_preemptions_per_second)
+        arbiter = Arbiter(cb, spec)
+        sig = OnlineSignal(cb, clock=lambda: gpu.now)
 
-    def set_gate(now: int) -> None:
-        was_open = gate_word[0] == 1
-        gate_word[0] = 1 if policy.gate_open else 0
-        if was_open and not policy.gate_open:
-            closed_at.append(now)
+        def arbiter_step(now: int) -> None:
+            due = arbiter.step(now)
+            if due is not None:
+                gpu.at(due, arbiter_step)
 
-    def reopen_check(now: int) -> None:
-        if policy.tick(now):
-            set_gate(now)
+        gpu.at(0, arbiter_step)
 
     if offline_on:
         off = gpu.context("offline")
@@ -105,12 +113,17 @@ def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None
             enqueue(now)
 
         def enqueue(now: int) -> None:
+            if gated:
+                while gate.poll():
+                    gate()
+                    off.launch(w.offline_kernel_ns, "offline", on_done=sublayer_done)
+                return
             while queued[0] < w.offline_queue_ahead:
-                if gated:
-                    off.wait_value(lambda: gate_word[0], 1)
                 off.launch(w.offline_kernel_ns, "offline", on_done=sublayer_done)
                 queued[0] += 1
 
+        if gated:
+            gate = Gate(cb, backend=SimGateBackend(off, on_mark=enqueue), queue_ahead=w.offline_queue_ahead)
         enqueue(0)
 
     if online_on:
@@ -124,14 +137,14 @@ def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None
         def start_request(arrival: int, prompt: int, output: int) -> None:
             if gated:
                 def signal(now: int) -> None:
-                    if policy.online_start(now):
-                        set_gate(now)
+                    if sig.begin():  # the online client closes the gate itself (the arbiter allows it)
                         head = on.queue[0] if on.queue else None
                         if gpu.owner is on and getattr(head, "start_ns", -1) >= 0:
                             res.preempt_latency_ms.append(0.0)  # online already holds the GPU
                         else:
                             pending_close[:] = [now]
-                gpu.at(arrival + w.arbiter_delay_ns, signal)
+                gpu.at(arrival, signal)
+                gpu.at(arrival + w.arbiter_delay_ns, arbiter_step)
             token_times: list[int] = []
             per_kernel = max(1 * US, w.prefill_ns_per_token * prompt // w.prefill_kernels)
 
@@ -155,12 +168,8 @@ def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None
                 if len(token_times) > 1:
                     res.tpot_ms.append((token_times[-1] - token_times[0]) / (len(token_times) - 1) / MS)
                 if gated:
-                    def finish(t: int) -> None:
-                        policy.online_end(t)
-                        due = policy.reopen_at()
-                        if due is not None:
-                            gpu.at(due, reopen_check)
-                    gpu.after(w.arbiter_delay_ns, finish)
+                    sig.end()
+                    gpu.after(w.arbiter_delay_ns, arbiter_step)
 
             gpu.at(arrival, lambda t: step(t, w.prefill_kernels, per_kernel))
 
@@ -174,8 +183,10 @@ def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None
             progress(min(t, end_ns) / end_ns)
     if offline_on:
         res.offline_tokens_per_s = done[0] * w.offline_tokens_per_sublayer / seconds
-    res.preemptions = policy.preemptions
-    res.gate_closed_fraction = policy.closed_time(gpu.now) / end_ns if gated else 0.0
+    if gated:
+        arbiter.step(gpu.now)
+        res.preemptions = arbiter.policy.preemptions
+        res.gate_closed_fraction = arbiter.policy.closed_time(gpu.now) / end_ns
     res.context_switches = gpu.switches
     return res
 

@@ -1,21 +1,129 @@
-"""`valve runtime ...`: the in-pod runtime (issue 3)."""
+"""`valve runtime ...`: the in-pod runtime (per-GPU arbiter, online proxy)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="The in-pod runtime: per-GPU arbiter and online proxy.", no_args_is_help=True)
+log = logging.getLogger("valve.runtime")
+
+
+def load_spec(path: str | None, env: str | None = None):
+    """The RuntimeSpec from a JSON/YAML file, else from VALVE_RUNTIME_SPEC (JSON), else defaults.
+    Raises ValueError with the source and pydantic's reasons on a bad spec."""
+    import yaml
+    from pydantic import ValidationError
+
+    from valve.api.runtime import RuntimeSpec
+
+    env = os.environ.get("VALVE_RUNTIME_SPEC") if env is None else env
+    if path and path.startswith("env:"):  # --config env:NAME (what the operator passes)
+        name, path = path[4:], None
+        env = os.environ.get(name, "")
+        if not env:
+            raise ValueError(f"runtime spec: environment variable {name} is not set or empty")
+    if path:
+        source, text = path, Path(path).read_text()
+    elif env:
+        source, text = "VALVE_RUNTIME_SPEC", env
+    else:
+        return RuntimeSpec()
+    try:
+        data = yaml.safe_load(text) if path and not path.endswith(".json") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ValueError(f"runtime spec from {source} is not valid {'YAML' if path else 'JSON'}: {e}") from None
+    if data is None:
+        data = {}
+    try:
+        return RuntimeSpec.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"invalid runtime spec from {source}:\n{e}") from None
+
+
+def gpu_memory_info(uuid: str):
+    """NVML memory info for the GPU when available, else a simulated GPU (memory arbitration is then inert)."""
+    try:
+        from valve.runtime.memory_cuda import NvmlGpuInfo
+
+        info = NvmlGpuInfo(uuid)
+        info.snapshot()
+        return info, "nvml"
+    except Exception as e:  # noqa: BLE001 - no NVML, no driver, unknown UUID: fall back, say why
+        from valve.runtime.memory_sim import SimGpuInfo
+        from valve.runtime.sim import SimGPU
+
+        log.warning("NVML memory info unavailable for %s (%s): using a simulated GPU", uuid, e)
+        return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
 @app.command()
-def arbiter() -> None:
-    """Run the per-GPU arbiter sidecar."""
-    from valve.cli import not_yet
+def arbiter(
+    gpu: str = typer.Option(..., "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID this arbiter owns."),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR",
+                                           help="Runtime directory (default /var/run/valve)."),
+    metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus port (0: no metrics server)."),
+    spec_file: str | None = typer.Option(None, "--spec", "--config", help="RuntimeSpec as a JSON or YAML file, "
+                                         "or env:NAME (JSON in that variable; default: VALVE_RUNTIME_SPEC)."),
+    period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Run the memory reserve controller."),
+) -> None:
+    """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
+    from prometheus_client import CollectorRegistry, start_http_server
 
-    not_yet(3, "valve runtime arbiter")
+    from valve.runtime.arbiter import Arbiter
+    from valve.runtime.control import ControlBlock, control_path
+    from valve.runtime.metrics import GateMetrics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        spec = load_spec(spec_file)
+        path = control_path(gpu, runtime_dir)
+    except (ValueError, OSError) as e:
+        typer.echo(f"valve runtime arbiter: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    cb, reason = ControlBlock.open_or_create(path)
+    if reason:
+        log.warning("re-initialised the control block: %s", reason)
+    registry = CollectorRegistry()
+    metrics = GateMetrics(registry, gpu)
+    controller = None
+    if memory:
+        from valve.runtime.memory_control import MemoryController
+        from valve.runtime.memory_metrics import MemoryMetrics
+
+        info, kind = gpu_memory_info(gpu)
+        controller = MemoryController(spec, info, MemoryMetrics(registry, gpu))
+        log.info("memory reserve controller on (%s)", kind)
+    if metrics_port:
+        start_http_server(metrics_port, registry=registry)
+        log.info("metrics on :%d/metrics", metrics_port)
+    arb = Arbiter(cb, spec, memory=controller, metrics=metrics)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms", gpu, path,
+             spec.idle_hysteresis_ms, spec.max_preemptions_per_second, spec.heartbeat_lease_ms)
+    arb.run(stop, period_s=period_ms / 1000.0)
+    log.info("arbiter stopped: gate left open")
 
 
 @app.command()
-def proxy() -> None:
-    """Run the online reverse proxy sidecar."""
-    from valve.cli import not_yet
+def proxy(
+    listen: str = typer.Option(":9000", help="Address to listen on, [host]:port."),
+    upstream: str = typer.Option("http://127.0.0.1:8000", help="The online engine's HTTP base URL."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID (for the arbiter)."),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR"),
+    metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
+) -> None:
+    """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
+    from valve.runtime.proxy import proxy_command
 
-    not_yet(3, "valve runtime proxy")
+    proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
+                  metrics_port=metrics_port or None)

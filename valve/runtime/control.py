@@ -7,8 +7,10 @@ The one definition of its layout. The arbiter creates it; online and offline cli
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
+import threading
 from pathlib import Path
 
 MAGIC = 0x564C5631  # "VLV1"
@@ -16,6 +18,25 @@ VERSION = 1
 FILE_SIZE = 4096  # one page: what cuMemHostRegister maps
 DEFAULT_RUNTIME_DIR = "/var/run/valve"
 GATE_OPEN, GATE_CLOSED = 1, 0
+SLOTS = 32  # online writer slots (processes signalling online requests: proxy, engine, ...)
+# bits of `flags` (the arbiter is its only writer)
+FLAG_ARBITER = 1  # an arbiter runs and keeps the heartbeat
+FLAG_CLOSE_ALLOWED = 2  # an online client that starts a request may close an open gate itself (fast path)
+
+
+class OnlineSlot(ctypes.Structure):
+    """One online writer's counters. Only the process holding the slot's lock file writes them (no shared
+    read-modify-write), so concurrent online processes need no lock between them or with the arbiter."""
+
+    _fields_ = [
+        ("state", ctypes.c_uint32),  # 1 = claimed
+        ("pid", ctypes.c_uint32),
+        ("started", ctypes.c_uint64),  # requests started by this writer
+        ("ended", ctypes.c_uint64),
+        ("close_ns", ctypes.c_uint64),  # monotonic time this writer last closed the gate
+        ("end_ns", ctypes.c_uint64),  # monotonic time of this writer's last request end
+        ("closes", ctypes.c_uint64),
+    ]
 
 
 class Layout(ctypes.Structure):
@@ -41,7 +62,16 @@ class Layout(ctypes.Structure):
         ("offline_limit_bytes", ctypes.c_uint64),  # the most the offline pool may hold now
         ("offline_pool_bytes", ctypes.c_uint64),  # reported by the offline client
         ("online_mem_bytes", ctypes.c_uint64),  # reported by the online client (or read from NVML)
-        ("reserved", ctypes.c_uint64 * 16),
+        ("evicted_sequences", ctypes.c_uint64),  # cumulative, written by the offline client's reclaim handler
+        ("recomputed_tokens", ctypes.c_uint64),  # cumulative tokens of evicted sequences (to be recomputed)
+        ("reserved", ctypes.c_uint64 * 14),
+        # gate protocol (appended: the offsets above do not move)
+        ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
+        ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate
+        ("forced_opens", ctypes.c_uint64),  # times an offline client opened the gate on a stale heartbeat
+        ("parked_seq", ctypes.c_uint64),  # offline client: stream reached a closed gate (count) ...
+        ("parked_ns", ctypes.c_uint64),  # ... and when (where the gate backend can tell; the sim backend can)
+        ("slots", OnlineSlot * SLOTS),
     ]
 
 
@@ -66,9 +96,23 @@ def control_path(gpu_uuid: str, root: Path | str | None = None) -> Path:
 class ControlBlock:
     """A mapped control file; fields are attributes of ``self.fields`` (a ctypes view of the mapping)."""
 
-    def __init__(self, path: Path, mm: mmap.mmap) -> None:
-        self.path, self.mm = path, mm
+    def __init__(self, path: Path | None, mm: mmap.mmap) -> None:
+        self.path, self.mm = path, mm  # path None: an anonymous (in-process) block
         self.fields = Layout.from_buffer(mm)
+        self._claimed: set[int] = set()  # slots claimed through this mapping (anonymous blocks)
+        self._claim_lock = threading.Lock()
+
+    @classmethod
+    def anonymous(cls) -> ControlBlock:
+        """An in-memory block with no file: the simulator and single-process tests use it."""
+        cb = cls(None, mmap.mmap(-1, FILE_SIZE))
+        cb._init_header()
+        return cb
+
+    def _init_header(self) -> None:
+        f = self.fields
+        f.version, f.size, f.gate = VERSION, FILE_SIZE, GATE_OPEN
+        f.magic = MAGIC  # last: a reader that sees the magic sees a whole header
 
     @classmethod
     def create(cls, path: Path | str) -> ControlBlock:
@@ -83,10 +127,19 @@ class ControlBlock:
             os.close(fd)
         mm[:] = bytes(FILE_SIZE)
         cb = cls(path, mm)
-        f = cb.fields
-        f.version, f.size, f.gate = VERSION, FILE_SIZE, GATE_OPEN
-        f.magic = MAGIC  # last: a reader that sees the magic sees a whole header
+        cb._init_header()
         return cb
+
+    @classmethod
+    def open_or_create(cls, path: Path | str) -> tuple[ControlBlock, str | None]:
+        """The arbiter's way in. A valid file is reused (online slots and memory fields survive an arbiter
+        restart, and clients keep their mapping); a missing one is created; one that is not a valid control
+        block is re-initialised in place. Returns the block and why it was re-initialised (None if not)."""
+        try:
+            return cls.open(path), None
+        except ControlBlockError as e:
+            reason = None if not Path(path).exists() else str(e)
+        return cls.create(path), reason
 
     @classmethod
     def open(cls, path: Path | str) -> ControlBlock:
@@ -119,6 +172,99 @@ class ControlBlock:
         """Host address of the gate word (for cuMemHostRegister / cuStreamWaitValue32)."""
         return ctypes.addressof(self.fields) + GATE_OFFSET
 
+    def page_address(self) -> int:
+        """Host address of the mapping (page aligned, FILE_SIZE bytes)."""
+        return ctypes.addressof(self.fields)
+
+    # ---- online writer slots -------------------------------------------------------------------------
+    def claimed_slots(self) -> list[OnlineSlot]:
+        return [s for s in self.fields.slots if s.state == 1]
+
+    def inflight(self) -> int:
+        """Online requests in flight, summed over the claimed slots."""
+        return sum(max(0, s.started - s.ended) for s in self.claimed_slots())
+
+    def last_close_ns(self) -> int:
+        return max((s.close_ns for s in self.claimed_slots()), default=0)
+
+    def last_end_ns(self) -> int:
+        return max((s.end_ns for s in self.claimed_slots()), default=0)
+
+    def _lock_file(self, index: int) -> Path:
+        assert self.path is not None
+        return self.path.parent / "online-slots" / f"{index}.lock"
+
+    def claim_slot(self) -> SlotClaim:
+        """Take a free online slot. For a file-backed block the claim is a `flock` on a per-slot lock file,
+        held for the life of the claim: the kernel drops it when the process dies, so the arbiter can tell
+        live writers from dead ones (`reap_dead_slots`), also across containers sharing the runtime dir."""
+        for i in range(SLOTS):
+            fd = None
+            if self.path is None:
+                with self._claim_lock:
+                    if i in self._claimed:
+                        continue
+                    self._claimed.add(i)
+            else:
+                lock = self._lock_file(i)
+                lock.parent.mkdir(mode=0o770, exist_ok=True)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o660)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+            s = self.fields.slots[i]
+            s.started = s.ended = s.close_ns = s.end_ns = s.closes = 0
+            s.pid = os.getpid()
+            s.state = 1
+            return SlotClaim(self, i, fd)
+        raise ControlBlockError(f"{self.path or 'control block'}: all {SLOTS} online slots are taken")
+
+    def reap_dead_slots(self) -> list[int]:
+        """Free the slots whose writer died (its lock file is no longer locked). The arbiter calls this."""
+        if self.path is None:
+            return []
+        reaped = []
+        for i, s in enumerate(self.fields.slots):
+            if s.state != 1:
+                continue
+            try:
+                fd = os.open(self._lock_file(i), os.O_RDWR)
+            except FileNotFoundError:
+                s.state = 0
+                reaped.append(i)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # alive
+            s.state = 0  # while holding the lock, so a new claimer cannot be clobbered
+            os.close(fd)  # drops our lock
+            reaped.append(i)
+        return reaped
+
     def close(self) -> None:
         del self.fields
         self.mm.close()
+
+
+class SlotClaim:
+    """A claimed online slot; `release()` frees it (also done by the kernel when the process dies)."""
+
+    def __init__(self, cb: ControlBlock, index: int, fd: int | None) -> None:
+        self.cb, self.index, self._fd = cb, index, fd
+        self.slot = cb.fields.slots[index]
+
+    def release(self) -> None:
+        if self.slot is None:
+            return
+        self.slot.state = 0
+        self.slot = None
+        if self._fd is None:
+            with self.cb._claim_lock:
+                self.cb._claimed.discard(self.index)
+        else:
+            os.close(self._fd)
+            self._fd = None

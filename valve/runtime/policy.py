@@ -27,21 +27,48 @@ class GatePolicy:
     _closed_at: int = 0
     _recent: deque = field(default_factory=deque)
 
+    def may_close(self, now: int) -> bool:
+        """Whether a closure now stays within the rate cap."""
+        while self._recent and now - self._recent[0] >= SECOND:
+            self._recent.popleft()
+        return len(self._recent) < self.max_preemptions_per_second
+
+    def _close(self, now: int) -> bool:
+        if not self.gate_open:
+            return False
+        if not self.may_close(now):
+            self.capped += 1
+            return False
+        self.adopt_close(now)
+        return True
+
+    def adopt_close(self, t: int) -> None:
+        """The gate was closed at ``t`` (by this policy, or by an online client it allowed to)."""
+        self._recent.append(t)
+        self.gate_open = False
+        self.preemptions += 1
+        self._closed_at = t
+
+    def adopt_open(self, now: int) -> None:
+        """The gate was opened behind the policy's back (an offline client on a stale heartbeat)."""
+        if not self.gate_open:
+            self.gate_open = True
+            self.closed_ns += max(0, now - self._closed_at)
+
     def online_start(self, now: int) -> bool:
         """An online request began. Returns True if this call closed the gate (a preemption)."""
         self.inflight += 1
-        if not self.gate_open:
-            return False
-        while self._recent and now - self._recent[0] >= SECOND:
-            self._recent.popleft()
-        if len(self._recent) >= self.max_preemptions_per_second:
-            self.capped += 1
-            return False
-        self._recent.append(now)
-        self.gate_open = False
-        self.preemptions += 1
-        self._closed_at = now
-        return True
+        return self._close(now)
+
+    def observe(self, now: int, arrivals: int, inflight: int, last_end: int | None = None) -> bool:
+        """The arbiter's polled view: ``arrivals`` requests started since the last call, ``inflight`` in flight
+        now, the last one ended at ``last_end``. Returns True if this call closed the gate."""
+        closed = self._close(now) if arrivals else False
+        was_busy = self.inflight > 0 or arrivals > 0
+        self.inflight = inflight
+        if inflight == 0 and was_busy:
+            self.idle_since = min(now, last_end) if last_end else now
+        return closed
 
     def online_end(self, now: int) -> None:
         if self.inflight <= 0:

@@ -1,0 +1,56 @@
+"""attach(): gates before sub-layers of any nn.Module via forward pre-hooks (CPU torch, host backend)."""
+
+import pytest
+
+from valve.runtime.control import ControlBlock
+from valve.runtime.offline import Gate, HostGateBackend, attach
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.Linear(8, 8)
+        self.self_attn.attn = nn.Identity()  # nested match: must not be gated twice
+        self.mlp = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.mlp(self.norm(self.self_attn(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_attach_gates_every_sublayer_and_remove_undoes_it():
+    cb = ControlBlock.anonymous()
+    g = Gate(cb, backend=HostGateBackend())
+    m = Model(3)
+    h = attach(m, gate=g)
+    assert h.names == [f"layers.{i}.{s}" for i in range(3) for s in ("self_attn", "mlp")]
+    order = []
+    g.on_boundary(lambda: order.append(g.boundaries))
+    m(torch.zeros(2, 8))
+    assert g.boundaries == 6 and order == list(range(6))
+    assert cb.fields.offline_progress == 6
+    h.remove()
+    m(torch.zeros(2, 8))
+    assert g.boundaries == 6
+
+
+def test_attach_with_a_custom_pattern_and_no_match():
+    g = Gate(ControlBlock.anonymous(), backend=HostGateBackend())
+    h = attach(Model(2), pattern=r"layers\.\d+\.mlp$", gate=g)
+    assert h.names == ["layers.0.mlp", "layers.1.mlp"]
+    with pytest.raises(ValueError, match="no sub-module name"):
+        attach(nn.Linear(2, 2), gate=g)

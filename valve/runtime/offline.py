@@ -1,0 +1,255 @@
+"""The offline side: a stream-ordered gate before each sub-layer, with bounded queue-ahead and a lease.
+
+``Gate()`` at a sub-layer boundary (or ``attach(model)`` to put one before every attention and MLP block with
+forward pre-hooks, no engine patch; or the one-liner ``gate()``) does, in order:
+
+1. runs the boundary hooks (``on_boundary``: the memory reclaim handler, engine bookkeeping),
+2. waits (on the CPU) until at most ``queue_ahead`` gated sub-layers are queued that the GPU has not reached,
+   so a closing gate stops offline within a bounded amount of already-queued work,
+3. if the gate is closed and the arbiter's heartbeat is older than the lease, opens it (offline never stalls on
+   a dead arbiter; counted in ``forced_opens``),
+4. enqueues the wait on the gate word in the stream (the backend) and a mark to see when the GPU passes it.
+
+Under CUDA-graph capture only step 4's wait is recorded (a graph memop node or the spin kernel, see
+``gate_cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
+around replays (e.g. one ``Gate()`` call before each replay).
+
+Backends (one interface): ``cuda`` (``gate_cuda``: ``cuStreamWaitValue32`` on the mapped control page; imported
+lazily), ``host`` (CPU tensors: the calling thread waits for the gate itself), ``sim`` (``gate_sim``: a SimGPU
+context). Nothing here imports torch or cuda at module import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, control_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_MS = 1000.0
+DEFAULT_PATTERN = r"(^|\.)(self_attn|attn|mlp|feed_forward)$"
+POLL_S = 50e-6  # CPU poll period while waiting for queue room or an open gate
+
+
+class GateBusy(RuntimeError):
+    """A non-blocking backend (the simulator) has no queue room: call again once ``Gate.room()`` is True."""
+
+
+class HostGateBackend:
+    """For work the calling thread runs synchronously (CPU tensors): the thread itself waits for the gate."""
+
+    name = "host"
+    can_block = True
+    host_wait = True
+
+    def wait(self, stream=None) -> None:  # the Gate polls the word
+        pass
+
+    def mark(self, stream=None):
+        return None
+
+    def reached(self, mark) -> bool:
+        return True
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+
+def make_backend(kind: str, cb: ControlBlock):
+    if kind == "auto":
+        try:
+            import torch
+        except ImportError:
+            return HostGateBackend()
+        kind = "cuda" if torch.cuda.is_available() else "host"
+    if kind == "cuda":
+        from valve.runtime.gate_cuda import CudaGateBackend
+
+        return CudaGateBackend(cb)
+    if kind == "host":
+        return HostGateBackend()
+    if kind == "sim":
+        raise ValueError("the sim backend needs a SimGPU context: Gate(cb, backend=SimGateBackend(context))")
+    raise ValueError(f"unknown gate backend {kind!r}; expected auto, cuda, host, sim or a backend object")
+
+
+_global_hooks: list[Callable[[], object]] = []
+
+
+def on_boundary(fn: Callable[[], object]) -> Callable[[], object]:
+    """Run ``fn()`` at every sub-layer boundary of every Gate in this process (e.g. the reclaim handler)."""
+    _global_hooks.append(fn)
+    return fn
+
+
+class Gate:
+    def __init__(
+        self,
+        control: ControlBlock | None = None,
+        *,
+        gpu_uuid: str | None = None,
+        backend="auto",
+        queue_ahead: int = 2,
+        lease_ms: float | None = None,
+    ) -> None:
+        if queue_ahead < 1:
+            raise ValueError(f"queue_ahead must be at least 1, got {queue_ahead}")
+        if control is None:
+            uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
+            if not uuid:
+                raise ValueError("Gate: no control block given and VALVE_GPU_UUID is not set")
+            control = ControlBlock.open(control_path(uuid))
+        self.cb = control
+        self.backend = make_backend(backend, control) if isinstance(backend, str) else backend
+        if hasattr(self.backend, "bind"):
+            self.backend.bind(control)
+        self.queue_ahead = queue_ahead
+        self.lease_ms = lease_ms
+        self.hooks: list[Callable[[], object]] = []
+        self.marks: deque = deque()
+        self.boundaries = 0  # gates enqueued
+        self.passed = 0  # gates the stream has passed (marks reached)
+        self.forced_opens = 0
+        self._lock = threading.Lock()
+
+    # ---- hooks and state -----------------------------------------------------------------------------
+    def on_boundary(self, fn: Callable[[], object]) -> Callable[[], object]:
+        """Run ``fn()`` on the offline CPU thread at each boundary of this gate."""
+        self.hooks.append(fn)
+        return fn
+
+    def lease_ns(self) -> int:
+        if self.lease_ms is not None:
+            return int(self.lease_ms * 1e6)
+        published = int(self.cb.fields.lease_ns)
+        return published if published else int(DEFAULT_LEASE_MS * 1e6)
+
+    def is_open(self) -> bool:
+        return self.cb.fields.gate == GATE_OPEN
+
+    def check_lease(self, now: int | None = None) -> bool:
+        """Open a closed gate whose arbiter heartbeat is older than the lease. Returns True if it did."""
+        f = self.cb.fields
+        if f.gate != GATE_CLOSED:
+            return False
+        now = self.backend.now_ns() if now is None else now
+        age = now - int(f.heartbeat_ns)
+        if age <= self.lease_ns():
+            return False
+        f.gate = GATE_OPEN
+        f.forced_opens += 1
+        self.forced_opens += 1
+        log.warning("arbiter heartbeat is %.0f ms old (lease %.0f ms) with the gate closed: opening it",
+                    age / 1e6, self.lease_ns() / 1e6)
+        return True
+
+    def _reap(self) -> None:
+        m = self.marks
+        while m and self.backend.reached(m[0]):
+            m.popleft()
+            self.passed += 1
+            self.cb.fields.offline_progress += 1
+
+    def room(self) -> bool:
+        """Whether another gated sub-layer may be queued now."""
+        self._reap()
+        return len(self.marks) < self.queue_ahead
+
+    def poll(self) -> bool:
+        """Lease check plus :meth:`room` (for drivers of non-blocking backends)."""
+        self.check_lease()
+        return self.room()
+
+    def _wait_until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            if not self.backend.can_block:
+                raise GateBusy("no queue room: the stream has not reached the earlier gates yet")
+            self.check_lease()
+            time.sleep(POLL_S)
+
+    # ---- the boundary ------------------------------------------------------------------------------------
+    def gate(self, stream=None) -> None:
+        """One sub-layer boundary: hooks, bounded queue-ahead, lease, then the wait in the stream."""
+        capturing = getattr(self.backend, "capturing", None)
+        if capturing is not None and capturing(stream):  # CUDA-graph capture: only the wait goes into the graph
+            self.backend.wait(stream)
+            return
+        with self._lock:
+            for fn in _global_hooks:
+                fn()
+            for fn in self.hooks:
+                fn()
+            self._wait_until(self.room)
+            self.check_lease()
+            if getattr(self.backend, "host_wait", False):
+                self._wait_until(lambda: self.check_lease() or self.is_open())
+            self.backend.wait(stream)
+            self.marks.append(self.backend.mark(stream))
+            self.boundaries += 1
+            self._reap()
+
+    __call__ = gate
+
+    def drain(self) -> None:
+        """Wait (on the CPU) until the stream has passed every gate enqueued so far (lease still applies)."""
+        def empty() -> bool:
+            self._reap()
+            return not self.marks
+
+        self._wait_until(empty)
+
+
+# ---- module-level helpers ------------------------------------------------------------------------------------
+_default: Gate | None = None
+_default_lock = threading.Lock()
+
+
+def default_gate() -> Gate:
+    """The process's Gate for ``VALVE_GPU_UUID`` (under ``VALVE_RUNTIME_DIR``), created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Gate()
+        return _default
+
+
+def gate(stream=None) -> None:
+    """One-line gate for engines that mark sub-layer boundaries themselves."""
+    default_gate().gate(stream)
+
+
+class AttachHandle:
+    def __init__(self, handles: list, names: list[str], gate: Gate) -> None:
+        self.handles, self.names, self.gate = handles, names, gate
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach(model, pattern: str = DEFAULT_PATTERN, gate: Gate | None = None) -> AttachHandle:
+    """Put a gate before every sub-module of ``model`` whose qualified name matches ``pattern`` (``re.search``),
+    with forward pre-hooks. Raises if nothing matches (a gate that is never hit would silently do nothing)."""
+    rx = re.compile(pattern)
+    g = gate if gate is not None else default_gate()
+    names: list[str] = []
+    for name, _ in model.named_modules():  # parents come first: skip matches nested in a gated module
+        if name and rx.search(name) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    if not names:
+        raise ValueError(f"attach: no sub-module name of {type(model).__name__} matches {pattern!r}")
+    mods = dict(model.named_modules())
+
+    def hook(module, args):
+        g.gate()
+
+    handles = [mods[n].register_forward_pre_hook(hook) for n in names]
+    return AttachHandle(handles, names, g)

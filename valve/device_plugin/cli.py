@@ -1,12 +1,103 @@
 """`valve device-plugin`: the kubelet device plugin (issue 6)."""
 
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
 import typer
+
+
+class BackendName(StrEnum):
+    nvml = "nvml"
+    sim = "sim"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("device-plugin")
-    def device_plugin() -> None:
-        """Run the kubelet device plugin."""
-        from valve.cli import not_yet
+    def device_plugin(
+        backend: BackendName = typer.Option(BackendName.nvml, help="GPU discovery: NVML, or simulated GPUs."),
+        sim_gpus: int = typer.Option(4, min=1, max=64, help="Virtual GPUs of the sim backend."),
+        sim_node: str = typer.Option("sim-node", help="Seed of the sim backend's stable UUIDs."),
+        device_plugin_dir: Path = typer.Option(
+            Path("/var/lib/kubelet/device-plugins"), help="Where kubelet.sock is and our sockets go."
+        ),
+        online_resource: str = typer.Option("valve.io/online-gpu", help="Resource name of the online slots."),
+        offline_resource: str = typer.Option("valve.io/offline-gpu", help="Resource name of the offline slots."),
+        runtime_root: Path = typer.Option(
+            Path("/var/run/valve"), help="Per-GPU runtime dirs <root>/<uuid>, mounted into the pods."
+        ),
+        runtime_dir_mode: str = typer.Option("0700", help="Octal mode of each <root>/<uuid> directory."),
+        state_dir: Path = typer.Option(
+            Path("/var/lib/valve/device-plugin"), help="Where the allocation record (allocations.json) is kept."
+        ),
+        pod_resources_socket: str = typer.Option(
+            "/var/lib/kubelet/pod-resources/kubelet.sock",
+            help="Kubelet PodResources socket for taken slots; 'none' uses only the allocation record.",
+        ),
+        disable_xids: str = typer.Option(
+            "", envvar="DP_DISABLE_HEALTHCHECKS",
+            help="XIDs to ignore on top of 13,31,43,45,68,109 (comma-separated; 'all' ignores every XID).",
+        ),
+        enable_xids: str = typer.Option(
+            "", envvar="DP_ENABLE_HEALTHCHECKS",
+            help="XIDs that always mark a GPU unhealthy, even if ignored by default ('all': every XID).",
+        ),
+        metrics_port: int = typer.Option(9402, min=0, max=65535, help="Prometheus port; 0 disables metrics."),
+        metrics_addr: str = typer.Option("0.0.0.0", help="Prometheus bind address."),
+        metrics_interval: float = typer.Option(5.0, min=0.1, help="Seconds between NVML usage samples."),
+        log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    ) -> None:
+        """Run the kubelet device plugin: one online and one offline slot per GPU."""
+        import logging
+        import signal
+        import threading
 
-        not_yet(6, "valve device-plugin")
+        from valve.device_plugin.config import PluginConfig
+        from valve.device_plugin.health import XidPolicy
+        from valve.device_plugin.server import DevicePlugin
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            policy = XidPolicy.from_strings(disable_xids, enable_xids)
+            mode = int(runtime_dir_mode, 8)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        if online_resource == offline_resource:
+            raise typer.BadParameter("--online-resource and --offline-resource must differ")
+        config = PluginConfig(
+            device_plugin_dir=device_plugin_dir,
+            online_resource=online_resource,
+            offline_resource=offline_resource,
+            runtime_root=runtime_root,
+            runtime_dir_mode=mode,
+            state_dir=state_dir,
+            pod_resources_socket=None if pod_resources_socket.lower() in ("", "none") else Path(pod_resources_socket),
+            xid_policy=policy,
+            metrics_port=metrics_port or None,
+            metrics_addr=metrics_addr,
+            metrics_interval_s=metrics_interval,
+        )
+        if backend is BackendName.sim:
+            from valve.device_plugin.backend import SimBackend
+
+            gpu_backend = SimBackend(count=sim_gpus, node=sim_node)
+        else:
+            from valve.device_plugin.nvml import NvmlBackend
+
+            gpu_backend = NvmlBackend()
+
+        stop = threading.Event()
+
+        def on_signal(signum, frame) -> None:
+            logging.getLogger("valve.device_plugin").info("signal %d: stopping", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        plugin = DevicePlugin(config, gpu_backend)
+        try:
+            plugin.start()
+            stop.wait()
+        finally:
+            plugin.stop()

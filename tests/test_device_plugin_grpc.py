@@ -1,0 +1,332 @@
+"""The device plugin driven over gRPC by a fake kubelet (a real gRPC server on a unix socket)."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from valve.device_plugin.api import pb
+from valve.device_plugin.backend import SimBackend
+from valve.device_plugin.config import PluginConfig
+from valve.device_plugin.fake_kubelet import FakeKubelet, FakePodResources
+from valve.device_plugin.server import DevicePlugin
+
+ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
+
+
+@pytest.fixture
+def short_dir(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, unless it is too long for unix socket paths (108 bytes) under CI's temp root."""
+    if len(str(tmp_path)) <= 70:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="vdp", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_config(base: Path, **kw) -> PluginConfig:
+    defaults = dict(
+        device_plugin_dir=base / "dp",
+        runtime_root=base / "run",
+        state_dir=base / "state",
+        pod_resources_socket=None,
+        metrics_port=None,
+    )
+    return PluginConfig(**{**defaults, **kw})
+
+
+@pytest.fixture
+def node(short_dir: Path) -> Iterator[SimpleNamespace]:
+    """A fake kubelet and the plugin on a simulated 4-GPU node, registered."""
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    backend = SimBackend(4)
+    config = make_config(short_dir)
+    plugin = DevicePlugin(config, backend)
+    plugin.start()
+    kubelet.wait_registrations(2)
+    yield SimpleNamespace(kubelet=kubelet, backend=backend, plugin=plugin, config=config, dir=short_dir)
+    plugin.stop()
+    kubelet.stop()
+
+
+def call(kubelet: FakeKubelet, resource: str, method: str, request):
+    stub, channel = kubelet.stub(resource)
+    with channel:
+        return getattr(stub, method)(request, timeout=5)
+
+
+def allocate(kubelet: FakeKubelet, resource: str, *containers: list[str]) -> pb.AllocateResponse:
+    req = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=c) for c in containers])
+    return call(kubelet, resource, "Allocate", req)
+
+
+def preferred(kubelet, resource, available, size=1, must=()) -> list[str]:
+    req = pb.PreferredAllocationRequest(
+        container_requests=[
+            pb.ContainerPreferredAllocationRequest(
+                available_deviceIDs=available, must_include_deviceIDs=list(must), allocation_size=size
+            )
+        ]
+    )
+    return list(call(kubelet, resource, "GetPreferredAllocation", req).container_responses[0].deviceIDs)
+
+
+def health(resp: pb.ListAndWatchResponse) -> list[str]:
+    return [d.health for d in resp.devices]
+
+
+def test_registration_fields(node) -> None:
+    regs = {r.resource_name: r for r in node.kubelet.registrations}
+    assert set(regs) == {ONLINE, OFFLINE}
+    for resource, r in regs.items():
+        assert r.version == "v1beta1"
+        assert r.endpoint == resource.replace("/", "-") + ".sock"
+        assert "/" not in r.endpoint and (node.config.device_plugin_dir / r.endpoint).is_socket()
+        assert r.options.get_preferred_allocation_available and not r.options.pre_start_required
+        opts = call(node.kubelet, resource, "GetDevicePluginOptions", pb.Empty())
+        assert opts == r.options
+        assert call(node.kubelet, resource, "PreStartContainer", pb.PreStartContainerRequest()) == (
+            pb.PreStartContainerResponse()
+        )
+
+
+def test_list_and_watch_streams_devices_and_health_changes(node) -> None:
+    k, be = node.kubelet, node.backend
+    for resource in (ONLINE, OFFLINE):
+        first = k.wait_list(resource, lambda r: len(r.devices) == 4)
+        assert [d.ID for d in first.devices] == be.uuids
+        assert health(first) == ["Healthy"] * 4
+        assert [[n.ID for n in d.topology.nodes] for d in first.devices] == [[0], [0], [1], [1]]
+    updates = len(k.lists[ONLINE])
+    be.inject_xid(be.uuids[2], 43)  # application XID: ignored
+    time.sleep(0.3)
+    assert len(k.lists[ONLINE]) == updates and health(k.lists[ONLINE][-1]) == ["Healthy"] * 4
+
+    start = time.monotonic()
+    be.inject_xid(be.uuids[2], 79)  # fallen off the bus: critical
+    for resource in (ONLINE, OFFLINE):
+        k.wait_list(resource, lambda r: health(r) == ["Healthy", "Healthy", "Unhealthy", "Healthy"], timeout=1.0)
+    assert time.monotonic() - start < 1.0
+    reg = node.plugin.metrics.registry
+    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[2], "resource": OFFLINE}) == 0
+    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[1], "resource": OFFLINE}) == 1
+
+    be.lose(be.uuids[0])
+    k.wait_list(ONLINE, lambda r: health(r) == ["Unhealthy", "Healthy", "Unhealthy", "Healthy"], timeout=1.0)
+    be.set_health(be.uuids[2], True)
+    k.wait_list(OFFLINE, lambda r: health(r) == ["Unhealthy", "Healthy", "Healthy", "Healthy"], timeout=1.0)
+
+
+def test_allocate_returns_env_and_mounts(node) -> None:
+    be, root = node.backend, node.config.runtime_root
+    resp = allocate(node.kubelet, OFFLINE, [be.uuids[1]], [be.uuids[3]])
+    assert len(resp.container_responses) == 2
+    for uuid, c in zip([be.uuids[1], be.uuids[3]], resp.container_responses, strict=True):
+        assert dict(c.envs) == {
+            "NVIDIA_VISIBLE_DEVICES": uuid,
+            "CUDA_VISIBLE_DEVICES": uuid,
+            "VALVE_GPU_UUID": uuid,
+            "VALVE_ROLE": "offline",
+            "VALVE_RUNTIME_DIR": str(root),
+        }
+        assert [(m.container_path, m.host_path, m.read_only) for m in c.mounts] == [
+            (str(root / uuid), str(root / uuid), False)
+        ]
+        assert stat.S_IMODE((root / uuid).stat().st_mode) == 0o700
+    online = allocate(node.kubelet, ONLINE, [be.uuids[1]]).container_responses[0]
+    assert online.envs["VALVE_ROLE"] == "online" and online.envs["CUDA_VISIBLE_DEVICES"] == be.uuids[1]
+    reg = node.plugin.metrics.registry
+    assert reg.get_sample_value("valve_allocations_total", {"resource": OFFLINE}) == 2
+    assert reg.get_sample_value("valve_allocations_total", {"resource": ONLINE}) == 1
+    assert reg.get_sample_value("valve_devices", {"resource": ONLINE}) == 4
+
+
+def test_bad_requests_get_clear_errors(node) -> None:
+    k, be = node.kubelet, node.backend
+
+    def error(fn, *args) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            fn(*args)
+        return info.value
+
+    e = error(allocate, k, ONLINE, ["GPU-does-not-exist"])
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown device ID" in e.details() and "GPU-does-not-exist" in e.details() and ONLINE in e.details()
+    assert error(allocate, k, ONLINE).code() == grpc.StatusCode.INVALID_ARGUMENT  # no containers
+    e = error(allocate, k, ONLINE, [])
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "no device IDs" in e.details()
+    e = error(preferred, k, OFFLINE, be.uuids[:2], 3)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "allocation_size 3" in e.details()
+    e = error(preferred, k, OFFLINE, be.uuids[:2], 1, [be.uuids[3]])
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "must_include" in e.details()
+    e = error(preferred, k, OFFLINE, ["bogus"], 1)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "'bogus'" in e.details()
+    be.lose(be.uuids[0])
+    k.wait_list(ONLINE, lambda r: r.devices[0].health == "Unhealthy", timeout=1.0)
+    e = error(allocate, k, ONLINE, [be.uuids[0]])
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "unhealthy" in e.details()
+
+
+class KubeletBook:
+    """What the kubelet knows: which slots of each resource are assigned. Schedules like the kubelet does:
+    GetPreferredAllocation over the free slots, then Allocate."""
+
+    def __init__(self, kubelet: FakeKubelet, uuids: list[str]) -> None:
+        self.kubelet, self.uuids = kubelet, uuids
+        self.assigned: dict[str, set[str]] = {ONLINE: set(), OFFLINE: set()}
+
+    def schedule(self, resource: str) -> str:
+        free = [u for u in self.uuids if u not in self.assigned[resource]]
+        (chosen,) = preferred(self.kubelet, resource, free)
+        allocate(self.kubelet, resource, [chosen])
+        self.assigned[resource].add(chosen)
+        return chosen
+
+    def end(self, resource: str, uuid: str) -> None:
+        self.assigned[resource].discard(uuid)
+
+
+def test_preferred_allocation_pairs_online_and_offline_on_one_gpu(node) -> None:
+    book, g = KubeletBook(node.kubelet, node.backend.uuids), node.backend.uuids
+    # Pairs arriving online first.
+    on1 = book.schedule(ONLINE)
+    assert book.schedule(OFFLINE) == on1 == g[0]
+    on2 = book.schedule(ONLINE)
+    assert on2 == g[1] and book.schedule(OFFLINE) == on2
+    # Two onlines before their offlines: each offline joins a GPU holding an online alone.
+    on3, on4 = book.schedule(ONLINE), book.schedule(ONLINE)
+    assert {on3, on4} == {g[2], g[3]}
+    assert {book.schedule(OFFLINE), book.schedule(OFFLINE)} == {g[2], g[3]}
+    assert book.assigned[ONLINE] == book.assigned[OFFLINE] == set(g)
+    # An offline pod ends; its replacement goes back next to the online tenant it left.
+    book.end(OFFLINE, g[1])
+    assert book.schedule(OFFLINE) == g[1]
+
+
+def test_preferred_allocation_offline_first_keeps_the_pair(node) -> None:
+    book, g = KubeletBook(node.kubelet, node.backend.uuids), node.backend.uuids
+    off1 = book.schedule(OFFLINE)
+    assert off1 == g[0] and book.schedule(ONLINE) == g[0]
+    on2 = book.schedule(ONLINE)
+    assert on2 == g[1] and book.schedule(OFFLINE) == g[1]
+
+
+def test_allocation_record_survives_plugin_restart(short_dir: Path) -> None:
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    backend = SimBackend(4)
+    config = make_config(short_dir)
+    first = DevicePlugin(config, backend)
+    first.start()
+    kubelet.wait_registrations(2)
+    allocate(kubelet, ONLINE, [backend.uuids[2]])
+    first.stop()
+    second = DevicePlugin(config, SimBackend(4))
+    second.start()
+    try:
+        kubelet.wait_registrations(4)
+        assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[2]]
+    finally:
+        second.stop()
+        kubelet.stop()
+
+
+def test_pod_resources_api_is_used_when_reachable(short_dir: Path) -> None:
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    pods = FakePodResources(short_dir / "pr.sock").start()
+    backend = SimBackend(4)
+    plugin = DevicePlugin(make_config(short_dir, pod_resources_socket=short_dir / "pr.sock"), backend)
+    plugin.start()
+    try:
+        kubelet.wait_registrations(2)
+        pods.assigned = [(ONLINE, [backend.uuids[3]]), ("example.com/other", [backend.uuids[1]])]
+        assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[3]]
+        assert plugin.services["offline"].slots.last_source == "pod-resources"
+        # The record says g0's online slot is taken, but the kubelet (PodResources) is the truth.
+        allocate(kubelet, ONLINE, [backend.uuids[0]])
+        pods.assigned = [(ONLINE, [backend.uuids[1]])]
+        assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[1]]
+        pods.stop()  # unreachable: fall back to the record
+        assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[0]]
+        assert plugin.services["offline"].slots.last_source == "record"
+    finally:
+        plugin.stop()
+        kubelet.stop()
+
+
+@pytest.mark.parametrize("wipe", [True, False], ids=["kubelet-restart", "socket-only"])
+def test_kubelet_sock_recreated_triggers_reregistration(node, wipe: bool) -> None:
+    k = node.kubelet
+    start = time.monotonic()
+    k.restart(wipe_plugin_sockets=wipe)
+    regs = k.wait_registrations(4, timeout=5.0)
+    assert time.monotonic() - start < 5.0
+    assert {r.resource_name for r in regs[2:]} == {ONLINE, OFFLINE}
+    assert all((node.config.device_plugin_dir / r.endpoint).is_socket() for r in regs[2:])
+    # The new kubelet gets a fresh device list and can allocate.
+    k.lists.clear()
+    k.wait_list(OFFLINE, lambda r: len(r.devices) == 4)
+    resp = allocate(k, OFFLINE, [node.backend.uuids[0]])
+    assert resp.container_responses[0].envs["VALVE_ROLE"] == "offline"
+    assert node.plugin.registrations == 2
+
+
+def test_kubelet_down_then_up_reregisters(node) -> None:
+    k = node.kubelet
+    k.stop()
+    time.sleep(0.6)
+    assert not node.plugin.registered
+    k.start()
+    k.wait_registrations(4, timeout=5.0)
+
+
+def test_stop_removes_sockets_and_ends_streams(short_dir: Path) -> None:
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    plugin = DevicePlugin(make_config(short_dir), SimBackend(2))
+    plugin.start()
+    kubelet.wait_registrations(2)
+    kubelet.wait_list(ONLINE, lambda r: len(r.devices) == 2)
+    stub, channel = kubelet.stub(ONLINE)
+    stream = stub.ListAndWatch(pb.Empty())
+    assert len(next(stream).devices) == 2
+    start = time.monotonic()
+    plugin.stop()
+    assert time.monotonic() - start < 3.0
+    assert sorted(p.name for p in (short_dir / "dp").iterdir()) == ["kubelet.sock"]
+    with pytest.raises((grpc.RpcError, StopIteration)):  # the stream has ended
+        next(stream)
+    channel.close()
+    kubelet.stop()
+
+
+def test_metrics_endpoint(short_dir: Path) -> None:
+    backend = SimBackend(2)
+    plugin = DevicePlugin(make_config(short_dir, metrics_port=0, metrics_addr="127.0.0.1"), backend)
+    plugin.start()
+    try:
+        backend.set_usage(backend.uuids[1], 0.25, 7 * 2**30)
+        plugin.update_usage()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{plugin.metrics.port}/metrics", timeout=5).read().decode()
+    finally:
+        plugin.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    g0, g1 = backend.uuids
+    assert samples[("valve_devices", (("resource", ONLINE),))] == 2
+    assert samples[("valve_device_healthy", (("gpu", g0), ("resource", OFFLINE)))] == 1
+    assert samples[("valve_gpu_utilization_ratio", (("gpu", g1),))] == 0.25
+    assert samples[("valve_gpu_memory_used_bytes", (("gpu", g1),))] == 7 * 2**30
+    assert samples[("valve_gpu_utilization_ratio", (("gpu", g0),))] == 0

@@ -1,0 +1,224 @@
+"""Serving the two resources on unix sockets, registering with the kubelet, and re-registering after a
+kubelet restart (kubelet.sock recreated) or the loss of our sockets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from valve.device_plugin.allocation import AllocationRecord, SlotTracker
+from valve.device_plugin.api import UNIX_PATH_MAX, VERSION, pb, pb_grpc
+from valve.device_plugin.backend import Backend
+from valve.device_plugin.config import PluginConfig
+from valve.device_plugin.devices import DeviceTable
+from valve.device_plugin.health import DeviceEvent, health_change
+from valve.device_plugin.metrics import PluginMetrics
+from valve.device_plugin.service import DevicePluginService, ensure_runtime_dir
+
+log = logging.getLogger(__name__)
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Identifies one incarnation of a file: a recreated socket differs even if the inode number is reused."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+class PluginServer:
+    """One resource's gRPC server on `<device_plugin_dir>/<endpoint>`."""
+
+    def __init__(self, service: DevicePluginService, socket_path: Path) -> None:
+        if len(str(socket_path).encode()) > UNIX_PATH_MAX:
+            raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {socket_path}")
+        self.service = service
+        self.socket_path = socket_path
+        self._server: grpc.Server | None = None
+
+    def start(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"dp-{self.service.role}"))
+        pb_grpc.add_DevicePluginServicer_to_server(self.service, server)
+        server.add_insecure_port(f"unix://{self.socket_path}")
+        server.start()
+        self._server = server
+        log.info("serving %s on %s", self.service.resource, self.socket_path)
+
+    def stop(self, grace: float = 0.2) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+    def register(self, kubelet_socket: Path, timeout: float = 5.0) -> None:
+        req = pb.RegisterRequest(
+            version=VERSION,
+            endpoint=self.socket_path.name,
+            resource_name=self.service.resource,
+            options=self.service.options(),
+        )
+        with grpc.insecure_channel(f"unix://{kubelet_socket}") as channel:
+            pb_grpc.RegistrationStub(channel).Register(req, timeout=timeout)
+        log.info("registered %s with the kubelet at %s", self.service.resource, kubelet_socket)
+
+
+class DevicePlugin:
+    """Discovers GPUs, serves the online and offline resources and keeps them registered and healthy."""
+
+    def __init__(self, config: PluginConfig, backend: Backend, metrics: PluginMetrics | None = None) -> None:
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics or PluginMetrics()
+        self.table: DeviceTable | None = None
+        self.services: dict[str, DevicePluginService] = {}
+        self.servers: list[PluginServer] = []
+        self.registrations = 0  # successful registration rounds (both resources)
+        self._registered_to: tuple[int, int, int] | None = None
+        self._restart_needed = False
+        self._next_try = 0.0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # Lifecycle.
+    def start(self) -> None:
+        cfg = self.config
+        gpus = self.backend.discover()
+        if not gpus:
+            raise RuntimeError(f"the {self.backend.name} backend found no GPUs")
+        self.table = DeviceTable(gpus)
+        for g in gpus:
+            ensure_runtime_dir(cfg.runtime_root, g.uuid, cfg.runtime_dir_mode)
+            log.info("GPU %d %s %s, %d MiB, PCI %s, NUMA %s", g.index, g.uuid, g.name, g.memory_bytes >> 20,
+                     g.pci_bus_id, g.numa_node)
+        resources = {res: role for role, res in cfg.roles.items()}
+        slots = SlotTracker(AllocationRecord(cfg.state_dir), resources, cfg.pod_resources_socket)
+        for role, resource in cfg.roles.items():
+            svc = DevicePluginService(role, resource, self.table, slots, cfg.runtime_root, cfg.runtime_dir_mode,
+                                      self.metrics)
+            self.services[role] = svc
+            self.servers.append(PluginServer(svc, cfg.device_plugin_dir / cfg.endpoint(resource)))
+            self.metrics.devices.labels(resource).set(len(gpus))
+            self.metrics.allocations.labels(resource)  # export 0 before the first allocation
+        self._publish_health()
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+        for s in self.servers:
+            s.start()
+        self._spawn("health", self._watch_health)
+        self._spawn("kubelet-watch", self._supervise)
+        if cfg.metrics_port is not None:
+            self._spawn("usage", self._poll_usage)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for svc in self.services.values():
+            svc.stopped.set()
+        if self.table is not None:
+            self.table.close()
+        for s in self.servers:
+            s.stop()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        self.backend.close()
+        self.metrics.close()
+        log.info("device plugin stopped; sockets removed")
+
+    def _spawn(self, name: str, target) -> None:
+        t = threading.Thread(target=target, name=f"device-plugin-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # Health.
+    def _watch_health(self) -> None:
+        try:
+            self.backend.watch(self._stop, self.on_event)
+        except Exception:
+            log.exception("health watch failed; marking all GPUs unhealthy")
+            self.on_event(DeviceEvent("lost", None, detail="health watch failed"))
+
+    def on_event(self, event: DeviceEvent) -> list[str]:
+        change = health_change(event, self.config.xid_policy)
+        if change is None:
+            log.info("ignored %s event (XID %d) on %s", event.kind, event.xid, event.uuid)
+            return []
+        assert self.table is not None
+        changed = self.table.apply(change)
+        if changed:
+            self._publish_health()
+        return changed
+
+    def _publish_health(self) -> None:
+        assert self.table is not None
+        _, states = self.table.snapshot()
+        for resource in self.config.roles.values():
+            for s in states:
+                self.metrics.healthy.labels(s.gpu.uuid, resource).set(1 if s.healthy else 0)
+
+    def update_usage(self) -> None:
+        assert self.table is not None
+        for uuid in self.table.uuids:
+            u = self.backend.usage(uuid)
+            if u is not None:
+                self.metrics.utilization.labels(uuid).set(u.utilization_ratio)
+                self.metrics.memory_used.labels(uuid).set(u.memory_used_bytes)
+
+    def _poll_usage(self) -> None:
+        while not self._stop.is_set():
+            self.update_usage()
+            self._stop.wait(self.config.metrics_interval_s)
+
+    # Registration.
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("kubelet watch step failed")
+            self._stop.wait(self.config.watch_interval_s)
+
+    def tick(self) -> None:
+        """One step: (re)start servers and (re)register if kubelet.sock is new or our sockets vanished."""
+        kid = file_identity(self.config.kubelet_socket)
+        if kid is None:
+            if self._registered_to is not None:
+                log.warning("kubelet.sock is gone; waiting for the kubelet to come back")
+                self._registered_to = None
+                self._restart_needed = True
+            return
+        sockets_ok = all(s.socket_path.exists() for s in self.servers)
+        if kid == self._registered_to and sockets_ok:
+            return
+        if time.monotonic() < self._next_try:
+            return
+        if self._registered_to is not None or not sockets_ok:
+            self._restart_needed = True
+        if self._restart_needed:
+            log.info("kubelet restarted or our sockets vanished: restarting the plugin servers")
+            for s in self.servers:
+                s.stop()
+                s.start()
+            self._restart_needed = False
+        try:
+            for s in self.servers:
+                s.register(self.config.kubelet_socket)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            log.warning("registration with the kubelet failed (%s): retrying in %.1fs", code, self.config.register_retry_s)
+            self._registered_to = None
+            self._next_try = time.monotonic() + self.config.register_retry_s
+            return
+        self._registered_to = kid
+        self.registrations += 1
+
+    @property
+    def registered(self) -> bool:
+        return self._registered_to is not None

@@ -1,0 +1,169 @@
+"""The DevicePlugin gRPC service for one resource (online or offline slots of every GPU)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from valve.device_plugin.allocation import SlotTracker, preferred_allocation
+from valve.device_plugin.api import HEALTHY, UNHEALTHY, pb, pb_grpc
+from valve.device_plugin.devices import DeviceState, DeviceTable
+from valve.device_plugin.metrics import PluginMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the plugin rejects with INVALID_ARGUMENT."""
+
+
+class UnhealthyError(RuntimeError):
+    """Allocate asked for a device that is Unhealthy (FAILED_PRECONDITION)."""
+
+
+def ensure_runtime_dir(root: Path, uuid: str, mode: int = 0o700) -> Path:
+    """Create `<root>/<uuid>` with `mode` (whatever the umask); the root itself stays world-traversable."""
+    root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = root / uuid
+    path.mkdir(mode=mode, exist_ok=True)
+    os.chmod(path, mode)
+    return path
+
+
+def device_message(state: DeviceState) -> pb.Device:
+    topology = None
+    if state.gpu.numa_node is not None:
+        topology = pb.TopologyInfo(nodes=[pb.NUMANode(ID=state.gpu.numa_node)])
+    return pb.Device(ID=state.gpu.uuid, health=HEALTHY if state.healthy else UNHEALTHY, topology=topology)
+
+
+def check_known(ids: Sequence[str], table: DeviceTable, resource: str, what: str) -> None:
+    unknown = [i for i in ids if table.gpu(i) is None]
+    if unknown:
+        raise RequestError(
+            f"{what}: unknown device ID(s) {', '.join(map(repr, unknown))} for {resource}; "
+            f"this node advertises {', '.join(table.uuids)}"
+        )
+
+
+def container_allocation(role: str, uuids: Sequence[str], runtime_root: Path) -> pb.ContainerAllocateResponse:
+    """Env and mounts for a container given these GPUs in this role."""
+    joined = ",".join(uuids)
+    envs = {
+        "NVIDIA_VISIBLE_DEVICES": joined,
+        "CUDA_VISIBLE_DEVICES": joined,
+        "VALVE_GPU_UUID": joined,
+        "VALVE_ROLE": role,
+        "VALVE_RUNTIME_DIR": str(runtime_root),
+    }
+    mounts = [pb.Mount(container_path=str(runtime_root / u), host_path=str(runtime_root / u)) for u in uuids]
+    return pb.ContainerAllocateResponse(envs=envs, mounts=mounts)
+
+
+class DevicePluginService(pb_grpc.DevicePluginServicer):
+    def __init__(
+        self,
+        role: str,
+        resource: str,
+        table: DeviceTable,
+        slots: SlotTracker,
+        runtime_root: Path,
+        runtime_dir_mode: int = 0o700,
+        metrics: PluginMetrics | None = None,
+    ) -> None:
+        self.role = role
+        self.resource = resource
+        self.table = table
+        self.slots = slots
+        self.runtime_root = runtime_root
+        self.runtime_dir_mode = runtime_dir_mode
+        self.metrics = metrics
+        self.stopped = threading.Event()
+
+    # Plain functions the handlers call (tested directly too).
+    def options(self) -> pb.DevicePluginOptions:
+        return pb.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+    def device_list(self) -> pb.ListAndWatchResponse:
+        _, states = self.table.snapshot()
+        return pb.ListAndWatchResponse(devices=[device_message(s) for s in states])
+
+    def preferred(self, request: pb.PreferredAllocationRequest) -> pb.PreferredAllocationResponse:
+        if not request.container_requests:
+            raise RequestError("GetPreferredAllocation: no container requests")
+        out = pb.PreferredAllocationResponse()
+        for i, req in enumerate(request.container_requests):
+            available, must, size = list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+            what = f"GetPreferredAllocation container {i}"
+            check_known(available + must, self.table, self.resource, what)
+            if size < 1 or size > len(available):
+                raise RequestError(f"{what}: allocation_size {size} must be between 1 and {len(available)} (available)")
+            if not set(must) <= set(available):
+                raise RequestError(f"{what}: must_include_deviceIDs are not all in available_deviceIDs")
+            if len(set(must)) > size:
+                raise RequestError(f"{what}: {len(set(must))} must_include_deviceIDs exceed allocation_size {size}")
+            self.slots.seen_available(self.role, available)
+            chosen = preferred_allocation(self.role, available, must, size, self.slots.taken(), self.table.uuids)
+            log.info("%s preferred %s from %d available (taken by %s)", self.resource, chosen, len(available),
+                     self.slots.last_source)
+            out.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))
+        return out
+
+    def allocate(self, request: pb.AllocateRequest) -> pb.AllocateResponse:
+        if not request.container_requests:
+            raise RequestError("Allocate: no container requests")
+        for i, req in enumerate(request.container_requests):
+            if not req.devices_ids:
+                raise RequestError(f"Allocate container {i}: no device IDs")
+            check_known(list(req.devices_ids), self.table, self.resource, f"Allocate container {i}")
+        out = pb.AllocateResponse()
+        for i, req in enumerate(request.container_requests):
+            uuids = list(dict.fromkeys(req.devices_ids))
+            sick = [u for u in uuids if not self.table.is_healthy(u)]
+            if sick:
+                raise UnhealthyError(f"Allocate container {i}: device(s) {', '.join(sick)} are unhealthy")
+            for u in uuids:
+                ensure_runtime_dir(self.runtime_root, u, self.runtime_dir_mode)
+            out.container_responses.append(container_allocation(self.role, uuids, self.runtime_root))
+            self.slots.allocated(self.role, uuids)
+            if self.metrics:
+                self.metrics.allocations.labels(self.resource).inc()
+            log.info("%s allocated %s", self.resource, uuids)
+        return out
+
+    # gRPC handlers.
+    def GetDevicePluginOptions(self, request, context):
+        return self.options()
+
+    def ListAndWatch(self, request, context) -> Iterator[pb.ListAndWatchResponse]:
+        seen = None
+        while not self.stopped.is_set() and context.is_active() and not self.table.closed:
+            version, states = self.table.snapshot()
+            if version != seen:
+                seen = version
+                yield pb.ListAndWatchResponse(devices=[device_message(s) for s in states])
+            self.table.wait_change(seen, 0.25)
+
+    def GetPreferredAllocation(self, request, context):
+        return self._guard(self.preferred, request, context)
+
+    def Allocate(self, request, context):
+        return self._guard(self.allocate, request, context)
+
+    def PreStartContainer(self, request, context):
+        return pb.PreStartContainerResponse()
+
+    def _guard(self, fn, request, context):
+        try:
+            return fn(request)
+        except UnhealthyError as e:
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except RequestError as e:
+            log.warning("%s", e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -64,6 +64,9 @@ def make_backend(device: str, gpu: SimGPU | None = None):
     return SimBackend(gpu=gpu, store=True)
 
 
+CHECK_BATCH = 1024  # blocks per gather/scatter when stamping and checking live data
+
+
 def fill_live(pool: KVPool, view, live_fraction: float, rng: random.Random) -> dict:
     """Map the whole pool with sequences of 1-8 blocks, then free random ones until ``live_fraction`` of the
     blocks stay live; stamp each live block with a value of its own. Returns {seq: [values]}."""
@@ -89,9 +92,9 @@ def fill_live(pool: KVPool, view, live_fraction: float, rng: random.Random) -> d
         values[sid] = [sid * 1000 + i + 1 for i in range(len(table))]
         ids += table
         vals += values[sid]
-    if ids:
-        idx = torch.tensor(ids, device=view.device)
-        view[idx] = torch.tensor(vals, dtype=view.dtype, device=view.device)[:, None]
+    for i in range(0, len(ids), CHECK_BATCH):
+        idx = torch.tensor(ids[i:i + CHECK_BATCH], device=view.device)
+        view[idx] = torch.tensor(vals[i:i + CHECK_BATCH], dtype=view.dtype, device=view.device)[:, None]
     return values
 
 
@@ -104,11 +107,13 @@ def check_live(pool: KVPool, view, values: dict) -> None:
         vals += values[sid]
     if not ids:
         return
-    idx = torch.tensor(ids, device=view.device)
-    want = torch.tensor(vals, dtype=view.dtype, device=view.device)[:, None]
-    bad = (view[idx] != want).any(dim=1)
-    if bool(bad.any()):
-        raise AssertionError(f"{int(bad.sum())} of {len(ids)} live blocks corrupted after reclaim")
+    bad = 0
+    for i in range(0, len(ids), CHECK_BATCH):  # in batches: a gather of every live block would double the memory
+        idx = torch.tensor(ids[i:i + CHECK_BATCH], device=view.device)
+        want = torch.tensor(vals[i:i + CHECK_BATCH], dtype=view.dtype, device=view.device)[:, None]
+        bad += int((view[idx] != want).any(dim=1).sum())
+    if bad:
+        raise AssertionError(f"{bad} of {len(ids)} live blocks corrupted after reclaim")
 
 
 def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes: int, chunk_bytes: int,
@@ -120,7 +125,7 @@ def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes
     for size in sizes_gib:
         nbytes = int(size * GiB)
         times, copied, moved = [], [], []
-        for _ in range(reps):
+        for rep in range(reps + 1):  # rep 0 warms up (first cuMemCreate, kernels) and is not counted
             be = make_backend(device)
             pool = KVPool(be, block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=2 * nbytes)
             try:
@@ -138,12 +143,16 @@ def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes
                     raise AssertionError(f"reclaim of {size} GiB evicted {len(res.evicted)} sequences; "
                                          f"live_fraction {live_fraction} should leave room")
                 check_live(pool, view, values)
+                if rep == 0:
+                    continue
                 times.append(dt)
                 copied.append(res.copied_bytes)
                 moved.append(len(res.moved))
             finally:
                 view = None
                 pool.close()
+                if device == "cuda":
+                    torch.cuda.empty_cache()  # the checks' temporaries must not squeeze the next, larger pool
         rows.append(dict(size_gib=size, reps=reps, p50_ms=percentile(times, 50) * 1e3,
                          p99_ms=percentile(times, 99) * 1e3, max_ms=max(times) * 1e3,
                          copied_gib_mean=sum(copied) / len(copied) / GiB, moved_blocks_mean=sum(moved) / len(moved),

@@ -1,0 +1,75 @@
+"""The colocation benchmark harness: its measurements, and `valve bench colocation` end to end on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from valve.engine.colocation import busy_fraction, mps_missing, offline_rate, preset, settings_from, tokens_at
+from valve.engine.loadgen import RequestResult
+
+
+def req(t_send, e2e):
+    return RequestResult(0.0, 1, 1, t_send=t_send, ttft=e2e / 2, e2e=e2e)
+
+
+def test_busy_fraction_merges_overlaps_and_clips():
+    rs = [req(0.0, 1.0), req(0.5, 1.0), req(3.0, 0.5), req(9.5, 2.0), RequestResult(0, 1, 1, t_send=5.0)]
+    # [0, 1.5] + [3, 3.5] + [9.5, 10] of 10 s; the failed request (no e2e) counts nothing
+    assert busy_fraction(rs, 10.0) == pytest.approx(0.25)
+    assert busy_fraction([], 10.0) == 0.0
+
+
+def test_offline_rate_interpolates_progress_records():
+    recs = [{"time": 100.0, "generated_tokens": 0}, {"time": 101.0, "generated_tokens": 100},
+            {"time": 103.0, "generated_tokens": 500}]
+    assert tokens_at(recs, 100.5) == pytest.approx(50)
+    assert tokens_at(recs, 99.0) == 0 and tokens_at(recs, 200.0) == 500
+    assert offline_rate(recs, 100.5, 102.0) == pytest.approx((300 - 50) / 1.5)
+
+
+def test_presets_and_overrides():
+    gpu = preset("cuda", quick=False)
+    assert gpu.online_model == gpu.offline_model == "llama-1b" and gpu.rate is None and gpu.seconds >= 30
+    assert preset("cuda", quick=True).seconds < gpu.seconds
+    cpu = settings_from("cpu", True, seconds=0.7, variants=("online-alone",), busy=None)
+    assert cpu.online_model == "tiny" and cpu.seconds == 0.7 and cpu.variants == ("online-alone",)
+    assert mps_missing("cpu") == "MPS needs a CUDA device"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(240)
+def test_bench_colocation_runs_end_to_end_on_cpu(tmp_path):
+    pytest.importorskip("torch")
+    cmd = [sys.executable, "-m", "valve.cli", "bench", "colocation", "--quick", "--device", "cpu",
+           "--seconds", "1.0", "--out", str(tmp_path), "--variants", "online-alone,offline-alone,valve,mps"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "online-alone" in done.stdout and "TTFT p99" in done.stdout
+    res = json.loads((tmp_path / "colocation_cpu.json").read_text())
+    assert (tmp_path / "colocation_cpu.png").stat().st_size > 10_000
+    v = res["variants"]
+    assert set(v) == {"online-alone", "offline-alone", "valve"}
+    assert res["skipped"] == {"mps": "MPS needs a CUDA device"}
+    for name in ("online-alone", "valve"):
+        assert len(v[name]["ttft_ms"]) >= 2 and v[name]["errors"] == 0, v[name]
+        assert all(x > 0 for x in v[name]["ttft_ms"] + v[name]["tpot_ms"])
+    assert v["offline-alone"]["offline_tokens_per_s"] > 0 and v["valve"]["offline_tokens_per_s"] > 0
+    # Valve really ran: the online requests closed the gate, the offline KV cache lived in the pool
+    ctl = v["valve"]["control"]
+    assert ctl["online_requests"] >= 2 and ctl["preemptions"] >= 1 and ctl["offline_pool_bytes"] > 0
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["online-alone"]["ttft_p99_ratio"] == 1.0
+    assert rows["valve"]["ttft_p50_ratio"] > 0 and rows["valve"]["offline_ratio"] > 0
+    assert res["env"]["device"] == "cpu" and res["settings"]["online_model"] == "tiny"
+    assert res["pids"] and not any(pid_alive(p) for p in res["pids"])  # nothing left behind

@@ -1,0 +1,117 @@
+"""Benchmark results: rows with ratios to the solo runs, the rich table, the PNG (latency CDFs + throughput)."""
+
+from __future__ import annotations
+
+import math
+
+from valve.engine.loadgen import percentile
+
+ORDER = ("online-alone", "offline-alone", "time-slicing", "mps", "valve")
+
+
+def nan_to_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x
+
+
+def ratio(a, b) -> float:
+    if a is None or b is None or not (a == a and b == b) or b <= 0:
+        return float("nan")
+    return a / b
+
+
+def rows(variants: dict[str, dict]) -> list[dict]:
+    """One row per variant: TTFT/TPOT p50/p99 (ms and ratio to online-alone), offline tok/s (and ratio to
+    offline-alone), GPU utilisation, online busy fraction."""
+    base, off = variants.get("online-alone"), variants.get("offline-alone")
+    out = []
+    for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        v = variants[name]
+        row = {"variant": name}
+        for metric in ("ttft", "tpot"):
+            xs = v.get(f"{metric}_ms") or []
+            for q in (50, 99):
+                val = percentile(xs, q)
+                ref = percentile(base.get(f"{metric}_ms") or [], q) if base else float("nan")
+                row[f"{metric}_p{q}_ms"] = val
+                row[f"{metric}_p{q}_ratio"] = ratio(val, ref) if xs else float("nan")
+        tps = v.get("offline_tokens_per_s")
+        row["offline_tokens_per_s"] = tps
+        row["offline_ratio"] = ratio(tps, off.get("offline_tokens_per_s") if off else None) if tps else float("nan")
+        row["gpu_util"] = v.get("gpu_util")
+        row["busy_fraction"] = v.get("busy_fraction")
+        row["requests"] = len(v.get("ttft_ms") or [])
+        row["errors"] = v.get("errors", 0)
+        out.append(row)
+    return out
+
+
+def render_table(table_rows: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("variant", "req", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "offline tok/s",
+                "GPU util", "online busy"):
+        t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
+
+    def lat(row, key):
+        v, r = row[f"{key}_ms"], row[f"{key}_ratio"]
+        if v != v:
+            return "-"
+        return f"{v:.2f} (x{r:.3f})" if r == r else f"{v:.2f}"
+
+    for row in table_rows:
+        tps, util, busy = row["offline_tokens_per_s"], row["gpu_util"], row["busy_fraction"]
+        t.add_row(
+            row["variant"], str(row["requests"]) + (f" ({row['errors']} err)" if row["errors"] else ""),
+            lat(row, "ttft_p50"), lat(row, "ttft_p99"), lat(row, "tpot_p50"), lat(row, "tpot_p99"),
+            "-" if not tps else (f"{tps:,.0f}" + (f" (x{row['offline_ratio']:.2f})"
+                                                  if row["offline_ratio"] == row["offline_ratio"] else "")),
+            "-" if util is None else f"{util:.0f}%",
+            "-" if busy is None else f"{busy:.0%}",
+        )
+    return t
+
+
+def plot(variants: dict[str, dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, key, label in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "tpot_ms", "TPOT (ms)")):
+        for name in names:
+            xs = sorted(variants[name].get(key) or [])
+            if xs:
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.step(xs, ys, where="post", label=f"{name} (n={len(xs)})")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"online {label.split()[0]} CDF")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    bars = [(n, variants[n].get("offline_tokens_per_s") or 0.0) for n in names if n != "online-alone"]
+    ax = axes[2]
+    if bars:
+        xs = [b[0] for b in bars]
+        ys = [b[1] for b in bars]
+        ax.bar(xs, ys, color="tab:gray")
+        ref = variants.get("offline-alone", {}).get("offline_tokens_per_s")
+        for i, y in enumerate(ys):
+            if ref:
+                ax.text(i, y, f"x{y / ref:.2f}", ha="center", va="bottom", fontsize=9)
+        ax.tick_params(axis="x", rotation=20)
+    ax.set_ylabel("offline tokens/s")
+    ax.set_title("offline throughput")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,222 @@
+"""Online server: OpenAI-compatible ``/v1/completions`` (with ``stream: true`` as SSE) on Starlette + uvicorn.
+
+Each request is wrapped in Valve's ``online_request()`` from its arrival to its last token, so the arbiter
+closes the offline gate while online work is in flight. Run: ``python -m valve.engine.server --help``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from valve.engine.tokenizer import ByteTokenizer
+from valve.engine.worker import FINISH, EngineWorker
+
+log = logging.getLogger("valve.engine.server")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def parse_completion_request(body: dict, tokenizer: ByteTokenizer, max_tokens_limit: int) -> tuple[list[int], int, bool]:
+    """Validate an OpenAI completions body -> (prompt token ids, max_tokens, stream)."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = prompt
+    else:
+        raise BadRequest("prompt must be a string or a list of token ids")
+    if not ids:
+        raise BadRequest("prompt is empty")
+    if any(not 0 <= t < tokenizer.vocab for t in ids):
+        raise BadRequest(f"token ids must be in [0, {tokenizer.vocab})")
+    max_tokens = body.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
+        raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean")
+    return ids, max_tokens, stream
+
+
+def resolve_online_signal(enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """Valve's ``online_request`` when enabled (fails loudly if the runtime lacks it), else a no-op."""
+    if not enabled:
+        return contextlib.nullcontext
+    from valve.runtime.online import online_request
+
+    return online_request
+
+
+def _chunk(cid: str, model: str, created: int, text: str, finish: str | None) -> bytes:
+    body = {"id": cid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
+               online_signal: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               max_tokens_limit: int = 4096) -> Starlette:
+    async def completions(request: Request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return JSONResponse({"error": {"message": "body is not JSON", "type": "invalid_request_error"}}, 400)
+        try:
+            ids, max_tokens, stream = parse_completion_request(body, tokenizer, max_tokens_limit)
+        except BadRequest as e:
+            return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, 400)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        signal = contextlib.ExitStack()
+        signal.enter_context(online_signal())  # from arrival to the last token
+        try:
+            sub = worker.submit(ids, max_tokens)
+        except BaseException:
+            signal.close()
+            raise
+
+        async def tokens():
+            while True:
+                item = await sub.out.get()
+                if item is FINISH:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        if not stream:
+            try:
+                out = [t async for t in tokens()]
+            except (RuntimeError, ValueError) as e:
+                return JSONResponse({"error": {"message": str(e), "type": "server_error"}}, 500)
+            finally:
+                signal.close()
+            return JSONResponse({
+                "id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": tokenizer.decode(out), "logprobs": None,
+                             "finish_reason": "length"}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out),
+                          "total_tokens": len(ids) + len(out)},
+            })
+
+        async def sse():
+            n, finished = 0, False
+            try:
+                async for tok in tokens():
+                    n += 1
+                    yield _chunk(cid, model_name, created, tokenizer.decode([tok]), None)
+                finished = True
+                yield _chunk(cid, model_name, created, "", "length")
+                yield b"data: [DONE]\n\n"
+            except (RuntimeError, ValueError) as e:
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n".encode()
+            finally:
+                if not finished:
+                    worker.cancel(sub.req_id)
+                signal.close()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "valve"}]})
+
+    async def health(request: Request):
+        if worker.error is not None:
+            return JSONResponse({"status": "error", "error": str(worker.error)}, 503)
+        return JSONResponse({"status": "ok", "steps": worker.engine.steps})
+
+    return Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ])
+
+
+def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,
+                 max_seqs: int, seed: int = 0) -> EngineWorker:
+    from valve.engine.config import get_config
+    from valve.engine.engine import Engine
+    from valve.engine.model import build_model
+
+    m = build_model(get_config(model), device=device, seed=seed)
+    eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
+                        max_seqs=max_seqs)
+    return EngineWorker(eng, name="online-engine")
+
+
+def warmup(worker: EngineWorker, prompt_len: int = 64, max_tokens: int = 4) -> None:
+    """One request through the engine before serving (CUDA context, kernels, allocator)."""
+    eng = worker.engine
+    eng.add_request("warmup", [1] * prompt_len, max_tokens)
+    eng.run_to_completion()
+    if eng.model.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def main(
+    model: str = "tiny",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str | None = None,
+    num_blocks: int = 2048,
+    block_size: int = 16,
+    max_batch_tokens: int = 2048,
+    max_seqs: int = 64,
+    valve: bool = False,
+    seed: int = 0,
+    ready_file: str | None = None,
+) -> None:
+    """Serve a random-weight Llama-shaped model on /v1/completions."""
+    import uvicorn
+
+    from valve.engine.config import get_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal = resolve_online_signal(valve)
+    worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed)
+    warmup(worker)
+    worker.start()
+    app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    if ready_file:
+        import asyncio
+        import pathlib
+
+        async def serve():
+            task = asyncio.create_task(server.serve())
+            while not server.started:
+                if task.done():
+                    return await task
+                await asyncio.sleep(0.05)
+            pathlib.Path(ready_file).write_text(json.dumps({"port": port, "pid": __import__("os").getpid()}))
+            await task
+
+        asyncio.run(serve())
+    else:
+        server.run()
+    worker.stop()
+
+
+if __name__ == "__main__":
+    import typer
+
+    typer.run(main)

@@ -1,4 +1,6 @@
-"""`valve crds ...`: CRDs generated from the pydantic models (issue 7)."""
+"""`valve crds ...`: CRDs generated from the pydantic models."""
+
+from pathlib import Path
 
 import typer
 
@@ -6,8 +8,25 @@ app = typer.Typer(help="Custom resource definitions.", no_args_is_help=True)
 
 
 @app.command()
-def generate() -> None:
+def generate(
+    out: Path = typer.Option(Path("crds"), "--out", "-o", help="Folder to write the CRD YAML files into."),
+    check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 if the files in --out are stale."),
+) -> None:
     """Write crds/*.yaml from the models in valve.api."""
-    from valve.cli import not_yet
+    from valve.api import crds
 
-    not_yet(7, "valve crds generate")
+    if check:
+        stale = crds.stale(out)
+        for name in stale:
+            typer.echo(f"stale: {out / name} (run `valve crds generate`)", err=True)
+        raise typer.Exit(code=1 if stale else 0)
+    for path in crds.generate(out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def show() -> None:
+    """Print the CRDs as YAML to stdout (e.g. `valve crds show | kubectl apply -f -`)."""
+    from valve.api import crds
+
+    typer.echo("---\n".join(crds.render(crd) for crd in crds.all_crds().values()), nl=False)

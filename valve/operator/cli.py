@@ -1,12 +1,50 @@
-"""`valve operator`: the kopf operator (issue 7)."""
+"""`valve operator`: the kopf operator that places ColocationPairs (see docs/operator.md)."""
+
+from __future__ import annotations
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     @app.command("operator")
-    def operator() -> None:
-        """Run the colocation operator."""
-        from valve.cli import not_yet
+    def operator(
+        namespace: list[str] = typer.Option(
+            [], "--namespace", "-n", help="Watch only this namespace (repeatable). Default: all namespaces."
+        ),
+        all_namespaces: bool = typer.Option(
+            False, "--all-namespaces", "-A", help="Watch every namespace (the default; excludes --namespace)."
+        ),
+        metrics_port: int = typer.Option(9090, min=0, max=65535, help="Prometheus /metrics port (0: off)."),
+        health_port: int = typer.Option(8080, min=0, max=65535, help="Liveness /healthz port (0: off)."),
+        log_level: str = typer.Option("info", help="debug, info, warning or error."),
+        sidecar_image: str = typer.Option(
+            "valve:0.1.0", envvar="VALVE_IMAGE", help="Image of the proxy and arbiter sidecars."
+        ),
+        sidecar_metrics_port: int = typer.Option(9400, min=1, max=65535, help="/metrics port of the sidecars."),
+        runtime_dir: str = typer.Option("/var/run/valve", help="Host folder of the per-GPU control blocks."),
+        resync_seconds: float = typer.Option(30.0, min=0.1, help="Reconcile every pair this often."),
+        peering: str | None = typer.Option(
+            None, help="kopf peering name for several replicas (needs kopf's peering CRDs). Default: standalone."
+        ),
+    ) -> None:
+        """Run the colocation operator (kopf): places ColocationPairs, creates their pods, writes status."""
+        import asyncio
+        import logging
 
-        not_yet(7, "valve operator")
+        from valve.operator.main import run_operator
+        from valve.operator.pods import OperatorConfig
+
+        level = getattr(logging, log_level.upper(), None)
+        if not isinstance(level, int):
+            raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+        if all_namespaces and namespace:
+            raise typer.BadParameter("use either --namespace or --all-namespaces", param_hint="--namespace")
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port)
+        liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+        cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port)
+        asyncio.run(run_operator(cfg=cfg, namespaces=namespace, resync_seconds=resync_seconds,
+                                 liveness_endpoint=liveness, peering=peering))

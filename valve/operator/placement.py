@@ -20,12 +20,20 @@ class Node:
     offline_used: int = 0
     gpu_load: tuple[float, ...] = ()  # optional per-GPU online busy fraction, 0..1
     schedulable: bool = True
+    # GPUs known to hold both an online and an offline tenant. None: assume used slots pair up as far as
+    # they can (min(online_used, offline_used)), which is what pairs placed by Valve do.
+    paired: int | None = None
 
     @property
     def free_pairs(self) -> int:
-        """GPUs with both slots free, assuming each used slot occupies its own GPU in the worst case."""
+        """GPUs with both slots free: GPUs minus those with any tenant (each pair shares one GPU)."""
         gpus = min(self.online_allocatable, self.offline_allocatable)
-        return max(0, gpus - max(self.online_used, self.offline_used))
+        both = min(self.online_used, self.offline_used)
+        paired = both if self.paired is None else max(0, min(self.paired, both))
+        touched = self.online_used + self.offline_used - paired
+        free = min(gpus - touched, self.online_allocatable - self.online_used,
+                   self.offline_allocatable - self.offline_used)
+        return max(0, free)
 
     @property
     def mean_load(self) -> float:

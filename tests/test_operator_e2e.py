@@ -1,0 +1,168 @@
+"""The operator's real kopf handlers, in-process, against a kmock API server (valve.operator.testing).
+
+Each test starts the emulator and the operator (in a thread), drives a fake scheduler/kubelet/device plugin
+(FakeNodes) and waits for the operator's reactions with bounded polling (no timing asserts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+pytest_asyncio = pytest.importorskip("pytest_asyncio")
+
+from valve.api import colocation as c  # noqa: E402
+from valve.api.runtime import RuntimeSpec  # noqa: E402
+from valve.operator import rbac  # noqa: E402
+from valve.operator.pods import ANN_GPU  # noqa: E402
+from valve.operator.testing import Harness, ValveKube, operator_requests, pair_body, permission  # noqa: E402
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+NS = "default"
+
+
+@pytest_asyncio.fixture
+async def env():
+    async with ValveKube() as kube, kmock.Server(kube):
+        e = Harness(kube)
+        try:
+            yield e
+        finally:
+            await e.stop_operator()
+
+
+async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env):
+    env.add_node("gpu-a", 2)
+    await env.start_operator()
+    code, body = await env.api.create_pair(pair_body(), NS)
+    assert code in (200, 201), body
+
+    online = await env.until(lambda: env.pod("chat-online"), "online pod")
+    await env.until_phase("Placed")
+    assert await env.pod("chat-offline") is None  # the offline pod follows the online pod's GPU allocation
+    gpu = await env.nodes.start(online)
+    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod")
+    assert await env.phase() == "Placed"
+    await env.nodes.start(offline)
+    pair = await env.until_phase("Running")
+
+    assert env.status_phases() == ["Pending", "Placed", "Running"]
+    status = pair["status"]
+    assert status["node"] == "gpu-a" and status["gpuUUID"] == gpu
+    assert status["onlinePod"] == "chat-online" and status["offlinePod"] == "chat-offline"
+    conds = {cd["type"]: cd for cd in status["conditions"]}
+    assert {t: cd["status"] for t, cd in conds.items()} == {
+        "Placed": "True", "OnlineReady": "True", "OfflineReady": "True", "Paired": "True"}
+    assert all(cd["observedGeneration"] == 1 for cd in conds.values())
+
+    pods = {p["metadata"]["name"]: p for p in await env.api.pods(NS)}
+    assert sorted(pods) == ["chat-offline", "chat-online"]
+    assert sorted(env.pod_creations()) == ["chat-offline", "chat-online"]
+    uid = pair["metadata"]["uid"]
+    for pod in pods.values():
+        (ref,) = pod["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "chat", "uid": uid,
+                       "controller": True, "blockOwnerDeletion": True}
+        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["gpu-a"]
+
+    on, off = pods["chat-online"]["spec"], pods["chat-offline"]["spec"]
+    assert on["containers"][0]["resources"]["requests"] == {c.ONLINE_RESOURCE: "1"}
+    assert on["containers"][0]["resources"]["limits"] == {c.ONLINE_RESOURCE: "1"}
+    assert off["containers"][0]["resources"]["requests"] == {c.OFFLINE_RESOURCE: "1"}
+    proxy = on["containers"][1]
+    assert proxy["name"] == "valve-proxy" and proxy["image"] == "valve:t"
+    assert proxy["command"] + proxy["args"] == ["valve", "runtime", "proxy", "--listen", ":9000",
+                                                "--upstream", "http://127.0.0.1:8000", "--metrics-port", "9400"]
+    arbiter = off["containers"][1]
+    assert arbiter["command"] + arbiter["args"] == ["valve", "runtime", "arbiter", "--gpu", "$(VALVE_GPU_UUID)",
+                                                    "--metrics-port", "9400"]
+    assert {"name": "valve-metrics", "containerPort": 9400} in arbiter["ports"]
+    env_vars = {e["name"]: e for e in arbiter["env"]}
+    spec = RuntimeSpec.model_validate_json(env_vars["VALVE_RUNTIME_SPEC"]["value"])
+    assert spec.idle_hysteresis_ms == 7 and spec.eviction_policy == "fifo" and spec.reserve.min_bytes == 1024
+    assert env_vars["VALVE_GPU_UUID"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{ANN_GPU}']"
+    assert {v["name"] for v in off["volumes"]} == {"data", "valve-runtime"}
+    assert {m["name"] for m in arbiter["volumeMounts"]} == {"valve-runtime"}
+
+    reasons = [e["reason"] for e in env.events()]
+    assert {"Pending", "CreatedPod", "Placed", "Running"} <= set(reasons)
+    assert reasons.count("CreatedPod") == 2
+
+
+async def test_deleted_pod_is_recreated_once(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    _, offline = await env.run_pair()
+    env.nodes.release(offline["metadata"]["uid"])
+    assert await env.api.delete(f"{env.pods_path}/chat-offline") == 200
+
+    async def new_offline():
+        pod = await env.pod("chat-offline")
+        return pod if pod and pod["metadata"]["uid"] != offline["metadata"]["uid"] else None
+    pod = await env.until(new_offline, "recreated offline pod")
+    await env.nodes.start(pod)
+    await env.until_phase("Running")
+    for _ in range(10):  # a few more resyncs: nothing else is created
+        await asyncio.sleep(0.1)
+    assert env.pod_creations().count("chat-offline") == 2
+    assert env.pod_creations().count("chat-online") == 1
+    assert len(await env.api.pods(NS)) == 2
+    assert "RecreatedPod" in [e["reason"] for e in env.events()]
+
+
+async def test_operator_restart_midway_creates_nothing_twice(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    await env.api.create_pair(pair_body(), NS)
+    online = await env.until(lambda: env.pod("chat-online"), "online pod")
+    await env.stop_operator()
+
+    await env.nodes.start(online)  # the online pod starts while no operator runs
+    await env.start_operator()
+    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod after restart")
+    await env.nodes.start(offline)
+    await env.until_phase("Running")
+    await env.stop_operator()
+    await env.start_operator()  # and once more once everything runs
+    for _ in range(10):
+        await asyncio.sleep(0.1)
+    assert sorted(env.pod_creations()) == ["chat-offline", "chat-online"]
+    assert len(await env.api.pods(NS)) == 2
+    assert await env.phase() == "Running"
+
+
+async def test_deleting_the_pair_deletes_its_pods(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    await env.run_pair()
+    assert await env.api.delete(f"/apis/{c.API_VERSION}/namespaces/{NS}/{c.PLURAL}/chat") == 200
+    await env.until(lambda: _none(env.api.pods(NS)), "pods gone")
+
+
+async def _none(coro):
+    return not await coro
+
+
+async def test_api_requests_are_exactly_the_rbac_rules(env):
+    """Both directions: every request the operator makes is allowed by RULES, and every rule is used."""
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    _, offline = await env.run_pair()
+    await env.api.patch(f"{env.pods_path}/chat-offline/status", {"status": {"phase": "Failed"}})  # recreate: delete
+    await env.until(lambda: _recreated(env, offline), "offline pod replaced")
+    await env.stop_operator()
+
+    used = {p for r in operator_requests(env.kube) if (p := permission(r)) is not None}
+    granted = {(g, res, v) for rule in rbac.RULES for g in rule["apiGroups"]
+               for res in rule["resources"] for v in rule["verbs"]}
+    assert used - granted == set(), "requests not covered by rbac.RULES"
+    assert granted - used == set(), "rbac.RULES grants more than the operator uses"
+
+
+async def _recreated(env, old):
+    pod = await env.pod("chat-offline")
+    return pod is not None and pod["metadata"]["uid"] != old["metadata"]["uid"]

@@ -1,0 +1,125 @@
+"""The operator against kmock: invalid pairs, divergent GPUs, capacity (see test_operator_e2e.py).
+
+Each test starts the emulator and the operator (in a thread), drives a fake scheduler/kubelet/device plugin
+(FakeNodes) and waits for the operator's reactions with bounded polling (no timing asserts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("kopf")
+kmock = pytest.importorskip("kmock")
+pytest_asyncio = pytest.importorskip("pytest_asyncio")
+
+from valve.operator.testing import Harness, ValveKube, gpu_node, pair_body  # noqa: E402
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+NS = "default"
+
+
+@pytest_asyncio.fixture
+async def env():
+    async with ValveKube() as kube, kmock.Server(kube):
+        e = Harness(kube)
+        try:
+            yield e
+        finally:
+            await e.stop_operator()
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda s: s["runtime"]["reserve"].update(minBytes=-1), "minBytes"),
+    (lambda s: s["runtime"].update(evictionPolicy="random"), "evictionPolicy"),
+    (lambda s: s["offline"].pop("template"), "template"),
+])
+async def test_invalid_pair_is_refused_by_the_schema(env, mutate, needle):
+    body = pair_body()
+    mutate(body["spec"])
+    code, resp = await env.api.create_pair(body, NS)
+    assert code == 422 and needle in json.dumps(resp)
+    assert await env.api.get_pair("chat", NS) is None
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda s: s["runtime"]["reserve"].update(minBytes=-1), "spec.runtime.reserve.minBytes"),
+    (lambda s: s["runtime"].update(evictionPolicy="random"), "spec.runtime.evictionPolicy"),
+    (lambda s: s["offline"].pop("template"), "spec.offline.template"),
+])
+async def test_invalid_pair_past_the_schema_fails_clearly_and_creates_nothing(env, mutate, needle):
+    env.kube.validate_crs = False  # e.g. an older CRD without the validation
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    body = pair_body()
+    mutate(body["spec"])
+    await env.api.create_pair(body, NS)
+    pair = await env.until_phase("Failed")
+    (placed,) = [cd for cd in pair["status"]["conditions"] if cd["type"] == "Placed"]
+    assert placed["status"] == "False" and placed["reason"] == "InvalidSpec" and needle in placed["message"]
+    for _ in range(5):
+        await asyncio.sleep(0.1)
+    assert env.pod_creations() == [] and await env.api.pods(NS) == []
+    assert "Failed" in [e["reason"] for e in env.events() if e["type"] == "Warning"]
+
+
+async def test_gpu_divergence_is_degraded_with_the_reason(env):
+    env.add_node("gpu-a", 2)
+    await env.start_operator()
+    env.nodes.force_gpu["chat-offline"] = "GPU-gpu-a-1"
+    await env.api.create_pair(pair_body(), NS)
+    online = await env.until(lambda: env.pod("chat-online"), "online pod")
+    await env.nodes.start(online)
+    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod")
+    await env.nodes.start(offline)
+    pair = await env.until_phase("Degraded")
+    paired = next(cd for cd in pair["status"]["conditions"] if cd["type"] == "Paired")
+    assert paired["status"] == "False" and paired["reason"] == "GPUMismatch"
+    assert "GPU-gpu-a-0" in paired["message"] and "GPU-gpu-a-1" in paired["message"]
+
+
+async def test_no_capacity_waits_pending_then_places_when_a_node_appears(env):
+    env.add_node("cpu-only", 0)
+    await env.start_operator()
+    await env.api.create_pair(pair_body(), NS)
+
+    async def no_capacity():
+        pair = await env.api.get_pair("chat", NS)
+        conds = ((pair or {}).get("status") or {}).get("conditions") or []
+        return any(cd["type"] == "Placed" and cd["reason"] == "NoCapacity" for cd in conds)
+    await env.until(no_capacity, "NoCapacity")
+    assert await env.phase() == "Pending" and env.pod_creations() == []
+
+    code, _ = await env.api.call("POST", "/api/v1/nodes", gpu_node("gpu-b", 1))
+    assert code in (200, 201)
+    await env.until(lambda: env.pod("chat-online"), "online pod on the new node")
+    assert (await env.api.get_pair("chat", NS))["status"]["node"] == "gpu-b"
+
+
+async def test_two_pairs_never_share_a_gpu_slot(env):
+    env.add_node("gpu-a", 1)
+    env.add_node("gpu-b", 1)
+    await env.start_operator()
+    await env.api.create_pair(pair_body("one"), NS)
+    await env.api.create_pair(pair_body("two"), NS)
+    await env.api.create_pair(pair_body("three"), NS)
+    placed = await env.until(lambda: _placed(env, ["one", "two", "three"]), "two pairs placed")
+    assert sorted(placed.values()) == ["gpu-a", "gpu-b"]
+    waiting = {"one", "two", "three"} - set(placed)
+    (left,) = waiting
+    pair = await env.api.get_pair(left, NS)
+    assert pair["status"]["phase"] == "Pending"
+
+
+async def _placed(env, names):
+    out = {}
+    for name in names:
+        pair = await env.api.get_pair(name, NS)
+        node = ((pair or {}).get("status") or {}).get("node")
+        if node:
+            out[name] = node
+    return out if len(out) == 2 else None
+
+

@@ -1,0 +1,180 @@
+"""The `ColocationPair` custom resource (valve.io/v1alpha1): pydantic models, source of the CRD schema.
+
+Field names follow the Kubernetes API conventions (camelCase). `spec.runtime` is the shared
+`valve.api.runtime.RuntimeSpec` seen through camelCase aliases; `runtime_spec()` converts it back.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
+
+GROUP = "valve.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ColocationPair"
+PLURAL = "colocationpairs"
+SINGULAR = "colocationpair"
+SHORT_NAMES = ["cpair"]
+CATEGORIES = ["valve"]
+
+ONLINE_RESOURCE = "valve.io/online-gpu"
+OFFLINE_RESOURCE = "valve.io/offline-gpu"
+
+_CAMEL = ConfigDict(
+    extra="forbid",
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+)
+# Parts of a pod template are Kubernetes' own types: check what Valve relies on, keep the rest as is.
+_OPEN = ConfigDict(extra="allow", alias_generator=to_camel, validate_by_name=True, validate_by_alias=True)
+
+
+
+class Container(BaseModel):
+    """A container of the pod template (only `name` and `image` are checked here)."""
+
+    model_config = _OPEN
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field(min_length=1)
+
+
+class PodSpec(BaseModel):
+    """A Kubernetes PodSpec; at least one container."""
+
+    model_config = _OPEN
+
+    containers: list[Container] = Field(min_length=1)
+
+
+class TemplateMeta(BaseModel):
+    model_config = _CAMEL
+
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PodTemplate(BaseModel):
+    """A PodTemplateSpec: the pod the operator creates for a role (it adds the Valve parts)."""
+
+    model_config = _CAMEL
+
+    metadata: TemplateMeta = Field(default_factory=TemplateMeta)
+    spec: PodSpec
+
+
+class ProxySidecar(BaseModel):
+    """The Valve proxy in front of the online server (`valve runtime proxy`)."""
+
+    model_config = _CAMEL
+
+    enabled: bool = Field(True, description="Add the proxy sidecar to the online pod.")
+    image: str | None = Field(None, description="Sidecar image; the operator's --sidecar-image when unset.")
+    port: int = Field(9000, ge=1, le=65535, description="Port the proxy listens on.")
+    upstream_port: int = Field(8000, ge=1, le=65535, description="Port of the online server in the pod.")
+
+
+class ArbiterSidecar(BaseModel):
+    """The per-GPU arbiter next to the offline worker (`valve runtime arbiter`)."""
+
+    model_config = _CAMEL
+
+    image: str | None = Field(None, description="Sidecar image; the operator's --sidecar-image when unset.")
+
+
+class OnlineRole(BaseModel):
+    model_config = _CAMEL
+
+    template: PodTemplate = Field(description="Pod template of the latency-critical online server.")
+    proxy: ProxySidecar = Field(default_factory=ProxySidecar)
+
+
+class OfflineRole(BaseModel):
+    model_config = _CAMEL
+
+    template: PodTemplate = Field(description="Pod template of the offline batch worker.")
+    arbiter: ArbiterSidecar = Field(default_factory=ArbiterSidecar)
+
+
+class ReserveSettings(ReservePolicy):
+    model_config = _CAMEL
+
+
+class ReclaimSettings(ReclaimLimits):
+    model_config = _CAMEL
+
+
+class RuntimeSettings(RuntimeSpec):
+    """`spec.runtime`: the arbiter's settings (valve.api.runtime.RuntimeSpec in camelCase)."""
+
+    model_config = _CAMEL
+
+    reserve: ReserveSettings = Field(default_factory=ReserveSettings)
+    reclaim: ReclaimSettings = Field(default_factory=ReclaimSettings)
+
+    def runtime_spec(self) -> RuntimeSpec:
+        return RuntimeSpec.model_validate(self.model_dump(by_alias=False))
+
+
+class ColocationPairSpec(BaseModel):
+    model_config = _CAMEL
+
+    online: OnlineRole
+    offline: OfflineRole
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Only nodes with these labels are considered for placement."
+    )
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Placed = "Placed"
+    Running = "Running"
+    Degraded = "Degraded"
+    Failed = "Failed"
+
+
+class ConditionType(StrEnum):
+    Placed = "Placed"
+    OnlineReady = "OnlineReady"
+    OfflineReady = "OfflineReady"
+    Paired = "Paired"
+
+
+class Condition(BaseModel):
+    """A status condition in the Kubernetes convention (metav1.Condition)."""
+
+    model_config = _CAMEL
+
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = Field(None, ge=0)
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field("", max_length=32768)
+
+
+class ColocationPairStatus(BaseModel):
+    model_config = _CAMEL
+
+    phase: Phase | None = None
+    node: str | None = Field(None, description="Node both pods are bound to.")
+    gpu_uuid: str | None = Field(None, alias="gpuUUID", description="GPU both pods share, once confirmed.")
+    online_pod: str | None = None
+    offline_pod: str | None = None
+    message: str | None = None
+    observed_generation: int | None = Field(None, ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+

@@ -1,0 +1,232 @@
+"""The two pods of a pair: rendering (pure) and a small read-only view of observed pods."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from valve.api import colocation as c
+
+ONLINE = "online"
+OFFLINE = "offline"
+ROLES = (ONLINE, OFFLINE)
+RESOURCE = {ONLINE: c.ONLINE_RESOURCE, OFFLINE: c.OFFLINE_RESOURCE}
+
+MANAGED_BY = "valve-operator"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_PAIR = "valve.io/pair"
+LABEL_ROLE = "valve.io/role"
+ANN_GPU = "valve.io/gpu-uuid"  # written on the pod once its GPU is known (see docs/operator.md)
+ANN_NODE = "valve.io/node"  # node the operator placed the pod on
+ANN_HASH = "valve.io/pod-spec-hash"  # hash of the rendered pod; a change means "recreate"
+
+RUNTIME_VOLUME = "valve-runtime"
+SPEC_ENV = "VALVE_RUNTIME_SPEC"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    sidecar_image: str = "valve:0.1.0"
+    runtime_dir: str = "/var/run/valve"  # host folder with the per-GPU control blocks
+    sidecar_cpu: str = "100m"
+    sidecar_memory: str = "128Mi"
+    metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
+
+
+def pod_name(pair_name: str, role: str) -> str:
+    return f"{pair_name}-{role}"
+
+
+def owner_reference(pair: dict[str, Any]) -> dict[str, Any]:
+    meta = pair["metadata"]
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def render_pod(
+    pair: dict[str, Any], spec: c.ColocationPairSpec, role: str, node: str, cfg: OperatorConfig
+) -> dict[str, Any]:
+    """The pod for one role of a pair, pinned to `node`, with the Valve sidecar and device request."""
+    role_spec = spec.online if role == ONLINE else spec.offline
+    template = role_spec.template
+    meta = pair["metadata"]
+    body_spec = template.spec.model_dump(by_alias=True, exclude_unset=True)
+    body_spec = copy.deepcopy(body_spec)
+    containers = body_spec["containers"]
+    _request_gpu(containers[0], RESOURCE[role])
+
+    sidecar = _proxy(spec, cfg) if role == ONLINE else _arbiter(spec, cfg)
+    if sidecar is not None:
+        containers.append(sidecar)
+        volumes = body_spec.setdefault("volumes", [])
+        volumes.append({
+            "name": RUNTIME_VOLUME,
+            "hostPath": {"path": cfg.runtime_dir, "type": "DirectoryOrCreate"},
+        })
+    body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
+
+    labels = {**template.metadata.labels, LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_ROLE: role}
+    annotations = {**template.metadata.annotations, ANN_NODE: node}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(meta["name"], role),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(pair)],
+        },
+        "spec": body_spec,
+    }
+    pod["metadata"]["annotations"][ANN_HASH] = spec_hash(pod)
+    return pod
+
+
+def spec_hash(pod: dict[str, Any]) -> str:
+    """Hash of what the operator controls in a pod (spec, labels, template annotations)."""
+    meta = pod["metadata"]
+    ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU)}
+    text = json.dumps([pod["spec"], meta.get("labels", {}), ann], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _request_gpu(container: dict[str, Any], resource: str) -> None:
+    res = container.setdefault("resources", {})
+    for kind in ("requests", "limits"):
+        res.setdefault(kind, {})[resource] = "1"
+
+
+def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:
+    """Require the node by name (scheduler still checks resources, taints and the device count)."""
+    affinity = copy.deepcopy(affinity or {})
+    node_aff = affinity.setdefault("nodeAffinity", {})
+    node_aff["requiredDuringSchedulingIgnoredDuringExecution"] = {
+        "nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}
+        ]
+    }
+    return affinity
+
+
+def _sidecar_env(role: str) -> list[dict[str, Any]]:
+    return [
+        # The GPU is known only after allocation: the pod annotation, so `$(VALVE_GPU_UUID)` expands.
+        {"name": "VALVE_GPU_UUID",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANN_GPU}']"}}},
+        {"name": "VALVE_ROLE", "value": role},
+    ]
+
+
+def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "resources": {"requests": {"cpu": cfg.sidecar_cpu, "memory": cfg.sidecar_memory},
+                      "limits": {"memory": cfg.sidecar_memory}},
+        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": cfg.runtime_dir}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+    }
+
+
+def _metrics_port(cfg: OperatorConfig) -> dict[str, Any]:
+    return {"name": "valve-metrics", "containerPort": cfg.metrics_port}
+
+
+def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | None:
+    proxy = spec.online.proxy
+    if not proxy.enabled:
+        return None
+    side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg)
+    side["args"] = ["runtime", "proxy", "--listen", f":{proxy.port}",
+                    "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--metrics-port", str(cfg.metrics_port)]
+    side["command"] = ["valve"]
+    side["env"] = [*_sidecar_env(ONLINE), {"name": "VALVE_RUNTIME_DIR", "value": cfg.runtime_dir}]
+    side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
+    return side
+
+
+def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
+    side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg)
+    side["command"] = ["valve"]
+    # The arbiter reads its RuntimeSpec from VALVE_RUNTIME_SPEC.
+    side["args"] = ["runtime", "arbiter", "--gpu", "$(VALVE_GPU_UUID)", "--metrics-port", str(cfg.metrics_port)]
+    side["ports"] = [_metrics_port(cfg)]
+    side["env"] = [
+        *_sidecar_env(OFFLINE),
+        {"name": "VALVE_RUNTIME_DIR", "value": cfg.runtime_dir},
+        {"name": SPEC_ENV, "value": spec.runtime.runtime_spec().model_dump_json()},
+    ]
+    return side
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator needs to know about an observed pod."""
+
+    name: str
+    uid: str
+    role: str | None
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    ready: bool
+    node: str | None  # spec.nodeName (bound) or None
+    target: str | None  # node the operator pinned it to
+    gpu: str | None
+    deleting: bool
+    hash: str | None
+    online: int = 0  # valve.io/online-gpu requested
+    offline: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def started(self) -> bool:
+        """Past admission: the kubelet has allocated its devices."""
+        return self.phase in ("Running", "Succeeded")
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    meta = pod.get("metadata", {})
+    spec = pod.get("spec", {}) or {}
+    status = pod.get("status", {}) or {}
+    ann = meta.get("annotations") or {}
+    ready = any(cond.get("type") == "Ready" and cond.get("status") == "True"
+                for cond in status.get("conditions") or [])
+    online = offline = 0
+    for container in spec.get("containers") or []:
+        res = container.get("resources") or {}
+        amounts = {**(res.get("limits") or {}), **(res.get("requests") or {})}
+        online += _count(amounts.get(c.ONLINE_RESOURCE))
+        offline += _count(amounts.get(c.OFFLINE_RESOURCE))
+    return PodView(
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        role=(meta.get("labels") or {}).get(LABEL_ROLE),
+        phase=status.get("phase") or "Pending",
+        ready=ready,
+        node=spec.get("nodeName"),
+        target=ann.get(ANN_NODE),
+        gpu=ann.get(ANN_GPU),
+        deleting=bool(meta.get("deletionTimestamp")),
+        hash=ann.get(ANN_HASH),
+        online=online,
+        offline=offline,
+    )
+
+
+def _count(value: Any) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,50 @@
+"""The API access the operator needs: Kubernetes PolicyRules for the Helm chart's ClusterRole.
+
+Exactly what the code uses (the end-to-end tests record every request and check both directions):
+kopf watches pairs, pods and nodes (list, watch); the handlers create and delete pods, patch the pairs'
+status and create events. kopf runs standalone: no peering (no kopf CRDs, no leases), no CRD or namespace
+scanning, no annotations or finalizers on the pairs. API discovery (/api, /apis) is granted to every
+authenticated user by the default `system:discovery` ClusterRole.
+"""
+
+from __future__ import annotations
+
+from valve.api import colocation as c
+
+RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": [c.GROUP], "resources": [c.PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [c.GROUP], "resources": [f"{c.PLURAL}/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def allows(rules: list[dict[str, list[str]]], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def request_verb(method: str, name: str | None, params: dict[str, str]) -> str:
+    """The RBAC verb of an API request (as the API server's request-info resolver computes it)."""
+    method = method.upper()
+    if method == "GET":
+        if params.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if name else "list"
+    if method == "POST":
+        return "create"
+    if method == "PUT":
+        return "update"
+    if method == "PATCH":
+        return "patch"
+    if method == "DELETE":
+        return "delete" if name else "deletecollection"
+    raise ValueError(f"no RBAC verb for {method}")
+
+
+# Only with `valve operator --peering NAME` (several replicas): kopf's peering objects (kopf's own CRDs,
+# https://kopf.readthedocs.io/en/stable/peering/) — the namespaced kind with --namespace, else the cluster one.
+PEERING_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
+     "verbs": ["list", "watch", "patch", "get"]},
+]

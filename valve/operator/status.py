@@ -1,0 +1,90 @@
+"""Status of a pair from what is observed (pure): phase, conditions, GPU confirmation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from valve.api.colocation import ConditionType, Phase
+from valve.operator.pods import OFFLINE, ONLINE, PodView
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: ConditionType
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+
+
+def pairing(online: PodView | None, offline: PodView | None, node: str | None) -> Cond:
+    """Paired: both pods on the pair's node and on one GPU (from the pods' `valve.io/gpu-uuid`)."""
+    if online is None or offline is None:
+        return Cond(ConditionType.Paired, "Unknown", "PodsMissing", "waiting for both pods")
+    for pod in (online, offline):
+        if pod.node is not None and node is not None and pod.node != node:
+            return Cond(ConditionType.Paired, "False", "NodeMismatch",
+                        f"pod {pod.name} runs on {pod.node}, the pair is placed on {node}")
+    if online.gpu is None or offline.gpu is None:
+        missing = ", ".join(p.name for p in (online, offline) if p.gpu is None)
+        return Cond(ConditionType.Paired, "Unknown", "GPUNotReported", f"no GPU reported yet by {missing}")
+    if online.gpu != offline.gpu:
+        return Cond(ConditionType.Paired, "False", "GPUMismatch",
+                    f"online pod got GPU {online.gpu}, offline pod got GPU {offline.gpu}")
+    return Cond(ConditionType.Paired, "True", "SameGPU", f"both pods share GPU {online.gpu}")
+
+
+def pod_ready(role: str, pod: PodView | None) -> Cond:
+    kind = ConditionType.OnlineReady if role == ONLINE else ConditionType.OfflineReady
+    if pod is None:
+        return Cond(kind, "False", "PodMissing", f"no {role} pod")
+    if pod.deleting:
+        return Cond(kind, "False", "PodTerminating", f"pod {pod.name} is terminating")
+    if pod.ready:
+        return Cond(kind, "True", "PodReady", f"pod {pod.name} is ready")
+    return Cond(kind, "False", f"Pod{pod.phase}", f"pod {pod.name} is {pod.phase} and not ready")
+
+
+def compute(
+    *,
+    node: str | None,
+    pods: dict[str, PodView | None],
+    placed: Cond,
+    invalid: str | None = None,
+) -> tuple[Phase, list[Cond], str | None]:
+    """Phase, conditions and GPU of a pair."""
+    online, offline = pods.get(ONLINE), pods.get(OFFLINE)
+    if invalid is not None:
+        return Phase.Failed, [Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)], None
+    conds = [placed, pod_ready(ONLINE, online), pod_ready(OFFLINE, offline), pairing(online, offline, node)]
+    paired = conds[3]
+    gpu = online.gpu if paired.status == "True" and online is not None else None
+    if node is None or placed.status != "True":
+        phase = Phase.Pending
+    elif paired.status == "False":
+        phase = Phase.Degraded
+    elif conds[1].status == "True" and conds[2].status == "True":
+        phase = Phase.Running
+    else:
+        phase = Phase.Placed
+    return phase, conds, gpu
+
+
+def merge_conditions(
+    old: list[dict[str, Any]], new: list[Cond], generation: int, now: str
+) -> list[dict[str, Any]]:
+    """Kubernetes-style conditions; lastTransitionTime moves only when the status changes."""
+    previous = {c.get("type"): c for c in old or []}
+    out = []
+    for cond in new:
+        prev = previous.get(cond.type.value)
+        changed = prev is None or prev.get("status") != cond.status
+        out.append({
+            "type": cond.type.value,
+            "status": cond.status,
+            "observedGeneration": generation,
+            "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
+            "reason": cond.reason,
+            "message": cond.message,
+        })
+    return out

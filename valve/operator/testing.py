@@ -1,0 +1,440 @@
+"""Test support: a kmock Kubernetes emulator with the API-server behaviour the operator relies on.
+
+kmock's `KubernetesEmulator` stores objects and streams watch events. This adds, as a real API server does:
+uids, resourceVersions, generations and timestamps on create; `generateName`; the status subresource
+(status patches change only status, main patches never change status and bump `generation` when the spec
+changes); delete preconditions; garbage collection of dependents through ownerReferences; the pod
+`binding` subresource; and, optionally, validation of custom resources against their CRD schema.
+
+Needs the dev extra (kmock). Not used by the operator itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import json
+import uuid
+from typing import Any
+
+import aiohttp.web
+import kmock
+
+from valve.api import colocation as c
+from valve.api.crds import crd_validator
+
+RESOURCES = {
+    "v1/pods": dict(namespaced=True, kind="Pod", subresources={"status", "binding"}),
+    "v1/nodes": dict(namespaced=False, kind="Node", subresources={"status"}),
+    "v1/events": dict(namespaced=True, kind="Event"),
+    # Discovery only: kopf waits for these to be served before it starts watching (it never lists them
+    # while `settings.scanning.disabled` is set).
+    "v1/namespaces": dict(namespaced=False, kind="Namespace"),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": dict(namespaced=False, kind="CustomResourceDefinition"),
+    f"{c.API_VERSION}/{c.PLURAL}": dict(namespaced=True, kind=c.KIND, subresources={"status"}),
+}
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def status_error(code: int, reason: str, message: str) -> kmock.KubernetesError:
+    return kmock.KubernetesError(status=code, reason=reason, message=message, details={})
+
+
+class ValveKube(kmock.KubernetesEmulator):
+    """The emulator used by the operator's end-to-end tests."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name, info in RESOURCES.items():
+            self.resources[name] = kmock.ResourceInfo(verbs=VERBS, **info)
+        self.validate_crs = True
+        self._versions = itertools.count(1)
+        self._validator = crd_validator()
+
+    def obj(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key].raw
+
+    def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        res = kmock.resource(resource)
+        return [o.raw for (r, ns, _), o in self.objects.items()
+                if r == res and not o.deleted and (namespace is None or ns == namespace)]
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        res = request.resource
+        if res is not None and res.plural is not None:
+            if request.method == "POST" and request.subresource == "binding":
+                return await self._bind(request)
+            if request.action == kmock.action.CREATE:
+                self._on_create(request)
+            elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
+                self._on_patch(request)
+            elif request.action == kmock.action.DELETE and request.name is not None:
+                self._check_preconditions(request)
+        response = await super()._handle(request)
+        if request.action == kmock.action.DELETE and request.name is not None and response.status < 300:
+            await self._collect_dependents()
+        return response
+
+    def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key].raw
+
+    def _on_create(self, request: kmock.Request) -> None:
+        data = request.data
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.resource.group == c.GROUP and self.validate_crs:
+            errors = sorted(self._validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+            if errors:
+                text = "; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+                raise status_error(422, "Invalid", f"{c.KIND}.{c.GROUP} {meta.get('name')!r} is invalid: {text}")
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+        meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if request.resource.group == c.GROUP:
+            data.pop("status", None)  # the status subresource: status is not set on create
+        elif request.resource.plural == "pods":
+            data["status"] = {"phase": "Pending"}
+
+    def _on_patch(self, request: kmock.Request) -> None:
+        current = self._stored(request)
+        if current is None:
+            return  # kmock answers 404
+        data = request.data
+        info = self.resources[request.resource]
+        if "status" in info.subresources:
+            if request.subresource == "status":
+                for key in list(data):
+                    if key != "status":
+                        del data[key]
+            else:
+                data.pop("status", None)
+                if "spec" in data and merge_patch(current.get("spec"), data["spec"]) != current.get("spec"):
+                    data.setdefault("metadata", {})["generation"] = current["metadata"].get("generation", 1) + 1
+        data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+
+    def _check_preconditions(self, request: kmock.Request) -> None:
+        current = self._stored(request)
+        wanted = ((request.data or {}).get("preconditions") or {}).get("uid") if isinstance(request.data, dict) else None
+        if current is not None and wanted and current["metadata"].get("uid") != wanted:
+            raise status_error(409, "Conflict", f"precondition failed: uid {wanted} does not match")
+
+    async def _bind(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        current = self._stored(request)
+        if current is None:
+            raise status_error(404, "NotFound", f"pods {request.name!r} not found")
+        if current.get("spec", {}).get("nodeName"):
+            raise status_error(409, "Conflict", f"pod {request.name} is already assigned to a node")
+        node = request.data["target"]["name"]
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            self.objects[key].patch({"spec": {"nodeName": node},
+                                     "metadata": {"resourceVersion": str(next(self._versions))}})
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": self.objects[key].raw})
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201},
+                                         status=201)
+
+    async def _collect_dependents(self) -> None:
+        """Delete objects whose owners are gone (the garbage collector, in the foreground)."""
+        while True:
+            async with self._lock:
+                live = {o.raw["metadata"].get("uid") for o in self.objects.values() if not o.deleted}
+                orphans = [
+                    (res, o) for (res, _, _), o in self.objects.items()
+                    if not o.deleted and (refs := o.raw.get("metadata", {}).get("ownerReferences"))
+                    and not any(ref.get("uid") in live for ref in refs)
+                ]
+                for res, o in orphans:
+                    raw = o.raw
+                    o.delete()
+                    await self._buses[res].put({"type": "DELETED", "object": raw})
+            if not orphans:
+                return
+
+
+# --- Test harness: API access, fake scheduler/kubelet/device plugin, request log ------------------
+
+TEST_AGENT = "valve-test"
+PAIRS_PATH = f"/apis/{c.API_VERSION}/namespaces/{{ns}}/{c.PLURAL}"
+
+
+class Api:
+    """Plain JSON requests through a kubernetes ApiClient (works against kmock and a real cluster)."""
+
+    def __init__(self, api_client: Any) -> None:
+        self.client = api_client
+        self.host = api_client.configuration.host.rstrip("/")
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   content_type: str = "application/json") -> tuple[int, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        cfg = self.client.configuration
+        headers = {"Content-Type": content_type, "Accept": "application/json", "User-Agent": TEST_AGENT}
+        auth = (cfg.api_key or {}).get("authorization")
+        if auth:
+            headers["Authorization"] = auth
+        try:
+            resp = await asyncio.to_thread(self.client.rest_client.request, method, self.host + path,
+                                           headers=headers, body=body)
+        except ApiException as e:
+            return e.status, _json(e.body)
+        data = resp.read() if hasattr(resp, "read") else resp.data
+        return resp.status, _json(data)
+
+    async def create_pair(self, pair: dict[str, Any], namespace: str = "default") -> tuple[int, Any]:
+        return await self.call("POST", PAIRS_PATH.format(ns=namespace), pair)
+
+    async def get_pair(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        code, body = await self.call("GET", PAIRS_PATH.format(ns=namespace) + f"/{name}")
+        return body if code == 200 else None
+
+    async def delete(self, path: str) -> int:
+        return (await self.call("DELETE", path))[0]
+
+    async def pods(self, namespace: str = "default", selector: str | None = None) -> list[dict[str, Any]]:
+        from urllib.parse import quote
+
+        query = f"?labelSelector={quote(selector)}" if selector else ""
+        code, body = await self.call("GET", f"/api/v1/namespaces/{namespace}/pods{query}")
+        return [p for p in (body or {}).get("items", []) if not p["metadata"].get("deletionTimestamp")] \
+            if code == 200 else []
+
+    async def patch(self, path: str, patch: dict[str, Any]) -> int:
+        return (await self.call("PATCH", path, patch, "application/merge-patch+json"))[0]
+
+
+def _json(data: Any) -> Any:
+    if data in (None, b"", ""):
+        return None
+    try:
+        return json.loads(data)
+    except (TypeError, ValueError):
+        return data
+
+
+def gpu_node(name: str, gpus: int, ready: bool = True, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Node as the device plugin leaves it: `gpus` online and `gpus` offline slots."""
+    alloc = {c.ONLINE_RESOURCE: str(gpus), c.OFFLINE_RESOURCE: str(gpus), "cpu": "32", "memory": "256Gi"}
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "spec": {},
+        "status": {"allocatable": alloc, "capacity": dict(alloc),
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+class FakeNodes:
+    """The scheduler, kubelets and Valve device plugins of fake GPU nodes, driven by the test.
+
+    `start(pod)` binds a pending pod to the node the operator pinned it to, picks its GPU as the device
+    plugin's preferred allocation does (a GPU whose other slot holds a tenant first, else a free GPU), writes
+    the `valve.io/gpu-uuid` annotation and marks it Running and Ready.
+    """
+
+    def __init__(self, api: Api, gpus: dict[str, int]) -> None:
+        self.api = api
+        self.gpus = {node: [f"GPU-{node}-{i}" for i in range(n)] for node, n in gpus.items()}
+        self.taken: dict[tuple[str, str], str] = {}  # (gpu, role) -> pod uid
+        self.force_gpu: dict[str, str] = {}  # pod name -> GPU, to emulate a divergent allocation
+
+    def pick(self, node: str, role: str) -> str:
+        other = "offline" if role == "online" else "online"
+        free = [g for g in self.gpus[node] if (g, role) not in self.taken]
+        if not free:
+            raise RuntimeError(f"no {role} slot left on {node}")
+        half = [g for g in free if (g, other) in self.taken]
+        return (half or free)[0]
+
+    async def start(self, pod: dict[str, Any], ready: bool = True) -> str:
+        from valve.operator.pods import ANN_GPU, ANN_NODE, LABEL_ROLE
+
+        meta = pod["metadata"]
+        node = meta["annotations"][ANN_NODE]
+        role = meta["labels"][LABEL_ROLE]
+        gpu = self.force_gpu.get(meta["name"]) or self.pick(node, role)
+        self.taken[(gpu, role)] = meta["uid"]
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        await self.api.call("POST", path + "/binding", binding)
+        await self.api.patch(path, {"metadata": {"annotations": {ANN_GPU: gpu}}})
+        await self.api.patch(path + "/status", {"status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        }})
+        return gpu
+
+    def release(self, uid: str) -> None:
+        for key, owner in list(self.taken.items()):
+            if owner == uid:
+                del self.taken[key]
+
+
+def operator_requests(kube: kmock.KubernetesEmulator) -> list[kmock.Request]:
+    """Requests the operator made (kopf's and its own client's), not the test's."""
+    out = []
+    for req in kube._requests:
+        agent = req.headers.get("User-Agent", "")
+        if agent.startswith(("kopf/", "valve-operator/")):
+            out.append(req)
+    return out
+
+
+def permission(req: kmock.Request) -> tuple[str, str, str] | None:
+    """(apiGroup, resource[/subresource], verb) of a resource request; None for discovery."""
+    from valve.operator.rbac import request_verb
+
+    if req.resource is None or req.resource.plural is None:
+        return None
+    resource = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
+    return req.resource.group or "", resource, request_verb(str(req.method.value), req.name, dict(req.params))
+
+
+def pair_body(name: str = "chat", namespace: str = "default", **spec_extra: Any) -> dict[str, Any]:
+    """A small valid ColocationPair for tests."""
+    spec: dict[str, Any] = {
+        "online": {"template": {"metadata": {"labels": {"app": "chat"}},
+                                "spec": {"containers": [{"name": "server", "image": "vllm:1",
+                                                         "ports": [{"containerPort": 8000}]}]}}},
+        "offline": {"template": {"spec": {"containers": [{"name": "batch", "image": "batch:1"}],
+                                          "volumes": [{"name": "data", "emptyDir": {}}]}}},
+        "runtime": {"idleHysteresisMs": 7, "evictionPolicy": "fifo", "reserve": {"minBytes": 1024}},
+    }
+    spec.update(spec_extra)
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+class Harness:
+    """An API server (the emulator, or a real cluster when `kube` is None), the operator in a thread, polling.
+
+    The operator runs in a thread with its own event loop: kopf cancels every task of its loop when it exits.
+    """
+
+    def __init__(self, kube: ValveKube | None, namespace: str = "default", api_client: Any = None) -> None:
+        from valve.operator.kube import load_api_client
+
+        self.kube = kube
+        self.namespace = namespace
+        self.client_factory = (lambda: load_api_client(str(kube.url).rstrip("/"))) if kube is not None \
+            else (lambda: api_client or load_api_client())
+        self.api = Api(self.client_factory())
+        self.nodes = FakeNodes(self.api, {})
+        self.thread: Any = None
+        self.stop: Any = None
+
+    @property
+    def pods_path(self) -> str:
+        return f"/api/v1/namespaces/{self.namespace}/pods"
+
+    def add_node(self, name: str, gpus: int, **kw: Any) -> None:
+        assert self.kube is not None, "fake nodes exist only in the emulator"
+        self.kube.objects[kmock.resource("v1/nodes"), None, name] = gpu_node(name, gpus, **kw)
+        self.nodes.gpus[name] = [f"GPU-{name}-{i}" for i in range(gpus)]
+
+    async def start_operator(self, **kw: Any) -> None:
+        import threading
+
+        from valve.operator.main import run_operator
+        from valve.operator.pods import OperatorConfig
+
+        self.stop, ready = threading.Event(), threading.Event()
+        kw.setdefault("resync_seconds", 0.3)
+        kw.setdefault("cfg", OperatorConfig(sidecar_image="valve:t"))
+        if self.kube is None:
+            kw.setdefault("namespaces", [self.namespace])
+        main = run_operator(api_client=self.client_factory(), stop_flag=self.stop, ready_flag=ready, **kw)
+        self.thread = threading.Thread(target=asyncio.run, args=(main,), name="valve-operator", daemon=True)
+        self.thread.start()
+        if not await asyncio.to_thread(ready.wait, 20):
+            raise AssertionError("the operator did not start within 20 s")
+
+    async def stop_operator(self) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            await asyncio.to_thread(self.thread.join, 20)
+            alive, self.thread = self.thread.is_alive(), None
+            if alive:
+                raise AssertionError("the operator did not stop within 20 s")
+
+    async def until(self, check: Any, what: str, timeout: float = 15.0) -> Any:
+        """Poll the coroutine function `check` until it returns something truthy."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            got = await check()
+            if got:
+                return got
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def pod(self, name: str) -> dict[str, Any] | None:
+        return {p["metadata"]["name"]: p for p in await self.api.pods(self.namespace)}.get(name)
+
+    async def phase(self, name: str = "chat") -> str | None:
+        pair = await self.api.get_pair(name, self.namespace)
+        return ((pair or {}).get("status") or {}).get("phase")
+
+    async def until_phase(self, phase: str, name: str = "chat") -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            pair = await self.api.get_pair(name, self.namespace)
+            return pair if ((pair or {}).get("status") or {}).get("phase") == phase else None
+        return await self.until(check, f"phase {phase} of {name}")
+
+    def pod_creations(self) -> list[str]:
+        """Names in every pod-create request the operator sent (emulator only)."""
+        return [r.data["metadata"]["name"] for r in operator_requests(self.kube)
+                if r.method.value == "POST" and r.resource is not None and r.resource.plural == "pods"
+                and r.subresource is None]
+
+    def status_phases(self) -> list[str]:
+        """Every phase the operator wrote, in order, consecutive repeats folded (emulator only)."""
+        out: list[str] = []
+        for r in operator_requests(self.kube):
+            if r.subresource == "status" and r.method.value == "PATCH":
+                phase = (r.data.get("status") or {}).get("phase")
+                if phase and (not out or out[-1] != phase):
+                    out.append(phase)
+        return out
+
+    def events(self) -> list[dict[str, Any]]:
+        assert self.kube is not None
+        return self.kube.live("v1/events", self.namespace)
+
+    async def run_pair(self, name: str = "chat") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Create a pair and start both pods as the operator creates them; returns (online, offline)."""
+        code, body = await self.api.create_pair(pair_body(name, self.namespace), self.namespace)
+        assert code in (200, 201), body
+        online = await self.until(lambda: self.pod(f"{name}-online"), "online pod")
+        await self.nodes.start(online)
+        offline = await self.until(lambda: self.pod(f"{name}-offline"), "offline pod")
+        await self.nodes.start(offline)
+        await self.until_phase("Running", name)
+        return online, offline

@@ -226,6 +226,15 @@ def selfcheck(out: str | None = None) -> dict:
                 with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
                     be.wait(s)
                     x.add_(1)
+            with torch.cuda.stream(s):  # one pass with the gate open: loads every kernel (lazy module loading
+                if captured:  # would otherwise block this thread's next launch behind the closed gate)
+                    g.replay()
+                else:
+                    be.wait(s)
+                    x.add_(1)
+            torch.cuda.synchronize()
+            x.zero_()
+            torch.cuda.synchronize()
             cb.fields.gate = GATE_CLOSED
             t0 = time.perf_counter()
             with torch.cuda.stream(s):

@@ -1,0 +1,271 @@
+"""Generate charts/valve/dashboards/valve.json, the Grafana dashboard the chart ships in a ConfigMap.
+
+    python scripts/dashboard.py          # rewrite the file
+    python scripts/dashboard.py --check  # exit 1 when the file differs from what this script makes
+
+Metric names are those of docs/metrics.md; tests/test_chart_dashboard.py checks that the code exports each one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "charts" / "valve" / "dashboards" / "valve.json"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "$__rate_interval"
+
+
+def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[tuple[str, str]]:
+    """histogram_quantile targets for each q, over the metric's buckets summed by `le` (+ `by`)."""
+    keys = "le" + (f", {by}" if by else "")
+    suffix = "".join(f" {{{{{k.strip()}}}}}" for k in by.split(",")) if by else ""
+    return [
+        (
+            f"histogram_quantile({q}, sum by ({keys}) (rate({metric}_bucket[{RATE}])))",
+            f"p{round(q * 100):d}{suffix}",
+        )
+        for q in qs
+    ]
+
+
+def panel(title: str, desc: str, targets: list[tuple[str, str]], unit: str, kind: str = "timeseries") -> dict:
+    p = {
+        "type": kind,
+        "title": title,
+        "description": desc,
+        "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+    if kind == "timeseries":
+        p["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    else:
+        p["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+        for t in p["targets"]:
+            t["instant"] = True
+    return p
+
+
+ROWS: list[tuple[str, list[dict]]] = [
+    (
+        "Online latency",
+        [
+            panel(
+                "Online TTFT",
+                "Time to first token of online requests, measured by the Valve proxy.",
+                quantiles("valve_online_ttft_seconds"),
+                "s",
+            ),
+            panel(
+                "Online TPOT",
+                "Time per output token after the first, measured by the Valve proxy.",
+                quantiles("valve_online_tpot_seconds"),
+                "s",
+            ),
+            panel(
+                "Online requests and in-flight",
+                "Online request rate (proxy) and requests in flight per GPU (arbiter).",
+                [
+                    (f"sum(rate(valve_online_requests_total[{RATE}]))", "requests/s"),
+                    ("sum by (node, gpu) (valve_online_inflight)", "in flight {{node}} gpu {{gpu}}"),
+                ],
+                "short",
+            ),
+        ],
+    ),
+    (
+        "Gate and preemption",
+        [
+            panel(
+                "Preemptions",
+                "Gate closures per second: offline work stopped at a sub-layer boundary for online arrivals.",
+                [(f"sum by (node, gpu) (rate(valve_preemptions_total[{RATE}]))", "{{node}} gpu {{gpu}}")],
+                "ops",
+            ),
+            panel(
+                "Gate-closed time",
+                "Fraction of time the offline gate was closed (seconds closed per second).",
+                [
+                    (
+                        f"sum by (node, gpu) (rate(valve_gate_closed_seconds_total[{RATE}]))",
+                        "{{node}} gpu {{gpu}}",
+                    )
+                ],
+                "percentunit",
+            ),
+            panel(
+                "Preemption latency",
+                "From an online arrival to the offline stream being idle.",
+                quantiles("valve_preemption_latency_seconds", qs=(0.5, 0.99)),
+                "s",
+            ),
+            panel(
+                "Offline progress",
+                "Offline sub-layers passed per second (throughput of the batch job).",
+                [
+                    (
+                        f"sum by (node, gpu) (rate(valve_offline_progress_total[{RATE}]))",
+                        "{{node}} gpu {{gpu}}",
+                    )
+                ],
+                "ops",
+            ),
+        ],
+    ),
+    (
+        "Memory reclaim",
+        [
+            panel(
+                "Reclaimed bytes",
+                "GPU memory taken back from the offline job for online bursts, per second.",
+                [(f"sum by (node, gpu) (rate(valve_reclaimed_bytes_total[{RATE}]))", "{{node}} gpu {{gpu}}")],
+                "Bps",
+            ),
+            panel(
+                "Reclaim latency",
+                "From a reclaim request to the memory being free.",
+                quantiles("valve_reclaim_latency_seconds", qs=(0.5, 0.99)),
+                "s",
+            ),
+            panel(
+                "Reserve and GPU memory used",
+                "Memory the arbiter keeps free for online bursts, and memory used on each GPU (NVML).",
+                [
+                    ("sum by (node, gpu) (valve_memory_reserve_bytes)", "reserve {{node}} gpu {{gpu}}"),
+                    ("sum by (node, gpu) (valve_gpu_memory_used_bytes)", "used {{node}} gpu {{gpu}}"),
+                ],
+                "bytes",
+            ),
+            panel(
+                "Evictions and recompute",
+                "Offline sequences evicted to free KV cache, and tokens recomputed after eviction, per second.",
+                [
+                    (f"sum(rate(valve_evicted_sequences_total[{RATE}]))", "evicted sequences/s"),
+                    (f"sum(rate(valve_recomputed_tokens_total[{RATE}]))", "recomputed tokens/s"),
+                ],
+                "short",
+            ),
+        ],
+    ),
+    (
+        "GPUs and pairs",
+        [
+            panel(
+                "GPU utilisation",
+                "Per-GPU utilisation read through NVML by the device plugin.",
+                [("max by (node, gpu) (valve_gpu_utilization_ratio)", "{{node}} gpu {{gpu}}")],
+                "percentunit",
+            ),
+            panel(
+                "ColocationPairs by phase",
+                "Pairs the operator manages, by status phase.",
+                [("sum by (phase) (valve_pairs)", "{{phase}}")],
+                "short",
+                kind="stat",
+            ),
+            panel(
+                "Devices",
+                "Advertised and healthy Valve devices by resource, and allocations per second.",
+                [
+                    ("sum by (resource) (valve_devices)", "advertised {{resource}}"),
+                    ("sum by (resource) (valve_device_healthy)", "healthy {{resource}}"),
+                    (
+                        f"sum by (resource) (rate(valve_allocations_total[{RATE}]))",
+                        "allocations/s {{resource}}",
+                    ),
+                ],
+                "short",
+            ),
+            panel(
+                "Placement",
+                "Operator placement latency and reconcile errors per second.",
+                [
+                    *quantiles("valve_placement_latency_seconds", qs=(0.99,)),
+                    (f"sum(rate(valve_reconcile_errors_total[{RATE}]))", "reconcile errors/s"),
+                ],
+                "s",
+            ),
+        ],
+    ),
+]
+
+
+def layout(rows: list[tuple[str, list[dict]]]) -> list[dict]:
+    """Rows of 24 columns; panels two to a line, 8 high. Ids in order."""
+    out: list[dict] = []
+    y = 0
+    for title, panels in rows:
+        out.append(
+            {
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+            }
+        )
+        y += 1
+        for i, p in enumerate(panels):
+            out.append({**p, "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": y + 8 * (i // 2)}})
+        y += 8 * ((len(panels) + 1) // 2)
+    for i, p in enumerate(out, start=1):
+        p["id"] = i
+    return out
+
+
+def dashboard() -> dict:
+    return {
+        "title": "Valve",
+        "uid": "valve-colocation",
+        "description": "Online latency, offline preemption, memory reclaim, GPUs and pairs of Valve.",
+        "tags": ["valve", "gpu", "llm-inference"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "browser",
+        "annotations": {"list": []},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                }
+            ]
+        },
+        "panels": layout(ROWS),
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        same = OUT.exists() and OUT.read_text() == text
+        print(f"{OUT}: {'up to date' if same else 'differs; run python scripts/dashboard.py'}")
+        return 0 if same else 1
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

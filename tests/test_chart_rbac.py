@@ -1,0 +1,99 @@
+"""The chart's RBAC is least privilege: exactly `valve.operator.rbac.RULES`, what the operator's code uses.
+
+The ClusterRole's rules are written out in charts/valve/templates/operator-rbac.yaml; this test renders the
+chart and compares them, permission by permission, with RULES.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("chartcheck", ROOT / "scripts" / "chartcheck.py")
+cc = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("chartcheck", cc)
+_spec.loader.exec_module(cc)
+
+HELMS = cc.find_helms()
+pytestmark = pytest.mark.skipif(not HELMS, reason="helm not installed (scripts/install-chart-tools.sh)")
+
+# Verbs that let a subject grant itself more than it has, and resources that hold credentials.
+ESCALATING_VERBS = {"escalate", "bind", "impersonate", "*"}
+SENSITIVE_RESOURCES = {"secrets", "serviceaccounts/token", "*", "clusterroles", "clusterrolebindings"}
+
+
+def permissions(rules) -> set[tuple[str, str, str]]:
+    """Expand PolicyRules into (apiGroup, resource, verb) triples: equal sets grant the same access."""
+    out = set()
+    for rule in rules:
+        assert not rule.get("nonResourceURLs"), rule
+        assert not rule.get("resourceNames"), "RULES with resourceNames need a comparison that keeps them"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    out.add((group, resource, verb))
+    return out
+
+
+def rendered():
+    objs = cc.template(HELMS[0], api_versions=cc.MONITOR_APIS)
+    return objs
+
+
+def test_permissions_expand_rules():
+    rules = [{"apiGroups": ["", "apps"], "resources": ["pods"], "verbs": ["get", "list"]}]
+    assert permissions(rules) == {
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("apps", "pods", "get"),
+        ("apps", "pods", "list"),
+    }
+
+
+def test_cluster_role_is_exactly_the_rules_the_operator_uses():
+    rbac = pytest.importorskip("valve.operator.rbac", reason="valve/operator/rbac.py (RULES) not written yet")
+    roles = [o for o in rendered() if o["kind"] in ("ClusterRole", "Role")]
+    granted = set().union(*(permissions(r["rules"]) for r in roles))
+    wanted = permissions(rbac.RULES)
+    assert granted - wanted == set(), "the chart grants more than the operator uses"
+    assert wanted - granted == set(), "the operator uses permissions the chart does not grant"
+
+
+def test_no_wildcards_no_escalation_no_cluster_admin():
+    objs = rendered()
+    roles = [o for o in objs if o["kind"] in ("ClusterRole", "Role")]
+    assert roles
+    for role in roles:
+        assert "aggregationRule" not in role
+        for group, resource, verb in permissions(role["rules"]):
+            assert "*" not in (group, resource, verb), (group, resource, verb)
+            assert verb not in ESCALATING_VERBS, (group, resource, verb)
+            assert resource not in SENSITIVE_RESOURCES, (group, resource, verb)
+    role_names = {r["metadata"]["name"] for r in roles}
+    for binding in (o for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        assert binding["roleRef"]["name"] not in {"cluster-admin", "admin", "edit"}
+        assert binding["roleRef"]["name"] in role_names  # only roles this chart defines
+        assert all(s["kind"] == "ServiceAccount" for s in binding["subjects"])
+
+
+def test_nodes_are_read_only():
+    roles = [o for o in rendered() if o["kind"] in ("ClusterRole", "Role")]
+    node_verbs = {v for r in roles for g, res, v in permissions(r["rules"]) if (g, res) == ("", "nodes")}
+    assert node_verbs and node_verbs <= {"get", "list", "watch"}
+
+
+def test_only_the_operator_has_api_access():
+    objs = rendered()
+    bound = {s["name"] for b in objs if b["kind"].endswith("RoleBinding") for s in b["subjects"]}
+    accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
+    operator = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "serviceAccountName"
+    ]
+    assert bound == {operator}
+    for other in accounts - bound:
+        sa = next(o for o in objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == other)
+        assert sa.get("automountServiceAccountToken") is False

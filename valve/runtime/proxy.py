@@ -1,0 +1,295 @@
+"""Online reverse proxy sidecar: `valve runtime proxy --listen :9000 --upstream http://127.0.0.1:8000`.
+
+Sits in front of an OpenAI-compatible HTTP server (no engine change). For each inference request (POST by
+default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.OnlineSignal`, streams
+the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-encoding), and records:
+
+- ``valve_online_requests_total``: inference requests seen;
+- ``valve_online_ttft_seconds``: request received -> first non-empty response body chunk (2xx only);
+- ``valve_online_tpot_seconds``: per streamed (SSE) response, the mean time between ``data:`` events after the
+  first one (``[DONE]`` excluded), observed once per request with at least two events.
+
+The request ends (arbiter signal) when the response body is finished, on upstream error (the client gets a 502
+with the reason) or when the client disconnects. Online is never blocked by Valve: with no control block the
+proxy only forwards and measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from yarl import URL
+
+log = logging.getLogger("valve.proxy")
+
+# RFC 9110 7.6.1 connection-specific headers, never forwarded; Host and Content-Length are set by aiohttp.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
+              "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
+)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+DEFAULT_SIGNAL_METHODS = ("POST",)
+
+
+def forward_headers(headers: Iterable[tuple[str, str]], extra_hop: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Headers minus hop-by-hop ones (also those the `Connection` header names). Order and repeats kept."""
+    headers = list(headers)
+    drop = set(HOP_BY_HOP) | {h.lower() for h in extra_hop}
+    for k, v in headers:
+        if k.lower() == "connection":
+            drop |= {t.strip().lower() for t in v.split(",") if t.strip()}
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``:9000`` -> (0.0.0.0, 9000); ``127.0.0.1:9000``; ``[::1]:9000``."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen {listen!r}: expected [HOST]:PORT, e.g. :9000")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class SSEEvents:
+    """Incremental SSE parser: feed body chunks, get the number of completed ``data:`` events (``[DONE]``
+    excluded). Events end at a blank line; lines may be split across chunks; CRLF and LF both work."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> int:
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        done = 0
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if not line:
+                if self._data and b"\n".join(self._data).strip() != b"[DONE]":
+                    done += 1
+                self._data = []
+            elif line.startswith(b"data:"):
+                self._data.append(line[5:].lstrip(b" "))
+        return done
+
+
+@dataclass
+class StreamTimer:
+    """TTFT and TPOT of one response from chunk arrival times (seconds on any monotonic clock)."""
+
+    start: float
+    sse: bool
+    first_chunk: float | None = None
+    event_times: list[float] = field(default_factory=list)
+    _parser: SSEEvents = field(default_factory=SSEEvents)
+
+    def chunk(self, data: bytes, now: float) -> None:
+        if not data:
+            return
+        if self.first_chunk is None:
+            self.first_chunk = now
+        if self.sse:
+            self.event_times.extend([now] * self._parser.feed(data))
+
+    def ttft(self) -> float | None:
+        return None if self.first_chunk is None else self.first_chunk - self.start
+
+    def tpot(self) -> float | None:
+        t = self.event_times
+        return None if len(t) < 2 else (t[-1] - t[0]) / (len(t) - 1)
+
+
+class ProxyMetrics:
+    """The proxy's Prometheus metrics (names from docs/metrics.md), in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter("valve_online_requests", "Online inference requests through the proxy.",
+                                registry=self.registry)
+        self.ttft = Histogram("valve_online_ttft_seconds", "Time to first response chunk.",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("valve_online_tpot_seconds", "Mean time between streamed tokens (SSE events).",
+                              buckets=TPOT_BUCKETS, registry=self.registry)
+
+    def record(self, timer: StreamTimer) -> None:
+        if (v := timer.ttft()) is not None:
+            self.ttft.observe(v)
+        if (v := timer.tpot()) is not None:
+            self.tpot.observe(v)
+
+
+class NullSignal:
+    """No arbiter to tell (no GPU UUID configured): forward and measure only."""
+
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+class Proxy:
+    """The aiohttp application: one catch-all route forwarding to `upstream` through one client session."""
+
+    def __init__(self, upstream: str, signal=None, metrics: ProxyMetrics | None = None,
+                 signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS,
+                 connect_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.upstream = URL(upstream)
+        if self.upstream.scheme not in ("http", "https") or not self.upstream.host:
+            raise ValueError(f"--upstream {upstream!r}: expected http://HOST:PORT")
+        self.base = str(self.upstream).rstrip("/")  # a path prefix in --upstream is kept
+        self.signal = signal or NullSignal()
+        self.metrics = metrics or ProxyMetrics()
+        self.signal_methods = {m.upper() for m in signal_methods}
+        self.connect_timeout = connect_timeout
+        self.clock = clock
+        self.session: aiohttp.ClientSession | None = None
+        self.inflight = 0  # requests this proxy signalled and has not ended yet
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
+        # no decompression: bytes pass through as the upstream sent them (Content-Encoding kept)
+        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+
+    async def _stop(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def signalled(self, request: web.Request) -> bool:
+        return request.method.upper() in self.signal_methods
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        online = self.signalled(request)
+        start = self.clock()
+        told = False
+        if online:
+            self.metrics.requests.inc()
+            self.inflight += 1
+            told = self._tell(self.signal.begin)
+        try:
+            return await self._forward(request, start, online)
+        finally:  # body done, upstream error, or client gone (handler cancelled / write failed)
+            if online:
+                self.inflight -= 1
+                if told:
+                    self._tell(self.signal.end)
+
+    @staticmethod
+    def _tell(fn) -> bool:
+        """Signal the arbiter; a failure is logged, never passed to the request (online is never blocked)."""
+        try:
+            fn()
+            return True
+        except Exception:  # noqa: BLE001
+            log.exception("online signal failed; forwarding anyway")
+            return False
+
+    async def _forward(self, request: web.Request, start: float, online: bool) -> web.StreamResponse:
+        assert self.session is not None
+        url = URL(self.base + request.rel_url.raw_path_qs, encoded=True)
+        body = await request.read()
+        headers = forward_headers(request.headers.items())
+        try:
+            upstream = await self.session.request(request.method, url, headers=headers,
+                                                  data=body if body else None, allow_redirects=False)
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            return bad_gateway(f"valve proxy: upstream {self.upstream} unreachable: {type(e).__name__}: {e}")
+        async with upstream:
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for k, v in forward_headers(upstream.headers.items()):
+                resp.headers.add(k, v)
+            if upstream.headers.get("Content-Length") is not None and "Transfer-Encoding" not in upstream.headers:
+                resp.content_length = int(upstream.headers["Content-Length"])
+            ctype = upstream.headers.get("Content-Type", "")
+            timer = StreamTimer(start=start, sse=ctype.startswith("text/event-stream"))
+            await resp.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    timer.chunk(chunk, self.clock())
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+                # headers already sent: all we can do is cut the client connection
+                log.warning("upstream %s broke mid-response: %s", self.upstream, e)
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            await resp.write_eof()
+        if online and 200 <= upstream.status < 300:
+            self.metrics.record(timer)
+        return resp
+
+
+def bad_gateway(message: str) -> web.Response:
+    log.warning("%s", message)
+    return web.Response(status=502, text=message + "\n")
+
+
+def make_signal(gpu: str | None, runtime_dir: str | None = None):
+    """An `OnlineSignal` on the GPU's control block, or a `NullSignal` when no GPU is configured."""
+    gpu = gpu or os.environ.get("VALVE_GPU_UUID")
+    if not gpu:
+        log.warning("no --gpu / VALVE_GPU_UUID: forwarding and measuring only, the arbiter is not told")
+        return NullSignal()
+    from valve.runtime.control import control_path
+    from valve.runtime.online import OnlineSignal
+
+    return OnlineSignal(control_path(gpu, runtime_dir))  # opened lazily: works before the arbiter starts
+
+
+async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the proxy (and the metrics endpoint) until `stop` is set (forever if None)."""
+    runner = web.AppRunner(proxy.app(), handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    mrunner = None
+    if metrics_port is not None:
+        try:
+            from prometheus_client.aiohttp import make_aiohttp_handler
+        except ImportError:  # prometheus-client < 0.21: its own HTTP server thread
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, host, registry=proxy.metrics.registry)
+        else:
+            mapp = web.Application()
+            mapp.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
+            mrunner = web.AppRunner(mapp)
+            await mrunner.setup()
+            await web.TCPSite(mrunner, host, metrics_port).start()
+    log.info("valve proxy on %s:%s -> %s", host, port, proxy.upstream)
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        if mrunner is not None:
+            await mrunner.cleanup()
+        await runner.cleanup()
+
+
+def proxy_command(listen: str = ":9000", upstream: str = "http://127.0.0.1:8000", gpu: str | None = None,
+                  runtime_dir: str | None = None, metrics_port: int | None = 9401,
+                  signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS) -> None:
+    """Entry point for `valve runtime proxy` (the CLI module wires its options to this)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = parse_listen(listen)
+    proxy = Proxy(upstream, signal=make_signal(gpu, runtime_dir), signal_methods=signal_methods)
+    try:
+        asyncio.run(serve(proxy, host, port, metrics_port))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,158 @@
+"""bench/preemption.py on CPU: its plain functions, the MPS start/stop protocol, and a whole --device cpu run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "preemption.py"
+
+
+@pytest.fixture(scope="module")
+def pb():
+    spec = importlib.util.spec_from_file_location("bench_preemption", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arrivals_are_seeded_poisson_with_idle_gaps(pb):
+    a = pb.arrival_times(60.0, 20.0, 25, 150.0, seed=3)
+    assert a == pb.arrival_times(60.0, 20.0, 25, 150.0, seed=3)
+    assert a != pb.arrival_times(60.0, 20.0, 25, 150.0, seed=4)
+    assert all(0 < x < 60.0 for x in a) and a == sorted(a)
+    gaps = [y - x for x, y in zip(a, a[1:], strict=False)]
+    assert sum(g > 0.15 for g in gaps) >= 20  # idle gaps (~1 in 25 of ~2000 bursts)
+    no_idle = pb.arrival_times(60.0, 20.0, 0, 150.0, seed=3)
+    mean_gap = 60.0 / len(no_idle)
+    assert 0.018 < mean_gap < 0.022
+
+
+def test_percentile_matches_linear_interpolation(pb):
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0, float("nan")]
+    assert pb.percentile(xs, 50) == 3.0
+    assert pb.percentile(xs, 99) == pytest.approx(4.96)
+    assert pb.percentile([7.0], 99) == 7.0
+    assert math.isnan(pb.percentile([], 50))
+
+
+def test_summary_ratios_and_target(pb):
+    alone = pb.summarize({"lat_ms": [1.0] * 99 + [1.2]}, None, None, None)
+    nogate = pb.summarize({"lat_ms": [2.0] * 90 + [5.0] * 10, "preempt_us": [900.0] * 100},
+                          {"tok_s": 500.0, "solo_tok_s": 1000.0}, alone, 1000.0)
+    gate = pb.summarize({"lat_ms": [1.1] * 99 + [1.9], "preempt_us": [100.0] * 100, "closed": 90},
+                        {"tok_s": 800.0, "solo_tok_s": 950.0}, alone, 1000.0)
+    assert nogate["online_p50_ratio"] == pytest.approx(2.0) and nogate["offline_ratio"] == 0.5
+    assert gate["offline_ratio"] == 0.8 and gate["offline_ratio_own_solo"] == pytest.approx(800 / 950)
+    assert gate["preempt_p99_us"] == 100.0 and gate["gate_closed_bursts"] == 90
+    v = pb.verdict({"alone": alone, "nogate": nogate, "gate": gate})
+    assert v["gate"]["within_target"] and v["gate"]["below"] == {"nogate": True}
+    slow = pb.summarize({"lat_ms": [2.0] * 100}, None, alone, None)
+    v = pb.verdict({"alone": alone, "gate": slow})
+    assert not v["gate"]["within_target"]
+    assert v["gate"]["missed_by_ms"] == pytest.approx(2.0 - alone["online_p99_ms"] - 0.5)
+    text = pb.table({"alone": alone, "gate": gate}, {"mps": "nvidia-cuda-mps-control not found"})
+    assert "gate" in text and "mps          skipped: nvidia-cuda-mps-control not found" in text
+
+
+def test_clean_and_slug(pb):
+    assert pb.clean({"a": [float("nan"), 1.0], "b": (2, float("nan"))}) == {"a": [None, 1.0], "b": [2, None]}
+    assert pb.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+
+
+def test_mps_status_and_daemon_protocol(pb, tmp_path, monkeypatch):
+    assert pb.mps_status("cpu") == "MPS needs a CUDA device"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert pb.mps_status("cuda") == "nvidia-cuda-mps-control not found"
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> {log}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    if os.geteuid() != 0:
+        assert pb.mps_status("cuda") == "starting the MPS daemon needs root"
+    mps = pb.MPS(tmp_path / "run")
+    mps.start()
+    mps.stop()
+    mps.stop()  # idempotent
+    calls = log.read_text().splitlines()
+    pipe = tmp_path / "run" / "mps-pipe"
+    assert len(calls) == 2 and pipe.is_dir()
+    assert calls[0].startswith(f"args=-d pipe={pipe}")
+    assert calls[1] == f"args= pipe={pipe} stdin=quit"
+
+
+def test_mps_start_failure_is_clear(pb, tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-cuda-mps-control"
+    fake.write_text("#!/bin/sh\necho 'An instance of this daemon is already running' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(RuntimeError, match="already running"):
+        pb.MPS(tmp_path / "run").start()
+
+
+def live_cmdlines(marker: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd:
+                out.append(cmd)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_cpu_run_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "res"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--seconds", "0.6",
+                        "--solo-seconds", "0.2", "--out", str(out)], capture_output=True, text=True, timeout=110,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "preemption_cpu.json").read_text())
+    raw = json.loads((out / "preemption_cpu_raw.json").read_text())
+    assert "alone" in r.stdout and "skipped" in r.stdout
+    rows = res["variants"]
+    assert set(rows) == {"alone", "nogate", "gate", "gate_linear"}
+    for v in ("graph_memop", "graph_spin", "mps", "mps_gate"):
+        assert res["skipped"][v] == "needs a CUDA device"
+    assert rows["alone"]["online_p50_ratio"] == 1.0
+    for v in ("nogate", "gate", "gate_linear"):
+        assert rows[v]["bursts"] == rows["alone"]["bursts"] > 5  # same seeded arrivals in every variant
+        assert rows[v]["offline_tok_s"] > 0 and rows[v]["offline_solo_tok_s"] > 0
+    assert raw["gate"]["offline"]["gate_boundaries"] > 0 and raw["gate"]["offline"]["forced_opens"] == 0
+    per_step = {v: raw[v]["offline"]["gate_boundaries"] / raw[v]["offline"]["steps_total"] for v in ("gate", "gate_linear")}
+    assert per_step == {"gate": 4.0, "gate_linear": 14.0}  # 2 layers x (attention, MLP) / x 7 linears
+    assert raw["nogate"]["offline"]["gate_boundaries"] == 0
+    assert res["env"]["arbiter"]["preemptions"] > 0
+    assert res["settings"]["device"] == "cpu" and "gate" in res["target"]
+    assert res["settings"]["ctl"] and not live_cmdlines(res["settings"]["ctl"])  # no worker left behind
+    assert not Path(res["settings"]["ctl"]).exists()  # its runtime dir is removed
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_worker_is_reported_and_nothing_is_left(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "res"
+    # queue-ahead 0 is invalid: the arbiter (RuntimeSpec) and the offline Gate refuse it at start
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--seconds", "0.3", "--solo-seconds", "0.1",
+                        "--queue-ahead", "0", "--out", str(out)], capture_output=True, text=True, timeout=110,
+                       cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    res = json.loads((out / "preemption_cpu.json").read_text())
+    assert "worker exited" in res["error"] and "before ready" in res["error"]
+    assert res["variants"] == {}
+    assert not live_cmdlines(res["settings"]["ctl"])

@@ -278,6 +278,10 @@ def test_kubelet_sock_recreated_triggers_reregistration(node, wipe: bool) -> Non
     k.wait_list(OFFLINE, lambda r: len(r.devices) == 4)
     resp = allocate(k, OFFLINE, [node.backend.uuids[0]])
     assert resp.container_responses[0].envs["VALVE_ROLE"] == "offline"
+    # The kubelet records a Register before the plugin sees the reply and counts the round: poll (bounded).
+    end = time.monotonic() + 5.0
+    while node.plugin.registrations < 2 and time.monotonic() < end:
+        time.sleep(0.01)
     assert node.plugin.registrations == 2
 
 

@@ -76,17 +76,26 @@ async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env)
     proxy = on["containers"][1]
     assert proxy["name"] == "valve-proxy" and proxy["image"] == "valve:t"
     assert proxy["command"] + proxy["args"] == ["valve", "runtime", "proxy", "--listen", ":9000",
-                                                "--upstream", "http://127.0.0.1:8000", "--metrics-port", "9400"]
+                                                "--upstream", "http://127.0.0.1:8000",
+                                                "--gpu-from", "/etc/valve/podinfo/annotations", "--metrics-port", "9400"]
     arbiter = off["containers"][1]
-    assert arbiter["command"] + arbiter["args"] == ["valve", "runtime", "arbiter", "--gpu", "$(VALVE_GPU_UUID)",
+    assert arbiter["command"] + arbiter["args"] == ["valve", "runtime", "arbiter",
+                                                    "--gpu-from", "/etc/valve/podinfo/annotations",
                                                     "--metrics-port", "9400"]
     assert {"name": "valve-metrics", "containerPort": 9400} in arbiter["ports"]
     env_vars = {e["name"]: e for e in arbiter["env"]}
     spec = RuntimeSpec.model_validate_json(env_vars["VALVE_RUNTIME_SPEC"]["value"])
     assert spec.idle_hysteresis_ms == 7 and spec.eviction_policy == "fifo" and spec.reserve.min_bytes == 1024
-    assert env_vars["VALVE_GPU_UUID"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{ANN_GPU}']"
-    assert {v["name"] for v in off["volumes"]} == {"data", "valve-runtime"}
-    assert {m["name"] for m in arbiter["volumeMounts"]} == {"valve-runtime"}
+    assert "VALVE_GPU_UUID" not in env_vars  # a downward-API env would be fixed before the GPU is known
+    assert {v["name"] for v in off["volumes"]} == {"data", "valve-runtime", "valve-podinfo"}
+    podinfo = next(v for v in off["volumes"] if v["name"] == "valve-podinfo")
+    assert podinfo["downwardAPI"]["items"] == [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+    assert {m["name"]: m["mountPath"] for m in arbiter["volumeMounts"]} == {
+        "valve-runtime": "/var/run/valve", "valve-podinfo": "/etc/valve/podinfo"}
+    # The GPU annotation, as the device plugin writes it.
+    for name, role in (("chat-online", "online"), ("chat-offline", "offline")):
+        ann = pods[name]["metadata"]["annotations"]
+        assert ann[ANN_GPU] == gpu and ann["valve.io/role"] == role
 
     reasons = [e["reason"] for e in env.events()]
     assert {"Pending", "CreatedPod", "Placed", "Running"} <= set(reasons)

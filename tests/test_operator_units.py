@@ -13,12 +13,15 @@ from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
 from valve.operator.pods import (
     ANN_GPU,
     ANN_HASH,
+    ANN_ROLE,
     OFFLINE,
     ONLINE,
+    PODINFO_FILE,
     OperatorConfig,
     PodView,
     pod_view,
     render_pod,
+    spec_hash,
 )
 from valve.operator.reconcile import Create, Delete, plan
 from valve.operator.testing import gpu_node, pair_body
@@ -67,6 +70,32 @@ def test_proxy_can_be_disabled_and_sidecar_image_overridden():
     assert [x["name"] for x in online["spec"]["containers"]] == ["server"]
     assert "volumes" not in online["spec"]
     assert offline["spec"]["containers"][1]["image"] == "arb:9"
+
+
+@pytest.mark.parametrize("role", [ONLINE, OFFLINE])
+def test_sidecars_read_the_gpu_from_a_downward_api_volume(role):
+    pod = rendered(role)
+    side = pod["spec"]["containers"][1]
+    assert side["name"] == ("valve-proxy" if role == ONLINE else "valve-arbiter")
+    i = side["args"].index("--gpu-from")
+    assert side["args"][i + 1] == PODINFO_FILE == "/etc/valve/podinfo/annotations"
+    assert "--gpu" not in side["args"] and not any("VALVE_GPU_UUID" in a for a in side["args"])
+    assert {"name": "VALVE_ROLE", "value": role} in side["env"]
+    assert not any(e["name"] == "VALVE_GPU_UUID" for e in side["env"])
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "valve-podinfo"]
+    assert vol == {"name": "valve-podinfo", "downwardAPI": {"items": [
+        {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}
+    assert {"name": "valve-podinfo", "mountPath": "/etc/valve/podinfo", "readOnly": True} in side["volumeMounts"]
+    assert all(m["name"] != "valve-podinfo" for m in pod["spec"]["containers"][0].get("volumeMounts", []))
+
+
+def test_device_plugin_annotations_do_not_change_the_spec_hash():
+    pod = rendered(OFFLINE)
+    annotated = json.loads(json.dumps(pod))
+    annotated["metadata"]["annotations"].update({ANN_GPU: "GPU-1", ANN_ROLE: OFFLINE})
+    assert spec_hash(annotated) == spec_hash(pod) == pod["metadata"]["annotations"][ANN_HASH]
+    annotated["metadata"]["annotations"]["user"] = "x"
+    assert spec_hash(annotated) != spec_hash(pod)
 
 
 def test_pod_view_reads_requests_roles_and_gpu():

@@ -46,6 +46,15 @@ def register(app: typer.Typer) -> None:
         metrics_port: int = typer.Option(9402, min=0, max=65535, help="Prometheus port; 0 disables metrics."),
         metrics_addr: str = typer.Option("0.0.0.0", help="Prometheus bind address."),
         metrics_interval: float = typer.Option(5.0, min=0.1, help="Seconds between NVML usage samples."),
+        annotate: bool | None = typer.Option(
+            None, "--annotate/--no-annotate",
+            help="Annotate pods holding a Valve device with valve.io/gpu-uuid and valve.io/role (from PodResources; "
+                 "needs get/patch on pods). Default: on inside a cluster (KUBERNETES_SERVICE_HOST set).",
+        ),
+        node_name: str | None = typer.Option(
+            None, envvar="NODE_NAME", help="This node's name; pods bound to another node are not annotated."
+        ),
+        annotate_interval: float = typer.Option(2.0, min=0.1, help="Seconds between pod annotation passes."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
     ) -> None:
         """Run the kubelet device plugin: one online and one offline slot per GPU."""
@@ -53,6 +62,7 @@ def register(app: typer.Typer) -> None:
         import signal
         import threading
 
+        from valve.device_plugin.annotate import annotate_by_default
         from valve.device_plugin.config import PluginConfig
         from valve.device_plugin.health import XidPolicy
         from valve.device_plugin.server import DevicePlugin
@@ -65,6 +75,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(e)) from e
         if online_resource == offline_resource:
             raise typer.BadParameter("--online-resource and --offline-resource must differ")
+        pr_socket = None if pod_resources_socket.lower() in ("", "none") else Path(pod_resources_socket)
+        if annotate and pr_socket is None:
+            raise typer.BadParameter("--annotate needs the PodResources socket (--pod-resources-socket)")
+        annotate = annotate_by_default(annotate) and pr_socket is not None
         config = PluginConfig(
             device_plugin_dir=device_plugin_dir,
             online_resource=online_resource,
@@ -72,11 +86,14 @@ def register(app: typer.Typer) -> None:
             runtime_root=runtime_root,
             runtime_dir_mode=mode,
             state_dir=state_dir,
-            pod_resources_socket=None if pod_resources_socket.lower() in ("", "none") else Path(pod_resources_socket),
+            pod_resources_socket=pr_socket,
             xid_policy=policy,
             metrics_port=metrics_port or None,
             metrics_addr=metrics_addr,
             metrics_interval_s=metrics_interval,
+            annotate=annotate,
+            node_name=node_name or None,
+            annotate_interval_s=annotate_interval,
         )
         if backend is BackendName.sim:
             from valve.device_plugin.backend import SimBackend

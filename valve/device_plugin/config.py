@@ -31,6 +31,10 @@ class PluginConfig:
     metrics_interval_s: float = 5.0
     watch_interval_s: float = 0.25  # how often kubelet.sock and our sockets are checked
     register_retry_s: float = 1.0
+    # Pod annotation (annotate.py): needs the PodResources socket and API access (get/patch pods).
+    annotate: bool = False
+    node_name: str | None = None  # NODE_NAME: pods bound elsewhere are left alone
+    annotate_interval_s: float = 2.0
 
     @property
     def kubelet_socket(self) -> Path:

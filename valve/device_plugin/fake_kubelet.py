@@ -133,15 +133,17 @@ class _Lister(pr_grpc.PodResourcesListerServicer):
 
     def List(self, request, context):
         resp = pr.ListPodResourcesResponse()
-        for i, (resource, ids) in enumerate(self.owner.assigned):
+        for i, entry in enumerate(list(self.owner.assigned)):
+            resource, ids, namespace, name = (*entry, "default", f"pod-{i}")[:4]
             container = pr.ContainerResources(name="main", devices=[pr.ContainerDevices(resource_name=resource,
                                                                                         device_ids=ids)])
-            resp.pod_resources.append(pr.PodResources(name=f"pod-{i}", namespace="default", containers=[container]))
+            resp.pod_resources.append(pr.PodResources(name=name, namespace=namespace, containers=[container]))
         return resp
 
 
 class FakePodResources:
-    """The kubelet PodResources API; `assigned` is a list of (resource name, device IDs), one pod each."""
+    """The kubelet PodResources API; `assigned` is a list of (resource name, device IDs[, namespace, name]),
+    one pod each (default: namespace `default`, name `pod-<i>`)."""
 
     def __init__(self, socket: Path) -> None:
         self.socket = Path(socket)

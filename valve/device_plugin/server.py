@@ -9,10 +9,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from valve.device_plugin.allocation import AllocationRecord, SlotTracker
+from valve.device_plugin.annotate import Annotator, PodClient
 from valve.device_plugin.api import UNIX_PATH_MAX, VERSION, pb, pb_grpc
 from valve.device_plugin.backend import Backend
 from valve.device_plugin.config import PluginConfig
@@ -74,8 +76,11 @@ class PluginServer:
 class DevicePlugin:
     """Discovers GPUs, serves the online and offline resources and keeps them registered and healthy."""
 
-    def __init__(self, config: PluginConfig, backend: Backend, metrics: PluginMetrics | None = None) -> None:
+    def __init__(self, config: PluginConfig, backend: Backend, metrics: PluginMetrics | None = None,
+                 pods: Any = None) -> None:
         self.config = config
+        self.pods = pods  # the annotator's API access (default: PodClient from in-cluster config)
+        self.annotator: Annotator | None = None
         self.backend = backend
         self.metrics = metrics or PluginMetrics()
         self.table: DeviceTable | None = None
@@ -101,9 +106,11 @@ class DevicePlugin:
                      g.pci_bus_id, g.numa_node)
         resources = {res: role for role, res in cfg.roles.items()}
         slots = SlotTracker(AllocationRecord(cfg.state_dir), resources, cfg.pod_resources_socket)
+        self.annotator = self._make_annotator(resources)
+        kick = self.annotator.kick if self.annotator is not None else None
         for role, resource in cfg.roles.items():
             svc = DevicePluginService(role, resource, self.table, slots, cfg.runtime_root, cfg.runtime_dir_mode,
-                                      self.metrics)
+                                      self.metrics, on_allocate=kick)
             self.services[role] = svc
             self.servers.append(PluginServer(svc, cfg.device_plugin_dir / cfg.endpoint(resource)))
             self.metrics.devices.labels(resource).set(len(gpus))
@@ -117,9 +124,24 @@ class DevicePlugin:
         self._spawn("kubelet-watch", self._supervise)
         if cfg.metrics_port is not None:
             self._spawn("usage", self._poll_usage)
+        if self.annotator is not None:
+            self._spawn("annotate", self.annotator.run)
+
+    def _make_annotator(self, resources: dict[str, str]) -> Annotator | None:
+        cfg = self.config
+        if not cfg.annotate:
+            log.info("pod annotation off: the operator and sidecars will not learn the pods' GPUs from this plugin")
+            return None
+        if cfg.pod_resources_socket is None:
+            log.warning("pod annotation needs the PodResources socket (--pod-resources-socket): off")
+            return None
+        return Annotator(cfg.pod_resources_socket, resources, self.pods or PodClient(), node_name=cfg.node_name,
+                         interval_s=cfg.annotate_interval_s)
 
     def stop(self) -> None:
         self._stop.set()
+        if self.annotator is not None:
+            self.annotator.stop()
         for svc in self.services.values():
             svc.stopped.set()
         if self.table is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -75,6 +75,7 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         runtime_root: Path,
         runtime_dir_mode: int = 0o700,
         metrics: PluginMetrics | None = None,
+        on_allocate: Callable[[], None] | None = None,
     ) -> None:
         self.role = role
         self.resource = resource
@@ -83,6 +84,7 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         self.runtime_root = runtime_root
         self.runtime_dir_mode = runtime_dir_mode
         self.metrics = metrics
+        self.on_allocate = on_allocate  # e.g. the pod annotator's kick
         self.stopped = threading.Event()
 
     # Plain functions the handlers call (tested directly too).
@@ -134,6 +136,8 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
             if self.metrics:
                 self.metrics.allocations.labels(self.resource).inc()
             log.info("%s allocated %s", self.resource, uuids)
+        if self.on_allocate is not None:
+            self.on_allocate()
         return out
 
     # gRPC handlers.

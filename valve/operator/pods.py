@@ -19,11 +19,15 @@ MANAGED_BY = "valve-operator"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_PAIR = "valve.io/pair"
 LABEL_ROLE = "valve.io/role"
-ANN_GPU = "valve.io/gpu-uuid"  # written on the pod once its GPU is known (see docs/operator.md)
+ANN_GPU = "valve.io/gpu-uuid"  # written by the device plugin once the pod's GPU is allocated (docs/operator.md)
+ANN_ROLE = "valve.io/role"  # written by the device plugin too: online|offline
 ANN_NODE = "valve.io/node"  # node the operator placed the pod on
 ANN_HASH = "valve.io/pod-spec-hash"  # hash of the rendered pod; a change means "recreate"
 
 RUNTIME_VOLUME = "valve-runtime"
+PODINFO_VOLUME = "valve-podinfo"  # downward API: the pod's annotations, updated live by the kubelet
+PODINFO_DIR = "/etc/valve/podinfo"
+PODINFO_FILE = f"{PODINFO_DIR}/annotations"
 SPEC_ENV = "VALVE_RUNTIME_SPEC"
 
 
@@ -72,6 +76,10 @@ def render_pod(
             "name": RUNTIME_VOLUME,
             "hostPath": {"path": cfg.runtime_dir, "type": "DirectoryOrCreate"},
         })
+        volumes.append({
+            "name": PODINFO_VOLUME,
+            "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
+        })
     body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
 
     labels = {**template.metadata.labels, LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_ROLE: role}
@@ -95,7 +103,7 @@ def render_pod(
 def spec_hash(pod: dict[str, Any]) -> str:
     """Hash of what the operator controls in a pod (spec, labels, template annotations)."""
     meta = pod["metadata"]
-    ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU)}
+    ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU, ANN_ROLE)}
     text = json.dumps([pod["spec"], meta.get("labels", {}), ann], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -119,12 +127,9 @@ def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _sidecar_env(role: str) -> list[dict[str, Any]]:
-    return [
-        # The GPU is known only after allocation: the pod annotation, so `$(VALVE_GPU_UUID)` expands.
-        {"name": "VALVE_GPU_UUID",
-         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANN_GPU}']"}}},
-        {"name": "VALVE_ROLE", "value": role},
-    ]
+    # Not the GPU: it is known only after allocation, and a downward-API env is fixed at container start.
+    # The sidecars wait for it in the podinfo volume (`--gpu-from`), which the kubelet keeps up to date.
+    return [{"name": "VALVE_ROLE", "value": role}]
 
 
 def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
@@ -133,7 +138,8 @@ def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
         "image": image,
         "resources": {"requests": {"cpu": cfg.sidecar_cpu, "memory": cfg.sidecar_memory},
                       "limits": {"memory": cfg.sidecar_memory}},
-        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": cfg.runtime_dir}],
+        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": cfg.runtime_dir},
+                         {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
     }
 
@@ -148,7 +154,8 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
         return None
     side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg)
     side["args"] = ["runtime", "proxy", "--listen", f":{proxy.port}",
-                    "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--metrics-port", str(cfg.metrics_port)]
+                    "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--gpu-from", PODINFO_FILE,
+                    "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
     side["env"] = [*_sidecar_env(ONLINE), {"name": "VALVE_RUNTIME_DIR", "value": cfg.runtime_dir}]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
@@ -159,7 +166,7 @@ def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
     side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg)
     side["command"] = ["valve"]
     # The arbiter reads its RuntimeSpec from VALVE_RUNTIME_SPEC.
-    side["args"] = ["runtime", "arbiter", "--gpu", "$(VALVE_GPU_UUID)", "--metrics-port", str(cfg.metrics_port)]
+    side["args"] = ["runtime", "arbiter", "--gpu-from", PODINFO_FILE, "--metrics-port", str(cfg.metrics_port)]
     side["ports"] = [_metrics_port(cfg)]
     side["env"] = [
         *_sidecar_env(OFFLINE),

@@ -125,6 +125,10 @@ class ValveKube(kmock.KubernetesEmulator):
         if current is None:
             return  # kmock answers 404
         data = request.data
+        uid = (data.get("metadata") or {}).get("uid")
+        if uid and uid != current["metadata"].get("uid"):  # a uid in a patch is a precondition
+            raise status_error(409, "Conflict", f"precondition failed: UID in object meta: {uid}, "
+                               f"UID in stored object: {current['metadata'].get('uid')}")
         info = self.resources[request.resource]
         if "status" in info.subresources:
             if request.subresource == "status":
@@ -179,6 +183,7 @@ class ValveKube(kmock.KubernetesEmulator):
 # --- Test harness: API access, fake scheduler/kubelet/device plugin, request log ------------------
 
 TEST_AGENT = "valve-test"
+RESOURCE_OF = {"online": c.ONLINE_RESOURCE, "offline": c.OFFLINE_RESOURCE}
 PAIRS_PATH = f"/apis/{c.API_VERSION}/namespaces/{{ns}}/{c.PLURAL}"
 
 
@@ -254,14 +259,18 @@ class FakeNodes:
 
     `start(pod)` binds a pending pod to the node the operator pinned it to, picks its GPU as the device
     plugin's preferred allocation does (a GPU whose other slot holds a tenant first, else a free GPU), writes
-    the `valve.io/gpu-uuid` annotation and marks it Running and Ready.
+    the `valve.io/gpu-uuid` and `valve.io/role` annotations as the plugin's annotator does (unless
+    `annotate` is False: then a real `valve.device_plugin.annotate.Annotator` fed by `pod_resources()` must)
+    and marks it Running and Ready.
     """
 
-    def __init__(self, api: Api, gpus: dict[str, int]) -> None:
+    def __init__(self, api: Api, gpus: dict[str, int], annotate: bool = True) -> None:
         self.api = api
         self.gpus = {node: [f"GPU-{node}-{i}" for i in range(n)] for node, n in gpus.items()}
         self.taken: dict[tuple[str, str], str] = {}  # (gpu, role) -> pod uid
         self.force_gpu: dict[str, str] = {}  # pod name -> GPU, to emulate a divergent allocation
+        self.annotate = annotate
+        self.placed: dict[str, tuple[str, str, str, str, str]] = {}  # uid -> (node, namespace, name, role, gpu)
 
     def pick(self, node: str, role: str) -> str:
         other = "offline" if role == "online" else "online"
@@ -283,7 +292,15 @@ class FakeNodes:
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         await self.api.call("POST", path + "/binding", binding)
-        await self.api.patch(path, {"metadata": {"annotations": {ANN_GPU: gpu}}})
+        self.placed[meta["uid"]] = (node, meta["namespace"], meta["name"], role, gpu)
+        if self.annotate:
+            from valve.device_plugin.annotate import PodDevices, annotation_patch
+
+            wanted = PodDevices(meta["namespace"], meta["name"], (gpu,), (role,)).annotations()
+            assert wanted[ANN_GPU] == gpu
+            patch = annotation_patch(meta.get("annotations"), wanted, meta["uid"])
+            if patch is not None:
+                await self.api.patch(path, patch)
         await self.api.patch(path + "/status", {"status": {
             "phase": "Running",
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
@@ -294,6 +311,13 @@ class FakeNodes:
         for key, owner in list(self.taken.items()):
             if owner == uid:
                 del self.taken[key]
+        self.placed.pop(uid, None)
+
+    def pod_resources(self, node: str) -> list[tuple[str, list[str], str, str]]:
+        """What the node's kubelet PodResources API lists: (resource, device IDs, namespace, name) per pod,
+        the shape `valve.device_plugin.fake_kubelet.FakePodResources.assigned` takes."""
+        return [(RESOURCE_OF[role], [gpu], ns, name)
+                for n, ns, name, role, gpu in self.placed.values() if n == node]
 
 
 def operator_requests(kube: kmock.KubernetesEmulator) -> list[kmock.Request]:

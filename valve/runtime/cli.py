@@ -63,9 +63,33 @@ def gpu_memory_info(uuid: str):
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
+GPU_FROM_HELP = ("Downward-API annotations file (key=\"value\" lines, e.g. /etc/valve/podinfo/annotations): "
+                 "wait for valve.io/gpu-uuid there when --gpu is not given.")
+
+
+def gpu_or_exit(command: str, gpu: str | None, gpu_from: str | None, wait_s: float, required: bool,
+                single: bool) -> str | None:
+    """--gpu, else the annotation in --gpu-from (waiting up to wait_s); exits 2 with the reason otherwise."""
+    from valve.runtime.podinfo import resolve_gpu
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        got = resolve_gpu(gpu, gpu_from, wait_s, single=single)
+    except (ValueError, TimeoutError, OSError) as e:
+        typer.echo(f"valve runtime {command}: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    if got is None and required:
+        typer.echo(f"valve runtime {command}: give --gpu UUID (or VALVE_GPU_UUID) or --gpu-from FILE", err=True)
+        raise typer.Exit(code=2)
+    return got
+
+
 @app.command()
 def arbiter(
-    gpu: str = typer.Option(..., "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID this arbiter owns."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID this arbiter owns."),
+    gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
+    gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
+                                           help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR",
                                            help="Runtime directory (default /var/run/valve)."),
     metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus port (0: no metrics server)."),
@@ -81,7 +105,7 @@ def arbiter(
     from valve.runtime.control import ControlBlock, control_path
     from valve.runtime.metrics import GateMetrics
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
     try:
         spec = load_spec(spec_file)
         path = control_path(gpu, runtime_dir)
@@ -119,11 +143,17 @@ def proxy(
     listen: str = typer.Option(":9000", help="Address to listen on, [host]:port."),
     upstream: str = typer.Option("http://127.0.0.1:8000", help="The online engine's HTTP base URL."),
     gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID (for the arbiter)."),
+    gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
+    gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
+                                           help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR"),
     metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
     from valve.runtime.proxy import proxy_command
+
+    if gpu_from and not gpu:
+        gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)
 
     proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
                   metrics_port=metrics_port or None)

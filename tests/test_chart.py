@@ -178,11 +178,11 @@ def test_least_privilege_security_contexts(helm):
     assert operator["securityContext"]["runAsNonRoot"] is True
     assert operator["securityContext"]["runAsUser"] != 0
     # The operator's API access is its own ServiceAccount's, bound to the ClusterRole.
-    binding = one(objs, "ClusterRoleBinding")
+    binding = one(objs, "ClusterRoleBinding", "operator")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": operator["serviceAccountName"], "namespace": "valve-system"}
     ]
-    assert binding["roleRef"]["name"] == one(objs, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == one(objs, "ClusterRole", "operator")["metadata"]["name"]
 
 
 @helms
@@ -201,7 +201,9 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
         "feature.node.kubernetes.io/pci-10de.present",
     }
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert pod["automountServiceAccountToken"] is False  # no API access at all
+    # API access only to annotate pods (devicePlugin.annotate; tests/test_chart_rbac.py checks the rules)
+    assert pod["automountServiceAccountToken"] is True
+    assert "--annotate" in pod["containers"][0]["args"]
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     assert sorted(host.values()) == sorted(
         [dp["devicePluginDir"], dp["runtimeDir"], dp["stateDir"], str(Path(dp["podResourcesSocket"]).parent)]
@@ -280,11 +282,8 @@ def test_every_scheduling_and_image_value_is_overridable(helm):
 @helms
 def test_components_can_be_turned_off(helm):
     objs = render(helm, (), ("operator.enabled=false", "metrics.dashboard.enabled=false"), cc.MONITOR_APIS)
-    assert (
-        not by_kind(objs, "Deployment")
-        and not by_kind(objs, "ClusterRole")
-        and not by_kind(objs, "ConfigMap")
-    )
+    assert not by_kind(objs, "Deployment") and not by_kind(objs, "ConfigMap")
+    assert [r["metadata"]["name"] for r in by_kind(objs, "ClusterRole")] == ["valve-device-plugin"]
     assert by_kind(objs, "DaemonSet")
     sm = one(objs, "ServiceMonitor")
     assert sm["spec"]["selector"]["matchExpressions"][0]["values"] == ["device-plugin"]

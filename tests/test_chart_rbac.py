@@ -1,11 +1,13 @@
-"""The chart's RBAC is least privilege: exactly `valve.operator.rbac.RULES`, what the operator's code uses.
+"""The chart's RBAC is least privilege: each component gets exactly the RULES its code uses
+(`valve.operator.rbac`, `valve.device_plugin.rbac`).
 
-The ClusterRole's rules are written out in charts/valve/templates/operator-rbac.yaml; this test renders the
-chart and compares them, permission by permission, with RULES.
+The ClusterRoles are written out in charts/valve/templates/operator-rbac.yaml and device-plugin-rbac.yaml; these
+tests render the chart and compare them, permission by permission, with RULES.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -54,13 +56,36 @@ def test_permissions_expand_rules():
     }
 
 
-def test_cluster_role_is_exactly_the_rules_the_operator_uses():
-    rbac = pytest.importorskip("valve.operator.rbac", reason="valve/operator/rbac.py (RULES) not written yet")
+def granted_to(objs, account: str) -> set:
+    """Permissions the chart binds to one ServiceAccount (through any of its role bindings)."""
+    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] in ("ClusterRole", "Role")}
+    names = {b["roleRef"]["name"] for b in objs if b["kind"].endswith("RoleBinding")
+             if any(s["name"] == account for s in b["subjects"])}
+    return set().union(set(), *(permissions(roles[n]["rules"]) for n in names))
+
+
+def account_of(objs, kind: str) -> str:
+    return next(o for o in objs if o["kind"] == kind)["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+@pytest.mark.parametrize("kind, module", [("Deployment", "valve.operator.rbac"),
+                                          ("DaemonSet", "valve.device_plugin.rbac")])
+def test_each_component_gets_exactly_the_rules_its_code_uses(kind, module):
+    rbac = importlib.import_module(module)
+    objs = rendered()
+    granted = granted_to(objs, account_of(objs, kind))
+    wanted = permissions(rbac.RULES)
+    assert granted - wanted == set(), f"the chart grants {kind} more than its code uses"
+    assert wanted - granted == set(), f"the {kind} code uses permissions the chart does not grant"
+
+
+def test_no_role_grants_what_no_component_uses():
+    from valve.device_plugin import rbac as dp
+    from valve.operator import rbac as op
+
     roles = [o for o in rendered() if o["kind"] in ("ClusterRole", "Role")]
     granted = set().union(*(permissions(r["rules"]) for r in roles))
-    wanted = permissions(rbac.RULES)
-    assert granted - wanted == set(), "the chart grants more than the operator uses"
-    assert wanted - granted == set(), "the operator uses permissions the chart does not grant"
+    assert granted == permissions(op.RULES) | permissions(dp.RULES)
 
 
 def test_no_wildcards_no_escalation_no_cluster_admin():
@@ -86,14 +111,20 @@ def test_nodes_are_read_only():
     assert node_verbs and node_verbs <= {"get", "list", "watch"}
 
 
-def test_only_the_operator_has_api_access():
+def test_api_access_only_where_the_code_needs_it():
     objs = rendered()
     bound = {s["name"] for b in objs if b["kind"].endswith("RoleBinding") for s in b["subjects"]}
     accounts = {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
-    operator = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"][
-        "serviceAccountName"
-    ]
-    assert bound == {operator}
+    assert bound == {account_of(objs, "Deployment"), account_of(objs, "DaemonSet")}
     for other in accounts - bound:
         sa = next(o for o in objs if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == other)
         assert sa.get("automountServiceAccountToken") is False
+
+
+def test_device_plugin_without_annotation_has_no_api_access():
+    objs = cc.template(HELMS[0], sets=["devicePlugin.annotate=false"])
+    ds = next(o for o in objs if o["kind"] == "DaemonSet")
+    assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert "--no-annotate" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    account = account_of(objs, "DaemonSet")
+    assert granted_to(objs, account) == set()

@@ -14,12 +14,15 @@ All variants run in one process tree, one call, side by side:
   the reason when the control binary is missing or we are not root).
 
 Offline: a stack of bf16 Llama-style decoder layers (hidden 4096) on a batch that fills the GPU, in its own process;
-its throughput alone is measured first in each variant, then under contention. Online: bursts of a small
-transformer forward with Poisson arrivals and idle gaps, in its own process. Reported: online burst latency
+its throughput alone is measured first in each variant, then under contention. Online: bursts of one decode
+step of a small (~0.6 B) transformer for 32 sequences, as a CUDA graph, with Poisson arrivals and idle gaps, in
+its own process; the first bursts of each variant are warm-up, not counted. Reported: online burst latency
 p50/p99 and their ratios to ``alone``; preemption latency p50/p99 = online arrival (the gate closes there) -> start
-of the first online kernel (``%globaltimer`` written by a one-thread CuPy kernel launched first in the burst);
-offline tokens/s and the ratio to offline alone. ``--device cpu`` runs the same orchestration on CPU with tiny
-models and the host gate backend (CI smoke test; no preemption timestamps).
+of the first online kernel (a one-thread CuPy kernel launched first in the burst writes to mapped host memory;
+the online thread polls it: one host clock); offline tokens/s and the ratio to offline alone; the SM clock at
+each arrival (NVML) and the offline sub-layer GPU times, which bound the gate's preemption latency.
+``--device cpu`` runs the same orchestration on CPU with tiny models and the host gate backend (CI smoke test; no
+preemption timestamps).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -58,7 +62,8 @@ KERNELS = r"""
 extern "C" __global__ void valve_ts(unsigned long long* out) {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    *out = t;
+    *out = t | 1ull;  // mapped host memory: the host polls for non-zero
+    __threadfence_system();
 }
 extern "C" __global__ void valve_spin_gate(const volatile unsigned int* gate, unsigned int open) {
     while (*gate != open) { __nanosleep(1000); }
@@ -96,13 +101,19 @@ def summarize(online: dict | None, offline: dict | None, base: dict | None, off_
     row: dict = {}
     if online:
         lat, pre = online["lat_ms"], online.get("preempt_us") or []
+        gpu, mhz = online.get("gpu_ms") or [], [m for m in online.get("sm_mhz") or [] if m is not None]
         row.update(bursts=len(lat), online_p50_ms=percentile(lat, 50), online_p99_ms=percentile(lat, 99),
                    preempt_p50_us=percentile(pre, 50), preempt_p99_us=percentile(pre, 99),
-                   gate_closed_bursts=online.get("closed", 0))
+                   gate_closed_bursts=online.get("closed", 0), warmup_bursts=online.get("warmup", 0),
+                   gpu_p50_ms=percentile(gpu, 50), gpu_p99_ms=percentile(gpu, 99),
+                   sm_mhz_p50=percentile(mhz, 50), sm_mhz_min=min(mhz) if mhz else None)
         if base:
             row["online_p50_ratio"] = row["online_p50_ms"] / base["online_p50_ms"]
             row["online_p99_ratio"] = row["online_p99_ms"] / base["online_p99_ms"]
             row["p99_over_alone_ms"] = row["online_p99_ms"] - base["online_p99_ms"]
+            # alone's "preemption" is the bare launch cost: the excess is what offline work adds
+            row["preempt_p50_over_alone_us"] = row["preempt_p50_us"] - base["preempt_p50_us"]
+            row["preempt_p99_over_alone_us"] = row["preempt_p99_us"] - base["preempt_p99_us"]
     if offline:
         row.update(offline_tok_s=offline.get("tok_s"), offline_solo_tok_s=offline.get("solo_tok_s"))
         if off_base and offline.get("tok_s") is not None:
@@ -127,13 +138,38 @@ def verdict(rows: dict) -> dict:
     return out
 
 
+def clock_effect(rows: dict) -> dict:
+    """Did the GPU run ``alone`` at lower SM clocks than the contended variants (it idles between bursts)?
+    Compares the SM clock sampled at burst arrival and the online GPU time per burst (CUDA events)."""
+    a = rows.get("alone") or {}
+    if a.get("sm_mhz_p50") is None or (isinstance(a["sm_mhz_p50"], float) and math.isnan(a["sm_mhz_p50"])):
+        return {"measured": False, "note": "no SM clock samples (NVML missing or CPU run)"}
+    per = {v: {"sm_mhz_p50": r.get("sm_mhz_p50"), "sm_mhz_min": r.get("sm_mhz_min"), "gpu_p50_ms": r.get("gpu_p50_ms")}
+           for v, r in rows.items() if r.get("sm_mhz_p50") is not None}
+    others = [r["sm_mhz_p50"] for v, r in per.items() if v != "alone" and not math.isnan(r["sm_mhz_p50"])]
+    top = max(others) if others else a["sm_mhz_p50"]
+    drop = a["sm_mhz_p50"] < 0.9 * top
+    note = (f"alone: SM clock p50 {a['sm_mhz_p50']:.0f} MHz (min {a['sm_mhz_min']}) at burst arrival vs up to "
+            f"{top:.0f} MHz with offline running; ")
+    if drop:
+        note += ("the idle GPU clocks down between bursts, so alone is slowed by the clock and ratios to it flatter "
+                 "the contended variants")
+    else:
+        note += "no clock drop between bursts: alone is a fair baseline"
+        low = [v for v, r in per.items() if v != "alone" and r["sm_mhz_p50"] < 0.95 * a["sm_mhz_p50"]]
+        if low:
+            note += (f"; {', '.join(low)} ran at lower SM clocks (power limit with offline running): their online "
+                     "slowdown includes that")
+    return {"measured": True, "alone_clock_drop": drop, "note": note, "per_variant": per}
+
+
 def fmt(x, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def table(rows: dict, skipped: dict) -> str:
     head = (f"{'variant':<12} {'bursts':>6} {'p50 ms':>7} {'p99 ms':>7} {'p50 x':>6} {'p99 x':>6} "
-            f"{'pre p50 us':>10} {'pre p99 us':>10} {'off tok/s':>10} {'off x':>6}")
+            f"{'pre p50 us':>10} {'pre p99 us':>10} {'off tok/s':>10} {'off x':>6} {'gpu ms':>6} {'SM MHz':>6}")
     lines = [head, "-" * len(head)]
     for v, r in rows.items():
         lines.append(
@@ -141,11 +177,13 @@ def table(rows: dict, skipped: dict) -> str:
             f"{fmt(r.get('online_p99_ms'), '.3f'):>7} {fmt(r.get('online_p50_ratio'), '.2f'):>6} "
             f"{fmt(r.get('online_p99_ratio'), '.2f'):>6} {fmt(r.get('preempt_p50_us'), '.1f'):>10} "
             f"{fmt(r.get('preempt_p99_us'), '.1f'):>10} {fmt(r.get('offline_tok_s'), '.0f'):>10} "
-            f"{fmt(r.get('offline_ratio'), '.2f'):>6}")
+            f"{fmt(r.get('offline_ratio'), '.2f'):>6} {fmt(r.get('gpu_p50_ms'), '.3f'):>6} "
+            f"{fmt(r.get('sm_mhz_p50'), '.0f'):>6}")
     for v, why in skipped.items():
         lines.append(f"{v:<12} skipped: {why}")
     lines.append("x = ratio to online alone (online) / to offline alone without gate (offline); "
-                 "pre = online arrival -> first online kernel start")
+                 "pre = online arrival -> first online kernel start;\n"
+                 "gpu ms = online GPU time per burst p50 (CUDA events); SM MHz = SM clock p50 at burst arrival")
     return "\n".join(lines)
 
 
@@ -293,43 +331,70 @@ def env_info(device: str) -> dict:
 
 
 class Stamps:
-    """%globaltimer stamps written by a one-thread kernel on the current stream (CuPy RawKernel)."""
+    """Kernel-start marks: a one-thread CuPy kernel writes ``%globaltimer`` (never 0) into pinned host memory
+    mapped into the device (``cuMemHostAlloc(DEVICEMAP)``); the online thread polls that word and takes the host
+    time it appears. One clock (the host's): the GPU's globaltimer drifts from host time by milliseconds.
+    Also holds the spin-gate kernel of ``graph_spin``."""
 
     def __init__(self, n: int) -> None:
+        import ctypes
+
         import torch
+
+        from valve.runtime.cuda_util import check, driver
 
         try:
             import cupy as cp
         except ImportError as e:
             raise RuntimeError("preemption timestamps need CuPy on the GPU machine") from e
-        self.cp, self.torch = cp, torch
+        self.cp, self.torch, self.n = cp, torch, n
         try:
             mod = cp.RawModule(code=KERNELS)
             self.ts_k, self.spin_k = mod.get_function("valve_ts"), mod.get_function("valve_spin_gate")
         except Exception as e:
             raise RuntimeError(f"compiling the %globaltimer/spin kernels with CuPy (NVRTC) failed: {e}") from e
-        self.buf = torch.zeros(n, dtype=torch.int64, device="cuda")
+        torch.empty(1, device="cuda")  # torch's primary context current on this thread for the driver calls
+        cu = driver()
+        try:
+            flags = getattr(cu, "CU_MEMHOSTALLOC_DEVICEMAP", 2) | getattr(cu, "CU_MEMHOSTALLOC_PORTABLE", 1)
+            self.host_ptr = int(check(cu.cuMemHostAlloc(8 * n, flags)))
+            self.dptr = int(check(cu.cuMemHostGetDevicePointer(self.host_ptr, 0)))
+        except RuntimeError as e:
+            raise RuntimeError(f"mapped host memory for kernel-start marks ({8 * n} bytes): {e}") from e
+        self.host = (ctypes.c_uint64 * n).from_address(self.host_ptr)
+        self._streams: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        import ctypes
+
+        ctypes.memset(self.host_ptr, 0, 8 * self.n)
 
     def _stream(self):
-        return self.cp.cuda.ExternalStream(self.torch.cuda.current_stream().cuda_stream)
+        """CuPy view of torch's current stream (cached: creating one per launch costs tens of us)."""
+        h = self.torch.cuda.current_stream().cuda_stream
+        s = self._streams.get(h)
+        if s is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # ExternalStream: still the portable spelling
+                s = self._streams[h] = self.cp.cuda.ExternalStream(h)
+        return s
 
     def stamp(self, i: int) -> None:
-        self.ts_k((1,), (1,), (self.cp.uint64(self.buf.data_ptr() + 8 * i),), stream=self._stream())
+        self.ts_k((1,), (1,), (self.cp.uint64(self.dptr + 8 * i),), stream=self._stream())
+
+    def seen_ns(self, i: int, timeout_s: float = 5.0) -> tuple[int | None, bool]:
+        """(host perf_counter_ns when mark ``i`` appeared or None on timeout, whether it was there at once)."""
+        h, end = self.host, time.perf_counter_ns() + int(timeout_s * 1e9)
+        if h[i]:
+            return time.perf_counter_ns(), True
+        while not h[i]:
+            if time.perf_counter_ns() > end:
+                return None, False
+        return time.perf_counter_ns(), False
 
     def spin(self, gate_dptr: int, open_value: int) -> None:
         self.spin_k((1,), (1,), (self.cp.uint64(gate_dptr), self.cp.uint32(open_value)), stream=self._stream())
-
-    def clock_offset_ns(self, samples: int = 32) -> tuple[int, int]:
-        """(min, median) of GPU globaltimer minus host time.time_ns() before the launch, on an idle GPU: the
-        launch latency when the clocks agree (the driver keeps globaltimer in host-epoch ns on Linux)."""
-        d = []
-        for i in range(samples):
-            t0 = time.time_ns()
-            self.stamp(i % len(self.buf))
-            self.torch.cuda.synchronize()
-            d.append(int(self.buf[i % len(self.buf)].item()) - t0)
-        d = sorted(d[4:])
-        return d[0], d[len(d) // 2]
 
 
 def setup_torch(device: str):
@@ -345,6 +410,56 @@ def setup_torch(device: str):
 # ---------------------------------------------------------------------------------------------------------
 # online worker
 # ---------------------------------------------------------------------------------------------------------
+class SMClock:
+    """The SM clock (MHz) from NVML, sampled at each burst arrival: the GPU lowers its clocks while it idles
+    between bursts (``alone``) and keeps them up while offline work runs, which flatters the contended variants.
+    ``read()`` is None where NVML is missing."""
+
+    def __init__(self, device: str) -> None:
+        self.nvml, self.h = None, None
+        if device != "cuda":
+            return
+        try:
+            import pynvml
+            import torch
+
+            pynvml.nvmlInit()
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.nvml = pynvml
+        except Exception as e:  # noqa: BLE001 - the bench runs without it, the JSON says why
+            print(f"[online] no SM clock samples (NVML: {type(e).__name__}: {e})", file=sys.stderr)
+
+    def read(self) -> int | None:
+        if self.nvml is None:
+            return None
+        try:
+            return int(self.nvml.nvmlDeviceGetClockInfo(self.h, self.nvml.NVML_CLOCK_SM))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def online_step(model, x, dev: str, use_graph: bool):
+    """The online unit of work: one forward of the small model, as a CUDA graph (like an engine's decode step)
+    where possible. Returns a callable that enqueues it on the current stream."""
+    import torch
+
+    if dev != "cuda" or not use_graph:
+        return lambda: model(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            model(x)
+    except Exception as e:
+        raise RuntimeError(f"capturing the online forward into a CUDA graph failed: {e}") from e
+    return g.replay
+
+
 def online_worker(cfg: dict) -> None:
     torch = setup_torch(cfg["device"])
 
@@ -352,22 +467,32 @@ def online_worker(cfg: dict) -> None:
     from valve.runtime.online import OnlineSignal
 
     dev = cfg["device"]
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    cuda = dev == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     o = cfg["online"]
     model = build_stack(o["layers"], o["hidden"], o["ffn"], o["heads"], dev, dtype)
     x = torch.randn(o["batch"], o["seq"], o["hidden"], device=dev, dtype=dtype)
     n_max = len(arrival_times(cfg["seconds"], cfg["mean_gap_ms"], cfg["idle_every"], cfg["idle_ms"], cfg["seed"]))
     n_max = n_max * 2 + 64
-    stamps = Stamps(n_max) if dev == "cuda" else None
+    stamps, mark_error = None, None
+    if cuda:
+        try:
+            stamps = Stamps(n_max)
+        except RuntimeError as e:  # run without preemption marks rather than not at all; the JSON says why
+            mark_error = str(e)
+            print(f"[online] no preemption marks: {e}", file=sys.stderr)
     with torch.no_grad():
-        for _ in range(5):
-            model(x)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        step = online_step(model, x, dev, o.get("graph", True))
+        for i in range(5):
+            if stamps:
+                stamps.stamp(i)  # load the mark kernel now, not in the first burst
+            step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
-    offset = stamps.clock_offset_ns() if stamps else (0, 0)
-    aligned = abs(offset[1]) < 5_000_000
+    clock = SMClock(dev)
     sig = OnlineSignal(ControlBlock.open(cfg["ctl"]))
-    emit(event="ready", info=env_info(dev), clock_offset_ns=offset, clocks_aligned=aligned)
+    emit(event="ready", info=env_info(dev),
+         online_graph=cuda and o.get("graph", True), nvml_clocks=clock.nvml is not None, mark_error=mark_error)
     cmds = command_reader()
     while True:
         c = cmds.get()
@@ -375,33 +500,47 @@ def online_worker(cfg: dict) -> None:
             sig.close()
             return
         arr = arrival_times(c["seconds"], cfg["mean_gap_ms"], cfg["idle_every"], cfg["idle_ms"], c["seed"])
-        lat, arrive_ns, closed = [], [], 0
+        lat, pre, pre_at_once, gpu_ms, sm_mhz, closed = [], [], 0, [], [], []
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in arr] if cuda else []
+        if stamps:
+            stamps.reset()
         t0 = time.perf_counter()
         with torch.no_grad():
             for i, at in enumerate(arr):
                 delay = t0 + at - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                p0, a_ns = time.perf_counter_ns(), time.time_ns()
-                closed += sig.begin()  # the gate closes here (client fast path) or at the arbiter's next step
+                sm_mhz.append(clock.read())  # before the arrival: not in the measured latency
+                p0 = time.perf_counter_ns()
+                closed.append(sig.begin())  # the gate closes here (client fast path) or at the arbiter's next step
                 try:
-                    if stamps and i < len(stamps.buf):
+                    mark = stamps is not None and i < stamps.n
+                    if mark:
                         stamps.stamp(i)
+                    if evs:
+                        evs[i][0].record()
                     for _ in range(o["burst"]):
-                        model(x)
+                        step()
+                    if evs:
+                        evs[i][1].record()
+                    if mark:  # the first online kernel started (host clock); an upper bound if it had already
+                        seen, at_once = stamps.seen_ns(i, timeout_s=2.0)
+                        pre.append(None if seen is None else (seen - p0) / 1e3)
+                        pre_at_once += at_once
+                        if seen is None:  # the mapped write never showed: stop polling, say so
+                            mark_error = f"kernel-start mark {i} not seen within 2 s"
+                            stamps = None
                     sync()
                 finally:
                     sig.end()
                 lat.append((time.perf_counter_ns() - p0) / 1e6)
-                arrive_ns.append(a_ns)
-        pre = []
-        if stamps:
-            sync()
-            ts = stamps.buf[: len(arr)].tolist()
-            arrive_ns = arrive_ns[: len(ts)]
-            corr = 0 if aligned else offset[0]  # clocks disagree: report the excess over an idle launch
-            pre = [(t - a - corr) / 1e3 for t, a in zip(ts, arrive_ns, strict=True)]
-        emit(event="bursts", label=c["label"], lat_ms=lat, preempt_us=pre, closed=closed)
+        if evs:
+            gpu_ms = [a.elapsed_time(b) for a, b in evs]
+        w = min(c.get("warmup", 0), len(lat))  # warm-up bursts: run, not counted
+        emit(event="bursts", label=c["label"], lat_ms=lat[w:], preempt_us=pre[w:], gpu_ms=gpu_ms[w:],
+             sm_mhz=sm_mhz[w:], closed=sum(closed[w:]), warmup=w, preempt_seen_at_once=pre_at_once,
+             mark_error=mark_error)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,6 +561,45 @@ class CaptureGate:
             self.stamps.spin(self.backend.gate_dptr, self.open)
 
 
+def sublayer_ms(model, x, runs: int = 3) -> dict:
+    """GPU time (ms, CUDA events, the last of ``runs`` forwards) of the longest attention block, MLP block and
+    linear: what a gate at those boundaries cannot cut short."""
+    import torch
+
+    spans: dict = {}
+
+    def pre(name):
+        def f(m, args):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            spans[name] = [ev, None]
+        return f
+
+    def post(name):
+        def f(m, args, out):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            spans[name][1] = ev
+        return f
+
+    kinds = {"attn_block_ms": r"\.self_attn$", "mlp_block_ms": r"\.mlp$", "linear_ms": LINEAR_PATTERN}
+    mods = [(n, m) for n, m in model.named_modules() if any(re.search(rx, n) for rx in kinds.values())]
+    hs = [h for n, m in mods for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    try:
+        with torch.no_grad():
+            for _ in range(runs):
+                model(x)
+        torch.cuda.synchronize()
+    finally:
+        for h in hs:
+            h.remove()
+    out = {}
+    for k, rx in kinds.items():
+        t = [a.elapsed_time(b) for n, (a, b) in spans.items() if re.search(rx, n)]
+        out[k] = {"max": max(t), "p50": percentile(t, 50)} if t else None
+    return out
+
+
 def offline_worker(cfg: dict) -> None:
     torch = setup_torch(cfg["device"])
 
@@ -437,7 +615,13 @@ def offline_worker(cfg: dict) -> None:
     cb = ControlBlock.open(cfg["ctl"])
     gate = Gate(cb, backend="cuda" if dev == "cuda" else "host", queue_ahead=cfg["queue_ahead"])
     cuda = dev == "cuda"
-    emit(event="ready", info=env_info(dev))
+    sub = None
+    if cuda:
+        try:
+            sub = sublayer_ms(model, x)
+        except Exception as e:  # noqa: BLE001 - a diagnostic only
+            sub = {"error": f"{type(e).__name__}: {e}"}
+    emit(event="ready", info=env_info(dev), sublayer_ms=sub)
     cmds = command_reader()
     while True:
         c = cmds.get()
@@ -624,8 +808,9 @@ def run_phase(variants: list[str], cfg: dict, results: dict, info: dict, env: di
         workers += [arb, on, off]
         arb.expect("ready", timeout=120)
         ready = on.expect("ready", timeout=300)
-        off.expect("ready", timeout=300)
-        info.update(ready["info"], clock_offset_ns=ready["clock_offset_ns"], clocks_aligned=ready["clocks_aligned"])
+        oready = off.expect("ready", timeout=300)
+        info["offline_sublayer_ms"] = oready.get("sublayer_ms")
+        info.update(ready["info"], mark_error=ready.get("mark_error"), online_graph=ready.get("online_graph"), nvml_clocks=ready.get("nvml_clocks"))
         for v in variants:
             print(f"[bench] {v} ...", file=sys.stderr, flush=True)
             offline = None
@@ -665,9 +850,10 @@ def run_phase(variants: list[str], cfg: dict, results: dict, info: dict, env: di
 
 def on_bursts(on: Worker, label: str, cfg: dict) -> dict:
     """The same arrival pattern (seed) in every variant."""
-    on.send(cmd="bursts", label=label, seconds=cfg["seconds"], seed=cfg["seed"])
+    on.send(cmd="bursts", label=label, seconds=cfg["seconds"], seed=cfg["seed"], warmup=cfg["warmup"])
     msg = on.expect("bursts", timeout=cfg["seconds"] * 10 + 120)
-    return {k: msg[k] for k in ("lat_ms", "preempt_us", "closed")}
+    return {k: msg[k] for k in ("lat_ms", "preempt_us", "gpu_ms", "sm_mhz", "closed", "warmup",
+                                "preempt_seen_at_once", "mark_error")}
 
 
 def orchestrate(args) -> dict:
@@ -676,8 +862,9 @@ def orchestrate(args) -> dict:
     quick = args.quick
     cfg = {
         "device": args.device,
-        "seconds": args.seconds if args.seconds else (2.0 if quick else 15.0),
-        "solo_seconds": args.solo_seconds if args.solo_seconds else (0.5 if quick else 3.0),
+        "seconds": args.seconds if args.seconds else (2.5 if quick else 8.0),
+        "solo_seconds": args.solo_seconds if args.solo_seconds else (0.5 if quick else 1.5),
+        "warmup": args.warmup if args.warmup is not None else (10 if quick else 20),
         "seed": args.seed,
         "mean_gap_ms": args.mean_gap_ms, "idle_every": args.idle_every, "idle_ms": args.idle_ms,
         "hysteresis_ms": args.hysteresis_ms, "queue_ahead": args.queue_ahead, "arbiter_period_ms": 0.5,
@@ -686,11 +873,11 @@ def orchestrate(args) -> dict:
                     "heads": args.offline_heads, "batch": args.offline_batch, "seq": args.offline_seq},
         "online": {"layers": args.online_layers, "hidden": args.online_hidden, "ffn": args.online_ffn,
                    "heads": args.online_heads, "batch": args.online_batch, "seq": args.online_seq,
-                   "burst": args.burst},
+                   "burst": args.burst, "graph": not args.online_eager},
     }
     if args.device == "cpu":  # tiny models: the CI smoke test of the orchestration
         cfg["offline"] = {"layers": 2, "hidden": 64, "ffn": 128, "heads": 4, "batch": 2, "seq": 16}
-        cfg["online"] = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "batch": 1, "seq": 8, "burst": 1}
+        cfg["online"] = {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2, "batch": 1, "seq": 8, "burst": 1, "graph": False}
     variants = list(args.variants or ALL_VARIANTS)
     results: dict = {"raw": {}, "skipped": {}}
     if quick and not args.variants:
@@ -738,7 +925,8 @@ def orchestrate(args) -> dict:
     rows = {v: summarize(r["online"], r["offline"], alone, off_base) for v, r in raw.items()}
     out = {"bench": "preemption", "gpu": info.get("gpu", args.device), "env": info, "settings": cfg,
            "quick": quick, "wall_s": time.perf_counter() - t_start, "variants": rows,
-           "skipped": results["skipped"], "target": verdict(rows), "error": results.get("error"), "raw": raw}
+           "skipped": results["skipped"], "target": verdict(rows), "clock_effect": clock_effect(rows),
+           "error": results.get("error"), "raw": raw}
     out["table"] = table(rows, results["skipped"])
     return out
 
@@ -749,9 +937,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--variants", nargs="*", choices=ALL_VARIANTS)
-    ap.add_argument("--seconds", type=float, default=0.0, help="online bursts per variant (default 15, quick 2)")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="online bursts per variant (default 8: ~300 bursts; quick 2.5)")
     ap.add_argument("--solo-seconds", type=float, default=0.0,
-                    help="offline alone per variant (default 3, quick 0.5)")
+                    help="offline alone per variant (default 1.5, quick 0.5)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="first bursts of each variant run but not counted (default 20, quick 10)")
     ap.add_argument("--mean-gap-ms", type=float, default=20.0)
     ap.add_argument("--idle-every", type=int, default=25, help="an idle gap every N bursts on average")
     ap.add_argument("--idle-ms", type=float, default=150.0)
@@ -765,13 +956,15 @@ def main(argv=None) -> int:
     ap.add_argument("--offline-heads", type=int, default=32)
     ap.add_argument("--offline-batch", type=int, default=8)
     ap.add_argument("--offline-seq", type=int, default=256)
-    ap.add_argument("--online-layers", type=int, default=4)
+    # online: a decode step of a ~0.6 B-parameter model for 32 sequences (~0.5-1 ms of GPU work), CUDA graph
+    ap.add_argument("--online-layers", type=int, default=12)
     ap.add_argument("--online-hidden", type=int, default=2048)
     ap.add_argument("--online-ffn", type=int, default=5632)
     ap.add_argument("--online-heads", type=int, default=16)
-    ap.add_argument("--online-batch", type=int, default=1)
-    ap.add_argument("--online-seq", type=int, default=128)
-    ap.add_argument("--burst", type=int, default=4, help="forwards per online burst")
+    ap.add_argument("--online-batch", type=int, default=32)
+    ap.add_argument("--online-seq", type=int, default=1)
+    ap.add_argument("--online-eager", action="store_true", help="launch the online forward eagerly (no CUDA graph)")
+    ap.add_argument("--burst", type=int, default=1, help="online forwards (decode steps) per burst")
     ap.add_argument("--role", choices=("online", "offline", "arbiter"), help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -115,10 +115,10 @@ def live_cmdlines(marker: str) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_cpu_run_end_to_end(tmp_path):
+def test_cpu_run_end_to_end(tmp_path, pb):
     pytest.importorskip("torch")
     out = tmp_path / "res"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--seconds", "0.6",
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--seconds", "0.6", "--warmup", "3",
                         "--solo-seconds", "0.2", "--out", str(out)], capture_output=True, text=True, timeout=110,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -130,6 +130,10 @@ def test_cpu_run_end_to_end(tmp_path):
     for v in ("graph_memop", "graph_spin", "mps", "mps_gate"):
         assert res["skipped"][v] == "needs a CUDA device"
     assert rows["alone"]["online_p50_ratio"] == 1.0
+    st = res["settings"]
+    n = len(pb.arrival_times(0.6, st["mean_gap_ms"], st["idle_every"], st["idle_ms"], st["seed"]))
+    assert rows["alone"]["bursts"] == n - 3 and rows["alone"]["warmup_bursts"] == 3  # warm-up run, not counted
+    assert raw["alone"]["online"]["gpu_ms"] == [] and res["clock_effect"]["measured"] is False
     for v in ("nogate", "gate", "gate_linear"):
         assert rows[v]["bursts"] == rows["alone"]["bursts"] > 5  # same seeded arrivals in every variant
         assert rows[v]["offline_tok_s"] > 0 and rows[v]["offline_solo_tok_s"] > 0
@@ -156,3 +160,21 @@ def test_a_failing_worker_is_reported_and_nothing_is_left(tmp_path):
     assert "worker exited" in res["error"] and "before ready" in res["error"]
     assert res["variants"] == {}
     assert not live_cmdlines(res["settings"]["ctl"])
+
+
+def test_summary_gpu_time_clock_and_preemption_excess(pb):
+    alone = pb.summarize({"lat_ms": [1.0] * 100, "preempt_us": [20.0] * 100, "gpu_ms": [0.8] * 100,
+                          "sm_mhz": [1100] * 99 + [None], "warmup": 20}, None, None, None)
+    assert alone["gpu_p50_ms"] == 0.8 and alone["sm_mhz_p50"] == 1100 and alone["warmup_bursts"] == 20
+    gate = pb.summarize({"lat_ms": [1.3] * 100, "preempt_us": [320.0] * 99 + [920.0], "gpu_ms": [0.6] * 100,
+                         "sm_mhz": [1980] * 100}, None, alone, None)
+    assert gate["preempt_p50_over_alone_us"] == 300.0 and gate["preempt_p99_over_alone_us"] == pytest.approx(306.0)
+    c = pb.clock_effect({"alone": alone, "gate": gate})
+    assert c["measured"] and c["alone_clock_drop"] and "clocks down" in c["note"]
+    assert c["per_variant"]["gate"] == {"sm_mhz_p50": 1980, "sm_mhz_min": 1980, "gpu_p50_ms": 0.6}
+    same = pb.summarize({"lat_ms": [1.0] * 10, "sm_mhz": [1950] * 10}, None, alone, None)
+    fair = pb.clock_effect({"alone": dict(alone, sm_mhz_p50=1960.0), "gate": same})
+    assert not fair["alone_clock_drop"] and "fair baseline" in fair["note"]
+    assert pb.clock_effect({"alone": pb.summarize({"lat_ms": [1.0]}, None, None, None)})["measured"] is False
+    text = pb.table({"alone": alone, "gate": gate}, {})
+    assert "SM MHz" in text and " 1100" in text and "0.800" in text

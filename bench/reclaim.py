@@ -40,6 +40,7 @@ from valve.runtime.control import ControlBlock  # noqa: E402
 from valve.runtime.memory import KVPool, PoolExhausted  # noqa: E402
 from valve.runtime.memory_client import ReclaimHandler  # noqa: E402
 from valve.runtime.memory_control import MemoryController  # noqa: E402
+from valve.runtime.memory_evict import Candidate, choose_evictions  # noqa: E402
 from valve.runtime.memory_sim import SimBackend, SimGpuInfo  # noqa: E402
 from valve.runtime.sim import SimGPU  # noqa: E402
 
@@ -56,11 +57,11 @@ def percentile(xs, q):
 # ---------------------------------------------------------------------------------------------------------
 # 1. reclaim latency with live data
 # ---------------------------------------------------------------------------------------------------------
-def make_backend(device: str, gpu: SimGPU | None = None):
+def make_backend(device: str, gpu: SimGPU | None = None, batch_unmap: bool = False):
     if device == "cuda":
         from valve.runtime.memory_cuda import CudaBackend
 
-        return CudaBackend()
+        return CudaBackend(batch_unmap=batch_unmap)
     return SimBackend(gpu=gpu, store=True)
 
 
@@ -116,17 +117,21 @@ def check_live(pool: KVPool, view, values: dict) -> None:
         raise AssertionError(f"{bad} of {len(ids)} live blocks corrupted after reclaim")
 
 
+PHASES = ("plan", "copy", "wait", "unmap", "book")
+
+
 def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes: int, chunk_bytes: int,
-            seed: int) -> list[dict]:
+            seed: int, batch_unmap: bool = False) -> list[dict]:
     import torch
 
     rng = random.Random(seed)
     rows = []
     for size in sizes_gib:
         nbytes = int(size * GiB)
-        times, copied, moved = [], [], []
+        times, copied, moved, calls = [], [], [], []
+        phases = {k: [] for k in PHASES}
         for rep in range(reps + 1):  # rep 0 warms up (first cuMemCreate, kernels) and is not counted
-            be = make_backend(device)
+            be = make_backend(device, batch_unmap=batch_unmap)
             pool = KVPool(be, block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=2 * nbytes)
             try:
                 view = pool.tensor(torch.int32, (block_bytes // 4,))
@@ -134,6 +139,7 @@ def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t_dev = getattr(be, "elapsed_ns", 0)
+                calls0 = getattr(be, "unmap_calls", 0)
                 t0 = time.perf_counter()
                 res = pool.reclaim(nbytes)
                 dt = time.perf_counter() - t0
@@ -148,15 +154,75 @@ def latency(device: str, sizes_gib, reps: int, live_fraction: float, block_bytes
                 times.append(dt)
                 copied.append(res.copied_bytes)
                 moved.append(len(res.moved))
+                calls.append(getattr(be, "unmap_calls", 0) - calls0)
+                for k in PHASES:
+                    phases[k].append(res.phases.get(k, 0.0))
             finally:
                 view = None
                 pool.close()
                 if device == "cuda":
                     torch.cuda.empty_cache()  # the checks' temporaries must not squeeze the next, larger pool
-        rows.append(dict(size_gib=size, reps=reps, p50_ms=percentile(times, 50) * 1e3,
-                         p99_ms=percentile(times, 99) * 1e3, max_ms=max(times) * 1e3,
-                         copied_gib_mean=sum(copied) / len(copied) / GiB, moved_blocks_mean=sum(moved) / len(moved),
+        rows.append(dict(size_gib=size, reps=reps, chunk_mib=chunk_bytes / MiB, batch_unmap=batch_unmap,
+                         p50_ms=percentile(times, 50) * 1e3, p99_ms=percentile(times, 99) * 1e3,
+                         max_ms=max(times) * 1e3, copied_gib_mean=sum(copied) / len(copied) / GiB,
+                         moved_blocks_mean=sum(moved) / len(moved), unmap_calls_mean=sum(calls) / len(calls),
+                         phases_p50_ms={k: percentile(v, 50) * 1e3 for k, v in phases.items()},
+                         phases_max_ms={k: max(v) * 1e3 for k, v in phases.items()},
                          samples_ms=[t * 1e3 for t in times]))
+    return rows
+
+
+def sweep(device: str, size_gib: float, chunks_mib, reps: int, live_fraction: float, block_bytes: int,
+          seed: int) -> list[dict]:
+    """Reclaim latency of one size over chunk sizes, with and without batched (per adjacent run) unmaps."""
+    rows = []
+    for chunk in chunks_mib:
+        for batch in (False, True):
+            rows += latency(device, [size_gib], reps, live_fraction, block_bytes, int(chunk * MiB), seed, batch)
+    return rows
+
+
+def driver_costs(total_gib: float, chunks_mib, reps: int) -> list[dict]:
+    """Raw driver cost, no pool logic: map ``total_gib`` of adjacent chunks, then unmap them one call per chunk
+    or one call for the whole run (if the driver accepts it). Median ms per operation."""
+    from valve.runtime.memory_cuda import CudaBackend, CudaError
+
+    rows = []
+    for chunk in chunks_mib:
+        nbytes = int(chunk * MiB)
+        n = int(total_gib * GiB) // nbytes
+        offs = [i * nbytes for i in range(n)]
+        row = dict(total_gib=total_gib, chunk_mib=chunk, chunks=n)
+        for batch in (False, True):
+            be = CudaBackend(batch_unmap=batch)
+            be.reserve(n * nbytes)
+            maps, unmaps = [], []
+            import torch
+
+            free0 = torch.cuda.mem_get_info()[0]
+            try:
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    be.map(offs, nbytes)
+                    t1 = time.perf_counter()
+                    be.unmap(offs, nbytes)
+                    t2 = time.perf_counter()
+                    maps.append(t1 - t0)
+                    unmaps.append(t2 - t1)
+                # the memory really went back: free is what it was (within 64 MiB of driver noise)
+                row[f"freed_ok_batch_{batch}"] = torch.cuda.mem_get_info()[0] >= free0 - 64 * MiB
+            except CudaError as e:
+                row[f"error_batch_{batch}"] = str(e)
+            finally:
+                be.unmap(sorted(be.mapped), nbytes)
+                be.close()
+            key = "batched" if batch else "per_chunk"
+            row[f"map_ms_{key}"] = percentile(maps, 50) * 1e3
+            row[f"unmap_ms_{key}"] = percentile(unmaps, 50) * 1e3
+            row[f"unmap_max_ms_{key}"] = max(unmaps, default=float("nan")) * 1e3
+            if batch:
+                row["batched_accepted"] = be.batch_unmap  # False: the driver refused one unmap over several
+        rows.append(row)
     return rows
 
 
@@ -225,7 +291,7 @@ class TraceConfig:
     offline_weights_gib: float = 16.0
     kv_bytes_per_token: int = 128 << 10  # an 8B Llama in fp16: 2 * 32 layers * 8 heads * 128 * 2 bytes
     block_tokens: int = 16
-    chunk_bytes: int = 32 << 20
+    chunk_bytes: int = 128 << 20
     burst_every_s: float = 6.0  # mean gap between online bursts (exponential)
     burst_gib: tuple[float, float] = (6.0, 20.0)
     burst_s: tuple[float, float] = (0.5, 3.0)
@@ -262,8 +328,13 @@ def bursts(cfg: TraceConfig, seconds: float, seed: int) -> list[tuple[float, flo
 
 
 def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), online: bool = True,
-          n_requests: int | None = None) -> dict:
-    """Run the modelled offline engine for ``seconds`` (or until ``n_requests`` finish). Returns figures."""
+          n_requests: int | None = None, recompute: bool = True, engine_victims: str = "policy") -> dict:
+    """Run the modelled offline engine for ``seconds`` (or until ``n_requests`` finish). Returns figures.
+
+    ``recompute=False`` is the capacity-only reference: an evicted sequence keeps its computed tokens (as if its
+    KV came back for free), so what is left of the loss is the smaller pool alone. ``engine_victims``: whom the
+    engine preempts when a decode finds no free block, ``policy`` (the pool's eviction policy, as Valve's
+    offline client would) or ``newest`` (vLLM's recompute preemption)."""
     rng = random.Random(seed)
     gpu = SimGPU(capacity_bytes=int(cfg.capacity_gib * GiB))
     on_ctx, off_ctx = gpu.context("online"), gpu.context("offline")
@@ -280,18 +351,20 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
     running: dict[int, _Req] = {}
     queue: deque[_Req] = deque()
     evicted_ids: set[int] = set()
-    stats = dict(evictions=0, recomputed_tokens=0, engine_preemptions=0, online_short_ms=0.0, finished=0,
-                 output_tokens=0)
+    stats = dict(evictions=0, recomputed_tokens=0, recomputed_reclaim=0, recomputed_engine=0,
+                 engine_preemptions=0, online_short_ms=0.0, finished=0, output_tokens=0)
 
     def on_reclaim(res):
         for rid in res.evicted:
             r = running.pop(rid)
             stats["evictions"] += 1
-            stats["recomputed_tokens"] += r.computed
+            stats["recomputed_reclaim"] += r.computed if recompute else 0
             requeue(r)
 
     def requeue(r: _Req) -> None:
-        r.computed, r.blocks = 0, 0
+        if recompute:
+            r.computed = 0
+        r.blocks = 0
         r.evictions += 1
         evicted_ids.add(r.rid)
         queue.appendleft(r)  # first in line: its generated tokens are kept, its KV recomputed
@@ -331,6 +404,13 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
             queue.popleft()
             r.blocks = need
             running[r.rid] = r
+            pool.set_progress(r.rid, r.computed)  # lost work if evicted: tokens, from the first step on
+
+    def engine_victim(r: _Req) -> _Req:
+        if engine_victims == "newest":
+            return max(running.values(), key=lambda x: x.rid)
+        cands = [Candidate(x.rid, x.blocks, x.computed, i) for i, x in enumerate(running.values())]
+        return running[choose_evictions(cands, 1, policy)[0].seq_id]  # running is in admission order
 
     tick_ns = int(cfg.tick_ms * MS)
     now = 0
@@ -392,12 +472,12 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
                     try:
                         pool.allocate(r.rid, 1)
                         r.blocks += 1
-                    except PoolExhausted:  # engine-level preemption (the same for every policy)
-                        victim = max(running.values(), key=lambda x: x.rid)
+                    except PoolExhausted:  # engine-level preemption: the pool is full
+                        victim = engine_victim(r)
                         pool.free(victim.rid)
                         del running[victim.rid]
                         stats["engine_preemptions"] += 1
-                        stats["recomputed_tokens"] += victim.computed
+                        stats["recomputed_engine"] += victim.computed if recompute else 0
                         requeue(victim)
                         step_work.pop(victim.rid, None)
                         if victim is r:
@@ -415,6 +495,7 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
             step_end = now + int(dur * MS)
         now += tick_ns
     secs = now / 1e9
+    stats["recomputed_tokens"] = stats["recomputed_reclaim"] + stats["recomputed_engine"]
     stats.update(policy=policy, online=online, seconds=secs, tokens_per_s=stats["output_tokens"] / secs,
                  bursts=len(plan), reclaim_requests=ctl.requests, reclaimed_gib=ctl.reclaimed_bytes / GiB,
                  reclaim_latency_p99_ms=percentile(ctl.latencies_ns, 99) / 1e6,
@@ -423,15 +504,46 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
     return stats
 
 
-def policies(seconds: float, seed: int, cfg: TraceConfig = TraceConfig()) -> dict:
-    alone = trace("selective", seconds, seed, cfg, online=False)
-    out = {"alone": alone}
-    for p in ("fifo", "selective"):
-        r = trace(p, seconds, seed, cfg)
-        r["loss"] = 1.0 - r["tokens_per_s"] / alone["tokens_per_s"]
-        out[p] = r
-    f, s = out["fifo"]["loss"], out["selective"]["loss"]
-    out["selective_cut_vs_fifo"] = (f - s) / f if f > 0 else float("nan")
+VARIANTS = {  # name: (policy, online bursts, recompute, engine victims)
+    "alone": ("selective", False, True, "policy"),
+    "capacity_only": ("selective", True, False, "policy"),
+    "fifo": ("fifo", True, True, "policy"),
+    "selective": ("selective", True, True, "policy"),
+    "fifo_engine_newest": ("fifo", True, True, "newest"),
+    "selective_engine_newest": ("selective", True, True, "newest"),
+}
+
+
+def _variant(args) -> dict:
+    name, seconds, seed, cfg = args
+    policy, online, recompute, victims = VARIANTS[name]
+    return trace(policy, seconds, seed, cfg, online=online, recompute=recompute, engine_victims=victims)
+
+
+def policies(seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), jobs: int = 1) -> dict:
+    """Every variant on the same seeded trace (in ``jobs`` forked processes). loss = 1 - tok/s / alone;
+    ``capacity_only`` (evictions cost nothing) splits each loss into capacity and eviction (recompute) parts."""
+    names = list(VARIANTS)
+    args = [(n, seconds, seed, cfg) for n in names]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(args)), mp_context=mp.get_context("fork")) as ex:
+            runs = list(ex.map(_variant, args))
+    else:
+        runs = [_variant(a) for a in args]
+    out = dict(zip(names, runs, strict=True))
+    alone = out["alone"]["tokens_per_s"]
+    cap = 1.0 - out["capacity_only"]["tokens_per_s"] / alone
+    for n in names:
+        out[n]["loss"] = 1.0 - out[n]["tokens_per_s"] / alone
+        out[n]["eviction_loss"] = out[n]["loss"] - cap
+    for suffix in ("", "_engine_newest"):
+        f, s_ = out["fifo" + suffix], out["selective" + suffix]
+        out["selective_cut_vs_fifo" + suffix] = (f["loss"] - s_["loss"]) / f["loss"] if f["loss"] > 0 else 0.0
+        ef, es = f["eviction_loss"], s_["eviction_loss"]
+        out["selective_eviction_cut_vs_fifo" + suffix] = (ef - es) / ef if ef > 0 else 0.0
     return out
 
 
@@ -460,24 +572,46 @@ def environment(device: str) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["reclaim latency (live KV data, compaction included)",
-             f"{'size GiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'copied GiB':>10} {'reps':>5}"]
+    st = result["settings"]
+    lines = [f"reclaim latency (live KV data, compaction included; chunk {st['chunk_bytes'] / MiB:g} MiB, "
+             f"block {st['block_bytes'] / MiB:g} MiB, batched unmap {'on' if st['batch_unmap'] else 'off'})",
+             f"{'size GiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'copied GiB':>10} {'calls':>6} {'reps':>5}"]
     for r in result["latency"]:
         lines.append(f"{r['size_gib']:>8g} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} "
-                     f"{r['copied_gib_mean']:>10.2f} {r['reps']:>5}")
+                     f"{r['copied_gib_mean']:>10.2f} {r['unmap_calls_mean']:>6.0f} {r['reps']:>5}")
+    if result.get("sweep"):
+        lines += ["", "8 GiB reclaim by chunk size (ms; phases are p50)",
+                  f"{'chunk MiB':>9} {'batched':>7} {'p50':>7} {'p99':>7} {'calls':>6} {'copied GiB':>10} "
+                  f"{'plan':>6} {'copy':>6} {'wait':>6} {'unmap':>6}"]
+        for r in result["sweep"]:
+            ph = r["phases_p50_ms"]
+            lines.append(f"{r['chunk_mib']:>9g} {'yes' if r['batch_unmap'] else 'no':>7} {r['p50_ms']:>7.2f} "
+                         f"{r['p99_ms']:>7.2f} {r['unmap_calls_mean']:>6.0f} {r['copied_gib_mean']:>10.2f} "
+                         f"{ph['plan']:>6.2f} {ph['copy']:>6.2f} {ph['wait']:>6.2f} {ph['unmap']:>6.2f}")
+    if result.get("driver_costs"):
+        lines += ["", "driver: map + unmap of 8 GiB of adjacent chunks (ms, p50)",
+                  f"{'chunk MiB':>9} {'map':>7} {'unmap/chunk':>11} {'unmap/run':>9} {'run ok':>6}"]
+        for r in result["driver_costs"]:
+            lines.append(f"{r['chunk_mib']:>9g} {r['map_ms_per_chunk']:>7.2f} {r['unmap_ms_per_chunk']:>11.2f} "
+                         f"{r['unmap_ms_batched']:>9.2f} {str(r.get('batched_accepted')):>6}")
+    lines.append("")
     for h in result.get("handover", []):
         lines.append(f"handover {h['size_gib']:g} GiB: released {h['released_bytes'] / GiB:.2f} GiB, child before "
                      f"'{h['child_before'][:40]}', after '{h['child_after'][:40]}' -> {'ok' if h['ok'] else 'FAIL'}")
     p = result["policies"]
-    lines += ["", "offline throughput with online memory bursts (modelled engine, same trace)",
-              f"{'variant':>10} {'tok/s':>9} {'ratio':>7} {'loss':>7} {'evicted':>8} {'recomp tok':>11} "
-              f"{'requests':>9}"]
-    for name in ("alone", "fifo", "selective"):
+    lines += ["", "offline throughput with online memory bursts (modelled engine, same trace; loss vs alone, split "
+              "into capacity (the capacity_only run) and eviction)",
+              f"{'variant':>24} {'tok/s':>7} {'loss':>6} {'evict':>6} {'reclaim ev':>10} {'engine pre':>10} "
+              f"{'recomp reclaim':>14} {'recomp engine':>13}"]
+    for name in VARIANTS:
         r = p[name]
-        ratio = r["tokens_per_s"] / p["alone"]["tokens_per_s"]
-        lines.append(f"{name:>10} {r['tokens_per_s']:>9.0f} {ratio:>7.3f} {1 - ratio:>7.1%} {r['evictions']:>8} "
-                     f"{r['recomputed_tokens']:>11} {r['reclaim_requests']:>9}")
-    lines.append(f"selective cuts the loss by {p['selective_cut_vs_fifo']:.1%} versus FIFO")
+        lines.append(f"{name:>24} {r['tokens_per_s']:>7.0f} {r['loss']:>6.1%} {r['eviction_loss']:>6.1%} "
+                     f"{r['evictions']:>10} {r['engine_preemptions']:>10} {r['recomputed_reclaim']:>14} "
+                     f"{r['recomputed_engine']:>13}")
+    lines.append(f"selective cuts the loss by {p['selective_cut_vs_fifo']:.1%} versus FIFO (eviction part by "
+                 f"{p['selective_eviction_cut_vs_fifo']:.1%}); with the engine's own newest-first preemption: "
+                 f"{p['selective_cut_vs_fifo_engine_newest']:.1%} "
+                 f"({p['selective_eviction_cut_vs_fifo_engine_newest']:.1%})")
     return "\n".join(lines)
 
 
@@ -489,9 +623,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--live-fraction", type=float, default=0.25, help="live share of the mapped blocks")
     ap.add_argument("--block-mib", type=float, default=2.0)
-    ap.add_argument("--chunk-mib", type=int, default=32)
+    ap.add_argument("--chunk-mib", type=int, default=128)
     ap.add_argument("--sizes", default=None, help="GiB, comma-separated (default 1,4,8,16; quick 1,8)")
     ap.add_argument("--reps", type=int, default=None, help="default 20 (quick 3)")
+    ap.add_argument("--batch-unmap", action="store_true", help="one cuMemUnmap per run of adjacent chunks")
+    ap.add_argument("--sweep-chunks", default=None, help="MiB, comma-separated chunk sizes for the 8 GiB sweep "
+                    "(default 32,64,128,256; quick 32,128; 'none' skips it)")
+    ap.add_argument("--jobs", type=int, default=6, help="processes for the policy traces (run before CUDA)")
     ap.add_argument("--trace-seconds", type=float, default=None, help="default 300 (quick 40)")
     a = ap.parse_args(argv)
     device = a.device
@@ -509,20 +647,35 @@ def main(argv=None) -> int:
     if device == "cpu":  # a CPU byte store: everything 64x smaller (modelled times scale with bytes and chunks)
         sizes, block, chunk = [s / 64 for s in sizes], block // 16, max(2 * MiB, chunk // 8)
     t0 = time.perf_counter()
+    print(f"reclaim bench ({device}): policy traces of {secs:g} s, then sizes {sizes} GiB x {reps}", flush=True)
+    pol = policies(secs, a.seed, jobs=a.jobs)  # first: forked workers, CUDA not yet started in this process
+    print("policies done", flush=True)
     env = environment(device)
-    print(f"reclaim bench on {env['gpu']} ({device}); sizes {sizes} GiB x {reps}", flush=True)
     result = dict(env=env, settings=dict(quick=a.quick, seed=a.seed, live_fraction=a.live_fraction,
                                          block_bytes=block, chunk_bytes=chunk, sizes_gib=sizes, reps=reps,
+                                         batch_unmap=a.batch_unmap,
                                          trace_seconds=secs, trace=asdict(TraceConfig())))
-    result["latency"] = latency(device, sizes, reps, a.live_fraction, block, chunk, a.seed)
+    result["policies"] = pol
+    result["latency"] = latency(device, sizes, reps, a.live_fraction, block, chunk, a.seed,
+                                batch_unmap=a.batch_unmap)
     print("latency done", flush=True)
+    sweep_chunks = a.sweep_chunks or ("32,128" if a.quick else "32,64,128,256,512")
+    result["sweep"], result["driver_costs"] = [], []
+    if sweep_chunks != "none":
+        chunks = [float(x) for x in sweep_chunks.split(",")]
+        size8 = 8.0 if device == "cuda" else 8.0 / 64
+        if device == "cpu":
+            chunks = [max(2.0, c / 8) for c in chunks]
+        result["sweep"] = sweep(device, size8, chunks, 2 if a.quick else 10, a.live_fraction, block, a.seed)
+        if device == "cuda":
+            result["driver_costs"] = driver_costs(8.0, [2.0] + chunks, 2 if a.quick else 5)
+        print("sweep done", flush=True)
     result["handover"] = []
     if device == "cuda":
         for size in ([8.0] if a.quick else [1.0, 8.0, 16.0]):
             result["handover"].append(handover(size, block, chunk, child_reserve=1536 * MiB,
                                                check_before=(size == 8.0)))
         print("handover done", flush=True)
-    result["policies"] = policies(secs, a.seed)
     result["wall_s"] = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

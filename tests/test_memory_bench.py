@@ -73,3 +73,20 @@ def test_main_cpu_quick_writes_json_and_table(bench, tmp_path):
     assert data["env"]["gpu"] == "sim" and data["latency"][0]["reps"] == 2
     assert set(data["policies"]) >= {"alone", "fifo", "selective", "selective_cut_vs_fifo"}
     assert "selective cuts the loss" in (tmp_path / "reclaim_sim.txt").read_text()
+
+
+def test_capacity_only_run_evicts_but_recomputes_nothing(bench):
+    cfg = replace(bench.TraceConfig(), **SMALL)
+    r = bench.trace("fifo", 4.0, seed=1, cfg=cfg, recompute=False)
+    full = bench.trace("fifo", 4.0, seed=1, cfg=cfg)
+    assert r["evictions"] > 0 and r["recomputed_tokens"] == 0
+    assert full["recomputed_tokens"] == full["recomputed_reclaim"] + full["recomputed_engine"] > 0
+
+
+def test_policies_split_the_loss_against_the_capacity_only_run(bench):
+    cfg = replace(bench.TraceConfig(), **SMALL)
+    p = bench.policies(3.0, seed=1, cfg=cfg, jobs=1)
+    assert set(bench.VARIANTS) <= set(p)
+    cap = p["capacity_only"]["loss"]
+    for n in ("fifo", "selective"):
+        assert abs(p[n]["eviction_loss"] - (p[n]["loss"] - cap)) < 1e-12

@@ -301,3 +301,55 @@ def test_cuda_backend_without_a_device_says_so():
 
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CudaBackend()
+
+
+def test_match_runs_keeps_runs_together_and_uses_each_free_block_once():
+    from valve.runtime.memory import match_runs
+
+    src = np.array([10, 11, 12, 13, 20, 30, 31])
+    free = np.array([0, 1, 2, 3, 4, 5, 7, 40, 41])
+    s, d = match_runs(src, free)
+    assert sorted(s.tolist()) == src.tolist()  # every source block once
+    assert len(set(d.tolist())) == len(d) and set(d.tolist()) <= set(free.tolist())
+    runs = 1 + int(np.sum((np.diff(s) != 1) | (np.diff(d) != 1)))
+    assert runs == 3  # 4-run into the 6-run, 2-run into its rest or 40-41, single block anywhere
+
+
+def test_compaction_copies_whole_runs_and_keeps_data():
+    pool, be = make_pool(max_mb=32, block=MiB, chunk=8 * MiB)  # 4 chunks of 8 blocks
+    seqs = {f"a{i}": 1 for i in range(16)} | {f"r{i}": 4 for i in range(4)}  # singles 0-15, runs 16-31
+    arr = fill(pool, be, seqs)
+    for s in ["a1", "a3", "a5", "a7", *[f"a{i}" for i in range(8, 16)], "r0", "r3"]:
+        pool.free(s)
+    # live: chunk 0 holds 0,2,4,6; chunk 1 nothing; chunk 2 holds 20-23; chunk 3 holds 24-27
+    res = pool.reclaim(16 * MiB)  # chunk 1 (empty) and chunk 3 go: 24-27 must move
+    assert res.copied_bytes == 4 * MiB and sorted(res.moved) == [24, 25, 26, 27]
+    assert sorted(res.moved.values()) == [16, 17, 18, 19] and res.copies == 1  # into the free run, one copy
+    pool.check()
+    check_data(pool, arr)
+
+
+def test_default_chunk_is_128_mib_but_never_larger_than_the_pool():
+    big = KVPool(SimBackend(store=False), block_bytes=MiB, max_bytes=1 << 30)
+    small = KVPool(SimBackend(store=False), block_bytes=MiB, max_bytes=5 * MiB)
+    assert big.chunk_bytes == 128 * MiB and small.chunk_bytes == 6 * MiB  # rounded up to the 2 MiB granularity
+
+
+def test_cuda_runs_groups_adjacent_chunks():
+    from valve.runtime.memory_cuda import runs
+
+    assert runs([64, 0, 32, 128, 160, 256], 32) == [(0, 3), (128, 2), (256, 1)]
+    assert runs([], 32) == []
+
+
+def test_reclaim_pauses_the_garbage_collector_and_restores_it():
+    import gc
+
+    pool, be = make_pool()
+    pool.allocate("a", 8)
+    seen = []
+    unmap = be.unmap
+    be.unmap = lambda offs, n: (seen.append(gc.isenabled()), unmap(offs, n))
+    assert gc.isenabled()
+    pool.reclaim(4 * MiB)
+    assert seen == [False] and gc.isenabled()

@@ -23,3 +23,19 @@ def check(result):
         _, name = cu.cuGetErrorName(err)
         raise RuntimeError(f"CUDA driver error {name.decode() if name else err}")
     return rest[0] if len(rest) == 1 else tuple(rest) if rest else None
+
+
+def ensure_context(device: int | None = None) -> None:
+    """Make the device's primary context current on this thread if none is. The CUDA runtime (torch) binds it
+    lazily per thread, and a cached torch allocation binds nothing, so a new thread's first driver call would
+    fail with CUDA_ERROR_INVALID_CONTEXT."""
+    cu = driver()
+    ctx = check(cu.cuCtxGetCurrent())
+    if ctx is not None and int(ctx) != 0:
+        return
+    if device is None:
+        import torch
+
+        device = torch.cuda.current_device()
+    ctx = check(cu.cuDevicePrimaryCtxRetain(check(cu.cuDeviceGet(device))))
+    check(cu.cuCtxSetCurrent(ctx))

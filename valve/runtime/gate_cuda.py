@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 from valve.runtime.control import FILE_SIZE, GATE_OFFSET, GATE_OPEN, ControlBlock
-from valve.runtime.cuda_util import check, driver
+from valve.runtime.cuda_util import check, driver, ensure_context
 
 _registered: dict[int, int] = {}  # host page address -> device pointer (one registration per mapping)
 _reg_lock = threading.Lock()
@@ -152,15 +152,21 @@ class CudaGateBackend:
         if not torch.cuda.is_available():
             raise RuntimeError("the CUDA gate backend needs a CUDA device")
         torch.cuda.init()
-        torch.empty(1, device="cuda")  # make the primary context current on this thread
+        ensure_context()
         self.torch, self.cu = torch, driver()
         self.page = cb.page_address()
-        self.gate_dptr = map_page(self.page) + GATE_OFFSET
+        try:
+            self.gate_dptr = map_page(self.page) + GATE_OFFSET
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot map the control block {cb.path or '(anonymous)'} into the GPU: {e}. "
+                               "It must live on tmpfs (/var/run/valve, /run, /dev/shm): CUDA cannot register a "
+                               "page of a disk-backed file") from e
         self.parked_dptr = 0  # where the spin kernel writes %globaltimer when it parks (0: nowhere)
         if "spin" in (mode, capture):
             self._spin = compile_spin_kernel()
 
     def _stream(self, stream=None):
+        ensure_context()  # every driver call below; the caller's thread may have no current context
         s = stream if stream is not None else self.torch.cuda.current_stream()
         return self.cu.CUstream(int(getattr(s, "cuda_stream", s)))
 

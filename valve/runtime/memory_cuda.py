@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from valve.runtime.cuda_util import driver
+from valve.runtime.cuda_util import driver, ensure_context
 from valve.runtime.memory import DeviceOutOfMemory
 from valve.runtime.memory_control import MemorySnapshot
 
@@ -75,8 +75,7 @@ class CudaBackend:
             raise RuntimeError("the CUDA memory backend needs a CUDA device (torch.cuda.is_available() is False)")
         self.torch, self.cu = torch, driver()
         self.device = torch.cuda.current_device() if device is None else int(device)
-        with torch.cuda.device(self.device):
-            torch.empty(1, device="cuda")  # make the primary context current on this thread
+        ensure_context(self.device)  # a torch allocation may bind no context on a new thread
         self.stream = stream  # None: the torch current stream at each call
         cu = self.cu
         prop = cu.CUmemAllocationProp()

@@ -592,7 +592,10 @@ def offline_worker(a: argparse.Namespace) -> None:
             if handle is not None:
                 handle.remove()
         except Exception as e:  # noqa: BLE001
-            out["error"] = f"offline loop: {type(e).__name__}: {e}"
+            import traceback
+
+            where = " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_tb(e.__traceback__)[-4:]))
+            out["error"] = f"offline loop: {type(e).__name__}: {e} (at {where})"
 
     def start(gated: bool) -> dict:
         stop, out = threading.Event(), {}
@@ -915,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(sim=a.sim, gpus=a.gpus, seconds=seconds, seed=a.seed, arbiter=a.arbiter, out=a.out,
                  skip=0 if a.sim or a.device == "cpu" else 5, online=online, offline=offline, quick_one=a.quick,
                  device=a.device)
-    work = Path(tempfile.mkdtemp(prefix="vmg", dir="/tmp"))  # short: unix socket paths
+    # short (unix socket paths) and on tmpfs: CUDA cannot register a page of a disk-backed file (the control block)
+    work = Path(tempfile.mkdtemp(prefix="vmg", dir="/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"))
     # SIGTERM from the caller: unwind through the finally blocks, which stop every child.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()

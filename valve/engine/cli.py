@@ -23,6 +23,11 @@ def colocation(
     variants: str | None = typer.Option(None, help="Comma list (default: all): online-alone, offline-alone, "
                                                    "time-slicing, valve, mps."),
     seed: int | None = typer.Option(None, help="Seed of the request trace and the weights."),
+    output_mean: float | None = typer.Option(None, help="Mean online output tokens."),
+    prompt_mean: float | None = typer.Option(None, help="Mean online prompt tokens."),
+    offline_warmup: float | None = typer.Option(None, help="Offline seconds before each window."),
+    graphs: bool | None = typer.Option(None, "--graphs/--no-graphs", help="Online decode through CUDA graphs."),
+    keep_logs: bool = typer.Option(False, "--keep-logs", help="Copy the children's logs under --out."),
 ) -> None:
     """Online + offline LLM inference on one device: alone, time-slicing, Valve, MPS; TTFT/TPOT and tokens/s."""
     from rich.console import Console
@@ -32,7 +37,9 @@ def colocation(
 
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
     s = settings_from(device, quick, online_model=online_model, offline_model=offline_model, seconds=seconds,
-                      busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed)
+                      busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed,
+                      output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
+                      graphs=graphs, keep_logs=keep_logs or None)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:

@@ -69,6 +69,9 @@ class Settings:
     seed: int = 0
     startup_timeout: float = 300.0
     progress_interval: float = 0.25
+    offline_warmup: float = 10.0  # seconds of offline steps before the window (kernels loaded, batch full)
+    graphs: bool = True  # the online server replays CUDA graphs for decode steps (CUDA only)
+    keep_logs: bool = False  # copy the children's logs to <out>/colocation_logs/<variant>/
 
     def offline_blocks(self, kv_bytes_per_token: int) -> int:
         return max(1, self.offline_kv_bytes // (kv_bytes_per_token * self.block_size))
@@ -81,8 +84,13 @@ def preset(device: str, quick: bool) -> Settings:
                         busy=0.3, prompt_mean=32, prompt_max=128, output_mean=8, output_max=32, block_size=8,
                         online_blocks=512, online_batch_tokens=256, online_max_seqs=16, offline_prompt_mean=24,
                         offline_output=64, offline_prompts=20000, offline_batch_tokens=128,
-                        offline_max_seqs=8, offline_kv_bytes=32 << 20, startup_timeout=60.0, rate=6.0)
-    return Settings(seconds=6.0 if quick else 45.0, offline_prompts=6000 if quick else 12000)
+                        offline_max_seqs=8, offline_kv_bytes=32 << 20, startup_timeout=60.0, rate=6.0,
+                        offline_warmup=0.3)
+    # chat-like online requests short enough for >= 100 of them per 60 s window at ~35% busy; a prefill-heavy
+    # offline batch job (long documents, short answers) that keeps the GPU busy, as a real batch engine would
+    return Settings(seconds=8.0 if quick else 60.0, busy=0.4, prompt_mean=256, output_mean=64,
+                    offline_prompt_mean=1024, offline_output=128, offline_batch_tokens=8192,
+                    offline_prompts=3000 if quick else 8000, offline_warmup=3.0 if quick else 12.0)
 
 
 def detect_device() -> str:
@@ -213,9 +221,12 @@ def write_offline_prompts(path: Path, s: Settings, vocab: int) -> None:
     rng = random.Random(s.seed + 1)
     dist = LengthDist(s.offline_prompt_mean, 0.3, 4, 4 * s.offline_prompt_mean)
     distinct = [[rng.randrange(vocab) for _ in range(dist.sample(rng))] for _ in range(min(500, s.offline_prompts))]
+    lo, hi = max(1, s.offline_output // 4), max(1, s.offline_output * 7 // 4)  # mean offline_output
     with open(path, "w") as f:  # more records than any window consumes; the prompts repeat, the ids do not
         for i in range(s.offline_prompts):
-            rec = {"id": i, "prompt": distinct[i % len(distinct)], "max_tokens": s.offline_output}
+            # varied output lengths: sequences finish at different steps, so the batch stays full and the
+            # rate is steady instead of moving in synchronised prefill/decode waves
+            rec = {"id": i, "prompt": distinct[i % len(distinct)], "max_tokens": rng.randint(lo, hi)}
             f.write(json.dumps(rec) + "\n")
 
 
@@ -230,6 +241,7 @@ def child_env(s: Settings, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env["_TYPER_STANDARD_TRACEBACK"] = "1"  # plain tracebacks in the logs (the error line last, not boxed)
     if s.device == "cpu":  # two engines on a small CPU box: one thread each
         env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
@@ -240,7 +252,8 @@ def server_cmd(s: Settings, port: int, ready: Path, valve: bool) -> list[str]:
     return [sys.executable, "-m", "valve.engine.server", "--model", s.online_model, "--device", s.device,
             "--port", str(port), "--num-blocks", str(s.online_blocks), "--block-size", str(s.block_size),
             "--max-batch-tokens", str(s.online_batch_tokens), "--max-seqs", str(s.online_max_seqs),
-            "--ready-file", str(ready), "--seed", str(s.seed)] + (["--valve"] if valve else [])
+            "--ready-file", str(ready), "--seed", str(s.seed), "--graph-max-context",
+            str(s.prompt_max + s.output_max), "--warmup-max-prompt", str(s.prompt_max)] + (["--valve"] if valve else []) + ([] if s.graphs else ["--no-graphs"])
 
 
 def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, n_blocks: int) -> list[str]:
@@ -391,8 +404,8 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             if run.trace is None:
                 calibrate(run, url, on_cfg.vocab)
         if offline:
-            wait_for("the offline runner's first step", lambda: bool(read_progress(progress)), s.startup_timeout,
-                     children)
+            wait_for("the offline runner's warm-up", lambda: offline_warm(read_progress(progress), s.offline_warmup),
+                     s.startup_timeout, children)
         if tick:
             tick(0.2)
         util.start()
@@ -410,7 +423,10 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         if offline:
             wait_for("offline progress past the window",
                      lambda: any(r["time"] >= t1 for r in read_progress(progress)), 60 + s.seconds, children)
-            out["offline_tokens_per_s"] = offline_rate(read_progress(progress), t0, t1)
+            recs = read_progress(progress)
+            out["offline_tokens_per_s"] = offline_rate(recs, t0, t1)
+            out["offline_progress"] = [[round(r["time"] - t0, 3), r["generated_tokens"]] for r in recs
+                                       if t0 - 2 <= r["time"] <= t1 + 1]
         if online:
             ok = [r for r in results if r.error is None and r.ttft is not None]
             out["ttft_ms"] = [r.ttft * 1e3 for r in ok]
@@ -429,6 +445,16 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             mps.stop()
         if tick:
             tick(1.0)
+
+
+def offline_warm(records: list[dict], warmup_s: float) -> bool:
+    """The runner has finished a sequence and stepped for ``warmup_s`` seconds since its first record."""
+    return bool(records) and records[-1]["records"] >= 1 and records[-1]["time"] - records[0]["time"] >= warmup_s
+
+
+def clip(text: str, head: int = 600, tail: int = 2400) -> str:
+    """A long error: its start (what failed) and its end (the exception), not the middle."""
+    return text if len(text) <= head + tail else f"{text[:head]}\n[...]\n{text[-tail:]}"
 
 
 def heartbeat(path: Path) -> bool:
@@ -481,7 +507,9 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     todo.sort(key=VARIANTS.index)  # online-alone first (calibration), mps last
     variants: dict[str, dict] = {}
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="valve-colocation-") as tmp:
+    # in shared memory: the control block must be (cuMemHostRegister refuses file-backed pages on disk)
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="valve-colocation-", dir=shm) as tmp:
         run = Run(s, Path(tmp), env_info)
         write_offline_prompts(run.workdir / "offline_prompts.jsonl", s, get_config(s.offline_model).vocab)
         for i, name in enumerate(todo):
@@ -497,10 +525,15 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
             except ChildFailed as e:
                 if name in ("online-alone", "offline-alone"):
                     raise
-                skipped[name] = f"failed: {str(e)[:2000]}"
+                skipped[name] = f"failed: {clip(str(e))}"
                 if console:
-                    console.print(f"[red]{name} failed[/red]: {str(e)[:2000]}")
+                    console.print(f"[red]{name} failed[/red]: {clip(str(e))}")
         pids = list(run.pids)
+        if s.keep_logs:
+            for log in Path(tmp).glob("*/*.log"):
+                dst = out_dir / "colocation_logs" / log.parent.name / log.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, dst)
     result = {
         "benchmark": "colocation", "env": env_info, "settings": asdict(s), "calibration": run.calibration,
         "seconds_total": time.time() - started, "variants": variants, "skipped": skipped,

@@ -30,6 +30,15 @@ class Engine:
         self.keep_logits = keep_logits
         self.last_logits: dict[object, torch.Tensor] = {}
         self.steps = self.generated = self.computed = 0
+        self.graphs = None  # DecodeGraphs: the all-decode fast path (enable_graphs)
+
+    def enable_graphs(self, max_batch: int = 32, max_context: int = 4096, capture: bool = True):
+        """Run all-decode steps through CUDA graphs (``capture=False``: the same static-buffer path, eager)."""
+        from valve.engine.graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_context, capture)
+        self.graphs.capture_all()
+        return self.graphs
 
     @classmethod
     def create(cls, model: LlamaModel, num_blocks: int, block_size: int = 16, **kw) -> Engine:
@@ -92,8 +101,11 @@ class Engine:
         res = StepResult()
         if not plan:
             return res
-        batch, sampling = self.build_batch(plan)
-        logits = self.model.forward_paged(batch, self.cache.kv)
+        if self.graphs is not None and self.graphs.fits(plan):
+            logits, sampling = self.graphs.run(plan), [item.seq for item in plan]
+        else:
+            batch, sampling = self.build_batch(plan)
+            logits = self.model.forward_paged(batch, self.cache.kv)
         sampled = {}
         if sampling:
             ids = logits.argmax(dim=-1).tolist()

@@ -125,11 +125,14 @@ class Attention(nn.Module):
                 vs = v[start:start + m].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:  # a later chunk (chunked prefill or recompute): read the cached context
+                # KV heads repeated per query group rather than enable_gqa: with a mask, GQA falls back to the
+                # math kernel on CUDA (an [H, m, ctx] score matrix: a long, unpreemptible offline kernel)
                 ks = kv[table, layer, 0].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
                 vs = kv[table, layer, 1].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+                ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
                 qpos = torch.arange(ctx - m, ctx, device=x.device)
                 mask = torch.arange(ctx, device=x.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             out[start:start + m] = o[0].transpose(0, 1)
         return self.o_proj(out.view(n, -1))
 

@@ -149,7 +149,8 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
 
 
 def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,
-                 max_seqs: int, seed: int = 0) -> EngineWorker:
+                 max_seqs: int, seed: int = 0, graphs: bool = False, graph_max_batch: int = 32,
+                 graph_max_context: int = 4096) -> EngineWorker:
     from valve.engine.config import get_config
     from valve.engine.engine import Engine
     from valve.engine.model import build_model
@@ -157,14 +158,27 @@ def build_worker(model: str, device: str | None, num_blocks: int, block_size: in
     m = build_model(get_config(model), device=device, seed=seed)
     eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                         max_seqs=max_seqs)
+    warmup(eng)
+    if graphs and m.device.type == "cuda":
+        eng.enable_graphs(min(graph_max_batch, max_seqs), graph_max_context)
     return EngineWorker(eng, name="online-engine")
 
 
-def warmup(worker: EngineWorker, prompt_len: int = 64, max_tokens: int = 4) -> None:
-    """One request through the engine before serving (CUDA context, kernels, allocator)."""
-    eng = worker.engine
+def warmup_lengths(max_prompt: int) -> list[int]:
+    """Prompt lengths whose prefills load the kernels that real prompts pick (GEMM kernels change with M)."""
+    return sorted({*range(16, min(512, max_prompt) + 1, 16), *range(576, max_prompt + 1, 64), max_prompt})
+
+
+def warmup(eng, prompt_len: int = 64, max_tokens: int = 4, sweep: int = 0) -> None:
+    """Requests through the engine before serving (CUDA context, kernels, allocator). ``sweep``: also prefill
+    every length of ``warmup_lengths(sweep)`` once (CUDA loads a kernel on its first launch: tens of ms that
+    would otherwise land on the first requests of each shape)."""
     eng.add_request("warmup", [1] * prompt_len, max_tokens)
     eng.run_to_completion()
+    for n in warmup_lengths(sweep) if sweep else ():
+        if eng.cache.blocks_for(n + 1) <= (eng.cache.free_blocks() or 0):  # what fits this cache
+            eng.add_request(f"warmup-{n}", [1] * n, 1)
+            eng.run_to_completion()
     if eng.model.device.type == "cuda":
         import torch
 
@@ -183,16 +197,27 @@ def main(
     valve: bool = False,
     seed: int = 0,
     ready_file: str | None = None,
+    graphs: bool = True,
+    graph_max_batch: int = 32,
+    graph_max_context: int = 4096,
+    warmup_max_prompt: int = 2048,
 ) -> None:
-    """Serve a random-weight Llama-shaped model on /v1/completions."""
+    """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps replay CUDA
+    graphs (``--no-graphs``: eager)."""
+    import sys
+
     import uvicorn
 
     from valve.engine.config import get_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal = resolve_online_signal(valve)
-    worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed)
-    warmup(worker)
+    sys.setswitchinterval(0.0005)  # the engine thread and the event loop hand the GIL over quickly
+    worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed, graphs,
+                          graph_max_batch, graph_max_context)
+    warmup(worker.engine, sweep=warmup_max_prompt)  # again through the graphs, and every prefill size
+    g = worker.engine.graphs
+    log.info("decode graphs: %s", f"{len(g.graphs)} captured in {g.capture_seconds:.1f} s" if g else "off")
     worker.start()
     app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)

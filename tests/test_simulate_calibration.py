@@ -151,3 +151,24 @@ def test_engine_colocation_file_calibrates_a_run(tmp_path):
     cal, notes = load_calibration(tmp_path)
     assert cal.valve_online_p99_ratio == 1.2 and cal.gpu == "NVIDIA H100 80GB HBM3"
     assert any("colocation_h100-80gb-hbm3.json: 4 value(s)" in n for n in notes)
+
+
+def test_reclaim_bench_table_uses_its_8_gib_row_not_a_list_index():
+    doc = {"latency": [{"size_gib": 1.0, "p99_ms": 2.0}, {"size_gib": 8.0, "p99_ms": 12.5},
+                       {"size_gib": 16.0, "p99_ms": 17.0}],
+           "sweep": [{"size_gib": 8.0, "chunk_mib": c, "p99_ms": 99.0} for c in range(9)]}
+    value, where = map_bench_results("reclaim", doc)["reclaim_latency_s"]
+    assert value == pytest.approx(0.0125) and where.startswith("latency.1.")
+    doc["latency"] = doc["latency"][:1]
+    assert map_bench_results("reclaim", doc)["reclaim_latency_s"][0] == pytest.approx(0.002)
+
+
+def test_per_sample_dumps_and_smoke_runs_are_not_read(tmp_path):
+    (tmp_path / "preemption_h100.json").write_text(json.dumps(PREEMPTION))
+    raw = tmp_path / "preemption_h100_raw.json"
+    raw.write_text(json.dumps({"variants": {"gate": {"preempt_p99_us": 9999.0}}}))
+    (tmp_path / "preemption_h100_quick.json").write_text(json.dumps({"preempt_p99_us": 8888.0}))
+    os.utime(tmp_path / "preemption_h100.json", (1, 1))  # the real result is the oldest file
+    cal, _ = load_calibration(tmp_path)
+    assert cal.preemption_latency_s == pytest.approx(250e-6)
+    assert cal.source("preemption_latency_s").startswith(str(tmp_path / "preemption_h100.json"))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import queue
@@ -44,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from valve.stats import percentile  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
+
 # NVLink multicast off in every process we start (the device machines require it).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(SAFE_ENV)
@@ -61,15 +62,6 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # statistics and the report
 # ---------------------------------------------------------------------------------------------------------
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def ratio(a: float, b: float) -> float:
     return a / b if b == b and b > 0 and a == a else float("nan")
 

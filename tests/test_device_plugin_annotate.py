@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,15 +36,6 @@ ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 RESOURCES = {ONLINE: "online", OFFLINE: "offline"}
 
 
-@pytest.fixture
-def short_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, unless it is too long for unix socket paths (108 bytes) under CI's temp root."""
-    if len(str(tmp_path)) <= 70:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="vdp", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 class FakePods:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -24,15 +20,6 @@ from valve.device_plugin.health import DEFAULT_IGNORED_XIDS
 ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 
 
-@pytest.fixture
-def short_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, unless it is too long for unix socket paths (108 bytes) under CI's temp root."""
-    if len(str(tmp_path)) <= 70:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="vdp", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _app() -> typer.Typer:

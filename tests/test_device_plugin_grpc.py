@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import stat
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,15 +22,6 @@ from valve.device_plugin.server import DevicePlugin
 ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 
 
-@pytest.fixture
-def short_dir(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path, unless it is too long for unix socket paths (108 bytes) under CI's temp root."""
-    if len(str(tmp_path)) <= 70:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="vdp", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def make_config(base: Path, **kw) -> PluginConfig:

@@ -21,6 +21,7 @@ from valve.runtime.gate_sim import SimGateBackend
 from valve.runtime.offline import Gate
 from valve.runtime.online import OnlineSignal
 from valve.runtime.sim import MS, US, SimGPU
+from valve.stats import percentile
 
 VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve")
 
@@ -53,15 +54,6 @@ class Result:
     preempt_latency_ms: list[float] = field(default_factory=list)
     gate_closed_fraction: float = 0.0
     context_switches: int = 0
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def arrivals(w: Workload, seconds: float, rng: random.Random) -> list[tuple[int, int, int]]:

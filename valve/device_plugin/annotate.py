@@ -28,6 +28,7 @@ import grpc
 
 from valve import __version__
 from valve.device_plugin.allocation import ROLES
+from valve.kubeclient import load_api_client
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +135,9 @@ class PodClient:
 
     def _api(self) -> Any:
         if self._core is None:  # lazily, so a missing config is an error of one pass, retried
-            from kubernetes import client, config
+            from kubernetes import client
 
-            cfg = client.Configuration(host=self.host) if self.host else client.Configuration()
-            if not self.host:
-                try:
-                    config.load_incluster_config(client_configuration=cfg)
-                except config.ConfigException:
-                    config.load_kube_config(client_configuration=cfg)
-            api = client.ApiClient(cfg)
-            api.user_agent = USER_AGENT
-            self._core = client.CoreV1Api(api)
+            self._core = client.CoreV1Api(load_api_client(self.host or None, USER_AGENT))
         return self._core
 
     def get(self, namespace: str, name: str) -> PodInfo | None:

@@ -18,6 +18,8 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+from valve.stats import percentile
+
 
 @dataclass(frozen=True)
 class LengthDist:
@@ -173,15 +175,6 @@ async def run_trace(base_url: str, trace: list[TraceRequest], model: str = "mode
             return r
 
         return list(await asyncio.gather(*(fire(r) for r in trace)))
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def summarize(results: list[RequestResult]) -> dict:

@@ -7,7 +7,7 @@ import datetime
 import logging
 from typing import Any
 
-from valve import __version__
+from valve import __version__, kubeclient
 from valve.api import colocation as c
 
 log = logging.getLogger(__name__)
@@ -18,19 +18,7 @@ MERGE_PATCH = "application/merge-patch+json"
 
 def load_api_client(host: str | None = None):
     """An ApiClient from in-cluster config, else KUBECONFIG (or a bare host, for tests)."""
-    from kubernetes import client, config
-
-    if host is not None:
-        cfg = client.Configuration(host=host)
-    else:
-        cfg = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
-    api = client.ApiClient(cfg)
-    api.user_agent = USER_AGENT
-    return api
+    return kubeclient.load_api_client(host, USER_AGENT)
 
 
 class Kube:

@@ -92,9 +92,14 @@ async def test_annotator_closes_the_gpu_identity_gap(env):
     pod = await env.until(lambda: annotated("chat-offline"), "the annotator on the offline pod")
     assert pod["metadata"]["annotations"][ANN_ROLE] == "offline"
 
-    pair = await env.until_phase("Running")
-    conds = {cd["type"]: cd for cd in pair["status"]["conditions"]}
-    assert conds["Paired"]["status"] == "True" and pair["status"]["gpuUUID"] == gpu
+    await env.until_phase("Running")  # Running can come before the second annotation is seen: wait for Paired
+
+    async def paired():
+        pair = await env.api.get_pair("chat", env.namespace)
+        conds = {cd["type"]: cd for cd in (pair.get("status") or {}).get("conditions") or []}
+        return pair if conds.get("Paired", {}).get("status") == "True" else None
+    pair = await env.until(paired, "Paired=True")
+    assert pair["status"]["phase"] == "Running" and pair["status"]["gpuUUID"] == gpu
     # Annotations do not count as a spec change: nothing is recreated.
     for _ in range(10):
         await asyncio.sleep(0.1)

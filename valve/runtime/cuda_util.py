@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 
-def driver():
-    """The `cuda.bindings.driver` module (or the older `cuda.cuda`), with a clear error when missing."""
+_bound = threading.local()  # threads on which ensure_context() found or made a current context
+
+
+def _bindings(name: str, legacy: str, what: str):
+    """`cuda.bindings.<name>`, or `cuda.<legacy>` of cuda-python < 12.6, with a clear error when missing."""
+    import importlib
+
     try:
-        from cuda.bindings import driver as cu
+        return importlib.import_module(f"cuda.bindings.{name}")
     except ImportError:
         try:
-            from cuda import cuda as cu  # cuda-python < 12.6
+            return importlib.import_module(f"cuda.{legacy}")
         except ImportError as e:
-            raise RuntimeError("the CUDA backend needs cuda-python: pip install 'valve[cuda]'") from e
-    return cu
+            raise RuntimeError(f"{what} needs cuda-python: pip install 'valve[cuda]'") from e
+
+
+@functools.cache  # check() looks it up on every driver call
+def driver():
+    """The CUDA driver API module."""
+    return _bindings("driver", "cuda", "the CUDA backend")
+
+
+@functools.cache
+def nvrtc():
+    """The NVRTC module (the spin gate compiles its kernel with it)."""
+    return _bindings("nvrtc", "nvrtc", "the spin gate")
 
 
 def check(result):
@@ -29,9 +47,12 @@ def ensure_context(device: int | None = None) -> None:
     """Make the device's primary context current on this thread if none is. The CUDA runtime (torch) binds it
     lazily per thread, and a cached torch allocation binds nothing, so a new thread's first driver call would
     fail with CUDA_ERROR_INVALID_CONTEXT."""
+    if getattr(_bound, "ok", False):  # checked once per thread: this sits on the gate's per-sub-layer path
+        return
     cu = driver()
     ctx = check(cu.cuCtxGetCurrent())
     if ctx is not None and int(ctx) != 0:
+        _bound.ok = True
         return
     if device is None:
         import torch
@@ -39,3 +60,4 @@ def ensure_context(device: int | None = None) -> None:
         device = torch.cuda.current_device()
     ctx = check(cu.cuDevicePrimaryCtxRetain(check(cu.cuDeviceGet(device))))
     check(cu.cuCtxSetCurrent(ctx))
+    _bound.ok = True

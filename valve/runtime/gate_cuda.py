@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 from valve.runtime.control import FILE_SIZE, GATE_OFFSET, GATE_OPEN, ControlBlock
-from valve.runtime.cuda_util import check, driver, ensure_context
+from valve.runtime.cuda_util import check, driver, ensure_context, nvrtc
 
 _registered: dict[int, int] = {}  # host page address -> device pointer (one registration per mapping)
 _reg_lock = threading.Lock()
@@ -92,20 +92,9 @@ extern "C" __global__ void valve_gate_spin(const volatile unsigned int* gate, un
 """
 
 
-def nvrtc_module():
-    try:
-        from cuda.bindings import nvrtc
-    except ImportError:
-        try:
-            from cuda import nvrtc  # cuda-python < 12.6
-        except ImportError as e:
-            raise RuntimeError("the spin gate needs cuda-python's nvrtc: pip install 'valve[cuda]'") from e
-    return nvrtc
-
-
 def compile_spin_kernel():
     """Compile the spin-gate kernel for the current device (NVRTC -> CUBIN) and return its CUfunction."""
-    cu, nv = driver(), nvrtc_module()
+    cu, nv = driver(), nvrtc()
 
     def nvcheck(res, what):
         err, *rest = res

@@ -13,7 +13,6 @@ Validation:
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -162,8 +161,6 @@ def crd_json_schema(schema: dict) -> dict:
     Objects with `properties` reject unknown keys unless x-kubernetes-preserve-unknown-fields is set;
     x-kubernetes-int-or-string and nullable are spelled out. CEL rules (x-kubernetes-validations) are not run.
     """
-    s = copy.deepcopy(schema)
-
     def walk(node):
         if isinstance(node, list):
             return [walk(n) for n in node]
@@ -183,7 +180,7 @@ def crd_json_schema(schema: dict) -> dict:
             node["additionalProperties"] = False
         return node
 
-    out = walk(s)
+    out = walk(schema)  # new dicts and lists throughout: the CRD is not modified
     # metadata is validated by the API server, not by the CRD schema.
     out.setdefault("properties", {})["metadata"] = {"type": "object"}
     return out

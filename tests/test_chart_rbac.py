@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,10 @@ def permissions(rules) -> set[tuple[str, str, str]]:
     return out
 
 
-def rendered():
-    objs = cc.template(HELMS[0], api_versions=cc.MONITOR_APIS)
-    return objs
+@cache
+def rendered() -> tuple[dict, ...]:
+    """The chart with default values, rendered once for this module (the tests only read it)."""
+    return tuple(cc.template(HELMS[0], api_versions=cc.MONITOR_APIS))
 
 
 def test_permissions_expand_rules():

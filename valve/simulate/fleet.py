@@ -261,6 +261,10 @@ def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progr
                                rt.max_preemptions_per_second, events, bin_s)
         return r, np.asarray(events)
 
+    # the same for every strategy
+    slo = cfg.slo * (1.0 + 1e-9)
+    over_alone = model.queue_factor(u, work.cv[:, None]) > slo
+    weight = requests.sum()
     out: dict = {}
     series: dict = {}
     for s in strategies:
@@ -268,21 +272,18 @@ def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progr
         rate, events = rates(s, u)
         run = run_jobs(rate, lay, jobs, bin_h, max_bins, progress, f"offline backlog: {s.label}")
         shared = run.active if s.colocate else np.zeros_like(u)
-        p99_alone = model.queue_factor(u, work.cv[:, None])
         p99_shared = model.online_p99(u, work.cv[:, None], s, np.ones_like(u), work.request_gpu_s[:, None])
-        slo = cfg.slo * (1.0 + 1e-9)
-        over = shared * (p99_shared > slo) + (1.0 - shared) * (p99_alone > slo)
-        weight = requests.sum()
+        over = shared * (p99_shared > slo) + (1.0 - shared) * over_alone
+        requests_over = requests * over
         served = shared * model.online_served(u, s, np.ones_like(u)) + (1 - shared) * np.minimum(u, 1.0)
         online_work = (served * today[:, None]).sum(axis=0)  # (bins,) busy-GPU units
         util = (online_work + run.offline_gpus) / cfg.gpus
         done = np.isfinite(run.finish)
-        preempt = model.preemptions_per_s(u, work.request_gpu_s[:, None], rt.max_preemptions_per_second)
         today_stats = {
             "utilisation_pct": percent(util.mean()),
             "online_util_of_online_gpus_pct": percent(online_work.mean() / max(online_gpus, 1)),
             "offline_gpu_equivalents": round(float(run.offline_gpus.mean()), 3),
-            "online_slo_violation_pct": percent((requests * over).sum() / weight) if weight > 0 else 0.0,
+            "online_slo_violation_pct": percent(requests_over.sum() / weight) if weight > 0 else 0.0,
             "online_service_minutes_over_slo_pct": percent((over * (today[:, None] > 0)).mean()),
             "online_unserved_pct": percent(1.0 - online_work.sum() / max(
                 (np.minimum(u, 1.0) * today[:, None]).sum(), 1e-12)),
@@ -291,12 +292,13 @@ def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progr
             "offline_mean_job_done_h": round(float(np.nanmean(run.finish)), 2) if done.any() else None,
         }
         if s.gated:
+            preempt = model.preemptions_per_s(u, work.request_gpu_s[:, None], rt.max_preemptions_per_second)
             per = (shared * today[:, None])
             today_stats["preemptions_per_gpu_s"] = round(float((preempt * per).sum() / max(per.sum(), 1e-12)), 3)
             today_stats["reclaims_per_gpu_h"] = round(float((events * per).sum() / max(per.sum(), 1e-12) / bin_h), 2)
         sized = right_size(s, work, cfg, offline_gpus, n_ded, peak, rates)
         out[s.name] = {"label": s.label, "today": today_stats, "right_sized": sized}
-        series[s.name] = {"utilisation": util, "slo_violation": (requests * over).sum(axis=0) / np.maximum(
+        series[s.name] = {"utilisation": util, "slo_violation": requests_over.sum(axis=0) / np.maximum(
             requests.sum(axis=0), 1e-12), "backlog_left": run.left}
     base = out["dedicated"]["right_sized"]
     for s in strategies:

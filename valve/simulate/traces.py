@@ -207,13 +207,13 @@ def read_csv(path: str | Path, gpu_s_per_request: float = 0.05, cv: float = 1.0)
 
 
 def number(path, line, column: str, text) -> float:
+    where = f"{path}:{line}" if line is not None else f"{path}"
     try:
         v = float(text)
     except (TypeError, ValueError):
-        where = f"{path}:{line}" if line is not None else f"{path}"
         raise TraceError(f"{where}: {column} must be a number, got {text!r}") from None
     if not math.isfinite(v):
-        raise TraceError(f"{path}:{line}: {column} must be finite, got {text!r}")
+        raise TraceError(f"{where}: {column} must be finite, got {text!r}")
     return v
 
 

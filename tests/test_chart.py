@@ -7,20 +7,15 @@ the tests that need helm skip without it. Validators: kubernetes-validate, cloud
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from functools import cache
 from pathlib import Path
 
+import chartcheck as cc
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("chartcheck", ROOT / "scripts" / "chartcheck.py")
-cc = importlib.util.module_from_spec(_spec)
-sys.modules["chartcheck"] = cc
-_spec.loader.exec_module(cc)
 
 HELMS = cc.find_helms()
 helms = pytest.mark.parametrize(

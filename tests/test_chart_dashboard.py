@@ -7,18 +7,15 @@ Exported names are collected from the source: every Counter/Gauge/Histogram/Summ
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
 from pathlib import Path
 
+import dashboard as gen
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "charts" / "valve" / "dashboards" / "valve.json"
-_spec = importlib.util.spec_from_file_location("valve_dashboard_gen", ROOT / "scripts" / "dashboard.py")
-gen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen)
 
 METRIC_CLASSES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
 NAME_RE = re.compile(r"\bvalve_[a-z0-9_]+\b")

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
+import chartcheck as cc
 import pytest
 import typer.main
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("chartcheck", ROOT / "scripts" / "chartcheck.py")
-cc = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("chartcheck", cc)
-_spec.loader.exec_module(cc)
 
 HELMS = cc.find_helms()
 needs_helm = pytest.mark.skipif(not HELMS, reason="helm not installed (scripts/install-chart-tools.sh)")

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from functools import cache
 from pathlib import Path
 
+import chartcheck as cc
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("chartcheck", ROOT / "scripts" / "chartcheck.py")
-cc = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("chartcheck", cc)
-_spec.loader.exec_module(cc)
 
 HELMS = cc.find_helms()
 pytestmark = pytest.mark.skipif(not HELMS, reason="helm not installed (scripts/install-chart-tools.sh)")

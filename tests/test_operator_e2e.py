@@ -11,14 +11,14 @@ import asyncio
 import pytest
 
 pytest.importorskip("kopf")
-kmock = pytest.importorskip("kmock")
+pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from valve.api import colocation as c  # noqa: E402
 from valve.api.runtime import RuntimeSpec  # noqa: E402
 from valve.operator import rbac  # noqa: E402
 from valve.operator.pods import ANN_GPU  # noqa: E402
-from valve.operator.testing import Harness, ValveKube, operator_requests, pair_body, permission  # noqa: E402
+from valve.operator.testing import emulated, operator_requests, pair_body, permission  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 NS = "default"
@@ -26,12 +26,8 @@ NS = "default"
 
 @pytest_asyncio.fixture
 async def env():
-    async with ValveKube() as kube, kmock.Server(kube):
-        e = Harness(kube)
-        try:
-            yield e
-        finally:
-            await e.stop_operator()
+    async with emulated() as e:
+        yield e
 
 
 async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env):
@@ -109,10 +105,7 @@ async def test_deleted_pod_is_recreated_once(env):
     env.nodes.release(offline["metadata"]["uid"])
     assert await env.api.delete(f"{env.pods_path}/chat-offline") == 200
 
-    async def new_offline():
-        pod = await env.pod("chat-offline")
-        return pod if pod and pod["metadata"]["uid"] != offline["metadata"]["uid"] else None
-    pod = await env.until(new_offline, "recreated offline pod")
+    pod = await env.until(lambda: _recreated(env, offline), "recreated offline pod")
     await env.nodes.start(pod)
     await env.until_phase("Running")
     for _ in range(10):  # a few more resyncs: nothing else is created
@@ -173,5 +166,6 @@ async def test_api_requests_are_exactly_the_rbac_rules(env):
 
 
 async def _recreated(env, old):
+    """The offline pod once it is a new one (another uid than `old`), else None."""
     pod = await env.pod("chat-offline")
-    return pod is not None and pod["metadata"]["uid"] != old["metadata"]["uid"]
+    return pod if pod is not None and pod["metadata"]["uid"] != old["metadata"]["uid"] else None

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("kopf")
-kmock = pytest.importorskip("kmock")
+pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from valve.device_plugin.annotate import Annotator, PodClient  # noqa: E402
 from valve.device_plugin.fake_kubelet import FakePodResources  # noqa: E402
 from valve.operator.pods import ANN_GPU, ANN_ROLE  # noqa: E402
-from valve.operator.testing import Harness, ValveKube, pair_body  # noqa: E402
+from valve.operator.testing import emulated, pair_body  # noqa: E402
 from valve.runtime.podinfo import resolve_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -32,11 +32,10 @@ RESOURCES = {"valve.io/online-gpu": "online", "valve.io/offline-gpu": "offline"}
 @pytest_asyncio.fixture
 async def env():
     d = Path(tempfile.mkdtemp(prefix="vann", dir="/tmp"))  # short: unix socket path
-    async with ValveKube() as kube, kmock.Server(kube):
-        e = Harness(kube)
+    async with emulated() as e:
         e.nodes.annotate = False  # the annotator below does it
         e.kubelet_pods = FakePodResources(d / "pr.sock").start()
-        e.annotator = Annotator(e.kubelet_pods.socket, RESOURCES, PodClient(str(kube.url).rstrip("/")),
+        e.annotator = Annotator(e.kubelet_pods.socket, RESOURCES, PodClient(str(e.kube.url).rstrip("/")),
                                 node_name="gpu-a", interval_s=0.1)
         e.dir = d
         thread = threading.Thread(target=e.annotator.run, daemon=True)
@@ -47,7 +46,6 @@ async def env():
             e.annotator.stop()
             thread.join(5)
             e.kubelet_pods.stop()
-            await e.stop_operator()
             shutil.rmtree(d, ignore_errors=True)
 
 

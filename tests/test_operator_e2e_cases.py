@@ -12,10 +12,10 @@ import json
 import pytest
 
 pytest.importorskip("kopf")
-kmock = pytest.importorskip("kmock")
+pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
-from valve.operator.testing import Harness, ValveKube, gpu_node, pair_body  # noqa: E402
+from valve.operator.testing import emulated, gpu_node, pair_body  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 NS = "default"
@@ -23,12 +23,8 @@ NS = "default"
 
 @pytest_asyncio.fixture
 async def env():
-    async with ValveKube() as kube, kmock.Server(kube):
-        e = Harness(kube)
-        try:
-            yield e
-        finally:
-            await e.stop_operator()
+    async with emulated() as e:
+        yield e
 
 
 @pytest.mark.parametrize("mutate, needle", [

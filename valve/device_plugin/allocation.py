@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -108,21 +109,34 @@ class AllocationRecord:
             return gone
 
 
+class PodResourcesUnavailable(RuntimeError):
+    pass
+
+
+def list_pod_resources(socket: Path, timeout: float) -> Any:
+    """One kubelet PodResources List call; raises PodResourcesUnavailable saying why."""
+    from valve.device_plugin.proto import podresources_pb2 as pr
+    from valve.device_plugin.proto import podresources_pb2_grpc as pr_grpc
+
+    if not socket.exists():
+        raise PodResourcesUnavailable(f"PodResources socket {socket} does not exist")
+    try:
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            return pr_grpc.PodResourcesListerStub(channel).List(pr.ListPodResourcesRequest(), timeout=timeout)
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else e
+        raise PodResourcesUnavailable(f"PodResources List at {socket} failed: {code}") from None
+
+
 def pod_resources_taken(socket: Path, resources: dict[str, str], timeout: float = 1.0) -> dict[str, set[str]] | None:
     """Slots in use per role from the kubelet PodResources API (`resources`: resource name -> role).
 
     Returns None when the socket is absent or does not answer.
     """
-    if not socket.exists():
-        return None
-    from valve.device_plugin.proto import podresources_pb2 as pr
-    from valve.device_plugin.proto import podresources_pb2_grpc as pr_grpc
-
     try:
-        with grpc.insecure_channel(f"unix://{socket}") as channel:
-            resp = pr_grpc.PodResourcesListerStub(channel).List(pr.ListPodResourcesRequest(), timeout=timeout)
-    except grpc.RpcError as e:
-        log.debug("PodResources at %s unavailable: %s", socket, e.code() if hasattr(e, "code") else e)
+        resp = list_pod_resources(socket, timeout)
+    except PodResourcesUnavailable as e:
+        log.debug("%s", e)
         return None
     taken: dict[str, set[str]] = {r: set() for r in ROLES}
     for pod in resp.pod_resources:

@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from valve import __version__
-from valve.device_plugin.allocation import ROLES
+from valve.device_plugin.allocation import ROLES, PodResourcesUnavailable, list_pod_resources
 from valve.kubeclient import load_api_client
 
 log = logging.getLogger(__name__)
@@ -81,25 +79,6 @@ def pods_with_devices(resp: Any, resources: Mapping[str, str]) -> list[PodDevice
             out.append(PodDevices(pod.namespace, pod.name, tuple(sorted(gpus)),
                                   tuple(r for r in ROLES if r in roles)))
     return out
-
-
-class PodResourcesUnavailable(RuntimeError):
-    pass
-
-
-def list_pod_resources(socket: Path, timeout: float = 2.0) -> Any:
-    """One PodResources List call; raises PodResourcesUnavailable saying why."""
-    from valve.device_plugin.proto import podresources_pb2 as pr
-    from valve.device_plugin.proto import podresources_pb2_grpc as pr_grpc
-
-    if not socket.exists():
-        raise PodResourcesUnavailable(f"PodResources socket {socket} does not exist")
-    try:
-        with grpc.insecure_channel(f"unix://{socket}") as channel:
-            return pr_grpc.PodResourcesListerStub(channel).List(pr.ListPodResourcesRequest(), timeout=timeout)
-    except grpc.RpcError as e:
-        code = e.code() if hasattr(e, "code") else e
-        raise PodResourcesUnavailable(f"PodResources List at {socket} failed: {code}") from None
 
 
 def annotation_patch(current: Mapping[str, str] | None, wanted: Mapping[str, str],
@@ -208,7 +187,7 @@ class Annotator:
         result = SyncResult()
         verify_all = self.busy()
         try:
-            resp = list_pod_resources(self.socket)
+            resp = list_pod_resources(self.socket, timeout=2.0)
         except PodResourcesUnavailable as e:
             self._problem(f"{e}; pods are not annotated until it answers")
             result.errors.append(str(e))

@@ -21,7 +21,7 @@ from valve.api import colocation as c
 from valve.operator import metrics
 from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
 from valve.operator.kube import Kube
-from valve.operator.placement import PairRequest, place
+from valve.operator.placement import NO_FIT, PairRequest, place
 from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, ROLES, OperatorConfig, PodView, pod_view
 from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
 
@@ -100,8 +100,8 @@ class Operator:
             body = {**body, "status": self.written[key]}
         pods = self.pods_of(key)
         node = self.claims.get(key) or node_of(body, pods)
-        spec, invalid = parse_spec(body)
-        no_fit = "no node has a GPU with both online and offline slots free"
+        spec, _ = parse_spec(body)
+        no_fit = NO_FIT
         if node is None and spec is not None and (body.get("status") or {}).get("phase"):
             node, no_fit = await self.place(key, spec)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

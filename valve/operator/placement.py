@@ -10,6 +10,8 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+NO_FIT = "no node has a GPU with both online and offline slots free"
+
 
 @dataclass(frozen=True)
 class Node:
@@ -64,7 +66,7 @@ def place(pairs: Sequence[PairRequest], nodes: Sequence[Node]) -> list[Placement
     out: list[Placement] = []
     for pair in pairs:
         if not heap:
-            out.append(Placement(pair.key, None, "no node has a GPU with both online and offline slots free"))
+            out.append(Placement(pair.key, None, NO_FIT))
             continue
         free, load, name = heapq.heappop(heap)
         out.append(Placement(pair.key, name, f"{free} free pair slot(s) on {name}"))

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from valve.api import colocation as c
 from valve.api.colocation import ConditionType, Phase
 from valve.operator import status as st
+from valve.operator.placement import NO_FIT
 from valve.operator.pods import ANN_HASH, OFFLINE, ONLINE, OperatorConfig, PodView, pod_name, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
@@ -82,7 +83,7 @@ def plan(
     node: str | None,
     cfg: OperatorConfig,
     now: str,
-    no_fit: str = "no node has a GPU with both online and offline slots free",
+    no_fit: str = NO_FIT,
 ) -> Plan:
     spec, invalid = parse_spec(pair)
     old = pair.get("status") or {}

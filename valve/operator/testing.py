@@ -12,11 +12,13 @@ Needs the dev extra (kmock). Not used by the operator itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import itertools
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp.web
@@ -24,6 +26,7 @@ import kmock
 
 from valve.api import colocation as c
 from valve.api.crds import crd_validator
+from valve.operator.pods import RESOURCE
 
 RESOURCES = {
     "v1/pods": dict(namespaced=True, kind="Pod", subresources={"status", "binding"}),
@@ -65,12 +68,6 @@ class ValveKube(kmock.KubernetesEmulator):
         self.validate_crs = True
         self._versions = itertools.count(1)
         self._validator = crd_validator()
-
-    def obj(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        key = (kmock.resource(resource), namespace, name)
-        if key not in self.objects or self.objects[key].deleted:
-            return None
-        return self.objects[key].raw
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         res = kmock.resource(resource)
@@ -183,7 +180,6 @@ class ValveKube(kmock.KubernetesEmulator):
 # --- Test harness: API access, fake scheduler/kubelet/device plugin, request log ------------------
 
 TEST_AGENT = "valve-test"
-RESOURCE_OF = {"online": c.ONLINE_RESOURCE, "offline": c.OFFLINE_RESOURCE}
 PAIRS_PATH = f"/apis/{c.API_VERSION}/namespaces/{{ns}}/{c.PLURAL}"
 
 
@@ -316,7 +312,7 @@ class FakeNodes:
     def pod_resources(self, node: str) -> list[tuple[str, list[str], str, str]]:
         """What the node's kubelet PodResources API lists: (resource, device IDs, namespace, name) per pod,
         the shape `valve.device_plugin.fake_kubelet.FakePodResources.assigned` takes."""
-        return [(RESOURCE_OF[role], [gpu], ns, name)
+        return [(RESOURCE[role], [gpu], ns, name)
                 for n, ns, name, role, gpu in self.placed.values() if n == node]
 
 
@@ -462,3 +458,14 @@ class Harness:
         await self.nodes.start(offline)
         await self.until_phase("Running", name)
         return online, offline
+
+
+@contextlib.asynccontextmanager
+async def emulated() -> AsyncIterator[Harness]:
+    """A Harness on a fresh emulator served by kmock; the operator is stopped on the way out."""
+    async with ValveKube() as kube, kmock.Server(kube):
+        harness = Harness(kube)
+        try:
+            yield harness
+        finally:
+            await harness.stop_operator()

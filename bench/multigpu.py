@@ -584,8 +584,6 @@ def offline_worker(a: argparse.Namespace) -> None:
             if handle is not None:
                 handle.remove()
         except Exception as e:  # noqa: BLE001
-            import traceback
-
             where = " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_tb(e.__traceback__)[-4:]))
             out["error"] = f"offline loop: {type(e).__name__}: {e} (at {where})"
 

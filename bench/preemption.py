@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from valve import stats  # noqa: E402  (after the path line: run as `python3 bench/preemption.py`)
+
 # graph_spin before graph_memop: a failed memop-node capture could leave the offline context unusable
 ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_memop", "mps", "mps_gate")
 QUICK_SKIP = ("gate_linear", "mps_gate")  # --quick: < 60 s
@@ -75,12 +77,8 @@ extern "C" __global__ void valve_spin_gate(const volatile unsigned int* gate, un
 # plain functions (tested on CPU)
 # ---------------------------------------------------------------------------------------------------------
 def percentile(xs, q: float) -> float:
-    xs = sorted(float(x) for x in xs if x is not None and not math.isnan(float(x)))
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    """``valve.stats.percentile`` of the samples that are there (None and NaN dropped: a missed mark)."""
+    return stats.percentile([float(x) for x in xs if x is not None and not math.isnan(float(x))], q)
 
 
 def arrival_times(seconds: float, mean_gap_ms: float, idle_every: int, idle_ms: float, seed: int) -> list[float]:

@@ -59,7 +59,6 @@ class Arbiter:
         self._measured_close = int(f.last_close_ns)
         self._started = False
         self.steps = 0
-        self.last_preemption_latency_ns: int | None = None
         self.preemption_latencies_ns: list[int] = []
 
     # ---- reading the online slots ------------------------------------------------------------------------
@@ -120,18 +119,18 @@ class Arbiter:
             self._decide(now)  # a request that started while we reopened closes it again
         f.flags = FLAG_ARBITER | (FLAG_CLOSE_ALLOWED if p.gate_open and p.may_close(now) else 0)
         f.online_inflight = p.inflight
-        f.preemptions += p.preemptions - self._reported["preemptions"]
-        closed = p.closed_time(now)
-        f.gate_closed_ns += closed - self._reported["closed_ns"]
-        self._account(now, f, closed)
+        self._account(f, p.closed_time(now))
         if self.memory is not None and now >= self._next_memory:
             self._next_memory = now + self.memory_ns
             self.memory.step(now, self.cb)
         self.steps += 1
         return p.reopen_at()
 
-    def _account(self, now: int, f, closed: int) -> None:
+    def _account(self, f, closed: int) -> None:
         p, r, m = self.policy, self._reported, self.metrics
+        d_preemptions, d_closed = p.preemptions - r["preemptions"], closed - r["closed_ns"]
+        f.preemptions += d_preemptions
+        f.gate_closed_ns += d_closed
         progress, forced, parked = int(f.offline_progress), int(f.forced_opens), int(f.parked_seq)
         d_progress = progress - self._seen_progress if progress >= self._seen_progress else progress
         d_forced = max(0, forced - self._seen_forced)
@@ -142,15 +141,14 @@ class Arbiter:
             self.preemption_latencies_ns.append(latency)
         self._seen_progress, self._seen_forced, self._seen_parked = progress, forced, parked
         if m is not None:
-            m.preemptions.inc(p.preemptions - r["preemptions"])
+            m.preemptions.inc(d_preemptions)
             m.capped.inc(p.capped - r["capped"])
-            m.closed_seconds.inc((closed - r["closed_ns"]) / 1e9)
+            m.closed_seconds.inc(d_closed / 1e9)
             m.inflight.set(p.inflight)
             m.offline_progress.inc(d_progress)
             m.forced_opens.inc(d_forced)
             if latency is not None:
                 m.preemption_latency.observe(latency / 1e9)
-        self.last_preemption_latency_ns = latency
         r["preemptions"], r["capped"], r["closed_ns"] = p.preemptions, p.capped, closed
 
     def shutdown(self) -> None:

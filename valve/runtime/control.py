@@ -184,12 +184,6 @@ class ControlBlock:
         """Online requests in flight, summed over the claimed slots."""
         return sum(max(0, s.started - s.ended) for s in self.claimed_slots())
 
-    def last_close_ns(self) -> int:
-        return max((s.close_ns for s in self.claimed_slots()), default=0)
-
-    def last_end_ns(self) -> int:
-        return max((s.end_ns for s in self.claimed_slots()), default=0)
-
     def _lock_file(self, index: int) -> Path:
         assert self.path is not None
         return self.path.parent / "online-slots" / f"{index}.lock"

@@ -55,11 +55,6 @@ class GatePolicy:
             self.gate_open = True
             self.closed_ns += max(0, now - self._closed_at)
 
-    def online_start(self, now: int) -> bool:
-        """An online request began. Returns True if this call closed the gate (a preemption)."""
-        self.inflight += 1
-        return self._close(now)
-
     def observe(self, now: int, arrivals: int, inflight: int, last_end: int | None = None) -> bool:
         """The arbiter's polled view: ``arrivals`` requests started since the last call, ``inflight`` in flight
         now, the last one ended at ``last_end``. Returns True if this call closed the gate."""
@@ -69,13 +64,6 @@ class GatePolicy:
         if inflight == 0 and was_busy:
             self.idle_since = min(now, last_end) if last_end else now
         return closed
-
-    def online_end(self, now: int) -> None:
-        if self.inflight <= 0:
-            raise ValueError("online_end without a matching online_start")
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle_since = now
 
     def reopen_at(self) -> int | None:
         """When the gate should reopen if nothing else happens, or None if it stays as it is."""

@@ -41,10 +41,10 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.0
 DEFAULT_SIGNAL_METHODS = ("POST",)
 
 
-def forward_headers(headers: Iterable[tuple[str, str]], extra_hop: Iterable[str] = ()) -> list[tuple[str, str]]:
+def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers minus hop-by-hop ones (also those the `Connection` header names). Order and repeats kept."""
     headers = list(headers)
-    drop = set(HOP_BY_HOP) | {h.lower() for h in extra_hop}
+    drop = set(HOP_BY_HOP)
     for k, v in headers:
         if k.lower() == "connection":
             drop |= {t.strip().lower() for t in v.split(",") if t.strip()}

@@ -43,15 +43,10 @@ from valve.runtime.memory_control import MemoryController  # noqa: E402
 from valve.runtime.memory_evict import Candidate, choose_evictions  # noqa: E402
 from valve.runtime.memory_sim import SimBackend, SimGpuInfo  # noqa: E402
 from valve.runtime.sim import SimGPU  # noqa: E402
+from valve.stats import percentile  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 MS = 1_000_000
-
-
-def percentile(xs, q):
-    import numpy as np
-
-    return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -435,7 +435,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
             out["busy_fraction"] = busy_fraction(ok, s.seconds)
         if valve:
-            out["control"] = read_control(rdir / uuid / "control")
+            out["control"] = read_control(control_path(uuid, rdir))
         return out
     finally:
         util.stop()

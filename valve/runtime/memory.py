@@ -297,17 +297,14 @@ class KVPool:
         if seq is None:
             return 0
         del self._by_slot[seq.slot]
-        self._release_blocks(seq.blocks)
-        for b in seq.blocks:
-            heapq.heappush(self._heap, b)
-        return len(seq.blocks)
-
-    def _release_blocks(self, blocks: list[int]) -> None:
-        if blocks:
-            arr = np.asarray(blocks, dtype=np.int64)
+        if seq.blocks:
+            arr = np.asarray(seq.blocks, dtype=np.int64)
             self._owner[arr] = FREE
             np.subtract.at(self._live, self._block_chunk[arr], 1)
-            self._live_total -= len(blocks)
+            self._live_total -= len(seq.blocks)
+            for b in seq.blocks:
+                heapq.heappush(self._heap, b)
+        return len(seq.blocks)
 
     def block_table(self, seq_id) -> list[int]:
         seq = self._seqs.get(seq_id)
@@ -363,13 +360,9 @@ class KVPool:
             cands = [Candidate(sid, len(s.blocks), s.tokens if s.tokens is not None else len(s.blocks), s.order)
                      for sid, s in self._seqs.items() if s.blocks]
             for c in choose_evictions(cands, deficit, policy):
-                seq = self._seqs.pop(c.seq_id)
-                del self._by_slot[seq.slot]
-                self._release_blocks(seq.blocks)
-                for b in seq.blocks:
-                    heapq.heappush(self._heap, b)
+                res.evicted_tokens += self._seqs[c.seq_id].tokens or 0
+                self.free(c.seq_id)
                 res.evicted.append(c.seq_id)
-                res.evicted_tokens += seq.tokens or 0
         # 2. pick victims, move their live blocks into free blocks of the chunks that stay
         victims = choose_victim_chunks(mapped.tolist(), self._live[mapped].tolist(), k, policy)
         t1 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from valve.engine.loadgen import percentile
+from valve.stats import percentile
 
 ORDER = ("online-alone", "offline-alone", "time-slicing", "mps", "valve")
 

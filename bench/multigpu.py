@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from valve.stats import percentile  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
+from valve.runtime.control import GATE_OPEN  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
+from valve.stats import percentile  # noqa: E402
 
 # NVLink multicast off in every process we start (the device machines require it).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -275,12 +276,43 @@ def read_control(root: Path, uuid: str) -> dict | None:
     except ControlBlockError:
         return None
     f = cb.fields
+    slots = cb.claimed_slots()
     out = {"gate": f.gate, "heartbeat_ns": f.heartbeat_ns, "preemptions": f.preemptions,
            "online_requests": f.online_requests, "offline_progress": f.offline_progress,
-           "forced_opens": f.forced_opens, "gate_closed_ns": f.gate_closed_ns}
-    del f  # a live ctypes view keeps the mapping from closing
+           "forced_opens": f.forced_opens, "gate_closed_ns": f.gate_closed_ns,
+           # written by the online clients themselves, so they cannot lag behind the arbiter
+           "inflight": cb.inflight(), "started": sum(s.started for s in slots),
+           "last_end_ns": max((s.end_ns for s in slots), default=0)}
+    del f, slots  # a live ctypes view keeps the mapping from closing
     cb.close()
     return out
+
+
+def settled(c: dict | None) -> bool:
+    """Whether the arbiter has accounted everything online did: nothing in flight, the gate open again (only
+    the arbiter reopens it, after adopting every closure), and a step begun after the last request ended."""
+    return (c is not None and c["inflight"] == 0 and c["gate"] == GATE_OPEN
+            and c["heartbeat_ns"] > c["last_end_ns"])
+
+
+def wait_settled(root: Path, uuids: list[str], timeout: float = 30.0) -> dict[str, dict]:
+    """Every GPU's counters once its arbiter has accounted the phase. The arbiter adopts closures and counts
+    preemptions asynchronously, so counters read before this can still move: a later phase would see them
+    move and read it as interference. Settled twice with a newer heartbeat: the step seen first has ended."""
+    end = time.monotonic() + timeout
+    first: dict[str, dict] = {}
+    while True:
+        now = {u: read_control(root, u) for u in uuids}
+        if all(settled(c) for c in now.values()):
+            if first and all(now[u]["heartbeat_ns"] > first[u]["heartbeat_ns"] for u in uuids):
+                return now
+            first = first or now
+        else:
+            first = {}
+        if time.monotonic() > end:
+            busy = [u for u, c in now.items() if not settled(c)]
+            raise BenchError(f"arbiters of {busy} did not settle within {timeout:.0f} s (gate stuck closed?)")
+        time.sleep(0.005)
 
 
 class Arbiters:
@@ -494,7 +526,7 @@ def online_worker(a: argparse.Namespace) -> None:
 
     def run(seconds: float, seed: int, gap_ms: float) -> dict:
         rng = random.Random(seed)
-        lat, before = [], cb.fields.preemptions
+        lat = []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             time.sleep(rng.expovariate(1.0 / gap_ms) / 1e3)
@@ -502,7 +534,7 @@ def online_worker(a: argparse.Namespace) -> None:
             with online_request(cb):
                 burst()
             lat.append((time.perf_counter_ns() - t0) / 1e6)
-        return {"latency_ms": lat, "preemptions": cb.fields.preemptions - before}
+        return {"latency_ms": lat}
 
     serve({"run": run}, info)
 
@@ -665,8 +697,12 @@ def versions(sim: bool) -> dict:
 
 
 def run_phase_all(online: dict, offline: dict, uuids: list[str], s: Settings, seed: int,
-                  gated: bool | None) -> tuple[dict, dict]:
-    """Onlines of `uuids` at once; with offline (gated or not) on the same GPUs unless `gated` is None."""
+                  gated: bool | None, root: Path) -> tuple[dict, dict, dict]:
+    """Onlines of `uuids` at once; with offline (gated or not) on the same GPUs unless `gated` is None.
+    Returns latencies, offline rates, and every GPU's preemptions during the phase (settled counters, so
+    a closure is counted in the phase that made it)."""
+    all_uuids = list(online)
+    before = wait_settled(root, all_uuids)
     if gated is not None:
         for u in uuids:
             offline[u].send(cmd="start", gated=gated)
@@ -681,7 +717,15 @@ def run_phase_all(online: dict, offline: dict, uuids: list[str], s: Settings, se
         for u in uuids:
             offline[u].send(cmd="stop")
         off = {u: offline[u].recv(120) for u in uuids}
-    return lat, off
+    after = wait_settled(root, all_uuids)
+    moved = {u: {k: after[u][k] - before[u][k] for k in ("preemptions", "started")} for u in all_uuids}
+    return lat, off, moved
+
+
+def cross_talk_of(phase_uuids: list[str], moved: dict) -> list[str]:
+    """GPUs outside the phase whose online requests or preemptions moved during it."""
+    out = [v for v, d in moved.items() if v not in phase_uuids and (d["preemptions"] or d["started"])]
+    return [f"online on {phase_uuids} moved the counters of {out}"] if out else []
 
 
 def worker_args(role: str, sizes: dict, device: str) -> list[str]:
@@ -731,23 +775,20 @@ def run_gpu(s: Settings, work: Path) -> dict:
         preempt: dict[str, dict[str, int]] = {p: {} for p in GPU_PHASES}
         off_rates: dict[str, dict[str, float]] = {"alone": {}, "nogate": {}, "gate": {}}
 
-        def record(phase: str, lat: dict, off: dict, off_key: str | None = None) -> None:
+        def record(phase: str, lat: dict, off: dict, moved: dict, off_key: str | None = None) -> None:
             for u, r in lat.items():
                 latency[phase][u] = r["latency_ms"]
-                preempt[phase][u] = r["preemptions"]
+                preempt[phase][u] = moved[u]["preemptions"]
+            cross_talk.extend(cross_talk_of(list(lat), moved))
             for u, r in off.items():
                 if off_key:
                     off_rates[off_key][u] = r["sublayers_per_s"]
 
+        root = node.runtime_root
         t_phase = time.monotonic()
         for i, u in enumerate(uuids):  # each online alone, the node otherwise idle
-            before = {v: (read_control(node.runtime_root, v) or {}).get("preemptions") for v in uuids}
-            record("alone", *run_phase_all(online, offline, [u], s, 1 + i, None))
-            after = {v: (read_control(node.runtime_root, v) or {}).get("preemptions") for v in uuids}
-            moved = [v for v in uuids if v != u and after[v] != before[v]]
-            if moved:
-                cross_talk.append(f"online on {u} moved the preemption count of {moved}")
-        record("alone-all", *run_phase_all(online, offline, uuids, s, 100, None))
+            record("alone", *run_phase_all(online, offline, [u], s, 1 + i, None, root))
+        record("alone-all", *run_phase_all(online, offline, uuids, s, 100, None, root))
         for u in uuids:
             offline[u].send(cmd="start", gated=True)
         for u in uuids:
@@ -757,11 +798,11 @@ def run_gpu(s: Settings, work: Path) -> dict:
             offline[u].send(cmd="stop")
         for u in uuids:
             off_rates["alone"][u] = offline[u].recv(120)["sublayers_per_s"]
-        record("nogate", *run_phase_all(online, offline, uuids, s, 200, False), "nogate")
-        record("gate", *run_phase_all(online, offline, uuids, s, 300, True), "gate")
+        record("nogate", *run_phase_all(online, offline, uuids, s, 200, False, root), "nogate")
+        record("gate", *run_phase_all(online, offline, uuids, s, 300, True, root), "gate")
         one = uuids if not s.quick_one else uuids[:1]
         for i, u in enumerate(one):
-            record("gate-one", *run_phase_all(online, offline, [u], s, 400 + i, True))
+            record("gate-one", *run_phase_all(online, offline, [u], s, 400 + i, True, root))
         print(f"[multigpu] phases done in {time.monotonic() - t_phase:.1f} s", flush=True)
 
         rows = gpu_rows(latency, uuids, s.skip)

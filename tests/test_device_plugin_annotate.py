@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from support import until
 from typer.testing import CliRunner
 
 from valve.device_plugin import rbac
@@ -242,7 +243,7 @@ def test_plugin_allocate_leads_to_the_pod_annotation(short_dir):
     plugin = DevicePlugin(config, backend, pods=api)
     plugin.start()
     try:
-        kubelet.wait_registrations(2)
+        plugin.wait_registrations(1)
         gpu = backend.uuids[1]
         api.add("chat-offline", "ns")
         kubelet_pods.assigned = [(OFFLINE, [gpu], "ns", "chat-offline")]
@@ -250,10 +251,8 @@ def test_plugin_allocate_leads_to_the_pod_annotation(short_dir):
         with channel:
             stub.Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[gpu])]),
                           timeout=5)
-        end = time.monotonic() + 10  # the pass follows the Allocate (the periodic one is 60 s away)
-        while api.pods["ns", "chat-offline"].annotations.get(ANN_GPU) != gpu:
-            assert time.monotonic() < end, api.calls
-            time.sleep(0.02)
+        # the pass follows the Allocate (the periodic one is 60 s away)
+        until(lambda: api.pods["ns", "chat-offline"].annotations.get(ANN_GPU) == gpu, f"the annotation ({api.calls})")
         assert api.pods["ns", "chat-offline"].annotations[ANN_ROLE] == "offline"
     finally:
         plugin.stop()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import until
 
 from valve.device_plugin.api import pb
 from valve.device_plugin.backend import SimBackend
@@ -43,7 +44,7 @@ def node(short_dir: Path) -> Iterator[SimpleNamespace]:
     config = make_config(short_dir)
     plugin = DevicePlugin(config, backend)
     plugin.start()
-    kubelet.wait_registrations(2)
+    plugin.wait_registrations(1)  # not the kubelet's count: a restart must not cut a round in half
     yield SimpleNamespace(kubelet=kubelet, backend=backend, plugin=plugin, config=config, dir=short_dir)
     plugin.stop()
     kubelet.stop()
@@ -97,24 +98,18 @@ def test_list_and_watch_streams_devices_and_health_changes(node) -> None:
         assert [d.ID for d in first.devices] == be.uuids
         assert health(first) == ["Healthy"] * 4
         assert [[n.ID for n in d.topology.nodes] for d in first.devices] == [[0], [0], [1], [1]]
-    updates = len(k.lists[ONLINE])
     be.inject_xid(be.uuids[2], 43)  # application XID: ignored
-    time.sleep(0.3)
-    assert len(k.lists[ONLINE]) == updates and health(k.lists[ONLINE][-1]) == ["Healthy"] * 4
-
-    start = time.monotonic()
-    be.inject_xid(be.uuids[2], 79)  # fallen off the bus: critical
+    be.inject_xid(be.uuids[1], 79)  # fallen off the bus: critical (handled after the first, in order)
     for resource in (ONLINE, OFFLINE):
-        k.wait_list(resource, lambda r: health(r) == ["Healthy", "Healthy", "Unhealthy", "Healthy"], timeout=1.0)
-    assert time.monotonic() - start < 1.0
+        k.wait_list(resource, lambda r: health(r) == ["Healthy", "Unhealthy", "Healthy", "Healthy"])
     reg = node.plugin.metrics.registry
-    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[2], "resource": OFFLINE}) == 0
-    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[1], "resource": OFFLINE}) == 1
+    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[1], "resource": OFFLINE}) == 0
+    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[2], "resource": OFFLINE}) == 1
 
     be.lose(be.uuids[0])
-    k.wait_list(ONLINE, lambda r: health(r) == ["Unhealthy", "Healthy", "Unhealthy", "Healthy"], timeout=1.0)
-    be.set_health(be.uuids[2], True)
-    k.wait_list(OFFLINE, lambda r: health(r) == ["Unhealthy", "Healthy", "Healthy", "Healthy"], timeout=1.0)
+    k.wait_list(ONLINE, lambda r: health(r) == ["Unhealthy", "Unhealthy", "Healthy", "Healthy"])
+    be.set_health(be.uuids[1], True)
+    k.wait_list(OFFLINE, lambda r: health(r) == ["Unhealthy", "Healthy", "Healthy", "Healthy"])
 
 
 def test_allocate_returns_env_and_mounts(node) -> None:
@@ -217,13 +212,13 @@ def test_allocation_record_survives_plugin_restart(short_dir: Path) -> None:
     config = make_config(short_dir)
     first = DevicePlugin(config, backend)
     first.start()
-    kubelet.wait_registrations(2)
+    first.wait_registrations(1)
     allocate(kubelet, ONLINE, [backend.uuids[2]])
     first.stop()
     second = DevicePlugin(config, SimBackend(4))
     second.start()
     try:
-        kubelet.wait_registrations(4)
+        second.wait_registrations(1)
         assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[2]]
     finally:
         second.stop()
@@ -237,7 +232,7 @@ def test_pod_resources_api_is_used_when_reachable(short_dir: Path) -> None:
     plugin = DevicePlugin(make_config(short_dir, pod_resources_socket=short_dir / "pr.sock"), backend)
     plugin.start()
     try:
-        kubelet.wait_registrations(2)
+        plugin.wait_registrations(1)
         pods.assigned = [(ONLINE, [backend.uuids[3]]), ("example.com/other", [backend.uuids[1]])]
         assert preferred(kubelet, OFFLINE, backend.uuids) == [backend.uuids[3]]
         assert plugin.services["offline"].slots.last_source == "pod-resources"
@@ -256,10 +251,9 @@ def test_pod_resources_api_is_used_when_reachable(short_dir: Path) -> None:
 @pytest.mark.parametrize("wipe", [True, False], ids=["kubelet-restart", "socket-only"])
 def test_kubelet_sock_recreated_triggers_reregistration(node, wipe: bool) -> None:
     k = node.kubelet
-    start = time.monotonic()
     k.restart(wipe_plugin_sockets=wipe)
-    regs = k.wait_registrations(4, timeout=5.0)
-    assert time.monotonic() - start < 5.0
+    node.plugin.wait_registrations(2)  # bounded: a missed restart never re-registers
+    regs = k.registrations
     assert {r.resource_name for r in regs[2:]} == {ONLINE, OFFLINE}
     assert all((node.config.device_plugin_dir / r.endpoint).is_socket() for r in regs[2:])
     # The new kubelet gets a fresh device list and can allocate.
@@ -267,27 +261,23 @@ def test_kubelet_sock_recreated_triggers_reregistration(node, wipe: bool) -> Non
     k.wait_list(OFFLINE, lambda r: len(r.devices) == 4)
     resp = allocate(k, OFFLINE, [node.backend.uuids[0]])
     assert resp.container_responses[0].envs["VALVE_ROLE"] == "offline"
-    # The kubelet records a Register before the plugin sees the reply and counts the round: poll (bounded).
-    end = time.monotonic() + 5.0
-    while node.plugin.registrations < 2 and time.monotonic() < end:
-        time.sleep(0.01)
     assert node.plugin.registrations == 2
 
 
 def test_kubelet_down_then_up_reregisters(node) -> None:
     k = node.kubelet
     k.stop()
-    time.sleep(0.6)
-    assert not node.plugin.registered
+    until(lambda: not node.plugin.registered, "the plugin to notice the kubelet is gone")
     k.start()
-    k.wait_registrations(4, timeout=5.0)
+    node.plugin.wait_registrations(2)
+    assert {r.resource_name for r in k.registrations[2:]} == {ONLINE, OFFLINE}
 
 
 def test_stop_removes_sockets_and_ends_streams(short_dir: Path) -> None:
     kubelet = FakeKubelet(short_dir / "dp").start()
     plugin = DevicePlugin(make_config(short_dir), SimBackend(2))
     plugin.start()
-    kubelet.wait_registrations(2)
+    plugin.wait_registrations(1)
     kubelet.wait_list(ONLINE, lambda r: len(r.devices) == 2)
     stub, channel = kubelet.stub(ONLINE)
     stream = stub.ListAndWatch(pb.Empty())

@@ -6,7 +6,6 @@ Each test starts the emulator and the operator (in a thread), drives a fake sche
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -55,8 +54,7 @@ async def test_invalid_pair_past_the_schema_fails_clearly_and_creates_nothing(en
     pair = await env.until_phase("Failed")
     (placed,) = [cd for cd in pair["status"]["conditions"] if cd["type"] == "Placed"]
     assert placed["status"] == "False" and placed["reason"] == "InvalidSpec" and needle in placed["message"]
-    for _ in range(5):
-        await asyncio.sleep(0.1)
+    await env.resyncs()
     assert env.pod_creations() == [] and await env.api.pods(NS) == []
     assert "Failed" in [e["reason"] for e in env.events() if e["type"] == "Warning"]
 

@@ -7,7 +7,6 @@ recording each device list it receives. It can also serve the PodResources API o
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +40,7 @@ class FakeKubelet:
         self._server: grpc.Server | None = None
         self._streams: list[grpc.Future] = []
         self._channels: list[grpc.Channel] = []
+        self._generation = 0  # bumped by stop(): a stream of a stopped kubelet records nothing more
 
     # Server lifecycle.
     def start(self) -> FakeKubelet:
@@ -54,6 +54,8 @@ class FakeKubelet:
         return self
 
     def stop(self) -> None:
+        with self._cond:
+            self._generation += 1
         for s in self._streams:
             s.cancel()
         for c in self._channels:
@@ -67,22 +69,28 @@ class FakeKubelet:
     def restart(self, wipe_plugin_sockets: bool = True) -> None:
         """What a kubelet restart looks like to a plugin: kubelet.sock deleted and created anew, and (as the
         kubelet's device manager does at start) the other sockets in the directory removed."""
+        # The old socket's inode stays allocated until the new one exists, so the new file cannot reuse it.
+        held = self.socket.with_name(self.socket.name + ".old")
+        self.socket.rename(held)
         self.stop()
         if wipe_plugin_sockets:
             for p in self.dir.glob("*.sock"):
                 p.unlink(missing_ok=True)
-        time.sleep(0.05)
+        with self._cond:
+            self.lists = {}  # a new kubelet knows only the lists its own streams receive
         self.start()
+        held.unlink()
 
     # Registration and the ListAndWatch streams.
     def _on_register(self, request: pb.RegisterRequest) -> None:
         with self._cond:
             self.registrations.append(request)
             self._cond.notify_all()
+            generation = self._generation
         if self.watch:
-            threading.Thread(target=self._follow, args=(request,), daemon=True).start()
+            threading.Thread(target=self._follow, args=(request, generation), daemon=True).start()
 
-    def _follow(self, request: pb.RegisterRequest) -> None:
+    def _follow(self, request: pb.RegisterRequest, generation: int) -> None:
         channel = grpc.insecure_channel(f"unix://{self.dir / request.endpoint}")
         self._channels.append(channel)
         stream = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
@@ -90,19 +98,21 @@ class FakeKubelet:
         try:
             for resp in stream:
                 with self._cond:
+                    if generation != self._generation:
+                        return
                     self.lists.setdefault(request.resource_name, []).append(resp)
                     self._cond.notify_all()
         except grpc.RpcError:
             pass  # plugin or fake kubelet stopped
 
-    def wait_registrations(self, count: int, timeout: float = 5.0) -> list[pb.RegisterRequest]:
+    def wait_registrations(self, count: int, timeout: float = 10.0) -> list[pb.RegisterRequest]:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self.registrations) >= count, timeout):
                 raise TimeoutError(f"{len(self.registrations)} registrations after {timeout}s, wanted {count}")
             return list(self.registrations)
 
     def wait_list(
-        self, resource: str, predicate: Callable[[pb.ListAndWatchResponse], bool], timeout: float = 5.0
+        self, resource: str, predicate: Callable[[pb.ListAndWatchResponse], bool], timeout: float = 10.0
     ) -> pb.ListAndWatchResponse:
         """The latest device list for `resource` once it satisfies `predicate`."""
 

@@ -87,6 +87,7 @@ class DevicePlugin:
         self.services: dict[str, DevicePluginService] = {}
         self.servers: list[PluginServer] = []
         self.registrations = 0  # successful registration rounds (both resources)
+        self._rounds = threading.Condition()
         self._registered_to: tuple[int, int, int] | None = None
         self._restart_needed = False
         self._next_try = 0.0
@@ -140,6 +141,10 @@ class DevicePlugin:
 
     def stop(self) -> None:
         self._stop.set()
+        # The supervisor first: a tick that saw our sockets vanish mid-stop would start the servers again.
+        for t in self._threads:
+            if t.name == "device-plugin-kubelet-watch":
+                t.join(timeout=10.0)
         if self.annotator is not None:
             self.annotator.stop()
         for svc in self.services.values():
@@ -239,7 +244,16 @@ class DevicePlugin:
             self._next_try = time.monotonic() + self.config.register_retry_s
             return
         self._registered_to = kid
-        self.registrations += 1
+        with self._rounds:
+            self.registrations += 1
+            self._rounds.notify_all()
+
+    def wait_registrations(self, rounds: int, timeout: float = 10.0) -> None:
+        """Until `rounds` registration rounds have completed. The kubelet records a Register before the
+        plugin sees the reply, so the kubelet's count runs ahead of the plugin's."""
+        with self._rounds:
+            if not self._rounds.wait_for(lambda: self.registrations >= rounds, timeout):
+                raise TimeoutError(f"{self.registrations} registration rounds after {timeout}s, wanted {rounds}")
 
     @property
     def registered(self) -> bool:

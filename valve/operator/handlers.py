@@ -160,6 +160,7 @@ class Operator:
                     await self.reconcile(body)
                 except Exception as e:
                     log.warning("resync of %s/%s failed: %s", *key, e)
+        metrics.RESYNCS.inc()
 
     async def resync_loop(self) -> None:
         await self.indexed.wait()  # resource handlers (and so `indexed`) start only once indexes are full

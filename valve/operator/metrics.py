@@ -15,6 +15,7 @@ PLACEMENT_LATENCY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
 RECONCILE_ERRORS = Counter("valve_reconcile_errors", "Reconciliations of a pair that raised an error.")
+RESYNCS = Counter("valve_operator_resyncs", "Completed resync passes over every pair.")
 
 
 def set_pairs(phases: Iterable[str]) -> None:

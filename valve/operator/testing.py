@@ -86,7 +86,10 @@ class ValveKube(kmock.KubernetesEmulator):
             elif request.action == kmock.action.DELETE and request.name is not None:
                 self._check_preconditions(request)
         response = await super()._handle(request)
-        if request.action == kmock.action.DELETE and request.name is not None and response.status < 300:
+        if response.status < 300 and (request.action == kmock.action.CREATE
+                                      or (request.action == kmock.action.DELETE and request.name is not None)):
+            # After a create too: an object created for an owner that is gone by then (the operator recreating
+            # a pod from a stale view of a pair just deleted) is collected, as the garbage collector does.
             await self._collect_dependents()
         return response
 
@@ -414,6 +417,20 @@ class Harness:
             if loop.time() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}")
             await asyncio.sleep(0.05)
+
+    async def resyncs(self, count: int = 3) -> None:
+        """Until the operator has completed `count` more resync passes over every pair: after them, whatever
+        the operator would still do on its own has been done (a check that nothing more happens)."""
+        from prometheus_client import REGISTRY
+
+        def done() -> float:
+            return REGISTRY.get_sample_value("valve_operator_resyncs_total") or 0.0
+
+        target = done() + count
+
+        async def check() -> bool:
+            return done() >= target
+        await self.until(check, f"{count} resync passes")
 
     async def pod(self, name: str) -> dict[str, Any] | None:
         return {p["metadata"]["name"]: p for p in await self.api.pods(self.namespace)}.get(name)

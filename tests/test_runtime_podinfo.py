@@ -128,7 +128,7 @@ def test_arbiter_cli_gpu_from_times_out_with_exit_2(tmp_path, monkeypatch):
 def test_proxy_cli_reads_the_gpu_from_the_file(tmp_path, monkeypatch):
     got = {}
     monkeypatch.delenv("VALVE_GPU_UUID", raising=False)
-    monkeypatch.setattr("valve.runtime.proxy.proxy_command", lambda **kw: got.update(kw))
+    monkeypatch.setattr("valve.runtime.online.proxy.proxy_command", lambda **kw: got.update(kw))
     f = tmp_path / "annotations"
     f.write_text(kubelet_file({ANN_GPU: GPU, "valve.io/role": "online"}))
     res = CliRunner().invoke(app, ["proxy", "--gpu-from", str(f), "--metrics-port", "0"])

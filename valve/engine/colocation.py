@@ -7,7 +7,7 @@ On one device, in one call, each variant runs real engine processes: the online 
 - ``online-alone``: the server alone (the rate for the target busy fraction is calibrated here);
 - ``offline-alone``: the runner alone;
 - ``time-slicing``: both, nothing between them (the driver time-slices the two contexts);
-- ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.offline.attach``), the online signal
+- ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.gate.offline.attach``), the online signal
   (``online_request()``) and the offline KV cache in the runtime's ``KVPool``;
 - ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last).
 
@@ -276,7 +276,7 @@ def valve_missing() -> str | None:
     """Why the Valve variant cannot run here (a runtime module missing), or None."""
     import importlib.util
 
-    for mod in ("valve.runtime.offline", "valve.runtime.online", "valve.runtime.arbiter"):
+    for mod in ("valve.runtime.gate.offline", "valve.runtime.online.signal", "valve.runtime.arbiter.loop"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not available"
     return None

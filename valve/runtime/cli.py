@@ -50,13 +50,13 @@ def load_spec(path: str | None, env: str | None = None):
 def gpu_memory_info(uuid: str):
     """NVML memory info for the GPU when available, else a simulated GPU (memory arbitration is then inert)."""
     try:
-        from valve.runtime.memory_cuda import NvmlGpuInfo
+        from valve.runtime.memory.cuda import NvmlGpuInfo
 
         info = NvmlGpuInfo(uuid)
         info.snapshot()
         return info, "nvml"
     except Exception as e:  # noqa: BLE001 - no NVML, no driver, unknown UUID: fall back, say why
-        from valve.runtime.memory_sim import SimGpuInfo
+        from valve.runtime.memory.sim import SimGpuInfo
         from valve.runtime.sim import SimGPU
 
         log.warning("NVML memory info unavailable for %s (%s): using a simulated GPU", uuid, e)
@@ -101,9 +101,9 @@ def arbiter(
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from valve.runtime.arbiter import Arbiter
+    from valve.runtime.arbiter.loop import Arbiter
+    from valve.runtime.arbiter.metrics import GateMetrics
     from valve.runtime.control import ControlBlock, control_path
-    from valve.runtime.metrics import GateMetrics
 
     gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
     try:
@@ -119,8 +119,8 @@ def arbiter(
     metrics = GateMetrics(registry, gpu)
     controller = None
     if memory:
-        from valve.runtime.memory_control import MemoryController
-        from valve.runtime.memory_metrics import MemoryMetrics
+        from valve.runtime.arbiter.memory_control import MemoryController
+        from valve.runtime.arbiter.memory_metrics import MemoryMetrics
 
         info, kind = gpu_memory_info(gpu)
         controller = MemoryController(spec, info, MemoryMetrics(registry, gpu))
@@ -150,7 +150,7 @@ def proxy(
     metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
-    from valve.runtime.proxy import proxy_command
+    from valve.runtime.online.proxy import proxy_command
 
     if gpu_from and not gpu:
         gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)

@@ -1,7 +1,7 @@
 """Online reverse proxy sidecar: `valve runtime proxy --listen :9000 --upstream http://127.0.0.1:8000`.
 
 Sits in front of an OpenAI-compatible HTTP server (no engine change). For each inference request (POST by
-default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.OnlineSignal`, streams
+default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.signal.OnlineSignal`, streams
 the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-encoding), and records:
 
 - ``valve_online_requests_total``: inference requests seen;
@@ -248,7 +248,7 @@ def make_signal(gpu: str | None, runtime_dir: str | None = None):
         log.warning("no --gpu / VALVE_GPU_UUID: forwarding and measuring only, the arbiter is not told")
         return NullSignal()
     from valve.runtime.control import control_path
-    from valve.runtime.online import OnlineSignal
+    from valve.runtime.online.signal import OnlineSignal
 
     return OnlineSignal(control_path(gpu, runtime_dir))  # opened lazily: works before the arbiter starts
 

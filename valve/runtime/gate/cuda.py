@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 
 from valve.runtime.control import FILE_SIZE, GATE_OFFSET, GATE_OPEN, ControlBlock
-from valve.runtime.cuda_util import check, driver, ensure_context, nvrtc
+from valve.runtime.cuda import check, driver, ensure_context, nvrtc
 
 _registered: dict[int, int] = {}  # host page address -> device pointer (one registration per mapping)
 _reg_lock = threading.Lock()
@@ -197,7 +197,7 @@ class CudaGateBackend:
 
 def selfcheck(out: str | None = None) -> dict:
     """GPU check of each gate kind: eager memop, eager spin, graph-captured memop node, graph-captured spin.
-    A closed gate must hold the work behind it; opening it must release it. ``python3 -m valve.runtime.gate_cuda``."""
+    A closed gate must hold the work behind it; opening it must release it. ``python3 -m valve.runtime.gate.cuda``."""
     import json
     import tempfile
     import time

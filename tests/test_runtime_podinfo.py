@@ -11,11 +11,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from valve.runtime import podinfo
+from valve.api.contract import ANN_GPU
 from valve.runtime.cli import app
 from valve.runtime.control import FILE_SIZE, control_path
 from valve.runtime.podinfo import (
-    ANN_GPU,
     parse_annotations,
     read_annotations,
     resolve_gpu,
@@ -175,7 +174,3 @@ def test_arbiter_process_waits_for_the_annotation_then_runs(tmp_path):
             proc.wait(10)
         proc.stdout.close()
 
-
-def test_default_file_matches_the_operator():
-    pods = pytest.importorskip("valve.operator.pods")
-    assert podinfo.DEFAULT_FILE == pods.PODINFO_FILE and podinfo.ANN_GPU == pods.ANN_GPU

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR
 from valve.engine import report
 from valve.engine.loadgen import Arrivals, LengthDist, make_trace, run_trace
 from valve.engine.procs import Child, ChildFailed, wait_for
@@ -375,7 +376,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         if valve:
             rdir = wd / "runtime"
             uuid = run.env_info["gpu_uuid"]
-            extra.update(VALVE_GPU_UUID=uuid, VALVE_RUNTIME_DIR=str(rdir))
+            extra.update({ENV_GPU_UUID: uuid, ENV_RUNTIME_DIR: str(rdir)})
             from valve.runtime.control import ControlBlock, control_path
 
             # created here so that the engines may start beside the arbiter (which reuses a valid block)

@@ -169,17 +169,6 @@ def kv_pool_cache(cfg, dtype, block_size: int, pool_bytes: int, backend=None):
     return PagedKVCache(cfg, pool, dtype, block_size), pool
 
 
-def open_control(gpu_uuid: str | None = None, runtime_dir: str | None = None):
-    """The arbiter's control block for this GPU (VALVE_GPU_UUID / VALVE_RUNTIME_DIR when not given), or None
-    when no GPU UUID is known."""
-    from valve.runtime.control import ControlBlock, control_path
-
-    uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
-    if not uuid:
-        return None
-    return ControlBlock.open(control_path(uuid, runtime_dir))
-
-
 def reclaim_hook(pool, engine, control):
     """A step hook answering the arbiter's reclaim requests between engine steps (the block tables of a step
     in flight must not move under it): moved blocks are remapped and evicted sequences re-queued."""
@@ -228,9 +217,11 @@ def main(
     if kv_pool:
         cache, pool = kv_pool_cache(cfg, m.dtype, block_size, kv_pool_bytes)
         eng = Engine(m, cache, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
-        control = open_control()
-        if control is not None:
-            hook = reclaim_hook(pool, eng, control)
+        from valve.runtime.control import ControlBlock, resolve_control_path
+
+        path = resolve_control_path()  # the arbiter's block of VALVE_GPU_UUID, when the device plugin set it
+        if path is not None:
+            hook = reclaim_hook(pool, eng, ControlBlock.open(path))
     else:
         eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                             max_seqs=max_seqs)

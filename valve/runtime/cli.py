@@ -11,6 +11,15 @@ from pathlib import Path
 
 import typer
 
+from valve.api.contract import (
+    ANN_GPU,
+    ENV_GPU_UUID,
+    ENV_RUNTIME_DIR,
+    ENV_RUNTIME_SPEC,
+    PODINFO_FILE,
+    RUNTIME_DIR,
+)
+
 app = typer.Typer(help="The in-pod runtime: per-GPU arbiter and online proxy.", no_args_is_help=True)
 log = logging.getLogger("valve.runtime")
 
@@ -23,7 +32,7 @@ def load_spec(path: str | None, env: str | None = None):
 
     from valve.api.runtime import RuntimeSpec
 
-    env = os.environ.get("VALVE_RUNTIME_SPEC") if env is None else env
+    env = os.environ.get(ENV_RUNTIME_SPEC) if env is None else env
     if path and path.startswith("env:"):  # --config env:NAME (what the operator passes)
         name, path = path[4:], None
         env = os.environ.get(name, "")
@@ -32,7 +41,7 @@ def load_spec(path: str | None, env: str | None = None):
     if path:
         source, text = path, Path(path).read_text()
     elif env:
-        source, text = "VALVE_RUNTIME_SPEC", env
+        source, text = ENV_RUNTIME_SPEC, env
     else:
         return RuntimeSpec()
     try:
@@ -63,8 +72,8 @@ def gpu_memory_info(uuid: str):
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
-GPU_FROM_HELP = ("Downward-API annotations file (key=\"value\" lines, e.g. /etc/valve/podinfo/annotations): "
-                 "wait for valve.io/gpu-uuid there when --gpu is not given.")
+GPU_FROM_HELP = (f"Downward-API annotations file (key=\"value\" lines, e.g. {PODINFO_FILE}): "
+                 f"wait for {ANN_GPU} there when --gpu is not given.")
 
 
 def gpu_or_exit(command: str, gpu: str | None, gpu_from: str | None, wait_s: float, required: bool,
@@ -79,22 +88,22 @@ def gpu_or_exit(command: str, gpu: str | None, gpu_from: str | None, wait_s: flo
         typer.echo(f"valve runtime {command}: {e}", err=True)
         raise typer.Exit(code=2) from None
     if got is None and required:
-        typer.echo(f"valve runtime {command}: give --gpu UUID (or VALVE_GPU_UUID) or --gpu-from FILE", err=True)
+        typer.echo(f"valve runtime {command}: give --gpu UUID (or {ENV_GPU_UUID}) or --gpu-from FILE", err=True)
         raise typer.Exit(code=2)
     return got
 
 
 @app.command()
 def arbiter(
-    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID this arbiter owns."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID, help="GPU UUID this arbiter owns."),
     gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
-    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR",
-                                           help="Runtime directory (default /var/run/valve)."),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR,
+                                           help=f"Runtime directory (default {RUNTIME_DIR})."),
     metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus port (0: no metrics server)."),
     spec_file: str | None = typer.Option(None, "--spec", "--config", help="RuntimeSpec as a JSON or YAML file, "
-                                         "or env:NAME (JSON in that variable; default: VALVE_RUNTIME_SPEC)."),
+                                         f"or env:NAME (JSON in that variable; default: {ENV_RUNTIME_SPEC})."),
     period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Run the memory reserve controller."),
 ) -> None:
@@ -142,11 +151,11 @@ def arbiter(
 def proxy(
     listen: str = typer.Option(":9000", help="Address to listen on, [host]:port."),
     upstream: str = typer.Option("http://127.0.0.1:8000", help="The online engine's HTTP base URL."),
-    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID (for the arbiter)."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID, help="GPU UUID (for the arbiter)."),
     gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
-    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR"),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR),
     metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""

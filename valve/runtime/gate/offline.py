@@ -22,7 +22,6 @@ context). Nothing here imports torch or cuda at module import.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -30,7 +29,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, control_path
+from valve.api.contract import ENV_GPU_UUID
+from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, resolve_control_path
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,10 @@ class Gate:
         if queue_ahead < 1:
             raise ValueError(f"queue_ahead must be at least 1, got {queue_ahead}")
         if control is None:
-            uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
-            if not uuid:
-                raise ValueError("Gate: no control block given and VALVE_GPU_UUID is not set")
-            control = ControlBlock.open(control_path(uuid))
+            path = resolve_control_path(gpu_uuid)
+            if path is None:
+                raise ValueError(f"Gate: no control block given and {ENV_GPU_UUID} is not set")
+            control = ControlBlock.open(path)
         self.cb = control
         self.backend: GateBackend = make_backend(backend, control) if isinstance(backend, str) else backend
         if hasattr(self.backend, "bind"):

@@ -56,7 +56,7 @@ ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_m
 QUICK_SKIP = ("gate_linear", "mps_gate")  # --quick: < 60 s
 GATED = {"gate": "eager", "gate_linear": "eager_linear", "graph_memop": "graph_memop", "graph_spin": "graph_spin", "mps_gate": "eager"}
 GPU_ONLY = {"graph_memop", "graph_spin", "mps", "mps_gate"}
-TARGET_P99_MS = 0.5  # issue 3: gated online p99 within 0.5 ms of online-alone p99
+TARGET_P99_MS = 0.5  # the goal: gated online p99 within 0.5 ms of online-alone p99
 GPU_UUID = "GPU-bench"
 LINEAR_PATTERN = r"\.(q|k|v|o|gate|up|down)$"  # gate before every linear: finer than attention/MLP
 
@@ -122,7 +122,7 @@ def summarize(online: dict | None, offline: dict | None, base: dict | None, off_
 
 
 def verdict(rows: dict) -> dict:
-    """The issue's target: gated p99 within 0.5 ms of alone p99, and below the no-gate and MPS variants."""
+    """The target: gated p99 within 0.5 ms of alone p99, and below the no-gate and MPS variants."""
     out = {}
     for v in ("gate", "gate_linear", "graph_memop", "graph_spin", "mps_gate"):
         r = rows.get(v)

@@ -1,4 +1,4 @@
-"""`valve device-plugin`: the kubelet device plugin (issue 6)."""
+"""`valve device-plugin`: the kubelet device plugin."""
 
 from __future__ import annotations
 

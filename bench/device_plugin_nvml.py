@@ -33,12 +33,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
+from valve.api.contract import OFFLINE_RESOURCE as OFFLINE  # noqa: E402
+from valve.api.contract import ONLINE_RESOURCE as ONLINE  # noqa: E402
 from valve.device_plugin.api import pb  # noqa: E402
 from valve.device_plugin.config import PluginConfig  # noqa: E402
 from valve.device_plugin.fake_kubelet import FakeKubelet  # noqa: E402
 from valve.device_plugin.server import DevicePlugin  # noqa: E402
-
-ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 
 CUDA_PROBE = """
 import os, time, torch

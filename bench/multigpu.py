@@ -360,7 +360,7 @@ class Arbiters:
     def _start_thread(self, uuid: str) -> None:
         try:
             from valve.api.runtime import RuntimeSpec
-            from valve.runtime.arbiter import Arbiter
+            from valve.runtime.arbiter.loop import Arbiter
             from valve.runtime.control import ControlBlock, control_path
         except ImportError as e:
             raise BenchError(f"in-process arbiter unavailable ({e}); is valve.runtime.arbiter there?") from e
@@ -504,7 +504,7 @@ def online_worker(a: argparse.Namespace) -> None:
     """Bursts of a small transformer forward, each inside online_request(), with idle gaps between them."""
     import torch
 
-    from valve.runtime.online import online_request
+    from valve.runtime.online.signal import online_request
 
     info = check_visible_gpu(torch, a.device)
     cb = open_control()
@@ -591,7 +591,7 @@ def offline_worker(a: argparse.Namespace) -> None:
 
     def loop(gated: bool, stop: threading.Event, out: dict) -> None:
         try:
-            from valve.runtime.offline import Gate, attach
+            from valve.runtime.gate.offline import Gate, attach
 
             handle = None
             if gated:

@@ -6,7 +6,7 @@ All variants run in one process tree, one call, side by side:
 
 - ``alone``: online bursts with no offline work (the baseline);
 - ``nogate``: offline runs too, no gate (plain time-slicing between the two processes);
-- ``gate``: offline gated by Valve (``valve.runtime.offline.Gate`` + ``attach`` at attention/MLP blocks, bounded
+- ``gate``: offline gated by Valve (``valve.runtime.gate.offline.Gate`` + ``attach`` at attention/MLP blocks, bounded
   queue-ahead; Valve's arbiter in its own process; online signals through ``OnlineSignal``);
 - ``graph_memop`` / ``graph_spin``: offline runs as one CUDA graph per forward with a capturable gate inside
   (the batch-memop wait node of ``gate_cuda``, or a one-thread spin kernel polling the mapped word);
@@ -56,7 +56,7 @@ ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_m
 QUICK_SKIP = ("gate_linear", "mps_gate")  # --quick: < 60 s
 GATED = {"gate": "eager", "gate_linear": "eager_linear", "graph_memop": "graph_memop", "graph_spin": "graph_spin", "mps_gate": "eager"}
 GPU_ONLY = {"graph_memop", "graph_spin", "mps", "mps_gate"}
-TARGET_P99_MS = 0.5  # issue 3: gated online p99 within 0.5 ms of online-alone p99
+TARGET_P99_MS = 0.5  # the goal: gated online p99 within 0.5 ms of online-alone p99
 GPU_UUID = "GPU-bench"
 LINEAR_PATTERN = r"\.(q|k|v|o|gate|up|down)$"  # gate before every linear: finer than attention/MLP
 
@@ -122,7 +122,7 @@ def summarize(online: dict | None, offline: dict | None, base: dict | None, off_
 
 
 def verdict(rows: dict) -> dict:
-    """The issue's target: gated p99 within 0.5 ms of alone p99, and below the no-gate and MPS variants."""
+    """The target: gated p99 within 0.5 ms of alone p99, and below the no-gate and MPS variants."""
     out = {}
     for v in ("gate", "gate_linear", "graph_memop", "graph_spin", "mps_gate"):
         r = rows.get(v)
@@ -339,7 +339,7 @@ class Stamps:
 
         import torch
 
-        from valve.runtime.cuda_util import check, driver
+        from valve.runtime.cuda import check, driver
 
         try:
             import cupy as cp
@@ -462,7 +462,7 @@ def online_worker(cfg: dict) -> None:
     torch = setup_torch(cfg["device"])
 
     from valve.runtime.control import ControlBlock
-    from valve.runtime.online import OnlineSignal
+    from valve.runtime.online.signal import OnlineSignal
 
     dev = cfg["device"]
     cuda = dev == "cuda"
@@ -602,7 +602,7 @@ def offline_worker(cfg: dict) -> None:
     torch = setup_torch(cfg["device"])
 
     from valve.runtime.control import ControlBlock
-    from valve.runtime.offline import Gate
+    from valve.runtime.gate.offline import Gate
 
     dev = cfg["device"]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -635,7 +635,7 @@ def run_mode(c: dict, cmds: queue.Queue, model, x, tokens: int, gate, cuda: bool
     """Run one offline mode: alone for ``solo_s`` (reported), then until ``stop``. Returns True on ``exit``."""
     import torch
 
-    from valve.runtime.offline import attach
+    from valve.runtime.gate.offline import attach
 
     mode = c["mode"]  # "none", "eager", "eager_linear", "graph_memop", "graph_spin"
     handle, exiting = None, False
@@ -722,7 +722,7 @@ def run_mode(c: dict, cmds: queue.Queue, model, x, tokens: int, gate, cuda: bool
 # ---------------------------------------------------------------------------------------------------------
 def arbiter_worker(cfg: dict) -> None:
     from valve.api.runtime import RuntimeSpec
-    from valve.runtime.arbiter import Arbiter
+    from valve.runtime.arbiter.loop import Arbiter
     from valve.runtime.control import ControlBlock
 
     cb, _ = ControlBlock.open_or_create(cfg["ctl"])

@@ -36,12 +36,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec  # noqa: E402
+from valve.runtime.arbiter.memory_control import MemoryController  # noqa: E402
 from valve.runtime.control import ControlBlock  # noqa: E402
-from valve.runtime.memory import KVPool, PoolExhausted  # noqa: E402
-from valve.runtime.memory_client import ReclaimHandler  # noqa: E402
-from valve.runtime.memory_control import MemoryController  # noqa: E402
-from valve.runtime.memory_evict import Candidate, choose_evictions  # noqa: E402
-from valve.runtime.memory_sim import SimBackend, SimGpuInfo  # noqa: E402
+from valve.runtime.memory.client import ReclaimHandler  # noqa: E402
+from valve.runtime.memory.errors import PoolExhausted  # noqa: E402
+from valve.runtime.memory.evict import Candidate, choose_evictions  # noqa: E402
+from valve.runtime.memory.pool import KVPool  # noqa: E402
+from valve.runtime.memory.sim import SimBackend, SimGpuInfo  # noqa: E402
 from valve.runtime.sim import SimGPU  # noqa: E402
 from valve.stats import percentile  # noqa: E402
 
@@ -54,7 +55,7 @@ MS = 1_000_000
 # ---------------------------------------------------------------------------------------------------------
 def make_backend(device: str, gpu: SimGPU | None = None, batch_unmap: bool = False):
     if device == "cuda":
-        from valve.runtime.memory_cuda import CudaBackend
+        from valve.runtime.memory.cuda import CudaBackend
 
         return CudaBackend(batch_unmap=batch_unmap)
     return SimBackend(gpu=gpu, store=True)
@@ -180,7 +181,8 @@ def sweep(device: str, size_gib: float, chunks_mib, reps: int, live_fraction: fl
 def driver_costs(total_gib: float, chunks_mib, reps: int) -> list[dict]:
     """Raw driver cost, no pool logic: map ``total_gib`` of adjacent chunks, then unmap them one call per chunk
     or one call for the whole run (if the driver accepts it). Median ms per operation."""
-    from valve.runtime.memory_cuda import CudaBackend, CudaError
+    from valve.runtime.cuda import CudaError
+    from valve.runtime.memory.cuda import CudaBackend
 
     rows = []
     for chunk in chunks_mib:
@@ -246,7 +248,7 @@ def handover(size_gib: float, block_bytes: int, chunk_bytes: int, child_reserve:
     """Fill the GPU, reclaim ``size_gib`` from the pool, and let a child process allocate exactly that."""
     import torch
 
-    from valve.runtime.memory_cuda import CudaBackend
+    from valve.runtime.memory.cuda import CudaBackend
 
     nbytes = int(size_gib * GiB)
     pool = KVPool(CudaBackend(), block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=nbytes + 4 * GiB)

@@ -1,4 +1,4 @@
-"""bench/multigpu.py (issue 10) on CPU: the simulated 8-GPU node, the pairing check, and a dry run of the GPU path's
+"""bench/multigpu.py on CPU: the simulated 8-GPU node, the pairing check, and a dry run of the GPU path's
 steps with CPU torch (real processes, arbiters and the host gate)."""
 
 from __future__ import annotations

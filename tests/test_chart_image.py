@@ -101,10 +101,10 @@ def test_cli_options_reads_the_real_cli():
 
 def test_device_plugin_and_operator_share_the_runtime_dir():
     """The per-GPU folders the plugin creates are the ones the operator mounts into the sidecars."""
-    from valve.device_plugin.config import RUNTIME_ROOT
+    from valve.device_plugin.config import PluginConfig
 
     pods = pytest.importorskip("valve.operator.pods")
-    assert VALUES["devicePlugin"]["runtimeDir"] == RUNTIME_ROOT == pods.OperatorConfig().runtime_dir
+    assert VALUES["devicePlugin"]["runtimeDir"] == str(PluginConfig().runtime_root) == pods.OperatorConfig().runtime_dir
 
 
 def test_chart_crds_are_what_the_api_models_generate():
@@ -154,6 +154,7 @@ def test_pod_monitor_finds_the_metrics_port_of_the_sidecars_the_operator_injects
     """The PodMonitor scrapes paired pods by label and port name: the operator's pods must carry both."""
     pods = pytest.importorskip("valve.operator.pods")
     from valve.api import colocation as c
+    from valve.api.contract import ROLES
 
     pm = VALUES["metrics"]["podMonitor"]
     pair = next(
@@ -163,7 +164,7 @@ def test_pod_monitor_finds_the_metrics_port_of_the_sidecars_the_operator_injects
     )
     pair["metadata"] |= {"namespace": "llm", "uid": "0000"}
     spec = c.ColocationPairSpec.model_validate(pair["spec"])
-    for role in pods.ROLES:
+    for role in ROLES:
         pod = pods.render_pod(pair, spec, role, "node-1", pods.OperatorConfig())
         labels = pod["metadata"]["labels"]
         for e in pm["selector"]["matchExpressions"]:

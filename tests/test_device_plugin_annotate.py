@@ -14,10 +14,9 @@ import typer
 from support import until
 from typer.testing import CliRunner
 
+from valve.api.contract import ANN_GPU, ANN_ROLE
 from valve.device_plugin import rbac
 from valve.device_plugin.annotate import (
-    ANN_GPU,
-    ANN_ROLE,
     Annotator,
     PodDevices,
     PodInfo,
@@ -123,11 +122,6 @@ def test_annotate_by_default_follows_the_cluster_env():
     assert annotate_by_default(None, {}) is False
     assert annotate_by_default(False, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) is False
     assert annotate_by_default(True, {}) is True
-
-
-def test_keys_match_the_operator():
-    pods = pytest.importorskip("valve.operator.pods")
-    assert (ANN_GPU, ANN_ROLE) == (pods.ANN_GPU, pods.ANN_ROLE)
 
 
 # The annotator against a real PodResources server and a fake API.

@@ -14,7 +14,7 @@ from valve.engine.model import build_model  # noqa: E402
 from valve.engine.offline import OfflineRunner, reclaim_hook  # noqa: E402
 from valve.engine.tokenizer import ByteTokenizer  # noqa: E402
 from valve.runtime.control import ControlBlock  # noqa: E402
-from valve.runtime.memory_sim import SimBackend  # noqa: E402
+from valve.runtime.memory.sim import SimBackend  # noqa: E402
 
 BLOCK = 8
 CHUNK = 16 << 10  # 4 blocks of the tiny shape (4 KiB each) per chunk: reclaims must move blocks
@@ -32,7 +32,7 @@ def prompts(n, seed=0):
 
 def make_pool(model, max_bytes=1 << 20):
     from valve.engine.kvcache import PagedKVCache
-    from valve.runtime.memory import KVPool
+    from valve.runtime.memory.pool import KVPool
 
     block_bytes = model.cfg.kv_bytes_per_token(4) * BLOCK
     assert block_bytes == 4096

@@ -50,8 +50,8 @@ def test_latency_path_on_the_simulated_backend_checks_live_data(bench):
 
 def test_check_live_catches_corruption(bench):
     torch = pytest.importorskip("torch")
-    from valve.runtime.memory import KVPool
-    from valve.runtime.memory_sim import SimBackend
+    from valve.runtime.memory.pool import KVPool
+    from valve.runtime.memory.sim import SimBackend
 
     pool = KVPool(SimBackend(), block_bytes=1 << 16, chunk_bytes=2 << 20, max_bytes=8 << 20)
     view = pool.tensor(torch.int32, ((1 << 16) // 4,))

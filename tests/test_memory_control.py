@@ -10,11 +10,12 @@ import textwrap
 import pytest
 
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
+from valve.runtime.arbiter.memory_control import SECOND, MemoryController, PeakTracker, TokenBucket
 from valve.runtime.control import ControlBlock
-from valve.runtime.memory import KVPool
-from valve.runtime.memory_client import ReclaimHandler, install
-from valve.runtime.memory_control import SECOND, MemoryController, MemorySnapshot, PeakTracker, TokenBucket
-from valve.runtime.memory_sim import SimBackend, SimGpuInfo
+from valve.runtime.memory.backend import MemorySnapshot
+from valve.runtime.memory.client import ReclaimHandler, install
+from valve.runtime.memory.pool import KVPool
+from valve.runtime.memory.sim import SimBackend, SimGpuInfo
 from valve.runtime.sim import SimGPU
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -266,9 +267,9 @@ def test_install_registers_on_the_gate_boundary():
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from valve.runtime.control import ControlBlock
-    from valve.runtime.memory import KVPool
-    from valve.runtime.memory_client import ReclaimHandler
-    from valve.runtime.memory_sim import SimBackend
+    from valve.runtime.memory.pool import KVPool
+    from valve.runtime.memory.client import ReclaimHandler
+    from valve.runtime.memory.sim import SimBackend
 
     class Dies(SimBackend):
         def unmap(self, offsets, nbytes):

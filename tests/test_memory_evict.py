@@ -8,7 +8,7 @@ import random
 import pytest
 
 from valve.api.runtime import EvictionPolicy
-from valve.runtime.memory_evict import (
+from valve.runtime.memory.evict import (
     FIFO,
     SELECTIVE,
     Candidate,

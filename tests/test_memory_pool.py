@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from valve.runtime.memory import KVPool, PoolExhausted, ReclaimImpossible
-from valve.runtime.memory_evict import FIFO, SELECTIVE
-from valve.runtime.memory_sim import SimBackend
+from valve.runtime.memory.errors import PoolExhausted, ReclaimImpossible
+from valve.runtime.memory.evict import FIFO, SELECTIVE
+from valve.runtime.memory.pool import KVPool
+from valve.runtime.memory.sim import SimBackend
 from valve.runtime.sim import SimGPU, SimOutOfMemory
 
 MiB = 1 << 20
@@ -297,14 +298,14 @@ def test_cuda_backend_without_a_device_says_so():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    from valve.runtime.memory_cuda import CudaBackend
+    from valve.runtime.memory.cuda import CudaBackend
 
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CudaBackend()
 
 
 def test_match_runs_keeps_runs_together_and_uses_each_free_block_once():
-    from valve.runtime.memory import match_runs
+    from valve.runtime.memory.pool import match_runs
 
     src = np.array([10, 11, 12, 13, 20, 30, 31])
     free = np.array([0, 1, 2, 3, 4, 5, 7, 40, 41])
@@ -336,7 +337,7 @@ def test_default_chunk_is_128_mib_but_never_larger_than_the_pool():
 
 
 def test_cuda_runs_groups_adjacent_chunks():
-    from valve.runtime.memory_cuda import runs
+    from valve.runtime.memory.cuda import runs
 
     assert runs([64, 0, 32, 128, 160, 256], 32) == [(0, 3), (128, 2), (256, 1)]
     assert runs([], 32) == []

@@ -24,6 +24,7 @@ pytest.importorskip("kopf")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from valve.api import colocation as c  # noqa: E402
+from valve.api.contract import ONLINE_RESOURCE  # noqa: E402
 from valve.operator.testing import Harness, pair_body  # noqa: E402
 
 NS = os.environ.get("VALVE_E2E_NAMESPACE", "valve-e2e")
@@ -56,7 +57,7 @@ async def test_invalid_pair_is_refused_by_the_api_server(env):
 async def test_valid_pair_is_placed_or_waits_for_capacity(env):
     code, nodes = await env.api.call("GET", "/api/v1/nodes")
     assert code == 200
-    has_slots = any(int((n.get("status", {}).get("allocatable") or {}).get(c.ONLINE_RESOURCE, "0")) > 0
+    has_slots = any(int((n.get("status", {}).get("allocatable") or {}).get(ONLINE_RESOURCE, "0")) > 0
                     for n in nodes["items"])
     await env.start_operator(resync_seconds=1.0)
     code, body = await env.api.create_pair(pair_body("e2e-valid", NS), NS)
@@ -69,7 +70,7 @@ async def test_valid_pair_is_placed_or_waits_for_capacity(env):
     online = await env.until(lambda: env.pod("e2e-valid-online"), "online pod")
     pair = await env.api.get_pair("e2e-valid", NS)
     assert online["metadata"]["ownerReferences"][0]["uid"] == pair["metadata"]["uid"]
-    assert online["spec"]["containers"][0]["resources"]["requests"][c.ONLINE_RESOURCE] == "1"
+    assert online["spec"]["containers"][0]["resources"]["requests"][ONLINE_RESOURCE] == "1"
     assert pair["status"]["node"]
 
 

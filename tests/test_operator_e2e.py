@@ -13,9 +13,9 @@ pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from valve.api import colocation as c  # noqa: E402
+from valve.api.contract import ANN_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE  # noqa: E402
 from valve.api.runtime import RuntimeSpec  # noqa: E402
 from valve.operator import rbac  # noqa: E402
-from valve.operator.pods import ANN_GPU  # noqa: E402
 from valve.operator.testing import emulated, operator_requests, pair_body, permission  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -64,9 +64,9 @@ async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env)
         assert terms["nodeSelectorTerms"][0]["matchFields"][0]["values"] == ["gpu-a"]
 
     on, off = pods["chat-online"]["spec"], pods["chat-offline"]["spec"]
-    assert on["containers"][0]["resources"]["requests"] == {c.ONLINE_RESOURCE: "1"}
-    assert on["containers"][0]["resources"]["limits"] == {c.ONLINE_RESOURCE: "1"}
-    assert off["containers"][0]["resources"]["requests"] == {c.OFFLINE_RESOURCE: "1"}
+    assert on["containers"][0]["resources"]["requests"] == {ONLINE_RESOURCE: "1"}
+    assert on["containers"][0]["resources"]["limits"] == {ONLINE_RESOURCE: "1"}
+    assert off["containers"][0]["resources"]["requests"] == {OFFLINE_RESOURCE: "1"}
     proxy = on["containers"][1]
     assert proxy["name"] == "valve-proxy" and proxy["image"] == "valve:t"
     assert proxy["command"] + proxy["args"] == ["valve", "runtime", "proxy", "--listen", ":9000",

@@ -8,15 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from valve.api import colocation as c
+from valve.api.contract import ANN_GPU, ANN_HASH, ANN_ROLE, OFFLINE, ONLINE, PODINFO_FILE
 from valve.operator import rbac, reconcile, status
 from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
 from valve.operator.pods import (
-    ANN_GPU,
-    ANN_HASH,
-    ANN_ROLE,
-    OFFLINE,
-    ONLINE,
-    PODINFO_FILE,
     OperatorConfig,
     PodView,
     pod_view,

@@ -22,8 +22,8 @@ from valve.runtime.control import (
     ControlBlockError,
     control_path,
 )
-from valve.runtime.offline import Gate, HostGateBackend
-from valve.runtime.online import OnlineSignal
+from valve.runtime.gate.offline import Gate, HostGateBackend
+from valve.runtime.online.signal import OnlineSignal
 
 GPU = "GPU-11111111-2222-4333-8444-555555555555"
 
@@ -115,7 +115,7 @@ def test_killed_arbiter_does_not_stall_offline_beyond_the_lease(arbiter_proc):
 
 def test_killed_online_process_is_reaped(arbiter_proc, tmp_path):
     _, cb, _ = arbiter_proc
-    code = ("import sys, time; from valve.runtime.control import ControlBlock; from valve.runtime.online import "
+    code = ("import sys, time; from valve.runtime.control import ControlBlock; from valve.runtime.online.signal import "
             "OnlineSignal; s = OnlineSignal(ControlBlock.open(sys.argv[1])); s.begin(); print('in', flush=True); "
             "time.sleep(60)")
     child = subprocess.Popen([sys.executable, "-c", code, str(cb.path)], stdout=subprocess.PIPE, text=True)

@@ -3,7 +3,7 @@
 import pytest
 
 from valve.runtime.control import ControlBlock
-from valve.runtime.offline import Gate, HostGateBackend, attach
+from valve.runtime.gate.offline import Gate, HostGateBackend, attach
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

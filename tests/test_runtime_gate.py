@@ -8,12 +8,12 @@ import threading
 import pytest
 
 from valve.api.runtime import RuntimeSpec
-from valve.runtime.arbiter import Arbiter
+from valve.runtime.arbiter.loop import Arbiter
+from valve.runtime.arbiter.metrics import GateMetrics
 from valve.runtime.control import FLAG_CLOSE_ALLOWED, GATE_CLOSED, GATE_OPEN, ControlBlock
-from valve.runtime.gate_sim import SimGateBackend
-from valve.runtime.metrics import GateMetrics
-from valve.runtime.offline import Gate, GateBusy, HostGateBackend, on_boundary
-from valve.runtime.online import OnlineSignal, online_request
+from valve.runtime.gate.offline import Gate, GateBusy, HostGateBackend, on_boundary
+from valve.runtime.gate.sim import SimGateBackend
+from valve.runtime.online.signal import OnlineSignal, online_request
 from valve.runtime.sim import MS, US, SimGPU
 
 KERNEL = 500 * US
@@ -220,14 +220,14 @@ def test_host_backend_waits_for_the_gate_and_runs_hooks():
         t.join(5)
         assert not t.is_alive() and g.boundaries == 2 and g.forced_opens == 0
     finally:
-        from valve.runtime import offline
+        from valve.runtime.gate import offline
 
         offline._global_hooks.remove(on_boundary_hook)
 
 
 def test_offline_module_imports_without_torch_or_cuda():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['cuda'] = None\n"
-            "import valve.runtime.offline as o, valve.runtime.online, valve.runtime.arbiter\n"
+            "import valve.runtime.gate.offline as o, valve.runtime.online.signal, valve.runtime.arbiter.loop\n"
             "assert type(o.make_backend('auto', None)).__name__ == 'HostGateBackend'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -11,11 +11,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from valve.runtime import podinfo
+from valve.api.contract import ANN_GPU
 from valve.runtime.cli import app
 from valve.runtime.control import FILE_SIZE, control_path
 from valve.runtime.podinfo import (
-    ANN_GPU,
     parse_annotations,
     read_annotations,
     resolve_gpu,
@@ -128,7 +127,7 @@ def test_arbiter_cli_gpu_from_times_out_with_exit_2(tmp_path, monkeypatch):
 def test_proxy_cli_reads_the_gpu_from_the_file(tmp_path, monkeypatch):
     got = {}
     monkeypatch.delenv("VALVE_GPU_UUID", raising=False)
-    monkeypatch.setattr("valve.runtime.proxy.proxy_command", lambda **kw: got.update(kw))
+    monkeypatch.setattr("valve.runtime.online.proxy.proxy_command", lambda **kw: got.update(kw))
     f = tmp_path / "annotations"
     f.write_text(kubelet_file({ANN_GPU: GPU, "valve.io/role": "online"}))
     res = CliRunner().invoke(app, ["proxy", "--gpu-from", str(f), "--metrics-port", "0"])
@@ -175,7 +174,3 @@ def test_arbiter_process_waits_for_the_annotation_then_runs(tmp_path):
             proc.wait(10)
         proc.stdout.close()
 
-
-def test_default_file_matches_the_operator():
-    pods = pytest.importorskip("valve.operator.pods")
-    assert podinfo.DEFAULT_FILE == pods.PODINFO_FILE and podinfo.ANN_GPU == pods.ANN_GPU

@@ -13,8 +13,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from valve.runtime.control import FLAG_CLOSE_ALLOWED, GATE_CLOSED, ControlBlock
-from valve.runtime.online import OnlineSignal
-from valve.runtime.proxy import (
+from valve.runtime.online.proxy import (
     NullSignal,
     Proxy,
     SSEEvents,
@@ -24,6 +23,7 @@ from valve.runtime.proxy import (
     parse_listen,
     serve,
 )
+from valve.runtime.online.signal import OnlineSignal
 
 pytestmark = pytest.mark.timeout(30)
 async_test = pytest.mark.asyncio

@@ -16,7 +16,7 @@ def test_cli_runs_a_small_fleet_and_writes_json_and_png(tmp_path):
     res = run("--gpus", "64", "--services", "6", "--hours", "3", "--seed", "2", "--results-dir",
               str(tmp_path / "none"), "--out-dir", str(out), "--name", "small")
     assert res.exit_code == 0, res.output
-    assert "Calibration used" in res.output and "default: issue 3 H100 probe" in res.output
+    assert "Calibration used" in res.output and "default: H100 preemption probe" in res.output
     assert "GPUs needed" in res.output and "Valve" in res.output and "placement round" in res.output
     data = json.loads((out / "cluster_small.json").read_text())
     assert data["fleet"]["gpus"] == 64 and data["fleet"]["hours"] == 3

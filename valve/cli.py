@@ -45,12 +45,6 @@ def demo(
     run_demo(seconds=seconds, seed=seed, gpus=gpus, json_out=json_out)
 
 
-def not_yet(issue: int, what: str) -> None:
-    """Exit clearly for a command another open issue owns."""
-    typer.echo(f"valve: {what} is not implemented yet (tracked in issue {issue}).", err=True)
-    raise typer.Exit(code=2)
-
-
 def main() -> None:
     app()
 

@@ -15,11 +15,11 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from valve.api.runtime import RuntimeSpec
-from valve.runtime.arbiter import Arbiter
+from valve.runtime.arbiter.loop import Arbiter
 from valve.runtime.control import ControlBlock
-from valve.runtime.gate_sim import SimGateBackend
-from valve.runtime.offline import Gate
-from valve.runtime.online import OnlineSignal
+from valve.runtime.gate.offline import Gate
+from valve.runtime.gate.sim import SimGateBackend
+from valve.runtime.online.signal import OnlineSignal
 from valve.runtime.sim import MS, US, SimGPU
 from valve.stats import percentile
 

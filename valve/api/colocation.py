@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from valve.api.contract import GROUP
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
 
-GROUP = "valve.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ColocationPair"
@@ -22,9 +22,6 @@ PLURAL = "colocationpairs"
 SINGULAR = "colocationpair"
 SHORT_NAMES = ["cpair"]
 CATEGORIES = ["valve"]
-
-ONLINE_RESOURCE = "valve.io/online-gpu"
-OFFLINE_RESOURCE = "valve.io/offline-gpu"
 
 _CAMEL = ConfigDict(
     extra="forbid",

@@ -19,13 +19,12 @@ from typing import Any
 
 import grpc
 
+from valve.api.contract import OFFLINE, ONLINE, ROLES
+
 log = logging.getLogger(__name__)
 
-ROLES = ("online", "offline")
-
-
 def other(role: str) -> str:
-    return "offline" if role == "online" else "online"
+    return OFFLINE if role == ONLINE else ONLINE
 
 
 def preferred_allocation(

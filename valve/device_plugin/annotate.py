@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from valve import __version__
-from valve.device_plugin.allocation import ROLES, PodResourcesUnavailable, list_pod_resources
+from valve.api.contract import ANN_GPU, ANN_ROLE, ROLES
+from valve.device_plugin.allocation import PodResourcesUnavailable, list_pod_resources
 from valve.kubeclient import load_api_client
 
 log = logging.getLogger(__name__)
 
-ANN_GPU = "valve.io/gpu-uuid"  # same keys as valve.operator.pods (a test checks)
-ANN_ROLE = "valve.io/role"
 USER_AGENT = f"valve-device-plugin/{__version__}"
 MERGE_PATCH = "application/merge-patch+json"
 

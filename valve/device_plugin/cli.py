@@ -1,4 +1,4 @@
-"""`valve device-plugin`: the kubelet device plugin (issue 6)."""
+"""`valve device-plugin`: the kubelet device plugin."""
 
 from __future__ import annotations
 
@@ -6,6 +6,16 @@ from enum import StrEnum
 from pathlib import Path
 
 import typer
+
+from valve.api.contract import (
+    ANN_GPU,
+    ANN_ROLE,
+    DEVICE_PLUGIN_DIR,
+    OFFLINE_RESOURCE,
+    ONLINE_RESOURCE,
+    POD_RESOURCES_SOCKET,
+    RUNTIME_DIR,
+)
 
 
 class BackendName(StrEnum):
@@ -20,19 +30,19 @@ def register(app: typer.Typer) -> None:
         sim_gpus: int = typer.Option(4, min=1, max=64, help="Virtual GPUs of the sim backend."),
         sim_node: str = typer.Option("sim-node", help="Seed of the sim backend's stable UUIDs."),
         device_plugin_dir: Path = typer.Option(
-            Path("/var/lib/kubelet/device-plugins"), help="Where kubelet.sock is and our sockets go."
+            Path(DEVICE_PLUGIN_DIR), help="Where kubelet.sock is and our sockets go."
         ),
-        online_resource: str = typer.Option("valve.io/online-gpu", help="Resource name of the online slots."),
-        offline_resource: str = typer.Option("valve.io/offline-gpu", help="Resource name of the offline slots."),
+        online_resource: str = typer.Option(ONLINE_RESOURCE, help="Resource name of the online slots."),
+        offline_resource: str = typer.Option(OFFLINE_RESOURCE, help="Resource name of the offline slots."),
         runtime_root: Path = typer.Option(
-            Path("/var/run/valve"), help="Per-GPU runtime dirs <root>/<uuid>, mounted into the pods."
+            Path(RUNTIME_DIR), help="Per-GPU runtime dirs <root>/<uuid>, mounted into the pods."
         ),
         runtime_dir_mode: str = typer.Option("0700", help="Octal mode of each <root>/<uuid> directory."),
         state_dir: Path = typer.Option(
             Path("/var/lib/valve/device-plugin"), help="Where the allocation record (allocations.json) is kept."
         ),
         pod_resources_socket: str = typer.Option(
-            "/var/lib/kubelet/pod-resources/kubelet.sock",
+            POD_RESOURCES_SOCKET,
             help="Kubelet PodResources socket for taken slots; 'none' uses only the allocation record.",
         ),
         disable_xids: str = typer.Option(
@@ -48,7 +58,7 @@ def register(app: typer.Typer) -> None:
         metrics_interval: float = typer.Option(5.0, min=0.1, help="Seconds between NVML usage samples."),
         annotate: bool | None = typer.Option(
             None, "--annotate/--no-annotate",
-            help="Annotate pods holding a Valve device with valve.io/gpu-uuid and valve.io/role (from PodResources; "
+            help=f"Annotate pods holding a Valve device with {ANN_GPU} and {ANN_ROLE} (from PodResources; "
                  "needs get/patch on pods). Default: on inside a cluster (KUBERNETES_SERVICE_HOST set).",
         ),
         node_name: str | None = typer.Option(

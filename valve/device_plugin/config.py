@@ -5,12 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from valve.device_plugin.api import DEVICE_PLUGIN_DIR, POD_RESOURCES_SOCKET
+from valve.api.contract import (
+    DEVICE_PLUGIN_DIR,
+    KUBELET_SOCKET,
+    OFFLINE,
+    OFFLINE_RESOURCE,
+    ONLINE,
+    ONLINE_RESOURCE,
+    POD_RESOURCES_SOCKET,
+    RUNTIME_DIR,
+)
 from valve.device_plugin.health import XidPolicy
 
-ONLINE_RESOURCE = "valve.io/online-gpu"
-OFFLINE_RESOURCE = "valve.io/offline-gpu"
-RUNTIME_ROOT = "/var/run/valve"
 STATE_DIR = "/var/lib/valve/device-plugin"
 METRICS_PORT = 9402
 
@@ -20,7 +26,7 @@ class PluginConfig:
     device_plugin_dir: Path = Path(DEVICE_PLUGIN_DIR)
     online_resource: str = ONLINE_RESOURCE
     offline_resource: str = OFFLINE_RESOURCE
-    runtime_root: Path = Path(RUNTIME_ROOT)
+    runtime_root: Path = Path(RUNTIME_DIR)
     runtime_dir_mode: int = 0o700
     # Not under device_plugin_dir: the kubelet deletes everything there but its checkpoint when it starts.
     state_dir: Path = Path(STATE_DIR)
@@ -38,16 +44,9 @@ class PluginConfig:
 
     @property
     def kubelet_socket(self) -> Path:
-        from valve.device_plugin.api import KUBELET_SOCKET
-
         return self.device_plugin_dir / KUBELET_SOCKET
 
     @property
     def roles(self) -> dict[str, str]:
         """Role -> resource name."""
-        return {"online": self.online_resource, "offline": self.offline_resource}
-
-    @staticmethod
-    def endpoint(resource: str) -> str:
-        """Socket file name for a resource: valve.io/online-gpu -> valve.io-online-gpu.sock."""
-        return resource.replace("/", "-") + ".sock"
+        return {ONLINE: self.online_resource, OFFLINE: self.offline_resource}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from valve.device_plugin.api import KUBELET_SOCKET, pb, pb_grpc
+from valve.api.contract import KUBELET_SOCKET
+from valve.device_plugin.api import pb, pb_grpc
 from valve.device_plugin.proto import podresources_pb2 as pr
 from valve.device_plugin.proto import podresources_pb2_grpc as pr_grpc
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from valve.api.contract import plugin_socket
 from valve.device_plugin.allocation import AllocationRecord, SlotTracker
 from valve.device_plugin.annotate import Annotator, PodClient
 from valve.device_plugin.api import UNIX_PATH_MAX, VERSION, pb, pb_grpc
@@ -113,7 +114,7 @@ class DevicePlugin:
             svc = DevicePluginService(role, resource, self.table, slots, cfg.runtime_root, cfg.runtime_dir_mode,
                                       self.metrics, on_allocate=kick)
             self.services[role] = svc
-            self.servers.append(PluginServer(svc, cfg.device_plugin_dir / cfg.endpoint(resource)))
+            self.servers.append(PluginServer(svc, cfg.device_plugin_dir / plugin_socket(resource)))
             self.metrics.devices.labels(resource).set(len(gpus))
             self.metrics.allocations.labels(resource)  # export 0 before the first allocation
         self._publish_health()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from valve.api.contract import ENV_GPU_UUID, ENV_ROLE, ENV_RUNTIME_DIR
 from valve.device_plugin.allocation import SlotTracker, preferred_allocation
 from valve.device_plugin.api import HEALTHY, UNHEALTHY, pb, pb_grpc
 from valve.device_plugin.devices import DeviceState, DeviceTable
@@ -57,9 +58,9 @@ def container_allocation(role: str, uuids: Sequence[str], runtime_root: Path) ->
     envs = {
         "NVIDIA_VISIBLE_DEVICES": joined,
         "CUDA_VISIBLE_DEVICES": joined,
-        "VALVE_GPU_UUID": joined,
-        "VALVE_ROLE": role,
-        "VALVE_RUNTIME_DIR": str(runtime_root),
+        ENV_GPU_UUID: joined,
+        ENV_ROLE: role,
+        ENV_RUNTIME_DIR: str(runtime_root),
     }
     mounts = [pb.Mount(container_path=str(runtime_root / u), host_path=str(runtime_root / u)) for u in uuids]
     return pb.ContainerAllocateResponse(envs=envs, mounts=mounts)

@@ -1,4 +1,4 @@
-"""`valve bench ...`: end-to-end benchmarks (issue 5)."""
+"""`valve bench ...`: end-to-end benchmarks."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ On one device, in one call, each variant runs real engine processes: the online 
 - ``online-alone``: the server alone (the rate for the target busy fraction is calibrated here);
 - ``offline-alone``: the runner alone;
 - ``time-slicing``: both, nothing between them (the driver time-slices the two contexts);
-- ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.offline.attach``), the online signal
+- ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.gate.offline.attach``), the online signal
   (``online_request()``) and the offline KV cache in the runtime's ``KVPool``;
 - ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last).
 
@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR
 from valve.engine import report
 from valve.engine.loadgen import Arrivals, LengthDist, make_trace, run_trace
 from valve.engine.procs import Child, ChildFailed, wait_for
@@ -276,7 +277,7 @@ def valve_missing() -> str | None:
     """Why the Valve variant cannot run here (a runtime module missing), or None."""
     import importlib.util
 
-    for mod in ("valve.runtime.offline", "valve.runtime.online", "valve.runtime.arbiter"):
+    for mod in ("valve.runtime.gate.offline", "valve.runtime.online.signal", "valve.runtime.arbiter.loop"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not available"
     return None
@@ -375,7 +376,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         if valve:
             rdir = wd / "runtime"
             uuid = run.env_info["gpu_uuid"]
-            extra.update(VALVE_GPU_UUID=uuid, VALVE_RUNTIME_DIR=str(rdir))
+            extra.update({ENV_GPU_UUID: uuid, ENV_RUNTIME_DIR: str(rdir)})
             from valve.runtime.control import ControlBlock, control_path
 
             # created here so that the engines may start beside the arbiter (which reuses a valid block)

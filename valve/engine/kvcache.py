@@ -1,6 +1,6 @@
 """Paged KV cache: fixed-size token blocks, per-sequence block tables, storage from a pluggable allocator.
 
-The allocator interface is the one of the runtime's ``KVPool`` (memory issue):
+The allocator interface is the one of the runtime's ``KVPool`` (``valve.runtime.memory.pool``):
 ``allocate(seq_id, n_blocks)``, ``free(seq_id)``, ``block_table(seq_id)`` and ``tensor(dtype, block_shape)``,
 the last a view ``[max_blocks, *block_shape]`` in which block ``b`` is ``view[b]``. ``TorchBlockAllocator`` is
 a plain tensor with a free list (CPU tests, the online server); ``KVPool`` plugs in for the offline runner.

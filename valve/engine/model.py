@@ -6,7 +6,7 @@ Two forward paths over the same weights:
   cache (``valve.engine.kvcache.PagedKVCache``). Sequences with one new token (decode) share one batched
   attention call; longer chunks (prefill) run one call each.
 
-Sub-layers are the modules ``layers.<i>.attn`` and ``layers.<i>.mlp``, so ``valve.runtime.offline.attach`` can
+Sub-layers are the modules ``layers.<i>.attn`` and ``layers.<i>.mlp``, so ``valve.runtime.gate.offline.attach`` can
 put a gate before each of them with forward pre-hooks.
 """
 

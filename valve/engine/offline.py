@@ -9,7 +9,7 @@ Every record is flushed at once (a killed process loses nothing written) and the
 second. On start the runner cuts a torn last line, skips the ids already in the file and runs the rest, so a
 restart neither repeats nor drops a record. Sequences in flight at the kill are simply computed again.
 
-With ``--gate`` the model's sub-layers get Valve's offline gate (``valve.runtime.offline.attach``); with
+With ``--gate`` the model's sub-layers get Valve's offline gate (``valve.runtime.gate.offline.attach``); with
 ``--kv-pool`` the KV cache blocks come from the runtime's ``KVPool``. Run: ``python -m valve.engine.offline --help``.
 """
 
@@ -162,28 +162,17 @@ def kv_pool_cache(cfg, dtype, block_size: int, pool_bytes: int, backend=None):
     """A paged cache whose blocks come from the runtime's KVPool (CUDA virtual memory on a GPU, else the
     simulated backend). Returns (cache, pool)."""
     from valve.engine.kvcache import PagedKVCache
-    from valve.runtime.memory import KVPool
+    from valve.runtime.memory.pool import KVPool
 
     block_bytes = cfg.kv_bytes_per_token(dtype.itemsize) * block_size
     pool = KVPool(backend=backend, block_bytes=block_bytes, max_bytes=pool_bytes)
     return PagedKVCache(cfg, pool, dtype, block_size), pool
 
 
-def open_control(gpu_uuid: str | None = None, runtime_dir: str | None = None):
-    """The arbiter's control block for this GPU (VALVE_GPU_UUID / VALVE_RUNTIME_DIR when not given), or None
-    when no GPU UUID is known."""
-    from valve.runtime.control import ControlBlock, control_path
-
-    uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
-    if not uuid:
-        return None
-    return ControlBlock.open(control_path(uuid, runtime_dir))
-
-
 def reclaim_hook(pool, engine, control):
     """A step hook answering the arbiter's reclaim requests between engine steps (the block tables of a step
     in flight must not move under it): moved blocks are remapped and evicted sequences re-queued."""
-    from valve.runtime.memory_client import ReclaimHandler
+    from valve.runtime.memory.client import ReclaimHandler
 
     return ReclaimHandler(pool, control, on_reclaim=engine.apply_reclaim)
 
@@ -220,7 +209,7 @@ def main(
     cfg = get_config(model)
     m = build_model(cfg, device=device, seed=seed)
     if gate:
-        from valve.runtime.offline import attach
+        from valve.runtime.gate.offline import attach
 
         handle = attach(m)  # default pattern: the ``layers.<i>.attn`` and ``layers.<i>.mlp`` sub-layers
         log.info("Valve gate before %d sub-layers", len(handle.names))
@@ -228,9 +217,11 @@ def main(
     if kv_pool:
         cache, pool = kv_pool_cache(cfg, m.dtype, block_size, kv_pool_bytes)
         eng = Engine(m, cache, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
-        control = open_control()
-        if control is not None:
-            hook = reclaim_hook(pool, eng, control)
+        from valve.runtime.control import ControlBlock, resolve_control_path
+
+        path = resolve_control_path()  # the arbiter's block of VALVE_GPU_UUID, when the device plugin set it
+        if path is not None:
+            hook = reclaim_hook(pool, eng, ControlBlock.open(path))
     else:
         eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                             max_seqs=max_seqs)

@@ -58,7 +58,7 @@ def resolve_online_signal(enabled: bool) -> Callable[[], contextlib.AbstractCont
     """Valve's ``online_request`` when enabled (fails loudly if the runtime lacks it), else a no-op."""
     if not enabled:
         return contextlib.nullcontext
-    from valve.runtime.online import online_request
+    from valve.runtime.online.signal import online_request
 
     return online_request
 

@@ -6,9 +6,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from valve.api import colocation as c
+from valve.api.contract import OFFLINE, OFFLINE_RESOURCE, ONLINE, ONLINE_RESOURCE
 from valve.operator.placement import Node
-from valve.operator.pods import OFFLINE, ONLINE, PodView
+from valve.operator.pods import PodView
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ def node_view(node: dict[str, Any]) -> NodeView:
     ready = any(cd.get("type") == "Ready" and cd.get("status") == "True" for cd in conditions)
     return NodeView(
         name=meta.get("name", ""),
-        online_allocatable=_int(alloc.get(c.ONLINE_RESOURCE)),
-        offline_allocatable=_int(alloc.get(c.OFFLINE_RESOURCE)),
+        online_allocatable=_int(alloc.get(ONLINE_RESOURCE)),
+        offline_allocatable=_int(alloc.get(OFFLINE_RESOURCE)),
         schedulable=ready and not spec.get("unschedulable", False),
         labels=dict(meta.get("labels") or {}),
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from valve.api.contract import ENV_IMAGE, RUNTIME_DIR
+
 
 def register(app: typer.Typer) -> None:
     @app.command("operator")
@@ -18,10 +20,10 @@ def register(app: typer.Typer) -> None:
         health_port: int = typer.Option(8080, min=0, max=65535, help="Liveness /healthz port (0: off)."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
         sidecar_image: str = typer.Option(
-            "valve:0.1.0", envvar="VALVE_IMAGE", help="Image of the proxy and arbiter sidecars."
+            "valve:0.1.0", envvar=ENV_IMAGE, help="Image of the proxy and arbiter sidecars."
         ),
         sidecar_metrics_port: int = typer.Option(9400, min=1, max=65535, help="/metrics port of the sidecars."),
-        runtime_dir: str = typer.Option("/var/run/valve", help="Host folder of the per-GPU control blocks."),
+        runtime_dir: str = typer.Option(RUNTIME_DIR, help="Host folder of the per-GPU control blocks."),
         resync_seconds: float = typer.Option(30.0, min=0.1, help="Reconcile every pair this often."),
         peering: str | None = typer.Option(
             None, help="kopf peering name for several replicas (needs kopf's peering CRDs). Default: standalone."

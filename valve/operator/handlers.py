@@ -18,11 +18,12 @@ from typing import Any
 import kopf
 
 from valve.api import colocation as c
+from valve.api.contract import ROLES
 from valve.operator import metrics
 from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
 from valve.operator.kube import Kube
 from valve.operator.placement import NO_FIT, PairRequest, place
-from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, ROLES, OperatorConfig, PodView, pod_view
+from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view
 from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from typing import Any
 
 from valve import __version__, kubeclient
 from valve.api import colocation as c
+from valve.api.contract import EVENT_COMPONENT
 
 log = logging.getLogger(__name__)
 USER_AGENT = f"valve-operator/{__version__}"
@@ -79,7 +80,7 @@ class Kube:
             "reason": reason,
             "message": message[:1024],
             "source": {"component": "valve-operator"},
-            "reportingComponent": "valve.io/operator",
+            "reportingComponent": EVENT_COMPONENT,
             "reportingInstance": "valve-operator",
             "firstTimestamp": now,
             "lastTimestamp": now,

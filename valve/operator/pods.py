@@ -9,32 +9,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from valve.api import colocation as c
+from valve.api.contract import (
+    ANN_GPU,
+    ANN_HASH,
+    ANN_NODE,
+    ANN_ROLE,
+    ENV_ROLE,
+    ENV_RUNTIME_DIR,
+    ENV_RUNTIME_SPEC,
+    LABEL_PAIR,
+    LABEL_ROLE,
+    METRICS_PORT_NAME,
+    OFFLINE,
+    OFFLINE_RESOURCE,
+    ONLINE,
+    ONLINE_RESOURCE,
+    PODINFO_DIR,
+    PODINFO_FILE,
+    RUNTIME_DIR,
+)
 
-ONLINE = "online"
-OFFLINE = "offline"
-ROLES = (ONLINE, OFFLINE)
-RESOURCE = {ONLINE: c.ONLINE_RESOURCE, OFFLINE: c.OFFLINE_RESOURCE}
+RESOURCE = {ONLINE: ONLINE_RESOURCE, OFFLINE: OFFLINE_RESOURCE}
 
 MANAGED_BY = "valve-operator"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
-LABEL_PAIR = "valve.io/pair"
-LABEL_ROLE = "valve.io/role"
-ANN_GPU = "valve.io/gpu-uuid"  # written by the device plugin once the pod's GPU is allocated (docs/operator.md)
-ANN_ROLE = "valve.io/role"  # written by the device plugin too: online|offline
-ANN_NODE = "valve.io/node"  # node the operator placed the pod on
-ANN_HASH = "valve.io/pod-spec-hash"  # hash of the rendered pod; a change means "recreate"
 
 RUNTIME_VOLUME = "valve-runtime"
 PODINFO_VOLUME = "valve-podinfo"  # downward API: the pod's annotations, updated live by the kubelet
-PODINFO_DIR = "/etc/valve/podinfo"
-PODINFO_FILE = f"{PODINFO_DIR}/annotations"
-SPEC_ENV = "VALVE_RUNTIME_SPEC"
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     sidecar_image: str = "valve:0.1.0"
-    runtime_dir: str = "/var/run/valve"  # host folder with the per-GPU control blocks
+    runtime_dir: str = RUNTIME_DIR  # host folder with the per-GPU control blocks
     sidecar_cpu: str = "100m"
     sidecar_memory: str = "128Mi"
     metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
@@ -129,7 +136,7 @@ def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:
 def _sidecar_env(role: str) -> list[dict[str, Any]]:
     # Not the GPU: it is known only after allocation, and a downward-API env is fixed at container start.
     # The sidecars wait for it in the podinfo volume (`--gpu-from`), which the kubelet keeps up to date.
-    return [{"name": "VALVE_ROLE", "value": role}]
+    return [{"name": ENV_ROLE, "value": role}]
 
 
 def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
@@ -145,7 +152,7 @@ def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
 
 
 def _metrics_port(cfg: OperatorConfig) -> dict[str, Any]:
-    return {"name": "valve-metrics", "containerPort": cfg.metrics_port}
+    return {"name": METRICS_PORT_NAME, "containerPort": cfg.metrics_port}
 
 
 def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | None:
@@ -157,7 +164,7 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
                     "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--gpu-from", PODINFO_FILE,
                     "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
-    side["env"] = [*_sidecar_env(ONLINE), {"name": "VALVE_RUNTIME_DIR", "value": cfg.runtime_dir}]
+    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
     return side
 
@@ -165,13 +172,13 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
 def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
     side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg)
     side["command"] = ["valve"]
-    # The arbiter reads its RuntimeSpec from VALVE_RUNTIME_SPEC.
+    # The arbiter reads its RuntimeSpec from ENV_RUNTIME_SPEC.
     side["args"] = ["runtime", "arbiter", "--gpu-from", PODINFO_FILE, "--metrics-port", str(cfg.metrics_port)]
     side["ports"] = [_metrics_port(cfg)]
     side["env"] = [
         *_sidecar_env(OFFLINE),
-        {"name": "VALVE_RUNTIME_DIR", "value": cfg.runtime_dir},
-        {"name": SPEC_ENV, "value": spec.runtime.runtime_spec().model_dump_json()},
+        {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
+        {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
     ]
     return side
 
@@ -190,7 +197,7 @@ class PodView:
     gpu: str | None
     deleting: bool
     hash: str | None
-    online: int = 0  # valve.io/online-gpu requested
+    online: int = 0  # ONLINE_RESOURCE requested
     offline: int = 0
 
     @property
@@ -214,8 +221,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     for container in spec.get("containers") or []:
         res = container.get("resources") or {}
         amounts = {**(res.get("limits") or {}), **(res.get("requests") or {})}
-        online += _count(amounts.get(c.ONLINE_RESOURCE))
-        offline += _count(amounts.get(c.OFFLINE_RESOURCE))
+        online += _count(amounts.get(ONLINE_RESOURCE))
+        offline += _count(amounts.get(OFFLINE_RESOURCE))
     return PodView(
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),

@@ -14,9 +14,10 @@ from pydantic import ValidationError
 
 from valve.api import colocation as c
 from valve.api.colocation import ConditionType, Phase
+from valve.api.contract import ANN_HASH, OFFLINE, ONLINE
 from valve.operator import status as st
 from valve.operator.placement import NO_FIT
-from valve.operator.pods import ANN_HASH, OFFLINE, ONLINE, OperatorConfig, PodView, pod_name, render_pod
+from valve.operator.pods import OperatorConfig, PodView, pod_name, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from valve.api.colocation import ConditionType, Phase
-from valve.operator.pods import OFFLINE, ONLINE, PodView
+from valve.api.contract import OFFLINE, ONLINE
+from valve.operator.pods import PodView
 
 
 @dataclass(frozen=True)

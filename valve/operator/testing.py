@@ -25,6 +25,15 @@ import aiohttp.web
 import kmock
 
 from valve.api import colocation as c
+from valve.api.contract import (
+    ANN_GPU,
+    ANN_NODE,
+    LABEL_ROLE,
+    OFFLINE,
+    OFFLINE_RESOURCE,
+    ONLINE,
+    ONLINE_RESOURCE,
+)
 from valve.api.crds import crd_validator
 from valve.operator.pods import RESOURCE
 
@@ -243,7 +252,7 @@ def _json(data: Any) -> Any:
 
 def gpu_node(name: str, gpus: int, ready: bool = True, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """A Node as the device plugin leaves it: `gpus` online and `gpus` offline slots."""
-    alloc = {c.ONLINE_RESOURCE: str(gpus), c.OFFLINE_RESOURCE: str(gpus), "cpu": "32", "memory": "256Gi"}
+    alloc = {ONLINE_RESOURCE: str(gpus), OFFLINE_RESOURCE: str(gpus), "cpu": "32", "memory": "256Gi"}
     return {
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
@@ -272,7 +281,7 @@ class FakeNodes:
         self.placed: dict[str, tuple[str, str, str, str, str]] = {}  # uid -> (node, namespace, name, role, gpu)
 
     def pick(self, node: str, role: str) -> str:
-        other = "offline" if role == "online" else "online"
+        other = OFFLINE if role == ONLINE else ONLINE
         free = [g for g in self.gpus[node] if (g, role) not in self.taken]
         if not free:
             raise RuntimeError(f"no {role} slot left on {node}")
@@ -280,8 +289,6 @@ class FakeNodes:
         return (half or free)[0]
 
     async def start(self, pod: dict[str, Any], ready: bool = True) -> str:
-        from valve.operator.pods import ANN_GPU, ANN_NODE, LABEL_ROLE
-
         meta = pod["metadata"]
         node = meta["annotations"][ANN_NODE]
         role = meta["labels"][LABEL_ROLE]

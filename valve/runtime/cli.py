@@ -11,6 +11,15 @@ from pathlib import Path
 
 import typer
 
+from valve.api.contract import (
+    ANN_GPU,
+    ENV_GPU_UUID,
+    ENV_RUNTIME_DIR,
+    ENV_RUNTIME_SPEC,
+    PODINFO_FILE,
+    RUNTIME_DIR,
+)
+
 app = typer.Typer(help="The in-pod runtime: per-GPU arbiter and online proxy.", no_args_is_help=True)
 log = logging.getLogger("valve.runtime")
 
@@ -23,7 +32,7 @@ def load_spec(path: str | None, env: str | None = None):
 
     from valve.api.runtime import RuntimeSpec
 
-    env = os.environ.get("VALVE_RUNTIME_SPEC") if env is None else env
+    env = os.environ.get(ENV_RUNTIME_SPEC) if env is None else env
     if path and path.startswith("env:"):  # --config env:NAME (what the operator passes)
         name, path = path[4:], None
         env = os.environ.get(name, "")
@@ -32,7 +41,7 @@ def load_spec(path: str | None, env: str | None = None):
     if path:
         source, text = path, Path(path).read_text()
     elif env:
-        source, text = "VALVE_RUNTIME_SPEC", env
+        source, text = ENV_RUNTIME_SPEC, env
     else:
         return RuntimeSpec()
     try:
@@ -50,21 +59,21 @@ def load_spec(path: str | None, env: str | None = None):
 def gpu_memory_info(uuid: str):
     """NVML memory info for the GPU when available, else a simulated GPU (memory arbitration is then inert)."""
     try:
-        from valve.runtime.memory_cuda import NvmlGpuInfo
+        from valve.runtime.memory.cuda import NvmlGpuInfo
 
         info = NvmlGpuInfo(uuid)
         info.snapshot()
         return info, "nvml"
     except Exception as e:  # noqa: BLE001 - no NVML, no driver, unknown UUID: fall back, say why
-        from valve.runtime.memory_sim import SimGpuInfo
+        from valve.runtime.memory.sim import SimGpuInfo
         from valve.runtime.sim import SimGPU
 
         log.warning("NVML memory info unavailable for %s (%s): using a simulated GPU", uuid, e)
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
-GPU_FROM_HELP = ("Downward-API annotations file (key=\"value\" lines, e.g. /etc/valve/podinfo/annotations): "
-                 "wait for valve.io/gpu-uuid there when --gpu is not given.")
+GPU_FROM_HELP = (f"Downward-API annotations file (key=\"value\" lines, e.g. {PODINFO_FILE}): "
+                 f"wait for {ANN_GPU} there when --gpu is not given.")
 
 
 def gpu_or_exit(command: str, gpu: str | None, gpu_from: str | None, wait_s: float, required: bool,
@@ -79,31 +88,31 @@ def gpu_or_exit(command: str, gpu: str | None, gpu_from: str | None, wait_s: flo
         typer.echo(f"valve runtime {command}: {e}", err=True)
         raise typer.Exit(code=2) from None
     if got is None and required:
-        typer.echo(f"valve runtime {command}: give --gpu UUID (or VALVE_GPU_UUID) or --gpu-from FILE", err=True)
+        typer.echo(f"valve runtime {command}: give --gpu UUID (or {ENV_GPU_UUID}) or --gpu-from FILE", err=True)
         raise typer.Exit(code=2)
     return got
 
 
 @app.command()
 def arbiter(
-    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID this arbiter owns."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID, help="GPU UUID this arbiter owns."),
     gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
-    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR",
-                                           help="Runtime directory (default /var/run/valve)."),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR,
+                                           help=f"Runtime directory (default {RUNTIME_DIR})."),
     metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus port (0: no metrics server)."),
     spec_file: str | None = typer.Option(None, "--spec", "--config", help="RuntimeSpec as a JSON or YAML file, "
-                                         "or env:NAME (JSON in that variable; default: VALVE_RUNTIME_SPEC)."),
+                                         f"or env:NAME (JSON in that variable; default: {ENV_RUNTIME_SPEC})."),
     period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Run the memory reserve controller."),
 ) -> None:
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from valve.runtime.arbiter import Arbiter
+    from valve.runtime.arbiter.loop import Arbiter
+    from valve.runtime.arbiter.metrics import GateMetrics
     from valve.runtime.control import ControlBlock, control_path
-    from valve.runtime.metrics import GateMetrics
 
     gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
     try:
@@ -119,8 +128,8 @@ def arbiter(
     metrics = GateMetrics(registry, gpu)
     controller = None
     if memory:
-        from valve.runtime.memory_control import MemoryController
-        from valve.runtime.memory_metrics import MemoryMetrics
+        from valve.runtime.arbiter.memory_control import MemoryController
+        from valve.runtime.arbiter.memory_metrics import MemoryMetrics
 
         info, kind = gpu_memory_info(gpu)
         controller = MemoryController(spec, info, MemoryMetrics(registry, gpu))
@@ -142,15 +151,15 @@ def arbiter(
 def proxy(
     listen: str = typer.Option(":9000", help="Address to listen on, [host]:port."),
     upstream: str = typer.Option("http://127.0.0.1:8000", help="The online engine's HTTP base URL."),
-    gpu: str | None = typer.Option(None, "--gpu", envvar="VALVE_GPU_UUID", help="GPU UUID (for the arbiter)."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID, help="GPU UUID (for the arbiter)."),
     gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
-    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar="VALVE_RUNTIME_DIR"),
+    runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR),
     metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
-    from valve.runtime.proxy import proxy_command
+    from valve.runtime.online.proxy import proxy_command
 
     if gpu_from and not gpu:
         gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)

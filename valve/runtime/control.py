@@ -1,4 +1,5 @@
-"""The per-GPU control block: one small shared-memory file, `<runtime_dir>/<gpu-uuid>/control`.
+"""The per-GPU control block: one small shared-memory file, `<runtime_dir>/<gpu-uuid>/control` (names in
+valve.api.contract).
 
 The one definition of its layout. The arbiter creates it; online and offline clients map it. The gate word is
 4-byte aligned so the CUDA backend can register the page and wait on it with ``cuStreamWaitValue32``.
@@ -13,10 +14,11 @@ import os
 import threading
 from pathlib import Path
 
+from valve.api.contract import CONTROL_FILE, ENV_GPU_UUID, ENV_RUNTIME_DIR, ONLINE_SLOTS_DIR, RUNTIME_DIR
+
 MAGIC = 0x564C5631  # "VLV1"
 VERSION = 1
 FILE_SIZE = 4096  # one page: what cuMemHostRegister maps
-DEFAULT_RUNTIME_DIR = "/var/run/valve"
 GATE_OPEN, GATE_CLOSED = 1, 0
 SLOTS = 32  # online writer slots (processes signalling online requests: proxy, engine, ...)
 # bits of `flags` (the arbiter is its only writer)
@@ -84,13 +86,20 @@ class ControlBlockError(RuntimeError):
 
 
 def runtime_dir() -> Path:
-    return Path(os.environ.get("VALVE_RUNTIME_DIR", DEFAULT_RUNTIME_DIR))
+    return Path(os.environ.get(ENV_RUNTIME_DIR, RUNTIME_DIR))
 
 
 def control_path(gpu_uuid: str, root: Path | str | None = None) -> Path:
     if not gpu_uuid or "/" in gpu_uuid or gpu_uuid in (".", ".."):
         raise ValueError(f"invalid GPU UUID {gpu_uuid!r}")
-    return Path(root if root is not None else runtime_dir()) / gpu_uuid / "control"
+    return Path(root if root is not None else runtime_dir()) / gpu_uuid / CONTROL_FILE
+
+
+def resolve_control_path(gpu_uuid: str | None = None, root: Path | str | None = None) -> Path | None:
+    """This process's control file: of ``gpu_uuid``, else of ``VALVE_GPU_UUID`` (the device plugin sets it in the
+    GPU's containers), under ``root``, else ``VALVE_RUNTIME_DIR``, else the default. None when no GPU is known."""
+    uuid = gpu_uuid or os.environ.get(ENV_GPU_UUID)
+    return control_path(uuid, root) if uuid else None
 
 
 class ControlBlock:
@@ -186,7 +195,7 @@ class ControlBlock:
 
     def _lock_file(self, index: int) -> Path:
         assert self.path is not None
-        return self.path.parent / "online-slots" / f"{index}.lock"
+        return self.path.parent / ONLINE_SLOTS_DIR / f"{index}.lock"
 
     def claim_slot(self) -> SlotClaim:
         """Take a free online slot. For a file-backed block the claim is a `flock` on a per-slot lock file,

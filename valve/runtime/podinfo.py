@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from valve.api.contract import ANN_GPU
 
-ANN_GPU = "valve.io/gpu-uuid"
-DEFAULT_FILE = "/etc/valve/podinfo/annotations"
+log = logging.getLogger(__name__)
 
 
 def parse_annotations(text: str) -> dict[str, str]:

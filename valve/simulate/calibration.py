@@ -1,6 +1,6 @@
 """Interference and reclamation costs for the fleet model, calibrated from the GPU benchmarks in `bench/results/`.
 
-Every field has a default taken from the issue texts, and a source string that says where the value used came
+Every field has a default from earlier H100 measurements or a stated assumption, and a source string that says where the value used came
 from. `map_bench_results` is the one place that maps a benchmark JSON onto these fields: the benchmark schemas
 are still moving, so it matches flattened key paths by words (variant, metric, unit) and reports the key it used.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-# The H100 probe of issue 3: online burst of 10 bf16 2048^3 matmuls, 0.41 ms alone; offline matmul loop in another
+# The H100 preemption probe (the first gate measurement, before bench/preemption.py): online burst of 10 bf16 2048^3 matmuls, 0.41 ms alone; offline matmul loop in another
 # process: no gate -> p50 1.21 ms, p99 2.05 ms; gated -> p50 0.64 ms, p99 0.72 ms.
 PROBE_ALONE_MS = 0.41
 PROBE_NO_GATE_P99_MS = 2.05
@@ -41,7 +41,7 @@ class Calibration:
     # memory reclamation: time to give offline memory back, and offline GPU time lost to recompute per reclaim
     reclaim_latency_s: float = 0.019
     reclaim_recompute_s: float = 0.5
-    gpu: str = "H100 (issue texts)"
+    gpu: str = "H100 (built-in defaults)"
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def source(self, name: str) -> str:
@@ -67,11 +67,11 @@ DEFAULT_SOURCES = {
     "ts_online_p99_ratio": "default: per service, 1 / ts_online_share + ts_online_added_s / GPU-s per request "
                            "(online runs in shared time slices)",
     "ts_online_share": "default (assumed): two contexts with work get equal time slices",
-    "ts_online_added_s": "default: issue 3 H100 probe, no-gate p99 2.05 ms - alone 0.41 ms",
+    "ts_online_added_s": "default: H100 preemption probe, no-gate p99 2.05 ms - alone 0.41 ms",
     "valve_offline_efficiency": "default (assumed): sub-layer gate waits and bounded queue-ahead cost ~5%",
     "ts_offline_efficiency": "default (assumed): time-slicing is work-conserving",
-    "preemption_latency_s": "default: issue 3 H100 probe, gated p99 0.72 ms - alone 0.41 ms",
-    "reclaim_latency_s": "default: issue 4 H100 measurement, 8 GiB unmapped and released in 19 ms",
+    "preemption_latency_s": "default: H100 preemption probe, gated p99 0.72 ms - alone 0.41 ms",
+    "reclaim_latency_s": "default: H100 reclaim measurement (bench/reclaim.py), 8 GiB unmapped and released in 19 ms",
     "reclaim_recompute_s": "default (assumed): offline GPU time lost to recompute evicted sequences per reclaim",
 }
 
@@ -154,7 +154,8 @@ def key(path: tuple[str, ...]) -> str:
 def map_bench_results(kind: str, doc: Any) -> dict[str, tuple[float, str]]:
     """Map one benchmark JSON onto calibration fields: {field: (value, "key.path it came from")}.
 
-    kind is the file family: 'colocation' (issue 5), 'preemption' (issue 3) or 'reclaim' (issue 4).
+    kind is the file family: 'colocation' (`valve bench colocation`), 'preemption' (bench/preemption.py) or 'reclaim'
+    (bench/reclaim.py).
     Rules (first match wins; edit here when a schema settles):
     - online p99 ratio per variant: a key with 'p99' and a ratio word ('ratio', 'relative', 'vs', ...), not about
       offline, preemption or reclaim; for colocation the larger of the TTFT and TPOT ratios. Without ratio keys:

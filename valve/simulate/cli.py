@@ -1,4 +1,4 @@
-"""`valve simulate ...`: fleet simulation (issue 9)."""
+"""`valve simulate ...`: fleet simulation."""
 
 from __future__ import annotations
 

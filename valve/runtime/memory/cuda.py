@@ -17,32 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from valve.runtime.cuda_util import driver, ensure_context
-from valve.runtime.memory import DeviceOutOfMemory
-from valve.runtime.memory_control import MemorySnapshot
+from valve.runtime.cuda import CudaError, check, driver, ensure_context
+from valve.runtime.memory.backend import MemorySnapshot
+from valve.runtime.memory.errors import DeviceOutOfMemory
 
 log = logging.getLogger(__name__)
-
-
-class CudaError(RuntimeError):
-    """A CUDA driver call failed; the message names the call, its arguments and the error."""
-
-    def __init__(self, what: str, code: int, name: str) -> None:
-        super().__init__(f"{what} failed: {name} ({code})")
-        self.code, self.name = code, name
-
-
-def check(result, what: str):
-    """Unwrap a cuda-python result tuple; raise :class:`CudaError` naming ``what`` on any error."""
-    cu = driver()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        try:
-            name = cu.cuGetErrorName(err)[1].decode()
-        except Exception:  # noqa: BLE001 - best effort for the message
-            name = str(err)
-        raise CudaError(what, int(err), name)
-    return rest[0] if len(rest) == 1 else tuple(rest) if rest else None
 
 
 def runs(offsets: Sequence[int], nbytes: int) -> list[tuple[int, int]]:

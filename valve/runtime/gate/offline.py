@@ -11,25 +11,26 @@ forward pre-hooks, no engine patch; or the one-liner ``gate()``) does, in order:
 4. enqueues the wait on the gate word in the stream (the backend) and a mark to see when the GPU passes it.
 
 Under CUDA-graph capture only step 4's wait is recorded (a graph memop node or the spin kernel, see
-``gate_cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
+``gate.cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
 around replays (e.g. one ``Gate()`` call before each replay).
 
-Backends (one interface): ``cuda`` (``gate_cuda``: ``cuStreamWaitValue32`` on the mapped control page; imported
-lazily), ``host`` (CPU tensors: the calling thread waits for the gate itself), ``sim`` (``gate_sim``: a SimGPU
+Backends (one interface): ``cuda`` (``gate.cuda``: ``cuStreamWaitValue32`` on the mapped control page; imported
+lazily), ``host`` (CPU tensors: the calling thread waits for the gate itself), ``sim`` (``gate.sim``: a SimGPU
 context). Nothing here imports torch or cuda at module import.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
-from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, control_path
+from valve.api.contract import ENV_GPU_UUID
+from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, resolve_control_path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,23 @@ POLL_S = 50e-6  # CPU poll period while waiting for queue room or an open gate
 
 class GateBusy(RuntimeError):
     """A non-blocking backend (the simulator) has no queue room: call again once ``Gate.room()`` is True."""
+
+
+class GateBackend(Protocol):
+    """What a Gate needs from its backend (``HostGateBackend``, ``gate.cuda.CudaGateBackend``,
+    ``gate.sim.SimGateBackend``). Optional: ``host_wait`` (the Gate polls the word on the CPU too),
+    ``capturing(stream)`` (CUDA-graph capture: only the wait is recorded), ``bind(cb)`` (told the Gate's block)."""
+
+    name: str
+    can_block: bool  # False: a full queue raises GateBusy instead of waiting
+
+    def wait(self, stream=None) -> None: ...  # enqueue: later work runs once the gate word is GATE_OPEN
+
+    def mark(self, stream=None) -> object: ...  # a marker after the wait, to see when the stream passes it
+
+    def reached(self, mark) -> bool: ...
+
+    def now_ns(self) -> int: ...  # the clock of the heartbeat lease
 
 
 class HostGateBackend:
@@ -62,7 +80,7 @@ class HostGateBackend:
         return time.monotonic_ns()
 
 
-def make_backend(kind: str, cb: ControlBlock):
+def make_backend(kind: str, cb: ControlBlock) -> GateBackend:
     if kind == "auto":
         try:
             import torch
@@ -70,7 +88,7 @@ def make_backend(kind: str, cb: ControlBlock):
             return HostGateBackend()
         kind = "cuda" if torch.cuda.is_available() else "host"
     if kind == "cuda":
-        from valve.runtime.gate_cuda import CudaGateBackend
+        from valve.runtime.gate.cuda import CudaGateBackend
 
         return CudaGateBackend(cb)
     if kind == "host":
@@ -102,12 +120,12 @@ class Gate:
         if queue_ahead < 1:
             raise ValueError(f"queue_ahead must be at least 1, got {queue_ahead}")
         if control is None:
-            uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
-            if not uuid:
-                raise ValueError("Gate: no control block given and VALVE_GPU_UUID is not set")
-            control = ControlBlock.open(control_path(uuid))
+            path = resolve_control_path(gpu_uuid)
+            if path is None:
+                raise ValueError(f"Gate: no control block given and {ENV_GPU_UUID} is not set")
+            control = ControlBlock.open(path)
         self.cb = control
-        self.backend = make_backend(backend, control) if isinstance(backend, str) else backend
+        self.backend: GateBackend = make_backend(backend, control) if isinstance(backend, str) else backend
         if hasattr(self.backend, "bind"):
             self.backend.bind(control)
         self.queue_ahead = queue_ahead

@@ -12,19 +12,19 @@ with no arbiter round trip; the arbiter accounts that closure and decides when t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from valve.api.contract import ENV_GPU_UUID
 from valve.runtime.control import (
     FLAG_CLOSE_ALLOWED,
     GATE_CLOSED,
     GATE_OPEN,
     ControlBlock,
     ControlBlockError,
-    control_path,
+    resolve_control_path,
 )
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,10 @@ def signal_for(control: ControlBlock | None = None, gpu_uuid: str | None = None)
     if control is not None:
         key: object = id(control)
     else:
-        uuid = gpu_uuid or os.environ.get("VALVE_GPU_UUID")
-        if not uuid:
-            raise ValueError("online_request: no GPU given and VALVE_GPU_UUID is not set (the device plugin sets "
+        key = resolve_control_path(gpu_uuid)
+        if key is None:
+            raise ValueError(f"online_request: no GPU given and {ENV_GPU_UUID} is not set (the device plugin sets "
                              "it in Valve pods)")
-        key = control_path(uuid)
     with _signals_lock:
         sig = _signals.get(key)
         if sig is None:

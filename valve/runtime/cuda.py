@@ -1,4 +1,6 @@
-"""Shared helpers for the CUDA backends (cuda-python's driver API). Imported lazily: needs `valve[cuda]`."""
+"""Shared helpers for the CUDA backends of the gate and the memory pool (cuda-python's driver API).
+
+Imported lazily: needs `valve[cuda]`."""
 
 from __future__ import annotations
 
@@ -33,13 +35,24 @@ def nvrtc():
     return _bindings("nvrtc", "nvrtc", "the spin gate")
 
 
-def check(result):
-    """Unwrap a cuda-python result tuple, raising on any error code."""
+class CudaError(RuntimeError):
+    """A CUDA driver call failed; the message names the call (``what``) and the error."""
+
+    def __init__(self, what: str, code: int, name: str) -> None:
+        super().__init__(f"{what} failed: {name} ({code})")
+        self.code, self.name = code, name
+
+
+def check(result, what: str = "CUDA driver call"):
+    """Unwrap a cuda-python result tuple; raise :class:`CudaError` naming ``what`` on any error code."""
     cu = driver()
     err, *rest = result if isinstance(result, tuple) else (result,)
     if err != cu.CUresult.CUDA_SUCCESS:
-        _, name = cu.cuGetErrorName(err)
-        raise RuntimeError(f"CUDA driver error {name.decode() if name else err}")
+        try:
+            name = cu.cuGetErrorName(err)[1].decode()
+        except Exception:  # noqa: BLE001 - best effort for the message
+            name = str(err)
+        raise CudaError(what, int(err), name)
     return rest[0] if len(rest) == 1 else tuple(rest) if rest else None
 
 

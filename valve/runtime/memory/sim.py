@@ -17,8 +17,8 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
-from valve.runtime.memory import DeviceOutOfMemory
-from valve.runtime.memory_control import MemorySnapshot
+from valve.runtime.memory.backend import MemorySnapshot
+from valve.runtime.memory.errors import DeviceOutOfMemory
 from valve.runtime.sim import SimContext, SimGPU, SimOutOfMemory
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python < 3.13 does not export it

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import threading
 
+from valve.api.contract import RUNTIME_DIR
 from valve.runtime.control import FILE_SIZE, GATE_OFFSET, GATE_OPEN, ControlBlock
-from valve.runtime.cuda_util import check, driver, ensure_context, nvrtc
+from valve.runtime.cuda import check, driver, ensure_context, nvrtc
 
 _registered: dict[int, int] = {}  # host page address -> device pointer (one registration per mapping)
 _reg_lock = threading.Lock()
@@ -148,7 +149,7 @@ class CudaGateBackend:
             self.gate_dptr = map_page(self.page) + GATE_OFFSET
         except RuntimeError as e:
             raise RuntimeError(f"cannot map the control block {cb.path or '(anonymous)'} into the GPU: {e}. "
-                               "It must live on tmpfs (/var/run/valve, /run, /dev/shm): CUDA cannot register a "
+                               f"It must live on tmpfs ({RUNTIME_DIR}, /run, /dev/shm): CUDA cannot register a "
                                "page of a disk-backed file") from e
         self.parked_dptr = 0  # where the spin kernel writes %globaltimer when it parks (0: nowhere)
         if "spin" in (mode, capture):
@@ -197,7 +198,7 @@ class CudaGateBackend:
 
 def selfcheck(out: str | None = None) -> dict:
     """GPU check of each gate kind: eager memop, eager spin, graph-captured memop node, graph-captured spin.
-    A closed gate must hold the work behind it; opening it must release it. ``python3 -m valve.runtime.gate_cuda``."""
+    A closed gate must hold the work behind it; opening it must release it. ``python3 -m valve.runtime.gate.cuda``."""
     import json
     import tempfile
     import time

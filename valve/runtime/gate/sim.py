@@ -1,7 +1,7 @@
 """The simulated gate backend: the offline client's waits and marks on a :class:`~valve.runtime.sim.SimGPU` context.
 
 The wait reads the same control block's gate word as the CUDA backend does, so the arbiter, the online signal and
-the offline :class:`~valve.runtime.offline.Gate` run unchanged on the simulator. A marker before each wait
+the offline :class:`~valve.runtime.gate.offline.Gate` run unchanged on the simulator. A marker before each wait
 records when the stream reaches a closed gate (``parked_seq``/``parked_ns``: offline has yielded the GPU), which
 the arbiter turns into the preemption latency.
 """

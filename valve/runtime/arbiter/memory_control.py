@@ -29,28 +29,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 from valve.api.runtime import RuntimeSpec
-from valve.runtime.memory_metrics import MemoryMetrics
+from valve.runtime.arbiter.memory_metrics import MemoryMetrics
+from valve.runtime.memory.backend import GpuMemoryInfo
 
 log = logging.getLogger(__name__)
 
 SECOND = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    total_bytes: int
-    free_bytes: int
-    online_bytes: int | None = None  # what the online processes hold, when known
-
-
-class GpuMemoryInfo(Protocol):
-    """What the controller reads each loop: NVML on a real GPU (``memory_cuda.NvmlGpuInfo``), a SimGPU in the
-    simulator (``memory_sim.SimGpuInfo``)."""
-
-    def snapshot(self) -> MemorySnapshot: ...
 
 
 class TokenBucket:

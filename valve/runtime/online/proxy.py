@@ -1,7 +1,7 @@
 """Online reverse proxy sidecar: `valve runtime proxy --listen :9000 --upstream http://127.0.0.1:8000`.
 
 Sits in front of an OpenAI-compatible HTTP server (no engine change). For each inference request (POST by
-default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.OnlineSignal`, streams
+default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.signal.OnlineSignal`, streams
 the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-encoding), and records:
 
 - ``valve_online_requests_total``: inference requests seen;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
+
+from valve.api.contract import ENV_GPU_UUID
 
 log = logging.getLogger("valve.proxy")
 
@@ -243,14 +244,14 @@ def bad_gateway(message: str) -> web.Response:
 
 def make_signal(gpu: str | None, runtime_dir: str | None = None):
     """An `OnlineSignal` on the GPU's control block, or a `NullSignal` when no GPU is configured."""
-    gpu = gpu or os.environ.get("VALVE_GPU_UUID")
-    if not gpu:
-        log.warning("no --gpu / VALVE_GPU_UUID: forwarding and measuring only, the arbiter is not told")
-        return NullSignal()
-    from valve.runtime.control import control_path
-    from valve.runtime.online import OnlineSignal
+    from valve.runtime.control import resolve_control_path
+    from valve.runtime.online.signal import OnlineSignal
 
-    return OnlineSignal(control_path(gpu, runtime_dir))  # opened lazily: works before the arbiter starts
+    path = resolve_control_path(gpu, runtime_dir)
+    if path is None:
+        log.warning("no --gpu / %s: forwarding and measuring only, the arbiter is not told", ENV_GPU_UUID)
+        return NullSignal()
+    return OnlineSignal(path)  # opened lazily: works before the arbiter starts
 
 
 async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = None,

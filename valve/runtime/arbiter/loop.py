@@ -4,7 +4,7 @@ Each :meth:`Arbiter.step` (a loop every ``period_s``, or a simulated clock in te
 
 1. heartbeat and published lease; every ``reap_ms`` frees the online slots of dead processes,
 2. reads the online writer slots: new requests, in-flight count, last end, closures the clients made,
-3. feeds them to :class:`~valve.runtime.policy.GatePolicy` (close on idle -> busy within the rate cap, stay
+3. feeds them to :class:`~valve.runtime.arbiter.policy.GatePolicy` (close on idle -> busy within the rate cap, stay
    closed while busy, reopen after the idle hysteresis) and writes the gate word,
 4. sets ``FLAG_CLOSE_ALLOWED`` while a closure would be within the cap, so online clients close the gate
    themselves at request start with no arbiter round trip,
@@ -20,6 +20,8 @@ import threading
 import time
 
 from valve.api.runtime import RuntimeSpec
+from valve.runtime.arbiter.metrics import GateMetrics
+from valve.runtime.arbiter.policy import GatePolicy
 from valve.runtime.control import (
     FLAG_ARBITER,
     FLAG_CLOSE_ALLOWED,
@@ -30,8 +32,6 @@ from valve.runtime.control import (
     Layout,
     OnlineSlot,
 )
-from valve.runtime.metrics import GateMetrics
-from valve.runtime.policy import GatePolicy
 
 log = logging.getLogger(__name__)
 MS = 1_000_000

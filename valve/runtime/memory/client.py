@@ -6,7 +6,7 @@ engine's step loop. At each call it
 1. follows the arbiter's ``offline_limit_bytes`` (the pool stops growing above it),
 2. if a request is pending (``reclaim_req_seq`` even and above ``reclaim_ack_seq``, unchanged while its bytes
    were read), reclaims that many bytes from the pool (everything it holds if it holds less), acknowledges with
-   the bytes released, and passes the :class:`~valve.runtime.memory.ReclaimResult` to ``on_reclaim`` so the
+   the bytes released, and passes the :class:`~valve.runtime.memory.pool.ReclaimResult` to ``on_reclaim`` so the
    engine remaps moved blocks and re-queues evicted sequences before it queues more work,
 3. reports the pool size (``offline_pool_bytes``) and cumulative evictions for the arbiter's metrics.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from valve.runtime.memory import KVPool, ReclaimResult
-from valve.runtime.memory_evict import check_policy
+from valve.runtime.memory.evict import check_policy
+from valve.runtime.memory.pool import KVPool, ReclaimResult
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,12 @@ class ReclaimHandler:
 def install(pool: KVPool, cb=None, gate=None, policy: str | None = None,
             on_reclaim: Callable[[ReclaimResult], object] | None = None) -> ReclaimHandler:
     """Create a handler and register it with the offline gate's sub-layer boundary hooks (``Gate.on_boundary``).
-    ``gate`` defaults to a ``valve.runtime.offline.Gate`` on ``cb``; ``cb`` defaults to the gate's block."""
+    ``gate`` defaults to a ``valve.runtime.gate.offline.Gate`` on ``cb``; ``cb`` defaults to the gate's block."""
     if gate is None:
         try:
-            from valve.runtime.offline import Gate
+            from valve.runtime.gate.offline import Gate
         except ImportError as e:
-            raise RuntimeError("valve.runtime.offline.Gate is not available: call ReclaimHandler.poll() from the "
+            raise RuntimeError("valve.runtime.gate.offline.Gate is not available: call ReclaimHandler.poll() from the "
                                "engine's step loop instead") from e
         gate = Gate(cb)
     if cb is None:

@@ -12,8 +12,9 @@ those copies and every kernel queued before them (an event), then unmap the vict
 unmapped page: the wait covers every kernel that was queued with the old block tables. The caller must apply
 ``moved`` to its block tables and re-queue ``evicted`` sequences for recompute before it queues more work.
 
-Backends (the :class:`MemoryBackend` protocol): ``memory_cuda.CudaBackend`` (CUDA virtual memory management) and
-``memory_sim.SimBackend`` (a CPU byte store on a simulated GPU, for tests and CPU runs).
+Backends (the :class:`~valve.runtime.memory.backend.MemoryBackend` protocol): ``memory.cuda.CudaBackend`` (CUDA
+virtual memory management) and ``memory.sim.SimBackend`` (a CPU byte store on a simulated GPU, for tests and CPU
+runs).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
-from valve.runtime.memory_evict import (
+from valve.runtime.memory.backend import MemoryBackend
+from valve.runtime.memory.errors import DeviceOutOfMemory, PoolExhausted, ReclaimImpossible
+from valve.runtime.memory.evict import (
     SELECTIVE,
     Candidate,
     check_policy,
@@ -45,43 +46,6 @@ FREE = -1
 # ~75 us at 128 MiB, then grows with bytes; 128 MiB chunks cut the 8 GiB reclaim from ~20 ms to ~8-11 ms at the
 # price of more compaction copies and a coarser grow/shrink step
 DEFAULT_CHUNK_BYTES = 128 << 20
-
-
-class PoolExhausted(MemoryError):
-    """The pool cannot hold the blocks asked for without growing past its limit."""
-
-
-class DeviceOutOfMemory(MemoryError):
-    """The device had no physical memory for a chunk (another process holds it). Backends map all or nothing."""
-
-
-class ReclaimImpossible(MemoryError):
-    """A reclaim asked for more bytes than the pool holds mapped. Nothing was released."""
-
-
-class MemoryBackend(Protocol):
-    """What the pool needs from a device: a virtual range, chunk (un)mapping and stream-ordered copies."""
-
-    name: str
-    granularity: int  # chunk sizes must be a multiple of this
-
-    def reserve(self, nbytes: int) -> None: ...  # reserve the virtual range [0, nbytes)
-
-    def map(self, offsets: Sequence[int], nbytes: int) -> None: ...  # back each [off, off + nbytes)
-
-    def unmap(self, offsets: Sequence[int], nbytes: int) -> None: ...  # release their physical memory
-
-    def copy(self, dst: int, src: int, nbytes: int) -> None: ...  # stream-ordered device-to-device copy
-
-    # optional: copy_many([(dst, src, nbytes), ...]), the same as copy() for each, with less overhead per copy
-
-    def fence(self) -> object: ...  # a marker after everything queued so far on the stream
-
-    def wait(self, fence: object) -> None: ...  # block the host until the stream has passed the marker
-
-    def byte_tensor(self, nbytes: int): ...  # a torch uint8 tensor over [0, nbytes)
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -142,12 +106,12 @@ def default_backend() -> MemoryBackend:
         import torch
 
         if torch.cuda.is_available():
-            from valve.runtime.memory_cuda import CudaBackend
+            from valve.runtime.memory.cuda import CudaBackend
 
             return CudaBackend()
     except ImportError:
         pass
-    from valve.runtime.memory_sim import SimBackend
+    from valve.runtime.memory.sim import SimBackend
 
     log.info("KVPool: no CUDA device, using the simulated backend (a CPU byte store)")
     return SimBackend()

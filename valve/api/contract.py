@@ -1,0 +1,60 @@
+"""The names Valve's processes agree on, in one place: the contract between the device plugin, the operator, the
+pods it creates (their engines and the proxy/arbiter sidecars) and the runtime.
+
+Each constant says who writes it and who reads it. A leaf module (no imports), so every component may use it.
+The Helm chart spells some of these in YAML; tests/test_contract.py checks the chart's values against them.
+"""
+
+from __future__ import annotations
+
+# ---- Kubernetes: API group, extended resources, roles --------------------------------------------------------
+GROUP = "valve.io"  # the ColocationPair CRD's API group (valve.api.colocation); prefix of every key below
+
+# The device plugin advertises each GPU once under each name; the operator's pods request one of them.
+ONLINE_RESOURCE = f"{GROUP}/online-gpu"
+OFFLINE_RESOURCE = f"{GROUP}/offline-gpu"
+
+# The two tenants of a GPU: values of ENV_ROLE, LABEL_ROLE and ANN_ROLE.
+ONLINE = "online"
+OFFLINE = "offline"
+ROLES = (ONLINE, OFFLINE)
+
+# ---- Pod labels and annotations ------------------------------------------------------------------------------
+LABEL_PAIR = f"{GROUP}/pair"  # operator writes (the pair's name) and selects its pods by it; the chart's PodMonitor too
+LABEL_ROLE = f"{GROUP}/role"  # operator writes (a role); operator reads
+ANN_GPU = f"{GROUP}/gpu-uuid"  # device plugin's annotator writes (UUIDs, comma-separated); operator and sidecars read
+ANN_ROLE = f"{GROUP}/role"  # device plugin's annotator writes (roles, comma-separated); operator reads
+ANN_NODE = f"{GROUP}/node"  # operator writes (the node it placed the pod on); operator reads
+ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod); operator reads: a change recreates
+
+# ---- Files on the node and in the pods -----------------------------------------------------------------------
+# Host folder of the per-GPU runtime dirs <RUNTIME_DIR>/<gpu-uuid>: the device plugin creates each and mounts it
+# into the GPU's containers, the operator mounts it into the sidecars; the runtime's default without ENV_RUNTIME_DIR.
+RUNTIME_DIR = "/var/run/valve"
+CONTROL_FILE = "control"  # <runtime dir>/<gpu-uuid>/control: the arbiter creates it, online and offline clients map it
+ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.lock: online clients flock, arbiter reaps
+PODINFO_DIR = "/etc/valve/podinfo"  # operator mounts the pod's downward-API annotations volume here
+PODINFO_FILE = f"{PODINFO_DIR}/annotations"  # kubelet writes (key="value" lines); sidecars read it (--gpu-from)
+
+# ---- Environment variables -----------------------------------------------------------------------------------
+ENV_GPU_UUID = "VALVE_GPU_UUID"  # device plugin's Allocate sets it; engines' Gate/online_request and sidecars read it
+ENV_ROLE = "VALVE_ROLE"  # device plugin's Allocate and the operator (sidecars) set it; tells a container its role
+ENV_RUNTIME_DIR = "VALVE_RUNTIME_DIR"  # device plugin's Allocate and the operator (sidecars) set it; runtime reads it
+ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidecar (RuntimeSpec JSON); the arbiter reads it
+ENV_IMAGE = "VALVE_IMAGE"  # the chart sets it on the operator; the operator reads it (its sidecars' image)
+
+EVENT_COMPONENT = f"{GROUP}/operator"  # operator writes it as its Events' reportingComponent; people read it
+
+# ---- Ports ---------------------------------------------------------------------------------------------------
+METRICS_PORT_NAME = "valve-metrics"  # operator names the sidecars' /metrics container port so; the chart's PodMonitor reads
+
+# ---- Kubelet (its names; the device plugin and the chart's host mounts follow them) ---------------------------
+DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"  # kubelet's socket and the plugin's sockets
+KUBELET_SOCKET = "kubelet.sock"  # in DEVICE_PLUGIN_DIR: kubelet serves Registration; the device plugin registers there
+POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"  # kubelet serves PodResources; device plugin reads
+
+
+def plugin_socket(resource: str) -> str:
+    """The device plugin's socket for a resource in DEVICE_PLUGIN_DIR, which it registers with the kubelet:
+    valve.io/online-gpu -> valve.io-online-gpu.sock."""
+    return resource.replace("/", "-") + ".sock"

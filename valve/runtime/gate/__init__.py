@@ -1,0 +1,1 @@
+"""The offline side of the compute gate: `Gate`/`attach` and its backends (cuda, sim; host in `offline`)."""

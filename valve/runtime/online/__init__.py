@@ -1,0 +1,1 @@
+"""The online side: the request signal (`signal`) and the reverse proxy sidecar (`proxy`)."""

@@ -4,21 +4,21 @@
 #
 # Build (from the repository root):
 #   docker build -t <registry>/valve:0.1.0 .
-#   docker build --build-arg VALVE_EXTRAS= -t <registry>/valve:0.1.0-nocuda .   # without cuda-python
+#   docker build --build-arg VALVE_EXTRAS=node,engine,cuda,torch -t <registry>/valve:0.1.0-torch .   # + Valve's engine
 # The chart runs it as uid 65532 (operator, sidecars) and as root without capabilities (device plugin).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# Extras of the valve package to install: "cuda" adds cuda-python (the runtime's CUDA backend).
-ARG VALVE_EXTRAS=cuda
+# Extras of the valve package to install: "node" is what the four processes above import (README, "Install").
+ARG VALVE_EXTRAS=node
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/valve
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY valve ./valve
 RUN /opt/valve/bin/pip install --no-compile ".${VALVE_EXTRAS:+[${VALVE_EXTRAS}]}" \
- && /opt/valve/bin/valve --help >/dev/null
+ && /opt/valve/bin/valve operator --help >/dev/null
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="valve" \
@@ -28,11 +28,10 @@ RUN groupadd --system --gid 65532 valve \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin valve
 COPY --from=build /opt/valve /opt/valve
-# No bytecode writes (the root filesystem is read-only in the chart); matplotlib's cache goes to /tmp.
+# No bytecode writes (the root filesystem is read-only in the chart).
 ENV PATH=/opt/valve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    MPLCONFIGDIR=/tmp/matplotlib
+    PYTHONDONTWRITEBYTECODE=1
 USER 65532:65532
 ENTRYPOINT ["valve"]
 CMD ["--help"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from operator_harness import pair_body
 from pydantic import ValidationError
 
 from valve.api import colocation as c
 from valve.api.runtime import EvictionPolicy, RuntimeSpec
-from valve.operator.testing import pair_body
 
 
 def test_runtime_settings_convert_to_the_runtime_spec():

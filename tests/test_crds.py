@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from operator_harness import crd_validator
 from typer.testing import CliRunner
 
 from valve.api import colocation as c
@@ -79,7 +80,7 @@ def _example(name: str) -> dict:
 def test_examples_are_valid(name):
     pytest.importorskip("jsonschema")
     body = _example(name)
-    assert list(crds.crd_validator().iter_errors(body)) == []
+    assert list(crd_validator().iter_errors(body)) == []
     c.ColocationPairSpec.model_validate(body["spec"])
 
 
@@ -95,5 +96,5 @@ def test_schema_refuses_invalid_pairs(mutate, where):
     pytest.importorskip("jsonschema")
     body = _example("colocationpair.yaml")
     mutate(body["spec"])
-    errors = list(crds.crd_validator().iter_errors(body))
+    errors = list(crd_validator().iter_errors(body))
     assert errors and any(where in ".".join(map(str, e.absolute_path)) or where in e.message for e in errors)

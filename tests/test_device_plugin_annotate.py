@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import typer
-from support import until
 from typer.testing import CliRunner
+from waiting import until
 
 from valve.api.contract import ANN_GPU, ANN_ROLE
 from valve.device_plugin import rbac
@@ -288,9 +288,10 @@ def test_cli_annotate_needs_pod_resources():
 def test_annotator_against_kmock_uses_exactly_the_rbac_verbs(kubelet_pods):
     pytest.importorskip("kopf")
     kmock = pytest.importorskip("kmock")
+    from operator_harness import Api, ValveKube, permission
+
     from valve.device_plugin.annotate import PodClient
     from valve.operator.rbac import allows
-    from valve.operator.testing import Api, ValveKube, permission
 
     async def scenario():
         async with ValveKube() as kube, kmock.Server(kube):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import until
+from waiting import until
 
 from valve.device_plugin.api import pb
 from valve.device_plugin.backend import SimBackend

@@ -23,9 +23,10 @@ pytestmark = [
 pytest.importorskip("kopf")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
+from operator_harness import Harness, pair_body  # noqa: E402
+
 from valve.api import colocation as c  # noqa: E402
 from valve.api.contract import ONLINE_RESOURCE  # noqa: E402
-from valve.operator.testing import Harness, pair_body  # noqa: E402
 
 NS = os.environ.get("VALVE_E2E_NAMESPACE", "valve-e2e")
 PAIRS = f"/apis/{c.API_VERSION}/namespaces/{NS}/{c.PLURAL}"

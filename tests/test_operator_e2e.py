@@ -1,4 +1,4 @@
-"""The operator's real kopf handlers, in-process, against a kmock API server (valve.operator.testing).
+"""The operator's real kopf handlers, in-process, against a kmock API server (tests/support/operator_harness.py).
 
 Each test starts the emulator and the operator (in a thread), drives a fake scheduler/kubelet/device plugin
 (FakeNodes) and waits for the operator's reactions with bounded polling (no timing asserts).
@@ -12,11 +12,12 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
+from operator_harness import emulated, operator_requests, pair_body, permission  # noqa: E402
+
 from valve.api import colocation as c  # noqa: E402
 from valve.api.contract import ANN_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE  # noqa: E402
 from valve.api.runtime import RuntimeSpec  # noqa: E402
 from valve.operator import rbac  # noqa: E402
-from valve.operator.testing import emulated, operator_requests, pair_body, permission  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 NS = "default"

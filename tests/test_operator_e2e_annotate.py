@@ -18,10 +18,11 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
+from operator_harness import emulated, pair_body  # noqa: E402
+
 from valve.api.contract import ANN_GPU, ANN_ROLE  # noqa: E402
 from valve.device_plugin.annotate import Annotator, PodClient  # noqa: E402
 from valve.device_plugin.fake_kubelet import FakePodResources  # noqa: E402
-from valve.operator.testing import emulated, pair_body  # noqa: E402
 from valve.runtime.podinfo import resolve_gpu  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]

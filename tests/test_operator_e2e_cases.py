@@ -14,7 +14,7 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
-from valve.operator.testing import emulated, gpu_node, pair_body  # noqa: E402
+from operator_harness import emulated, gpu_node, pair_body  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 NS = "default"

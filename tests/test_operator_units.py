@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from operator_harness import gpu_node, pair_body
 from typer.testing import CliRunner
 
 from valve.api import colocation as c
@@ -19,7 +20,6 @@ from valve.operator.pods import (
     spec_hash,
 )
 from valve.operator.reconcile import Create, Delete, plan
-from valve.operator.testing import gpu_node, pair_body
 
 CFG = OperatorConfig(sidecar_image="valve:t")
 NOW = "2026-01-01T00:00:00Z"

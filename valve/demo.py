@@ -68,119 +68,161 @@ def arrivals(w: Workload, seconds: float, rng: random.Random) -> list[tuple[int,
         out.append((int(t * 1e9), prompt, output))
 
 
+class Run:
+    """One variant on a fresh simulated GPU: the callbacks its events run and what they measure."""
+
+    def __init__(self, variant: str, w: Workload, seed: int) -> None:
+        self.w = w
+        self.gpu = SimGPU(seed=seed, jitter=0.05)
+        self.res = Result(variant)
+        self.gated = variant == "valve"
+        self.cb: ControlBlock | None = None
+        self.arbiter: Arbiter | None = None
+        self.sig: OnlineSignal | None = None
+        self.gate: Gate | None = None
+        self.off = self.on = None  # the offline and online contexts
+        self.sublayers_done = 0
+        self.queued = 0  # offline sub-layers launched and not done (ungated variants)
+        self.pending_close: list[int] = []  # gate closed, no online kernel started since
+
+    def start_runtime(self) -> None:
+        """The real runtime pieces on the simulated clock: arbiter and online signal (the gate comes with offline)."""
+        self.cb = ControlBlock.anonymous()
+        spec = RuntimeSpec(idle_hysteresis_ms=self.w.idle_hysteresis_ns / MS,
+                           max_preemptions_per_second=self.w.max_preemptions_per_second)
+        self.arbiter = Arbiter(self.cb, spec)
+        self.sig = OnlineSignal(self.cb, clock=lambda: self.gpu.now)
+        self.gpu.at(0, self.arbiter_step)
+
+    def arbiter_step(self, now: int) -> None:
+        due = self.arbiter.step(now)
+        if due is not None:
+            self.gpu.at(due, self.arbiter_step)
+
+    def start_offline(self) -> None:
+        self.off = self.gpu.context("offline")
+        if self.gated:
+            self.gate = Gate(self.cb, backend=SimGateBackend(self.off, on_mark=self.enqueue),
+                             queue_ahead=self.w.offline_queue_ahead)
+        self.enqueue(0)
+
+    def enqueue(self, now: int) -> None:
+        """Launch offline sub-layers: behind the gate's waits, or up to the queue-ahead without a gate."""
+        if self.gated:
+            while self.gate.poll():
+                self.gate()
+                self.off.launch(self.w.offline_kernel_ns, "offline", on_done=self.sublayer_done)
+            return
+        while self.queued < self.w.offline_queue_ahead:
+            self.off.launch(self.w.offline_kernel_ns, "offline", on_done=self.sublayer_done)
+            self.queued += 1
+
+    def sublayer_done(self, now: int) -> None:
+        self.sublayers_done += 1
+        self.queued -= 1
+        self.enqueue(now)
+
+    def start_online(self, requests: list[tuple[int, int, int]]) -> None:
+        self.on = self.gpu.context("online")
+        for a, p, o in requests:
+            Request(self, a, p, o).start()
+
+    def online_kernel_started(self, t: int) -> None:
+        if self.pending_close:
+            self.res.preempt_latency_ms.append((t - self.pending_close.pop()) / MS)
+
+    def advance(self, end_ns: int, progress=None) -> None:
+        """Run the GPU to end_ns in 50 slices, reporting progress after each."""
+        step_ns = max(1, end_ns // 50)
+        for t in range(step_ns, end_ns + step_ns, step_ns):
+            self.gpu.run_until(min(t, end_ns))
+            if progress:
+                progress(min(t, end_ns) / end_ns)
+
+    def finish(self, seconds: float) -> Result:
+        res, end_ns = self.res, int(seconds * 1e9)
+        if self.off is not None:
+            res.offline_tokens_per_s = self.sublayers_done * self.w.offline_tokens_per_sublayer / seconds
+        if self.gated:
+            self.arbiter.step(self.gpu.now)
+            res.preemptions = self.arbiter.policy.preemptions
+            res.gate_closed_fraction = self.arbiter.policy.closed_time(self.gpu.now) / end_ns
+        res.context_switches = self.gpu.switches
+        return res
+
+
+class Request:
+    """One online request: the online signal at arrival (valve), a prefill, then decode steps, one per token."""
+
+    def __init__(self, run: Run, arrival: int, prompt: int, output: int) -> None:
+        self.run = run
+        self.arrival = arrival
+        self.output = output
+        self.token_times: list[int] = []
+        w = run.w
+        self.per_kernel = max(1 * US, w.prefill_ns_per_token * prompt // w.prefill_kernels)
+
+    def start(self) -> None:
+        run = self.run
+        if run.gated:
+            run.gpu.at(self.arrival, self.signal)
+            run.gpu.at(self.arrival + run.w.arbiter_delay_ns, run.arbiter_step)
+        run.gpu.at(self.arrival, self.prefill)
+
+    def signal(self, now: int) -> None:
+        run, on = self.run, self.run.on
+        if run.sig.begin():  # the online client closes the gate itself (the arbiter allows it)
+            head = on.queue[0] if on.queue else None
+            if run.gpu.owner is on and getattr(head, "start_ns", -1) >= 0:
+                run.res.preempt_latency_ms.append(0.0)  # online already holds the GPU
+            else:
+                run.pending_close[:] = [now]
+
+    def prefill(self, now: int) -> None:
+        self.launch(self.run.w.prefill_kernels, self.per_kernel)
+
+    def decode(self, now: int) -> None:
+        self.launch(self.run.w.decode_kernels, self.run.w.decode_kernel_ns)
+
+    def launch(self, kernels: int, dur: int) -> None:
+        run = self.run
+        for i in range(kernels):
+            last = i == kernels - 1
+            run.on.launch(
+                dur,
+                "online",
+                on_start=run.online_kernel_started if run.gated else None,
+                on_done=self.token if last else None,
+            )
+
+    def token(self, now: int) -> None:
+        run, times = self.run, self.token_times
+        times.append(now)
+        if len(times) == 1:
+            run.res.ttft_ms.append((now - self.arrival) / MS)
+        if len(times) < self.output:
+            run.gpu.after(run.w.decode_cpu_gap_ns, self.decode)
+            return
+        if len(times) > 1:
+            run.res.tpot_ms.append((times[-1] - times[0]) / (len(times) - 1) / MS)
+        if run.gated:
+            run.sig.end()
+            run.gpu.after(run.w.arbiter_delay_ns, run.arbiter_step)
+
+
 def simulate(variant: str, w: Workload, seconds: float, seed: int, progress=None) -> Result:
     """Run one variant on a fresh simulated GPU and return its measurements."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    rng = random.Random(seed)
-    gpu = SimGPU(seed=seed, jitter=0.05)
-    res = Result(variant)
-    end_ns = int(seconds * 1e9)
-    online_on = variant != "offline-alone"
-    offline_on = variant != "online-alone"
-    gated = variant == "valve"
-    arbiter = sig = gate = None
-    if gated:  # the real runtime pieces on the simulated clock: arbiter, online signal, offline gate
-        cb = ControlBlock.anonymous()
-        spec = RuntimeSpec(idle_hysteresis_ms=w.idle_hysteresis_ns / MS,
-                           max_preemptions_per_second=w.max_preemptions_per_second)
-        arbiter = Arbiter(cb, spec)
-        sig = OnlineSignal(cb, clock=lambda: gpu.now)
-
-        def arbiter_step(now: int) -> None:
-            due = arbiter.step(now)
-            if due is not None:
-                gpu.at(due, arbiter_step)
-
-        gpu.at(0, arbiter_step)
-
-    if offline_on:
-        off = gpu.context("offline")
-        done = [0]
-        queued = [0]
-
-        def sublayer_done(now: int) -> None:
-            done[0] += 1
-            queued[0] -= 1
-            enqueue(now)
-
-        def enqueue(now: int) -> None:
-            if gated:
-                while gate.poll():
-                    gate()
-                    off.launch(w.offline_kernel_ns, "offline", on_done=sublayer_done)
-                return
-            while queued[0] < w.offline_queue_ahead:
-                off.launch(w.offline_kernel_ns, "offline", on_done=sublayer_done)
-                queued[0] += 1
-
-        if gated:
-            gate = Gate(cb, backend=SimGateBackend(off, on_mark=enqueue), queue_ahead=w.offline_queue_ahead)
-        enqueue(0)
-
-    if online_on:
-        on = gpu.context("online")
-        pending_close: list[int] = []  # gate closed, no online kernel started since
-
-        def online_kernel_started(t: int) -> None:
-            if pending_close:
-                res.preempt_latency_ms.append((t - pending_close.pop()) / MS)
-
-        def start_request(arrival: int, prompt: int, output: int) -> None:
-            if gated:
-                def signal(now: int) -> None:
-                    if sig.begin():  # the online client closes the gate itself (the arbiter allows it)
-                        head = on.queue[0] if on.queue else None
-                        if gpu.owner is on and getattr(head, "start_ns", -1) >= 0:
-                            res.preempt_latency_ms.append(0.0)  # online already holds the GPU
-                        else:
-                            pending_close[:] = [now]
-                gpu.at(arrival, signal)
-                gpu.at(arrival + w.arbiter_delay_ns, arbiter_step)
-            token_times: list[int] = []
-            per_kernel = max(1 * US, w.prefill_ns_per_token * prompt // w.prefill_kernels)
-
-            def step(now: int, kernels: int, dur: int) -> None:
-                for i in range(kernels):
-                    last = i == kernels - 1
-                    on.launch(
-                        dur,
-                        "online",
-                        on_start=online_kernel_started if gated else None,
-                        on_done=token if last else None,
-                    )
-
-            def token(now: int) -> None:
-                token_times.append(now)
-                if len(token_times) == 1:
-                    res.ttft_ms.append((now - arrival) / MS)
-                if len(token_times) < output:
-                    gpu.after(w.decode_cpu_gap_ns, lambda t: step(t, w.decode_kernels, w.decode_kernel_ns))
-                    return
-                if len(token_times) > 1:
-                    res.tpot_ms.append((token_times[-1] - token_times[0]) / (len(token_times) - 1) / MS)
-                if gated:
-                    sig.end()
-                    gpu.after(w.arbiter_delay_ns, arbiter_step)
-
-            gpu.at(arrival, lambda t: step(t, w.prefill_kernels, per_kernel))
-
-        for a, p, o in arrivals(w, seconds, rng):
-            start_request(a, p, o)
-
-    step_ns = max(1, end_ns // 50)
-    for t in range(step_ns, end_ns + step_ns, step_ns):
-        gpu.run_until(min(t, end_ns))
-        if progress:
-            progress(min(t, end_ns) / end_ns)
-    if offline_on:
-        res.offline_tokens_per_s = done[0] * w.offline_tokens_per_sublayer / seconds
-    if gated:
-        arbiter.step(gpu.now)
-        res.preemptions = arbiter.policy.preemptions
-        res.gate_closed_fraction = arbiter.policy.closed_time(gpu.now) / end_ns
-    res.context_switches = gpu.switches
-    return res
+    run = Run(variant, w, seed)
+    if run.gated:
+        run.start_runtime()
+    if variant != "online-alone":
+        run.start_offline()
+    if variant != "offline-alone":
+        run.start_online(arrivals(w, seconds, random.Random(seed)))
+    run.advance(int(seconds * 1e9), progress)
+    return run.finish(seconds)
 
 
 def summarize(results: dict[str, Result]) -> list[dict]:
@@ -207,11 +249,47 @@ def summarize(results: dict[str, Result]) -> list[dict]:
     return rows
 
 
+def add_gpu(m: Result, r: Result, gpus: int) -> None:
+    """Merge one GPU's result of a variant into the node's: latencies pooled, throughput and fractions averaged."""
+    m.ttft_ms += r.ttft_ms
+    m.tpot_ms += r.tpot_ms
+    m.preempt_latency_ms += r.preempt_latency_ms
+    m.offline_tokens_per_s += r.offline_tokens_per_s / gpus
+    m.preemptions += r.preemptions
+    m.gate_closed_fraction += r.gate_closed_fraction / gpus
+    m.context_switches += r.context_switches
+
+
+def cell(row: dict, key: str) -> str:
+    """A latency percentile and its ratio to online-alone, or "-" where there is none."""
+    v, ratio = row[f"{key}_ms"], row[f"{key}_ratio"]
+    return "-" if v != v else f"{v:.2f} (x{ratio:.2f})"
+
+
+def results_table(rows: list[dict]):
+    """The demo's table (a rich Table) of summarize()'s rows."""
+    from rich.table import Table
+
+    table = Table(title="online latency vs online-alone, offline throughput vs offline-alone")
+    for col in ("variant", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "offline tok/s",
+                "preemptions", "preempt p99"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
+    for row in rows:
+        off = row["offline_tokens_per_s"]
+        table.add_row(
+            row["variant"], cell(row, "ttft_p50"), cell(row, "ttft_p99"), cell(row, "tpot_p50"),
+            cell(row, "tpot_p99"), "-" if not off else f"{off:,.0f} (x{row['offline_ratio']:.2f})",
+            str(row["preemptions"]),
+            "-" if row["preempt_latency_p99_ms"] != row["preempt_latency_p99_ms"]
+            else f"{row['preempt_latency_p99_ms']:.3f} ms",
+        )
+    return table
+
+
 def run_demo(seconds: float = 60.0, seed: int = 0, gpus: int = 1, json_out: str | None = None,
              workload: Workload | None = None) -> list[dict]:
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     w = workload or Workload()
     console = Console()
@@ -226,35 +304,9 @@ def run_demo(seconds: float = 60.0, seed: int = 0, gpus: int = 1, json_out: str 
             for i, variant in enumerate(VARIANTS):
                 def tick(frac: float, base=g * len(VARIANTS) + i) -> None:
                     bar.update(task, completed=base + frac)
-                r = simulate(variant, w, seconds, seed * 1000 + g, progress=tick)
-                m = merged[variant]
-                m.ttft_ms += r.ttft_ms
-                m.tpot_ms += r.tpot_ms
-                m.preempt_latency_ms += r.preempt_latency_ms
-                m.offline_tokens_per_s += r.offline_tokens_per_s / gpus
-                m.preemptions += r.preemptions
-                m.gate_closed_fraction += r.gate_closed_fraction / gpus
-                m.context_switches += r.context_switches
+                add_gpu(merged[variant], simulate(variant, w, seconds, seed * 1000 + g, progress=tick), gpus)
     rows = summarize(merged)
-    table = Table(title="online latency vs online-alone, offline throughput vs offline-alone")
-    for col in ("variant", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "offline tok/s",
-                "preemptions", "preempt p99"):
-        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
-
-    def cell(row: dict, key: str) -> str:
-        v, ratio = row[f"{key}_ms"], row[f"{key}_ratio"]
-        return "-" if v != v else f"{v:.2f} (x{ratio:.2f})"
-
-    for row in rows:
-        off = row["offline_tokens_per_s"]
-        table.add_row(
-            row["variant"], cell(row, "ttft_p50"), cell(row, "ttft_p99"), cell(row, "tpot_p50"),
-            cell(row, "tpot_p99"), "-" if not off else f"{off:,.0f} (x{row['offline_ratio']:.2f})",
-            str(row["preemptions"]),
-            "-" if row["preempt_latency_p99_ms"] != row["preempt_latency_p99_ms"]
-            else f"{row['preempt_latency_p99_ms']:.3f} ms",
-        )
-    console.print(table)
+    console.print(results_table(rows))
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"workload": asdict(w), "seconds": seconds, "seed": seed, "gpus": gpus, "rows": rows}, f,

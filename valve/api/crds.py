@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -86,32 +85,3 @@ def stale(out_dir: Path) -> list[str]:
     """Names of CRD files in out_dir that differ from a fresh generation (or are missing)."""
     return [name for name, crd in all_crds().items()
             if not (out_dir / name).exists() or (out_dir / name).read_text() != render(crd)]
-
-
-def openapi_to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A Draft 4 JSON schema with the same meaning (for validating objects without an API server).
-
-    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting.
-    """
-    out = copy.deepcopy(schema)
-    stack = [out]
-    while stack:
-        node = stack.pop()
-        if node.pop("nullable", False) and "type" in node:
-            node["type"] = [node["type"], "null"]
-            if "enum" in node:
-                node["enum"] = [*node["enum"], None]
-        stack.extend(node.get("properties", {}).values())
-        for key in ("items", "additionalProperties"):
-            if isinstance(node.get(key), dict):
-                stack.append(node[key])
-    return out
-
-
-def crd_validator(crd: dict[str, Any] | None = None):
-    """A jsonschema validator for objects of the CRD's (first) version."""
-    import jsonschema
-
-    crd = crd or colocationpair_crd()
-    schema = openapi_to_jsonschema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft4Validator(schema)

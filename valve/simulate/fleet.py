@@ -222,20 +222,46 @@ def percent(x: float) -> float:
     return round(100.0 * float(x), 3)
 
 
-def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progress | None = None) -> dict:
-    """Run every strategy on the workload; returns the results as a JSON-ready dict."""
-    t_start = time.perf_counter()
-    S, T = work.demand.shape
-    bin_h = work.bin_minutes / 60.0
-    bin_s = work.bin_minutes * 60.0
-    hours = work.hours
-    rt = cfg.runtime
-    hysteresis_s = rt.idle_hysteresis_ms / 1000.0
-    half_life_bins = rt.reserve.decay_seconds / bin_s
-    strategies = model.strategies(cal)
-    ded = strategies[0]
+@dataclass
+class Fleet:
+    """Today's fleet under the workload, and what every strategy's run shares."""
+
+    work: Workload
+    cfg: FleetConfig
+    cal: Calibration
+    peak: np.ndarray  # (services,) peak demand, busy GPUs
+    n_ded: np.ndarray  # (services,) dedicated replicas that keep the peak within the SLO
+    today: np.ndarray  # (services,) replicas today
+    online_gpus: int
+    offline_gpus: int
+    u: np.ndarray  # (services, bins) utilisation of today's replicas
+    requests: np.ndarray  # (services, bins) requests per second: weights for SLO shares
+    jobs: np.ndarray  # offline job sizes, GPU-hours alone
+    slo: float  # the bound that online p99 ratios are compared with
+    over_alone: np.ndarray  # (services, bins) over the SLO without a tenant
+
+    @property
+    def bin_h(self) -> float:
+        return self.work.bin_minutes / 60.0
+
+    @property
+    def bin_s(self) -> float:
+        return self.work.bin_minutes * 60.0
+
+    def rates(self, s: model.Strategy, util: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offline work per hour on a GPU shared with each service's replica, and reclaim events per bin."""
+        rt = self.cfg.runtime
+        half_life_bins = rt.reserve.decay_seconds / self.bin_s
+        events = model.reclaim_events(util, half_life_bins, rt.reserve.margin_ratio) if s.gated else 0.0
+        r = model.offline_rate(util, s, self.work.request_gpu_s[:, None], self.cal, rt.idle_hysteresis_ms / 1000.0,
+                               rt.max_preemptions_per_second, events, self.bin_s)
+        return r, np.asarray(events)
+
+
+def today_fleet(work: Workload, cfg: FleetConfig, cal: Calibration, dedicated: model.Strategy) -> Fleet:
+    """Today's replicas (the trace's, else dedicated ones for the peak), their utilisation and the backlog."""
     peak = work.demand.max(axis=1)
-    n_ded = model.replicas_for(peak, model.max_util(cfg.slo, work.cv, ded), cfg.min_replicas)
+    n_ded = model.replicas_for(peak, model.max_util(cfg.slo, work.cv, dedicated), cfg.min_replicas)
     today = np.where(work.replicas > 0, work.replicas, n_ded)
     online_gpus = int(today.sum())
     if online_gpus > cfg.gpus:
@@ -243,95 +269,139 @@ def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progr
     offline_gpus = cfg.gpus - online_gpus
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(today[:, None] > 0, work.demand / np.maximum(today, 1)[:, None], 0.0)
-    requests = work.demand / work.request_gpu_s[:, None]  # requests per second: weights for SLO shares
+    requests = work.demand / work.request_gpu_s[:, None]
     rng = np.random.default_rng(cfg.seed + 7919)
-    jobs = job_sizes(rng, cfg.offline_backlog * offline_gpus * hours, cfg.offline_job_hours, cfg.offline_job_sigma)
-    if progress:
-        progress("placement", 0, 1)
-    layout = place_pairs(today, work, u.mean(axis=1), cfg.gpus, cfg.gpus_per_node)
-    if progress:
-        progress("placement", 1, 1)
-    dedicated_layout = Layout(np.concatenate([np.repeat(np.arange(S), today), np.full(offline_gpus, -1)]),
-                              np.zeros(cfg.gpus, dtype=bool))
-    max_bins = int(math.ceil(cfg.max_horizons * T))
-
-    def rates(s: model.Strategy, util: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        events = model.reclaim_events(util, half_life_bins, rt.reserve.margin_ratio) if s.gated else 0.0
-        r = model.offline_rate(util, s, work.request_gpu_s[:, None], cal, hysteresis_s,
-                               rt.max_preemptions_per_second, events, bin_s)
-        return r, np.asarray(events)
-
-    # the same for every strategy
+    jobs = job_sizes(rng, cfg.offline_backlog * offline_gpus * work.hours, cfg.offline_job_hours,
+                     cfg.offline_job_sigma)
     slo = cfg.slo * (1.0 + 1e-9)
     over_alone = model.queue_factor(u, work.cv[:, None]) > slo
+    return Fleet(work, cfg, cal, peak, n_ded, today, online_gpus, offline_gpus, u, requests, jobs, slo, over_alone)
+
+
+def place_today(fleet: Fleet, progress: Progress | None) -> Layout:
+    """Valve's pairs on today's fleet, placed by the operator's placement function."""
+    if progress:
+        progress("placement", 0, 1)
+    cfg = fleet.cfg
+    layout = place_pairs(fleet.today, fleet.work, fleet.u.mean(axis=1), cfg.gpus, cfg.gpus_per_node)
+    if progress:
+        progress("placement", 1, 1)
+    return layout
+
+
+def dedicated_layout(fleet: Fleet) -> Layout:
+    """Today's replicas on GPUs of their own, then the offline GPUs."""
+    services = len(fleet.today)
+    return Layout(np.concatenate([np.repeat(np.arange(services), fleet.today), np.full(fleet.offline_gpus, -1)]),
+                  np.zeros(fleet.cfg.gpus, dtype=bool))
+
+
+def run_today(s: model.Strategy, fleet: Fleet, lay: Layout, progress: Progress | None) -> tuple[dict, dict]:
+    """One strategy on today's fleet: its statistics and its time series."""
+    work, cfg, u, today, requests = fleet.work, fleet.cfg, fleet.u, fleet.today, fleet.requests
+    max_bins = int(math.ceil(cfg.max_horizons * work.demand.shape[1]))
+    rate, events = fleet.rates(s, u)
+    run = run_jobs(rate, lay, fleet.jobs, fleet.bin_h, max_bins, progress, f"offline backlog: {s.label}")
+    shared = run.active if s.colocate else np.zeros_like(u)
+    p99_shared = model.online_p99(u, work.cv[:, None], s, np.ones_like(u), work.request_gpu_s[:, None])
+    over = shared * (p99_shared > fleet.slo) + (1.0 - shared) * fleet.over_alone
+    requests_over = requests * over
+    served = shared * model.online_served(u, s, np.ones_like(u)) + (1 - shared) * np.minimum(u, 1.0)
+    online_work = (served * today[:, None]).sum(axis=0)  # (bins,) busy-GPU units
+    util = (online_work + run.offline_gpus) / cfg.gpus
+    done = np.isfinite(run.finish)
     weight = requests.sum()
-    out: dict = {}
-    series: dict = {}
-    for s in strategies:
-        lay = layout if s.colocate else dedicated_layout
-        rate, events = rates(s, u)
-        run = run_jobs(rate, lay, jobs, bin_h, max_bins, progress, f"offline backlog: {s.label}")
-        shared = run.active if s.colocate else np.zeros_like(u)
-        p99_shared = model.online_p99(u, work.cv[:, None], s, np.ones_like(u), work.request_gpu_s[:, None])
-        over = shared * (p99_shared > slo) + (1.0 - shared) * over_alone
-        requests_over = requests * over
-        served = shared * model.online_served(u, s, np.ones_like(u)) + (1 - shared) * np.minimum(u, 1.0)
-        online_work = (served * today[:, None]).sum(axis=0)  # (bins,) busy-GPU units
-        util = (online_work + run.offline_gpus) / cfg.gpus
-        done = np.isfinite(run.finish)
-        today_stats = {
-            "utilisation_pct": percent(util.mean()),
-            "online_util_of_online_gpus_pct": percent(online_work.mean() / max(online_gpus, 1)),
-            "offline_gpu_equivalents": round(float(run.offline_gpus.mean()), 3),
-            "online_slo_violation_pct": percent(requests_over.sum() / weight) if weight > 0 else 0.0,
-            "online_service_minutes_over_slo_pct": percent((over * (today[:, None] > 0)).mean()),
-            "online_unserved_pct": percent(1.0 - online_work.sum() / max(
-                (np.minimum(u, 1.0) * today[:, None]).sum(), 1e-12)),
-            "offline_backlog_done_h": round(float(np.nanmax(run.finish)), 2) if done.all() and len(jobs) else None,
-            "offline_backlog_done_in_horizon_pct": percent(1.0 - run.left[-1]),
-            "offline_mean_job_done_h": round(float(np.nanmean(run.finish)), 2) if done.any() else None,
-        }
-        if s.gated:
-            preempt = model.preemptions_per_s(u, work.request_gpu_s[:, None], rt.max_preemptions_per_second)
-            per = (shared * today[:, None])
-            today_stats["preemptions_per_gpu_s"] = round(float((preempt * per).sum() / max(per.sum(), 1e-12)), 3)
-            today_stats["reclaims_per_gpu_h"] = round(float((events * per).sum() / max(per.sum(), 1e-12) / bin_h), 2)
-        sized = right_size(s, work, cfg, offline_gpus, n_ded, peak, rates)
-        out[s.name] = {"label": s.label, "today": today_stats, "right_sized": sized}
-        series[s.name] = {"utilisation": util, "slo_violation": requests_over.sum(axis=0) / np.maximum(
-            requests.sum(axis=0), 1e-12), "backlog_left": run.left}
+    stats = {
+        "utilisation_pct": percent(util.mean()),
+        "online_util_of_online_gpus_pct": percent(online_work.mean() / max(fleet.online_gpus, 1)),
+        "offline_gpu_equivalents": round(float(run.offline_gpus.mean()), 3),
+        "online_slo_violation_pct": percent(requests_over.sum() / weight) if weight > 0 else 0.0,
+        "online_service_minutes_over_slo_pct": percent((over * (today[:, None] > 0)).mean()),
+        "online_unserved_pct": percent(1.0 - online_work.sum() / max(
+            (np.minimum(u, 1.0) * today[:, None]).sum(), 1e-12)),
+        "offline_backlog_done_h": round(float(np.nanmax(run.finish)), 2) if done.all() and len(fleet.jobs) else None,
+        "offline_backlog_done_in_horizon_pct": percent(1.0 - run.left[-1]),
+        "offline_mean_job_done_h": round(float(np.nanmean(run.finish)), 2) if done.any() else None,
+    }
+    if s.gated:
+        stats |= gate_stats(fleet, shared, events)
+    series = {"utilisation": util, "slo_violation": requests_over.sum(axis=0) / np.maximum(
+        requests.sum(axis=0), 1e-12), "backlog_left": run.left}
+    return stats, series
+
+
+def gate_stats(fleet: Fleet, shared: np.ndarray, events: np.ndarray) -> dict:
+    """Preemptions and memory reclaims of the gated strategy, per shared GPU."""
+    rt = fleet.cfg.runtime
+    preempt = model.preemptions_per_s(fleet.u, fleet.work.request_gpu_s[:, None], rt.max_preemptions_per_second)
+    per = (shared * fleet.today[:, None])
+    return {
+        "preemptions_per_gpu_s": round(float((preempt * per).sum() / max(per.sum(), 1e-12)), 3),
+        "reclaims_per_gpu_h": round(float((events * per).sum() / max(per.sum(), 1e-12) / fleet.bin_h), 2),
+    }
+
+
+def add_savings(out: dict, strategies: list[model.Strategy]) -> None:
+    """Each right-sized strategy's GPUs saved and utilisation gained against dedicated GPUs."""
     base = out["dedicated"]["right_sized"]
     for s in strategies:
         r = out[s.name]["right_sized"]
         r["gpus_saved"] = base["gpus_needed"] - r["gpus_needed"]
         r["gpus_saved_pct"] = percent(r["gpus_saved"] / base["gpus_needed"])
         r["utilisation_gain_pct"] = percent(r["utilisation_pct"] / base["utilisation_pct"] - 1.0)
-    step = max(1, int(round(5.0 / work.bin_minutes)))  # series every 5 minutes
-    hours_axis = (np.arange(0, T, step) + step / 2.0) * bin_h
+
+
+def fleet_summary(fleet: Fleet) -> dict:
+    """The fleet, its online demand and its offline backlog, as the results report them."""
+    work, cfg = fleet.work, fleet.cfg
+    return {
+        "gpus": cfg.gpus,
+        "nodes": len(node_sizes(cfg.gpus, cfg.gpus_per_node)),
+        "gpus_per_node": cfg.gpus_per_node,
+        "hours": work.hours,
+        "bin_minutes": work.bin_minutes,
+        "services": work.demand.shape[0],
+        "service_classes": {c: work.classes.count(c) for c in sorted(set(work.classes))},
+        "online_gpus_today": fleet.online_gpus,
+        "offline_gpus_today": fleet.offline_gpus,
+        "online_demand_mean_gpus": round(float(work.demand.sum(axis=0).mean()), 2),
+        "online_demand_peak_gpus": round(float(work.demand.sum(axis=0).max()), 2),
+        "offline_backlog_gpu_hours": round(float(fleet.jobs.sum()), 1),
+        "offline_jobs": len(fleet.jobs),
+    }
+
+
+def downsampled_series(work: Workload, series: dict) -> dict:
+    """The time series every 5 minutes, with their hours axis."""
+    step = max(1, int(round(5.0 / work.bin_minutes)))
+    hours_axis = (np.arange(0, work.demand.shape[1], step) + step / 2.0) * (work.bin_minutes / 60.0)
+    return {"hours": hours_axis.round(4).tolist()} | {
+        name: {k: downsample(v, step) for k, v in d.items()} for name, d in series.items()}
+
+
+def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progress | None = None) -> dict:
+    """Run every strategy on the workload; returns the results as a JSON-ready dict."""
+    t_start = time.perf_counter()
+    strategies = model.strategies(cal)
+    fleet = today_fleet(work, cfg, cal, strategies[0])
+    layout = place_today(fleet, progress)
+    alone = dedicated_layout(fleet)
+    out: dict = {}
+    series: dict = {}
+    for s in strategies:
+        stats, series[s.name] = run_today(s, fleet, layout if s.colocate else alone, progress)
+        sized = right_size(s, work, cfg, fleet.offline_gpus, fleet.n_ded, fleet.peak, fleet.rates)
+        out[s.name] = {"label": s.label, "today": stats, "right_sized": sized}
+    add_savings(out, strategies)
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k != "runtime"} | {"runtime": cfg.runtime.model_dump()},
         "calibration": cal.as_dict(),
-        "fleet": {
-            "gpus": cfg.gpus,
-            "nodes": len(node_sizes(cfg.gpus, cfg.gpus_per_node)),
-            "gpus_per_node": cfg.gpus_per_node,
-            "hours": hours,
-            "bin_minutes": work.bin_minutes,
-            "services": S,
-            "service_classes": {c: work.classes.count(c) for c in sorted(set(work.classes))},
-            "online_gpus_today": online_gpus,
-            "offline_gpus_today": offline_gpus,
-            "online_demand_mean_gpus": round(float(work.demand.sum(axis=0).mean()), 2),
-            "online_demand_peak_gpus": round(float(work.demand.sum(axis=0).max()), 2),
-            "offline_backlog_gpu_hours": round(float(jobs.sum()), 1),
-            "offline_jobs": len(jobs),
-        },
+        "fleet": fleet_summary(fleet),
         "placement": {"pairs": layout.pairs, "nodes_used": layout.nodes_used, "unpaired": layout.unpaired,
                       "unplaced": layout.unplaced,
                       "seconds": round(layout.placement_seconds, 4)},
         "strategies": out,
-        "series": {"hours": hours_axis.round(4).tolist()} | {
-            name: {k: downsample(v, step) for k, v in d.items()} for name, d in series.items()},
+        "series": downsampled_series(work, series),
         "simulate_seconds": round(time.perf_counter() - t_start, 2),
     }
 

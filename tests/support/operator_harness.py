@@ -6,7 +6,7 @@ uids, resourceVersions, generations and timestamps on create; `generateName`; th
 changes); delete preconditions; garbage collection of dependents through ownerReferences; the pod
 `binding` subresource; and, optionally, validation of custom resources against their CRD schema.
 
-Needs the dev extra (kmock). Not used by the operator itself.
+Test support, not shipped: needs the dev extra (kmock, jsonschema). Tests import it through pytest's pythonpath.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp.web
+import jsonschema
 import kmock
 
 from valve.api import colocation as c
@@ -34,8 +35,36 @@ from valve.api.contract import (
     ONLINE,
     ONLINE_RESOURCE,
 )
-from valve.api.crds import crd_validator
+from valve.api.crds import colocationpair_crd
 from valve.operator.pods import RESOURCE
+
+
+def openapi_to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A Draft 4 JSON schema with the same meaning (for validating objects without an API server).
+
+    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting.
+    """
+    out = copy.deepcopy(schema)
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        if node.pop("nullable", False) and "type" in node:
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        stack.extend(node.get("properties", {}).values())
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                stack.append(node[key])
+    return out
+
+
+def crd_validator(crd: dict[str, Any] | None = None):
+    """A jsonschema validator for objects of the CRD's (first) version."""
+    crd = crd or colocationpair_crd()
+    schema = openapi_to_jsonschema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft4Validator(schema)
+
 
 RESOURCES = {
     "v1/pods": dict(namespaced=True, kind="Pod", subresources={"status", "binding"}),

@@ -1,4 +1,4 @@
-"""Small helpers shared by test files (importable because pytest puts tests/ on sys.path)."""
+"""Small helpers shared by test files (on sys.path through pytest's pythonpath setting)."""
 
 from __future__ import annotations
 

@@ -66,7 +66,10 @@ class Layout(ctypes.Structure):
         ("online_mem_bytes", ctypes.c_uint64),  # reported by the online client (or read from NVML)
         ("evicted_sequences", ctypes.c_uint64),  # cumulative, written by the offline client's reclaim handler
         ("recomputed_tokens", ctypes.c_uint64),  # cumulative tokens of evicted sequences (to be recomputed)
-        ("reserved", ctypes.c_uint64 * 14),
+        # settings the arbiter publishes from its RuntimeSpec (0: unset, clients use their default)
+        ("queue_ahead", ctypes.c_uint64),  # gated sub-layers the offline CPU may enqueue past the last gate
+        ("eviction_policy", ctypes.c_uint64),  # EVICTION_CODES: which offline sequences a reclaim evicts first
+        ("reserved", ctypes.c_uint64 * 12),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate
@@ -76,6 +79,10 @@ class Layout(ctypes.Structure):
         ("slots", OnlineSlot * SLOTS),
     ]
 
+
+# eviction_policy words; names as in RuntimeSpec.eviction_policy
+EVICTION_CODES = {"fifo": 1, "selective": 2}
+EVICTION_NAMES = {v: k for k, v in EVICTION_CODES.items()}
 
 GATE_OFFSET = Layout.gate.offset
 assert GATE_OFFSET % 4 == 0 and ctypes.sizeof(Layout) <= FILE_SIZE

@@ -23,6 +23,7 @@ from valve.api.runtime import RuntimeSpec
 from valve.runtime.arbiter.metrics import GateMetrics
 from valve.runtime.arbiter.policy import GatePolicy
 from valve.runtime.control import (
+    EVICTION_CODES,
     FLAG_ARBITER,
     FLAG_CLOSE_ALLOWED,
     GATE_CLOSED,
@@ -49,6 +50,7 @@ class Arbiter:
         self.memory, self.metrics = memory, metrics
         self.policy = GatePolicy(int(self.spec.idle_hysteresis_ms * MS), self.spec.max_preemptions_per_second)
         self.lease_ns = int(self.spec.heartbeat_lease_ms * MS)
+        self.eviction_code = EVICTION_CODES[str(getattr(self.spec.eviction_policy, "value", self.spec.eviction_policy))]
         self.reap_ns, self.memory_ns = int(reap_ms * MS), int(memory_ms * MS)
         self._next_reap = self._next_memory = 0
         f = control.fields
@@ -108,6 +110,8 @@ class Arbiter:
                 p.adopt_close(now)
         f.heartbeat_ns = now
         f.lease_ns = self.lease_ns
+        f.queue_ahead = self.spec.queue_ahead
+        f.eviction_policy = self.eviction_code
         if now >= self._next_reap:
             self._next_reap = now + self.reap_ns
             for i in self.cb.reap_dead_slots():

@@ -35,6 +35,7 @@ from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, resolve_
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_MS = 1000.0
+DEFAULT_QUEUE_AHEAD = 2  # RuntimeSpec's default, for a control block with no arbiter publishing one
 DEFAULT_PATTERN = r"(^|\.)(self_attn|attn|mlp|feed_forward)$"
 POLL_S = 50e-6  # CPU poll period while waiting for queue room or an open gate
 
@@ -114,10 +115,10 @@ class Gate:
         *,
         gpu_uuid: str | None = None,
         backend="auto",
-        queue_ahead: int = 2,
+        queue_ahead: int | None = None,
         lease_ms: float | None = None,
     ) -> None:
-        if queue_ahead < 1:
+        if queue_ahead is not None and queue_ahead < 1:
             raise ValueError(f"queue_ahead must be at least 1, got {queue_ahead}")
         if control is None:
             path = resolve_control_path(gpu_uuid)
@@ -128,7 +129,7 @@ class Gate:
         self.backend: GateBackend = make_backend(backend, control) if isinstance(backend, str) else backend
         if hasattr(self.backend, "bind"):
             self.backend.bind(control)
-        self.queue_ahead = queue_ahead
+        self._queue_ahead = queue_ahead
         self.lease_ms = lease_ms
         self.hooks: list[Callable[[], object]] = []
         self.marks: deque = deque()
@@ -142,6 +143,15 @@ class Gate:
         """Run ``fn()`` on the offline CPU thread at each boundary of this gate."""
         self.hooks.append(fn)
         return fn
+
+    @property
+    def queue_ahead(self) -> int:
+        """Gated sub-layers allowed past the last gate: the argument, else what the arbiter publishes from its
+        RuntimeSpec (read at every boundary, so a changed spec applies without restarting the engine)."""
+        if self._queue_ahead is not None:
+            return self._queue_ahead
+        published = int(self.cb.fields.queue_ahead)
+        return published if published >= 1 else DEFAULT_QUEUE_AHEAD
 
     def lease_ns(self) -> int:
         if self.lease_ms is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from valve.runtime.control import EVICTION_NAMES
 from valve.runtime.memory.evict import check_policy
 from valve.runtime.memory.pool import KVPool, ReclaimResult
 
@@ -32,11 +33,18 @@ class ReclaimHandler:
         follow_limit: bool = True,
     ) -> None:
         self.pool, self.cb = pool, cb
-        self.policy = check_policy(policy or pool.policy)
+        self._policy = check_policy(policy) if policy is not None else None
         self.on_reclaim = on_reclaim
         self.follow_limit = follow_limit
         self.handled = 0
         self.last: ReclaimResult | None = None
+
+    @property
+    def policy(self) -> str:
+        """The eviction policy: the argument, else the arbiter's published one (its RuntimeSpec), else the pool's."""
+        if self._policy is not None:
+            return self._policy
+        return EVICTION_NAMES.get(int(self.cb.fields.eviction_policy), self.pool.policy)
 
     def __call__(self, *args, **kwargs) -> ReclaimResult | None:
         """The boundary hook (arguments from the caller are ignored)."""

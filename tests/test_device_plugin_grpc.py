@@ -103,8 +103,12 @@ def test_list_and_watch_streams_devices_and_health_changes(node) -> None:
     for resource in (ONLINE, OFFLINE):
         k.wait_list(resource, lambda r: health(r) == ["Healthy", "Unhealthy", "Healthy", "Healthy"])
     reg = node.plugin.metrics.registry
-    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[1], "resource": OFFLINE}) == 0
-    assert reg.get_sample_value("valve_device_healthy", {"gpu": be.uuids[2], "resource": OFFLINE}) == 1
+
+    def healthy(gpu: str) -> float | None:
+        return reg.get_sample_value("valve_device_healthy", {"gpu": gpu, "resource": OFFLINE})
+    # the gauges follow the device lists (set right after the table changes, on the health thread)
+    until(lambda: healthy(be.uuids[1]) == 0, "the health gauge of the lost GPU")
+    assert healthy(be.uuids[2]) == 1
 
     be.lose(be.uuids[0])
     k.wait_list(ONLINE, lambda r: health(r) == ["Unhealthy", "Unhealthy", "Healthy", "Healthy"])

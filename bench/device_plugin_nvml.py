@@ -12,10 +12,8 @@ runs, a kubelet restart and the clean stop. Writes <out>/device_plugin_<gpu>.txt
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -33,6 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
+from bench.harness import output  # noqa: E402
+from bench.harness.env import record as environment  # noqa: E402
 from valve.api.contract import OFFLINE_RESOURCE as OFFLINE  # noqa: E402
 from valve.api.contract import ONLINE_RESOURCE as ONLINE  # noqa: E402
 from valve.device_plugin.api import pb  # noqa: E402
@@ -107,17 +107,17 @@ def main(argv: list[str] | None = None) -> int:
                             format="  log %(levelname)s %(name)s: %(message)s")
         rc = run(args, report)
     gpu = report.get("gpus", [{}])[0].get("name", args.backend) if report.get("gpus") else args.backend
-    name = "device_plugin_" + ("sim" if args.backend == "sim" else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
+    name = "device_plugin_" + ("sim" if args.backend == "sim" else output.slug(gpu, "-"))
     txt.rename(args.out / f"{name}.txt")
     report["rc"] = rc
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
+    output.write_json(args.out / f"{name}.json", report, strict=False)
     print(f"wrote {args.out / name}.json and .txt")
     return rc
 
 
 def run(args: argparse.Namespace, report: dict) -> int:
-
-    print(f"python {sys.version.split()[0]}  grpcio {pkg('grpcio')}  protobuf {pkg('protobuf')}  "
+    report["env"] = environment("cuda" if args.backend == "nvml" else "cpu", gpu="sim")
+    print(f"python {report['env']['python']}  grpcio {pkg('grpcio')}  protobuf {pkg('protobuf')}  "
           f"nvidia-ml-py {pkg('nvidia-ml-py')}  prometheus-client {pkg('prometheus-client')}")
     if args.backend == "nvml":
         from valve.device_plugin.nvml import NvmlBackend
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace, report: dict) -> int:
         backend = NvmlBackend()
         import pynvml
 
-        print(f"driver {pynvml.nvmlSystemGetDriverVersion()}  NVML {pynvml.nvmlSystemGetNVMLVersion()}")
-        report["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+        print(f"driver {report['env'].get('driver')}  NVML {pynvml.nvmlSystemGetNVMLVersion()}")
+        report["driver"] = report["env"].get("driver")
     else:
         from valve.device_plugin.backend import SimBackend
 

@@ -21,8 +21,6 @@ Writes ``<out>/reclaim_<gpu>.json`` and ``<out>/reclaim_<gpu>.txt``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import subprocess
 import sys
@@ -35,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import output  # noqa: E402
+from bench.harness.env import record  # noqa: E402
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec  # noqa: E402
 from valve.runtime.arbiter.memory_control import MemoryController  # noqa: E402
 from valve.runtime.control import ControlBlock  # noqa: E402
@@ -546,25 +546,11 @@ def policies(seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), jobs: 
 
 # ---------------------------------------------------------------------------------------------------------
 def environment(device: str) -> dict:
-    env = dict(python=platform.python_version(), device=device, host=platform.node())
-    try:
+    env = record(device, gpu="sim")
+    if device == "cuda":  # what the CUDA runtime offers (NVML's total includes what the driver keeps)
         import torch
 
-        env["torch"] = torch.__version__
-        env["cuda"] = torch.version.cuda
-        if device == "cuda":
-            env["gpu"] = torch.cuda.get_device_name()
-            env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
-    except ImportError:
-        pass
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception:  # noqa: BLE001 - no NVML on CPU machines
-        pass
-    env.setdefault("gpu", "sim")
+        env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
     return env
 
 
@@ -675,11 +661,9 @@ def main(argv=None) -> int:
         print("handover done", flush=True)
     result["wall_s"] = time.perf_counter() - t0
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() else "_" for c in env["gpu"]).strip("_").lower()
-    (out / f"reclaim_{name}.json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    (out / f"reclaim_{name}.txt").write_text(text + "\n")
+    name = output.slug(env["gpu"])
+    output.write(out, f"reclaim_{name}", result, text, strict=False)
     print(text)
     print(f"wrote {out / f'reclaim_{name}.json'} in {result['wall_s']:.1f} s")
     ok = all(h["ok"] for h in result["handover"])

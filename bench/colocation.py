@@ -1,24 +1,541 @@
 """End-to-end colocation benchmark: online LLM serving next to offline batch inference on one GPU.
 
-    python3 bench/colocation.py [--quick] [--out bench/results] [--device cuda|cpu] [--variants ...]
+    python3 bench/colocation.py [--quick] [--out bench/results] [--device cuda|cpu] [--variants a,b,...]
 
-The same as ``valve bench colocation`` (see ``valve/engine/colocation.py`` and docs/engine.md). Variants:
-online alone, offline alone, time-slicing, Valve (gate + KV pool), MPS (root only, last). Writes
-``colocation_<gpu>.json``, ``.png`` and ``.txt`` under --out; ratios to the solo runs with p50 and p99.
+Writes ``colocation_<gpu>.json``, ``.png`` and ``.txt`` under --out; ratios to the solo runs with p50 and p99.
+
+On one device, in one call, each variant runs real engine processes: the online server
+(``valve.engine.server``, loaded over HTTP/SSE by the open-loop generator in this process) and the offline runner
+(``valve.engine.offline``). Variants, in order:
+
+- ``online-alone``: the server alone (the rate for the target busy fraction is calibrated here);
+- ``offline-alone``: the runner alone;
+- ``time-slicing``: both, nothing between them (the driver time-slices the two contexts);
+- ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.gate.offline.attach``), the online signal
+  (``online_request()``) and the offline KV cache in the runtime's ``KVPool``;
+- ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last).
+
+Every variant sends the same seeded request trace. Offline tokens/s is measured over the load window from the
+runner's progress records. On CPU (``--device cpu``) the same harness runs a tiny model in a few seconds.
+See docs/engine.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import typer  # noqa: E402
+import typer  # noqa: E402  (after the path line: run as `python3 bench/colocation.py`)
 
-from valve.engine.cli import colocation  # noqa: E402
+from bench import colocation_report as report  # noqa: E402
+from bench.harness import env, mps, output  # noqa: E402
+from bench.harness.loadgen import Arrivals, LengthDist, make_trace, run_trace  # noqa: E402
+from bench.harness.procs import Child, ChildFailed, child_env, free_port, wait_for  # noqa: E402
+from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR  # noqa: E402
+
+VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "mps")
+
+
+@dataclass
+class Settings:
+    device: str = "cuda"
+    online_model: str = "llama-1b"
+    offline_model: str = "llama-1b"
+    seconds: float = 45.0  # load window per variant
+    busy: float = 0.4  # target online busy fraction (used when rate is None)
+    rate: float | None = None  # online requests/s
+    arrival: str = "poisson"
+    cv: float = 1.0
+    prompt_mean: float = 400
+    prompt_cv: float = 0.6
+    prompt_max: int = 2048
+    output_mean: float = 128
+    output_cv: float = 0.7
+    output_max: int = 512
+    block_size: int = 16
+    online_blocks: int = 4096
+    online_batch_tokens: int = 2048
+    online_max_seqs: int = 64
+    offline_prompt_mean: int = 512
+    offline_output: int = 256
+    offline_prompts: int = 4000
+    offline_batch_tokens: int = 4096
+    offline_max_seqs: int = 128
+    offline_kv_bytes: int = 8 << 30
+    variants: tuple[str, ...] = VARIANTS
+    seed: int = 0
+    startup_timeout: float = 300.0
+    progress_interval: float = 0.25
+    offline_warmup: float = 10.0  # seconds of offline steps before the window (kernels loaded, batch full)
+    graphs: bool = True  # the online server replays CUDA graphs for decode steps (CUDA only)
+    keep_logs: bool = False  # copy the children's logs to <out>/colocation_logs/<variant>/
+
+    def offline_blocks(self, kv_bytes_per_token: int) -> int:
+        return max(1, self.offline_kv_bytes // (kv_bytes_per_token * self.block_size))
+
+
+def preset(device: str, quick: bool) -> Settings:
+    """GPU: llama-1b shapes for both tenants. CPU: the tiny shape, short requests (tests and CI)."""
+    if device == "cpu":
+        return Settings(device="cpu", online_model="tiny", offline_model="tiny", seconds=1.5 if quick else 8.0,
+                        busy=0.3, prompt_mean=32, prompt_max=128, output_mean=8, output_max=32, block_size=8,
+                        online_blocks=512, online_batch_tokens=256, online_max_seqs=16, offline_prompt_mean=24,
+                        offline_output=64, offline_prompts=20000, offline_batch_tokens=128,
+                        offline_max_seqs=8, offline_kv_bytes=32 << 20, startup_timeout=60.0, rate=6.0,
+                        offline_warmup=0.3)
+    # chat-like online requests short enough for >= 100 of them per 60 s window at ~35% busy; a prefill-heavy
+    # offline batch job (long documents, short answers) that keeps the GPU busy, as a real batch engine would
+    return Settings(seconds=8.0 if quick else 60.0, busy=0.4, prompt_mean=256, output_mean=64,
+                    offline_prompt_mean=1024, offline_output=128, offline_batch_tokens=8192,
+                    offline_prompts=3000 if quick else 8000, offline_warmup=3.0 if quick else 12.0)
+
+
+def detect_device() -> str:
+    return "cuda" if env.has_gpu() else "cpu"
+
+
+# ---- environment ------------------------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    """GPU name, UUID, driver, torch/CUDA versions (NVML in this process: no CUDA context here)."""
+    return env.record(device, gpu="cpu", gpu_uuid="GPU-cpu-sim")
+
+
+class UtilSampler:
+    """Mean GPU utilisation (NVML) over a window, sampled every 100 ms on a thread; None on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.samples = device, []
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> UtilSampler:
+        if self.device == "cuda":
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(env.visible_index())
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+        finally:
+            pynvml.nvmlShutdown()
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+# ---- measurements -----------------------------------------------------------------------------------------------
+def busy_fraction(results, seconds: float) -> float:
+    """Fraction of [0, seconds] with at least one online request in flight (send -> last token)."""
+    spans = sorted((r.t_send, r.t_send + r.e2e) for r in results if r.e2e is not None)
+    covered, end = 0.0, 0.0
+    for a, b in spans:
+        a, b = max(a, end), min(b, seconds)
+        if b > a:
+            covered += b - a
+        end = max(end, b)
+    return covered / seconds if seconds > 0 else 0.0
+
+
+def read_progress(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return out
+
+
+def tokens_at(records: list[dict], t: float) -> float:
+    """Generated tokens at wall time ``t``, interpolated between progress records."""
+    pts = [(r["time"], r["generated_tokens"]) for r in records]
+    if not pts:
+        return 0.0
+    if t <= pts[0][0]:
+        return float(pts[0][1])
+    for (t0, g0), (t1, g1) in zip(pts, pts[1:], strict=False):
+        if t0 <= t <= t1:
+            return g0 + (g1 - g0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+    return float(pts[-1][1])
+
+
+def offline_rate(records: list[dict], t0: float, t1: float) -> float:
+    return (tokens_at(records, t1) - tokens_at(records, t0)) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def write_offline_prompts(path: Path, s: Settings, vocab: int) -> None:
+    import random
+
+    rng = random.Random(s.seed + 1)
+    dist = LengthDist(s.offline_prompt_mean, 0.3, 4, 4 * s.offline_prompt_mean)
+    distinct = [[rng.randrange(vocab) for _ in range(dist.sample(rng))] for _ in range(min(500, s.offline_prompts))]
+    lo, hi = max(1, s.offline_output // 4), max(1, s.offline_output * 7 // 4)  # mean offline_output
+    with open(path, "w") as f:  # more records than any window consumes; the prompts repeat, the ids do not
+        for i in range(s.offline_prompts):
+            # varied output lengths: sequences finish at different steps, so the batch stays full and the
+            # rate is steady instead of moving in synchronised prefill/decode waves
+            rec = {"id": i, "prompt": distinct[i % len(distinct)], "max_tokens": rng.randint(lo, hi)}
+            f.write(json.dumps(rec) + "\n")
+
+
+# ---- processes --------------------------------------------------------------------------------------------------
+def server_cmd(s: Settings, port: int, ready: Path, valve: bool) -> list[str]:
+    return [sys.executable, "-m", "valve.engine.server", "--model", s.online_model, "--device", s.device,
+            "--port", str(port), "--num-blocks", str(s.online_blocks), "--block-size", str(s.block_size),
+            "--max-batch-tokens", str(s.online_batch_tokens), "--max-seqs", str(s.online_max_seqs),
+            "--ready-file", str(ready), "--seed", str(s.seed), "--graph-max-context",
+            str(s.prompt_max + s.output_max), "--warmup-max-prompt", str(s.prompt_max)] + (["--valve"] if valve else []) + ([] if s.graphs else ["--no-graphs"])
+
+
+def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, n_blocks: int) -> list[str]:
+    cmd = [sys.executable, "-m", "valve.engine.offline", "--input", str(inp), "--output", str(out),
+           "--model", s.offline_model, "--device", s.device, "--block-size", str(s.block_size),
+           "--num-blocks", str(n_blocks), "--max-batch-tokens", str(s.offline_batch_tokens),
+           "--max-seqs", str(s.offline_max_seqs), "--max-tokens", str(s.offline_output),
+           "--progress", str(progress), "--progress-interval", str(s.progress_interval), "--seed", str(s.seed + 1)]
+    if valve:
+        cmd += ["--gate", "--kv-pool", "--kv-pool-bytes", str(s.offline_kv_bytes)]
+    return cmd
+
+
+def arbiter_cmd(gpu_uuid: str, runtime_dir: Path, metrics_port: int) -> list[str]:
+    return [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", gpu_uuid,
+            "--runtime-dir", str(runtime_dir), "--metrics-port", str(metrics_port)]
+
+
+def valve_missing() -> str | None:
+    """Why the Valve variant cannot run here (a runtime module missing), or None."""
+    import importlib.util
+
+    for mod in ("valve.runtime.gate.offline", "valve.runtime.online.signal", "valve.runtime.arbiter.loop"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not available"
+    return None
+
+
+mps_missing = mps.missing
+
+
+# ---- one variant ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """State shared by the variants of one benchmark call."""
+
+    s: Settings
+    workdir: Path
+    env_info: dict
+    trace: list | None = None
+    rate: float | None = None
+    calibration: dict = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+
+
+def http_complete(url: str, prompt: list[int], max_tokens: int, timeout: float) -> float:
+    """One streaming request, returns its end-to-end seconds (warm-up and calibration)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=timeout) as c:
+        with c.stream("POST", url + "/v1/completions",
+                      json={"prompt": prompt, "max_tokens": max_tokens, "stream": True}) as r:
+            if r.status_code != 200:
+                raise ChildFailed(f"online server answered HTTP {r.status_code}: {r.read()[:300]!r}")
+            for _ in r.iter_bytes():
+                pass
+    return time.perf_counter() - t0
+
+
+def calibrate(run: Run, url: str, vocab: int) -> None:
+    """Rate for the target busy fraction: busy / (service time of a mean-length request alone)."""
+    s = run.s
+    prompt = [(7 * i) % vocab for i in range(int(s.prompt_mean))]
+    times = sorted(http_complete(url, prompt, int(s.output_mean), 120) for _ in range(3))
+    service = times[1]
+    run.rate = s.rate if s.rate else s.busy / service
+    run.calibration = {"service_s": service, "rate_per_s": run.rate, "target_busy": s.busy if not s.rate else None}
+    arr = Arrivals(s.arrival, run.rate, s.cv)
+    run.trace = make_trace(arr, s.seconds, LengthDist(s.prompt_mean, s.prompt_cv, 1, s.prompt_max),
+                           LengthDist(s.output_mean, s.output_cv, 1, s.output_max), vocab, s.seed)
+
+
+def run_variant(run: Run, name: str, tick=None) -> dict:
+    from valve.engine.config import get_config
+
+    s, wd = run.s, run.workdir / name
+    wd.mkdir(parents=True, exist_ok=True)
+    online, offline = name != "offline-alone", name != "online-alone"
+    valve = name == "valve"
+    on_cfg, off_cfg = get_config(s.online_model), get_config(s.offline_model)
+    extra: dict = {}
+    children: list[Child] = []
+    util = UtilSampler(s.device)
+    stack = ExitStack()
+    try:
+        if name == "mps":
+            extra.update(stack.enter_context(mps.Daemon(wd)).env)
+        if valve:
+            rdir = wd / "runtime"
+            uuid = run.env_info["gpu_uuid"]
+            extra.update({ENV_GPU_UUID: uuid, ENV_RUNTIME_DIR: str(rdir)})
+            from valve.runtime.control import ControlBlock, control_path
+
+            # created here so that the engines may start beside the arbiter (which reuses a valid block)
+            ControlBlock.create(control_path(uuid, rdir)).close()
+            cenv = child_env(extra, one_thread=s.device == "cpu")
+            children.append(Child("arbiter", arbiter_cmd(uuid, rdir, free_port()), cenv,
+                                  wd / "arbiter.log"))
+        cenv = child_env(extra, one_thread=s.device == "cpu")
+        url = None
+        if online:
+            port, ready = free_port(), wd / "server.ready"
+            children.append(Child("online server", server_cmd(s, port, ready, valve), cenv, wd / "server.log"))
+            url = f"http://127.0.0.1:{port}"
+        progress = wd / "progress.jsonl"
+        if offline:
+            inp = run.workdir / "offline_prompts.jsonl"
+            n_blocks = s.offline_blocks(off_cfg.kv_bytes_per_token(2 if s.device == "cuda" else 4))
+            children.append(Child("offline runner", offline_cmd(s, inp, wd / "completions.jsonl", progress, valve,
+                                                                n_blocks), cenv, wd / "offline.log"))
+        run.pids += [c.pid for c in children]
+        if valve:
+            wait_for("the arbiter's heartbeat", lambda: heartbeat(control_path(uuid, rdir)), 60, children)
+        if online:
+            wait_for("the online server", ready.exists, s.startup_timeout, children)
+            warm = [(11 * i) % on_cfg.vocab for i in range(int(s.prompt_mean))]
+            http_complete(url, warm, int(s.output_mean), 120)  # kernels for trace-sized shapes
+            if run.trace is None:
+                calibrate(run, url, on_cfg.vocab)
+        if offline:
+            wait_for("the offline runner's warm-up", lambda: offline_warm(read_progress(progress), s.offline_warmup),
+                     s.startup_timeout, children)
+        if tick:
+            tick(0.2)
+        util.start()
+        t0 = time.time()
+        results = []
+        if online:
+            results = asyncio.run(run_trace(url, run.trace, s.online_model))
+        t1 = t0 + s.seconds
+        while time.time() < t1:
+            for c in children:
+                c.check()
+            time.sleep(0.05)
+        gpu_util = util.stop()
+        out: dict = {"gpu_util": gpu_util}
+        if offline:
+            wait_for("offline progress past the window",
+                     lambda: any(r["time"] >= t1 for r in read_progress(progress)), 60 + s.seconds, children)
+            recs = read_progress(progress)
+            out["offline_tokens_per_s"] = offline_rate(recs, t0, t1)
+            out["offline_progress"] = [[round(r["time"] - t0, 3), r["generated_tokens"]] for r in recs
+                                       if t0 - 2 <= r["time"] <= t1 + 1]
+        if online:
+            ok = [r for r in results if r.error is None and r.ttft is not None]
+            out["ttft_ms"] = [r.ttft * 1e3 for r in ok]
+            out["tpot_ms"] = [r.tpot * 1e3 for r in ok if r.tpot is not None]
+            out["errors"] = len(results) - len(ok)
+            out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
+            out["busy_fraction"] = busy_fraction(ok, s.seconds)
+        if valve:
+            out["control"] = read_control(control_path(uuid, rdir))
+        return out
+    finally:
+        util.stop()
+        for c in reversed(children):
+            c.stop()
+        stack.close()  # the MPS daemon, after its clients
+        if tick:
+            tick(1.0)
+
+
+def offline_warm(records: list[dict], warmup_s: float) -> bool:
+    """The runner has finished a sequence and stepped for ``warmup_s`` seconds since its first record."""
+    return bool(records) and records[-1]["records"] >= 1 and records[-1]["time"] - records[0]["time"] >= warmup_s
+
+
+def clip(text: str, head: int = 600, tail: int = 2400) -> str:
+    """A long error: its start (what failed) and its end (the exception), not the middle."""
+    return text if len(text) <= head + tail else f"{text[:head]}\n[...]\n{text[-tail:]}"
+
+
+def heartbeat(path: Path) -> bool:
+    from valve.runtime.control import ControlBlock
+
+    cb = ControlBlock.open(path)
+    beat = int(cb.fields.heartbeat_ns) > 0
+    try:
+        cb.close()
+    except BufferError:
+        pass
+    return beat
+
+
+def read_control(path: Path) -> dict:
+    """The Valve counters at the end of the run (preemptions, gate closed time, reclaims, evictions)."""
+    try:
+        from valve.runtime.control import ControlBlock
+
+        cb = ControlBlock.open(path)
+    except Exception as e:  # the counters are a bonus; the latency numbers stand without them
+        return {"error": str(e)}
+    out = {k: int(getattr(cb.fields, k)) for k in ("preemptions", "gate_closed_ns", "online_requests", "offline_progress",
+                                          "forced_opens", "reclaim_ack_seq", "evicted_sequences",
+                                          "recomputed_tokens", "offline_pool_bytes")}
+    try:
+        cb.close()
+    except BufferError:  # a ctypes view still alive: the mapping goes with the process
+        pass
+    return out
+
+
+# ---- the whole benchmark ----------------------------------------------------------------------------------------
+def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> dict:
+    """Every variant in order; writes ``colocation_<gpu>.json`` and ``.png`` under ``out_dir``; returns the
+    result (``variants``, ``rows``, ``skipped``, ``files``)."""
+    from valve.engine.config import get_config
+
+    env_info = environment(s.device)
+    skipped: dict[str, str] = {}
+    todo = []
+    for v in s.variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
+        why = valve_missing() if v == "valve" else mps_missing(s.device) if v == "mps" else None
+        if why:
+            skipped[v] = why
+        else:
+            todo.append(v)
+    todo.sort(key=VARIANTS.index)  # online-alone first (calibration), mps last
+    variants: dict[str, dict] = {}
+    started = time.time()
+    # in shared memory: the control block must be (cuMemHostRegister refuses file-backed pages on disk)
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="valve-colocation-", dir=shm) as tmp:
+        run = Run(s, Path(tmp), env_info)
+        write_offline_prompts(run.workdir / "offline_prompts.jsonl", s, get_config(s.offline_model).vocab)
+        for i, name in enumerate(todo):
+            def tick(frac, i=i, name=name):
+                if progress:
+                    progress(name, (i + frac) / len(todo))
+
+            tick(0.0)
+            t_var = time.time()
+            try:
+                variants[name] = run_variant(run, name, tick)
+                variants[name]["wall_s"] = time.time() - t_var
+            except ChildFailed as e:
+                if name in ("online-alone", "offline-alone"):
+                    raise
+                skipped[name] = f"failed: {clip(str(e))}"
+                if console:
+                    console.print(f"[red]{name} failed[/red]: {clip(str(e))}")
+        pids = list(run.pids)
+        if s.keep_logs:
+            for log in Path(tmp).glob("*/*.log"):
+                dst = out_dir / "colocation_logs" / log.parent.name / log.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, dst)
+    result = {
+        "benchmark": "colocation", "env": env_info, "settings": asdict(s), "calibration": run.calibration,
+        "seconds_total": time.time() - started, "variants": variants, "skipped": skipped,
+        "rows": report.rows(variants), "pids": pids,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = env_info["gpu"].lower().replace("nvidia ", "").replace(" ", "-") if s.device == "cuda" else "cpu"
+    stem = out_dir / f"colocation_{slug}"
+    title = (f"{s.online_model} online + {s.offline_model} offline on {env_info['gpu']}, "
+             f"{run.rate or 0:.2f} req/s {s.arrival}")
+    result["files"] = [str(stem) + ".json", str(stem) + ".png"]
+    result["title"] = title
+    output.write(out_dir, stem.name, result, table_text(result), lambda p: report.plot(variants, str(p), title))
+    return result
+
+
+def table_text(result: dict) -> str:
+    from rich.console import Console
+
+    con = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    con.print(report.render_table(result["rows"], result.get("title", "colocation")))
+    for k, v in result["skipped"].items():
+        con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
+    return con.export_text()
+
+
+def settings_from(device: str | None, quick: bool, **overrides) -> Settings:
+    dev = device or detect_device()
+    s = preset(dev, quick)
+    return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def colocation(
+    quick: bool = typer.Option(False, "--quick", help="Short windows (GPU < 90 s, CPU a few seconds)."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Directory for the JSON, PNG and table."),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when NVML sees a GPU)."),
+    online_model: str | None = typer.Option(None, help="Online model shape (llama-1b on GPU, tiny on CPU)."),
+    offline_model: str | None = typer.Option(None, help="Offline model shape."),
+    seconds: float | None = typer.Option(None, min=0.5, help="Load window per variant, seconds."),
+    busy: float | None = typer.Option(None, min=0.01, max=0.95, help="Target online busy fraction."),
+    rate: float | None = typer.Option(None, min=0.01, help="Online requests/s (skips calibration)."),
+    arrival: str | None = typer.Option(None, help="poisson, gamma or onoff."),
+    cv: float | None = typer.Option(None, help="Gamma arrivals: CV of the gaps."),
+    variants: str | None = typer.Option(None, help="Comma list (default: all): online-alone, offline-alone, "
+                                                   "time-slicing, valve, mps."),
+    seed: int | None = typer.Option(None, help="Seed of the request trace and the weights."),
+    output_mean: float | None = typer.Option(None, help="Mean online output tokens."),
+    prompt_mean: float | None = typer.Option(None, help="Mean online prompt tokens."),
+    offline_warmup: float | None = typer.Option(None, help="Offline seconds before each window."),
+    graphs: bool | None = typer.Option(None, "--graphs/--no-graphs", help="Online decode through CUDA graphs."),
+    keep_logs: bool = typer.Option(False, "--keep-logs", help="Copy the children's logs under --out."),
+) -> None:
+    """Online + offline LLM inference on one device: alone, time-slicing, Valve, MPS; TTFT/TPOT and tokens/s."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
+    s = settings_from(device, quick, online_model=online_model, offline_model=offline_model, seconds=seconds,
+                      busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed,
+                      output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
+                      graphs=graphs, keep_logs=keep_logs or None)
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("colocation", total=1.0)
+
+        def progress(name: str, frac: float) -> None:
+            bar.update(task, completed=frac, description=f"colocation: {name}")
+
+        try:
+            result = run_benchmark(s, out, progress, console)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+    typer.echo(table_text(result), nl=False)
+    typer.echo("wrote " + ", ".join(result["files"]))
+
 
 if __name__ == "__main__":
     typer.run(colocation)

@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import queue
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from valve.runtime.control import GATE_OPEN  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
+from bench.harness import output, procs  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
+from bench.harness.env import record as environment  # noqa: E402
+from valve.runtime.control import GATE_OPEN  # noqa: E402
 from valve.stats import percentile  # noqa: E402
 
 # NVLink multicast off in every process we start (the device machines require it).
@@ -56,7 +55,7 @@ GPU_PHASES = ("alone", "alone-all", "nogate", "gate", "gate-one")
 SIM_VARIANTS = {"alone": "online-alone", "nogate": "time-slicing", "gate": "valve"}
 
 
-class BenchError(RuntimeError):
+class BenchError(procs.ChildFailed):
     """A step of the run failed; the message says which and why."""
 
 
@@ -255,16 +254,8 @@ def check_pairs(envs: dict[str, dict], n: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # arbiters, one per GPU
 # ---------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(extra: dict | None = None) -> dict:
-    env = {**os.environ, **SAFE_ENV, **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
+    return procs.child_env({**SAFE_ENV, **(extra or {})})
 
 
 def read_control(root: Path, uuid: str) -> dict | None:
@@ -346,7 +337,7 @@ class Arbiters:
             return
         for u in uuids:
             if self.mode == "cli":
-                self.ports[u] = free_port()
+                self.ports[u] = procs.free_port()
                 cmd = [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", u, "--runtime-dir",
                        str(self.root), "--metrics-port", str(self.ports[u]), "--no-memory"]
                 log = open(self.logs / f"arbiter-{u}.log", "w")  # noqa: SIM115 (closed with the process)
@@ -407,63 +398,13 @@ class Arbiters:
 # worker processes and their line protocol
 # ---------------------------------------------------------------------------------------------------------
 def emit(obj: dict) -> None:
-    print(MSG + json.dumps(obj), flush=True)
+    procs.emit(obj, MSG)
 
 
-class Worker:
-    """A child process that answers JSON commands (stdin) with JSON lines (stdout, prefixed with MSG)."""
-
-    def __init__(self, name: str, args: list[str], env: dict, logs: Path) -> None:
-        self.name = name
-        self.log_path = logs / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], env=child_env(env),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     bufsize=1)
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(MSG):
-                self._lines.put(json.loads(line[len(MSG):]))
-        self._lines.put(None)
-
-    def send(self, **cmd) -> None:
-        try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
-            raise BenchError(f"{self.name}: cannot send {cmd} ({e}); log:\n{self.tail()}") from e
-
-    def recv(self, timeout: float) -> dict:
-        try:
-            msg = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise BenchError(f"{self.name}: no answer within {timeout:.0f} s; log:\n{self.tail()}") from None
-        if msg is None:
-            self.proc.wait(timeout=5)
-            raise BenchError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.tail()}")
-        if "error" in msg:
-            raise BenchError(f"{self.name}: {msg['error']}; log:\n{self.tail()}")
-        return msg
-
-    def tail(self, n: int = 3000) -> str:
-        self._log.flush()
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(cmd="quit")
-                self.proc.wait(timeout=10)
-            except (BenchError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def worker(name: str, args: list[str], env: dict, logs: Path) -> procs.Worker:
+    """This script in a worker role: JSON commands on stdin, JSON answers on stdout prefixed with MSG."""
+    return procs.Worker(name, [sys.executable, str(Path(__file__).resolve()), *args], env=child_env(env),
+                        log=logs / f"{name}.log", prefix=MSG, quit_cmd="quit")
 
 
 def check_visible_gpu(torch, device: str) -> dict:
@@ -681,21 +622,6 @@ class Settings:
     offline: dict = field(default_factory=dict)
 
 
-def versions(sim: bool) -> dict:
-    out = {"python": platform.python_version(), "host": platform.node()}
-    if sim:
-        return out
-    try:
-        import pynvml
-        import torch
-
-        out.update(torch=torch.__version__, cuda=torch.version.cuda,
-                   driver=str(pynvml.nvmlSystemGetDriverVersion()))
-    except Exception as e:  # noqa: BLE001
-        out["versions_error"] = repr(e)
-    return out
-
-
 def run_phase_all(online: dict, offline: dict, uuids: list[str], s: Settings, seed: int,
                   gated: bool | None, root: Path) -> tuple[dict, dict, dict]:
     """Onlines of `uuids` at once; with offline (gated or not) on the same GPUs unless `gated` is None.
@@ -747,7 +673,7 @@ def run_gpu(s: Settings, work: Path) -> dict:
         backend = SimBackend(count=s.gpus or 2, node="multigpu-cpu", gpu_name="cpu")
     node = start_node(backend, work)
     arbiters = Arbiters(s.arbiter, node.runtime_root, work)
-    workers: list[Worker] = []
+    workers: list[procs.Worker] = []
     try:
         found = discovery(node)
         all_uuids = [g["uuid"] for g in found]
@@ -757,10 +683,10 @@ def run_gpu(s: Settings, work: Path) -> dict:
         print(f"[multigpu] {len(found)} GPU(s) found; pairs on {n}: " + ", ".join(
             f"{g['index']}:{g['uuid'][:12]}(numa {g['numa_node']})" for g in found if g["uuid"] in envs), flush=True)
         arbiters.start(uuids)
-        online = {u: Worker(f"online-{i}", worker_args("online-worker", s.online, s.device), envs[u]["online"],
+        online = {u: worker(f"online-{i}", worker_args("online-worker", s.online, s.device), envs[u]["online"],
                             work) for i, u in enumerate(uuids)}
         workers += online.values()
-        offline = {u: Worker(f"offline-{i}", worker_args("offline-worker", s.offline, s.device),
+        offline = {u: worker(f"offline-{i}", worker_args("offline-worker", s.offline, s.device),
                              envs[u]["offline"], work) for i, u in enumerate(uuids)}
         workers += offline.values()
         ready = {w.name: w.recv(300) for w in workers}
@@ -849,7 +775,7 @@ def run_sim(s: Settings, work: Path) -> dict:
     backend = SimBackend(count=n, node="multigpu-sim")
     node = start_node(backend, work)
     arbiters = Arbiters(s.arbiter, node.runtime_root, work)
-    workers: dict[str, Worker] = {}
+    workers: dict[str, procs.Worker] = {}
     try:
         found = discovery(node)
         uuids = [g["uuid"] for g in found]
@@ -857,7 +783,7 @@ def run_sim(s: Settings, work: Path) -> dict:
         arbiters.start(uuids)
         check = ["--check-control"] if s.arbiter != "none" else []
         for i, u in enumerate(uuids):
-            workers[u] = Worker(f"sim-{i}", ["sim-worker", *check], envs[u]["online"], work)
+            workers[u] = worker(f"sim-{i}", ["sim-worker", *check], envs[u]["online"], work)
         ready = {u: w.recv(60) for u, w in workers.items()}
         for i, u in enumerate(uuids):
             workers[u].send(cmd="run", seconds=s.seconds, seed=s.seed * 1000 + i)
@@ -896,13 +822,10 @@ def write_report(result: dict, s: Settings) -> tuple[Path, str]:
     text = head + "\n" + text
     if result.get("cross_talk"):
         text += "\nCROSS-TALK: " + "; ".join(result["cross_talk"])
-    s.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()}
     doc = {"bench": "multigpu", "mode": "sim" if s.sim else s.device, "n_gpus": n, "settings": settings,
-           "versions": versions(s.sim), "summary": summary, **result}
-    path = s.out / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=1, default=str))
-    (s.out / f"{name}.txt").write_text(text + "\n")
+           "versions": environment("cpu" if s.sim else s.device, gpu="sim" if s.sim else s.device), "summary": summary, **result}
+    path = output.write(s.out, name, doc, text, strict=False)[0]
     return path, text
 
 
@@ -958,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         result = (run_sim if s.sim else run_gpu)(s, work)
         path, text = write_report(result, s)
     except Exception as e:  # noqa: BLE001 (any failure: say what, keep the logs, exit 1)
-        msg = str(e) if isinstance(e, BenchError) else traceback.format_exc()
+        msg = str(e) if isinstance(e, procs.ChildFailed) else traceback.format_exc()
         print(f"[multigpu] FAILED: {msg}", file=sys.stderr, flush=True)
         keep = s.out / "multigpu_logs"
         shutil.copytree(work, keep, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock", "control"))

@@ -36,7 +36,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from valve import stats  # noqa: E402  (after the path line: run as `python3 bench/preemption.py`)
+from bench.harness import env, mps, output, procs  # noqa: E402  (after the path line: run as `python3 bench/...`)
+from valve import stats  # noqa: E402
 
 # graph_spin before graph_memop: a failed memop-node capture could leave the offline context unusable
 ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_memop", "mps", "mps_gate")
@@ -185,56 +185,6 @@ def table(rows: dict, skipped: dict) -> str:
     return "\n".join(lines)
 
 
-def clean(x):
-    """NaN -> None, recursively (strict JSON)."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [clean(v) for v in x]
-    return x
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "unknown"
-
-
-def mps_status(device: str) -> str | None:
-    """None if MPS can be started here, else why not."""
-    if device != "cuda":
-        return "MPS needs a CUDA device"
-    if shutil.which("nvidia-cuda-mps-control") is None:
-        return "nvidia-cuda-mps-control not found"
-    if os.geteuid() != 0:
-        return "starting the MPS daemon needs root"
-    return None
-
-
-class MPS:
-    """The MPS control daemon, private pipe/log directories; `stop` sends `quit`."""
-
-    def __init__(self, base: Path) -> None:
-        self.env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=str(base / "mps-pipe"),
-                        CUDA_MPS_LOG_DIRECTORY=str(base / "mps-log"))
-        for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-            Path(self.env[k]).mkdir(parents=True, exist_ok=True)
-        self.started = False
-
-    def start(self) -> None:
-        r = subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, capture_output=True, text=True,
-                           timeout=30)
-        if r.returncode != 0:
-            raise RuntimeError(f"nvidia-cuda-mps-control -d failed ({r.returncode}): {r.stderr or r.stdout}")
-        self.started = True
-
-    def stop(self) -> None:
-        if self.started:
-            subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", env=self.env, capture_output=True,
-                           text=True, timeout=30)
-            self.started = False
-
-
 # ---------------------------------------------------------------------------------------------------------
 # models (torch): Llama-style blocks; attention and MLP blocks are the gated sub-layers
 # ---------------------------------------------------------------------------------------------------------
@@ -291,41 +241,13 @@ def build_stack(layers: int, hidden: int, ffn: int, heads: int, device: str, dty
 # worker plumbing: JSON lines on stdout to the orchestrator, commands on stdin
 # ---------------------------------------------------------------------------------------------------------
 def emit(**kw) -> None:
-    sys.stdout.write(json.dumps(kw) + "\n")
-    sys.stdout.flush()
-
-
-def command_reader() -> queue.Queue:
-    """Commands from stdin on a queue; EOF (the orchestrator went away) becomes an ``exit`` command."""
-    q: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        for line in sys.stdin:
-            if line.strip():
-                q.put(json.loads(line))
-        q.put({"cmd": "exit"})
-
-    threading.Thread(target=read, daemon=True).start()
-    return q
+    procs.emit(kw)
 
 
 def env_info(device: str) -> dict:
     import torch
 
-    info = {"device": device, "torch": torch.__version__, "python": sys.version.split()[0]}
-    if device != "cuda":
-        return info
-    info.update(gpu=torch.cuda.get_device_name(), cuda_runtime=torch.version.cuda)
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        info["gpu_uuid"] = pynvml.nvmlDeviceGetUUID(h)
-    except Exception as e:  # noqa: BLE001
-        info["driver"] = f"unknown ({type(e).__name__}: {e})"
-    return info
+    return env.record(device, gpu=torch.cuda.get_device_name() if device == "cuda" else device)
 
 
 class Stamps:
@@ -491,7 +413,7 @@ def online_worker(cfg: dict) -> None:
     sig = OnlineSignal(ControlBlock.open(cfg["ctl"]))
     emit(event="ready", info=env_info(dev),
          online_graph=cuda and o.get("graph", True), nvml_clocks=clock.nvml is not None, mark_error=mark_error)
-    cmds = command_reader()
+    cmds = procs.commands()
     while True:
         c = cmds.get()
         if c["cmd"] == "exit":
@@ -620,7 +542,7 @@ def offline_worker(cfg: dict) -> None:
         except Exception as e:  # noqa: BLE001 - a diagnostic only
             sub = {"error": f"{type(e).__name__}: {e}"}
     emit(event="ready", info=env_info(dev), sublayer_ms=sub)
-    cmds = command_reader()
+    cmds = procs.commands()
     while True:
         c = cmds.get()
         if c["cmd"] == "exit":
@@ -733,7 +655,7 @@ def arbiter_worker(cfg: dict) -> None:
     t = threading.Thread(target=arb.run, args=(stop, cfg["arbiter_period_ms"] / 1000.0), daemon=True)
     t.start()
     emit(event="ready")
-    cmds = command_reader()
+    cmds = procs.commands()
     while cmds.get()["cmd"] != "exit":
         pass
     stop.set()
@@ -746,63 +668,19 @@ def arbiter_worker(cfg: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # orchestrator
 # ---------------------------------------------------------------------------------------------------------
-class Worker:
-    def __init__(self, role: str, cfg: dict, env: dict | None = None) -> None:
-        self.role = role
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", role,
-                                      "--cfg", json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(ROOT))
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.lines.put(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"[{self.role}] {line.rstrip()}", file=sys.stderr)
-        self.lines.put(None)
-
-    def send(self, **cmd) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, *events: str, timeout: float = 300.0) -> dict:
-        try:
-            msg = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.role} worker: no {'/'.join(events)} within {timeout:.0f} s") from None
-        if msg is None:
-            raise RuntimeError(f"{self.role} worker exited (rc {self.proc.wait()}) before {'/'.join(events)}")
-        if msg.get("event") not in events:
-            raise RuntimeError(f"{self.role} worker: expected {'/'.join(events)}, got {msg}")
-        return msg
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(cmd="exit")
-                self.proc.stdin.close()
-            except (BrokenPipeError, ValueError, OSError):
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+def worker(role: str, cfg: dict, env: dict | None = None) -> procs.Worker:
+    """This script with ``--role``: JSON lines on stdout to the orchestrator, commands on stdin."""
+    return procs.Worker(f"{role} worker", [sys.executable, str(Path(__file__).resolve()), "--role", role, "--cfg", json.dumps(cfg)],
+                        env=env)
 
 
 def run_phase(variants: list[str], cfg: dict, results: dict, info: dict, env: dict | None = None) -> None:
     """One set of worker processes (arbiter, online, offline) running `variants` in order; `info` gets the
     environment the workers report (filled in place, so it survives a failure)."""
-    workers: list[Worker] = []
+    workers: list[procs.Worker] = []
     try:
         # all three start at once (imports dominate); the control block exists already
-        arb, on, off = (Worker(r, cfg, env) for r in ("arbiter", "online", "offline"))
+        arb, on, off = (worker(r, cfg, env) for r in ("arbiter", "online", "offline"))
         workers += [arb, on, off]
         arb.expect("ready", timeout=120)
         ready = on.expect("ready", timeout=300)
@@ -835,18 +713,18 @@ def run_phase(variants: list[str], cfg: dict, results: dict, info: dict, env: di
     finally:
         stats = None
         for w in reversed(workers):
-            if w.role == "arbiter" and w.proc.poll() is None:
+            if w.name == "arbiter worker" and w.proc.poll() is None:
                 try:
                     w.send(cmd="exit")
                     stats = w.expect("stopped", timeout=15)
                 except (RuntimeError, OSError, ValueError):
                     pass
-            w.close()
+            w.stop()
         if stats:
             info["arbiter"] = {"steps": stats["steps"], "preemptions": stats["preemptions"]}
 
 
-def on_bursts(on: Worker, label: str, cfg: dict) -> dict:
+def on_bursts(on: procs.Worker, label: str, cfg: dict) -> dict:
     """The same arrival pattern (seed) in every variant."""
     on.send(cmd="bursts", label=label, seconds=cfg["seconds"], seed=cfg["seed"], warmup=cfg["warmup"])
     msg = on.expect("bursts", timeout=cfg["seconds"] * 10 + 120)
@@ -895,22 +773,19 @@ def orchestrate(args) -> dict:
         run_phase(plain, cfg, results, info)
         mps_vars = [v for v in variants if v.startswith("mps") and v not in results["skipped"]]
         if mps_vars:
-            why = mps_status(args.device)
+            why = mps.missing(args.device)
             if why:
                 for v in mps_vars:
                     results["skipped"][v] = why
             else:
-                mps = MPS(base)
                 try:
-                    mps.start()
-                    pre = [] if quick else ["mps_alone"]  # online alone under MPS (the ratios use `alone`)
-                    info["mps"] = {}
-                    run_phase(pre + mps_vars, cfg, results, info["mps"], env=mps.env)
+                    with mps.Daemon(base) as daemon:
+                        pre = [] if quick else ["mps_alone"]  # online alone under MPS (the ratios use `alone`)
+                        info["mps"] = {}
+                        run_phase(pre + mps_vars, cfg, results, info["mps"], env={**os.environ, **daemon.env})
                 except RuntimeError as e:
                     for v in mps_vars:
                         results["skipped"].setdefault(v, f"MPS run failed: {e}")
-                finally:
-                    mps.stop()
     except RuntimeError as e:  # a worker died or hung: keep what was measured, say why the rest is missing
         results["error"] = str(e)
         print(f"[bench] error: {e}", file=sys.stderr)
@@ -972,12 +847,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (workers, MPS) when killed
     res = orchestrate(a)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"preemption_{slug(res['gpu'])}{'_quick' if a.quick else ''}"
+    name = f"preemption_{output.slug(res['gpu'])}{'_quick' if a.quick else ''}"
     raw = res.pop("raw")
-    (out / f"{name}.json").write_text(json.dumps(clean(res), indent=1, allow_nan=False))
-    (out / f"{name}_raw.json").write_text(json.dumps(clean(raw), allow_nan=False))  # per-burst samples
-    (out / f"{name}.txt").write_text(res["table"] + "\n")
+    output.write(out, name, res, res["table"])
+    output.write_json(out / f"{name}_raw.json", raw, indent=None)  # per-burst samples
     print(res["table"])
     print(f"[bench] wrote {out / name}.json ({res['wall_s']:.0f} s)")
     if res["error"]:

@@ -21,8 +21,6 @@ Writes ``<out>/reclaim_<gpu>.json`` and ``<out>/reclaim_<gpu>.txt``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import subprocess
 import sys
@@ -35,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import output  # noqa: E402
+from bench.harness.env import record  # noqa: E402
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec  # noqa: E402
 from valve.runtime.arbiter.memory_control import MemoryController  # noqa: E402
 from valve.runtime.control import ControlBlock  # noqa: E402
@@ -324,6 +324,192 @@ def bursts(cfg: TraceConfig, seconds: float, seed: int) -> list[tuple[float, flo
     return out
 
 
+class _Trace:
+    """The modelled offline engine and the online tenant of one ``trace`` run; each tick is the named steps."""
+
+    def __init__(self, policy: str, seconds: float, seed: int, cfg: TraceConfig, online: bool,
+                 n_requests: int | None, recompute: bool, engine_victims: str) -> None:
+        self.policy, self.seconds, self.cfg, self.online = policy, seconds, cfg, online
+        self.n_requests, self.recompute, self.engine_victims = n_requests, recompute, engine_victims
+        self.rng = random.Random(seed)
+        self.gpu = SimGPU(capacity_bytes=int(cfg.capacity_gib * GiB))
+        self.on_ctx, off_ctx = self.gpu.context("online"), self.gpu.context("offline")
+        self.on_ctx.malloc(int(cfg.online_weights_gib * GiB))
+        off_ctx.malloc(int(cfg.offline_weights_gib * GiB))
+        self.cb = ControlBlock.anonymous()
+        spec = RuntimeSpec(eviction_policy=policy,
+                           reserve=ReservePolicy(min_bytes=int(cfg.min_reserve_gib * GiB), decay_seconds=30.0),
+                           reclaim=ReclaimLimits(grow_bytes_per_second=16 * GiB))
+        self.ctl = MemoryController(spec, SimGpuInfo(self.gpu, ("online",)))
+        self.pool = KVPool(SimBackend(self.gpu, off_ctx, store=False), block_bytes=cfg.kv_bytes_per_token * cfg.block_tokens,
+                           chunk_bytes=cfg.chunk_bytes, max_bytes=self.gpu.capacity_bytes, policy=policy)
+        self.running: dict[int, _Req] = {}
+        self.queue: deque[_Req] = deque()
+        self.evicted_ids: set[int] = set()
+        self.stats = dict(evictions=0, recomputed_tokens=0, recomputed_reclaim=0, recomputed_engine=0,
+                          engine_preemptions=0, online_short_ms=0.0, finished=0, output_tokens=0)
+        self.handler = ReclaimHandler(self.pool, self.cb, on_reclaim=self.on_reclaim)
+        self.next_id = 0
+        if n_requests is not None:
+            self.queue.extend(self.new_request() for _ in range(n_requests))
+        self.plan = bursts(cfg, seconds, seed) if online else []
+        self.online_allocs: list = []
+        self.base = int(cfg.online_base_gib * GiB) if online else 0
+        self.step_end = 0
+        self.step_work: dict[int, int] = {}  # rid -> tokens this step computes (prefill chunk, or 1 for decode)
+
+    # ---- sequences in and out of the pool
+    def on_reclaim(self, res) -> None:
+        for rid in res.evicted:
+            r = self.running.pop(rid)
+            self.stats["evictions"] += 1
+            self.stats["recomputed_reclaim"] += r.computed if self.recompute else 0
+            self.requeue(r)
+
+    def requeue(self, r: _Req) -> None:
+        if self.recompute:
+            r.computed = 0
+        r.blocks = 0
+        r.evictions += 1
+        self.evicted_ids.add(r.rid)
+        self.queue.appendleft(r)  # first in line: its generated tokens are kept, its KV recomputed
+
+    def new_request(self) -> _Req:
+        self.next_id += 1
+        return _Req(self.next_id, self.rng.randint(*self.cfg.prompt), self.rng.randint(*self.cfg.output))
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.block_tokens)
+
+    def admit(self) -> None:
+        while len(self.running) < self.cfg.max_batch:
+            if not self.queue:
+                if self.n_requests is not None:
+                    return
+                self.queue.append(self.new_request())
+            r = self.queue[0]
+            need = self.blocks_for(r.prompt + r.generated)
+            try:
+                self.pool.allocate(r.rid, need)
+            except PoolExhausted:
+                return
+            self.queue.popleft()
+            r.blocks = need
+            self.running[r.rid] = r
+            self.pool.set_progress(r.rid, r.computed)  # lost work if evicted: tokens, from the first step on
+
+    def engine_victim(self, r: _Req) -> _Req:
+        if self.engine_victims == "newest":
+            return max(self.running.values(), key=lambda x: x.rid)
+        cands = [Candidate(x.rid, x.blocks, x.computed, i) for i, x in enumerate(self.running.values())]
+        return self.running[choose_evictions(cands, 1, self.policy)[0].seq_id]  # running is in admission order
+
+    # ---- one tick
+    def online_tick(self, t: float) -> None:
+        """The online tenant holds what it wants, as far as free memory allows."""
+        cfg, gpu = self.cfg, self.gpu
+        want = self.base + int(sum(b for s, e, b in self.plan if s <= t < e))
+        have = self.on_ctx.mem_used - int(cfg.online_weights_gib * GiB)
+        while have > want and self.online_allocs:
+            have -= self.online_allocs[-1].nbytes
+            gpu.free(self.online_allocs.pop())
+        if want > have:
+            got = min(want - have, gpu.mem_free)
+            if got > 0:
+                self.online_allocs.append(self.on_ctx.malloc(got))
+            if got < want - have:
+                self.stats["online_short_ms"] += cfg.tick_ms
+        self.cb.fields.online_mem_bytes = want
+
+    def finish_step(self) -> None:
+        """Account the tokens of the sequences still running (one evicted mid-step lost its work)."""
+        for rid, n in self.step_work.items():
+            r = self.running.get(rid)
+            if r is None:
+                continue
+            if r.computed < r.prompt + r.generated:
+                r.computed += n
+            else:  # decode: one token out
+                r.generated += 1
+                r.computed += 1
+                self.stats["output_tokens"] += 1
+            if r.generated >= r.output:
+                self.pool.free(rid)
+                del self.running[rid]
+                self.stats["finished"] += 1
+            else:
+                self.pool.set_progress(rid, r.computed)
+
+    def grow(self, r: _Req) -> bool:
+        try:
+            self.pool.allocate(r.rid, 1)
+        except PoolExhausted:
+            return False
+        r.blocks += 1
+        return True
+
+    def decode_block(self, r: _Req) -> bool:
+        """Room for one more token of ``r``; a full pool preempts a victim (the engine's own). False: no room."""
+        if self.blocks_for(r.computed + 1) <= r.blocks or self.grow(r):
+            return True
+        victim = self.engine_victim(r)
+        self.pool.free(victim.rid)
+        del self.running[victim.rid]
+        self.stats["engine_preemptions"] += 1
+        self.stats["recomputed_engine"] += victim.computed if self.recompute else 0
+        self.requeue(victim)
+        self.step_work.pop(victim.rid, None)
+        return victim is not r and self.grow(r)
+
+    def plan_step(self) -> float:
+        """Admit, pick this step's prefill chunks and decodes; returns its duration in ms."""
+        cfg = self.cfg
+        self.admit()
+        self.step_work, budget, decodes = {}, cfg.prefill_budget, 0
+        for r in sorted(self.running.values(), key=lambda r: r.rid):
+            todo = r.prompt + r.generated - r.computed
+            if todo > 0:
+                if budget > 0:
+                    self.step_work[r.rid] = min(todo, budget)
+                    budget -= self.step_work[r.rid]
+                continue
+            if not self.decode_block(r):
+                continue
+            self.step_work[r.rid] = 1
+            decodes += 1
+        prefill = cfg.prefill_budget - budget
+        return cfg.step_ms + cfg.decode_ms_per_seq * max(decodes, 0) + cfg.prefill_ms_per_token * prefill
+
+    def done(self, now: int) -> bool:
+        if self.n_requests is None:
+            return now >= int(self.seconds * 1e9)
+        return self.stats["finished"] >= self.n_requests
+
+    def run(self) -> dict:
+        now = 0
+        while not self.done(now):
+            if now > 3600 * 1e9:
+                raise RuntimeError("trace did not finish in an hour of simulated time")
+            self.online_tick(now / 1e9)
+            self.ctl.step(now, self.cb)
+            self.handler.poll()  # a sub-layer boundary: evictions drop out of the step in flight
+            if now >= self.step_end:
+                self.finish_step()
+                self.step_end = now + int(self.plan_step() * MS)
+            now += int(self.cfg.tick_ms * MS)
+        return self.figures(now / 1e9)
+
+    def figures(self, secs: float) -> dict:
+        stats, ctl = self.stats, self.ctl
+        stats["recomputed_tokens"] = stats["recomputed_reclaim"] + stats["recomputed_engine"]
+        stats.update(policy=self.policy, online=self.online, seconds=secs, tokens_per_s=stats["output_tokens"] / secs,
+                     bursts=len(self.plan), reclaim_requests=ctl.requests, reclaimed_gib=ctl.reclaimed_bytes / GiB,
+                     reclaim_latency_p99_ms=percentile(ctl.latencies_ns, 99) / 1e6,
+                     evicted_unique=len(self.evicted_ids), unfinished=len(self.running) + len(self.queue),
+                     pool_peak_gib=self.pool.counters["mapped_chunks_total"] * self.cfg.chunk_bytes / GiB)
+        return stats
+
+
 def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), online: bool = True,
           n_requests: int | None = None, recompute: bool = True, engine_victims: str = "policy") -> dict:
     """Run the modelled offline engine for ``seconds`` (or until ``n_requests`` finish). Returns figures.
@@ -332,173 +518,7 @@ def trace(policy: str, seconds: float, seed: int, cfg: TraceConfig = TraceConfig
     KV came back for free), so what is left of the loss is the smaller pool alone. ``engine_victims``: whom the
     engine preempts when a decode finds no free block, ``policy`` (the pool's eviction policy, as Valve's
     offline client would) or ``newest`` (vLLM's recompute preemption)."""
-    rng = random.Random(seed)
-    gpu = SimGPU(capacity_bytes=int(cfg.capacity_gib * GiB))
-    on_ctx, off_ctx = gpu.context("online"), gpu.context("offline")
-    on_ctx.malloc(int(cfg.online_weights_gib * GiB))
-    off_ctx.malloc(int(cfg.offline_weights_gib * GiB))
-    cb = ControlBlock.anonymous()
-    spec = RuntimeSpec(eviction_policy=policy,
-                       reserve=ReservePolicy(min_bytes=int(cfg.min_reserve_gib * GiB), decay_seconds=30.0),
-                       reclaim=ReclaimLimits(grow_bytes_per_second=16 * GiB))
-    ctl = MemoryController(spec, SimGpuInfo(gpu, ("online",)))
-    block_bytes = cfg.kv_bytes_per_token * cfg.block_tokens
-    pool = KVPool(SimBackend(gpu, off_ctx, store=False), block_bytes=block_bytes, chunk_bytes=cfg.chunk_bytes,
-                  max_bytes=gpu.capacity_bytes, policy=policy)
-    running: dict[int, _Req] = {}
-    queue: deque[_Req] = deque()
-    evicted_ids: set[int] = set()
-    stats = dict(evictions=0, recomputed_tokens=0, recomputed_reclaim=0, recomputed_engine=0,
-                 engine_preemptions=0, online_short_ms=0.0, finished=0, output_tokens=0)
-
-    def on_reclaim(res):
-        for rid in res.evicted:
-            r = running.pop(rid)
-            stats["evictions"] += 1
-            stats["recomputed_reclaim"] += r.computed if recompute else 0
-            requeue(r)
-
-    def requeue(r: _Req) -> None:
-        if recompute:
-            r.computed = 0
-        r.blocks = 0
-        r.evictions += 1
-        evicted_ids.add(r.rid)
-        queue.appendleft(r)  # first in line: its generated tokens are kept, its KV recomputed
-
-    handler = ReclaimHandler(pool, cb, on_reclaim=on_reclaim)
-    next_id = 0
-
-    def new_request() -> _Req:
-        nonlocal next_id
-        next_id += 1
-        return _Req(next_id, rng.randint(*cfg.prompt), rng.randint(*cfg.output))
-
-    if n_requests is not None:
-        queue.extend(new_request() for _ in range(n_requests))
-    plan = bursts(cfg, seconds, seed) if online else []
-    online_allocs: list = []
-    base = int(cfg.online_base_gib * GiB) if online else 0
-
-    def online_want(t: float) -> int:
-        return base + int(sum(b for s, e, b in plan if s <= t < e))
-
-    def blocks_for(tokens: int) -> int:
-        return -(-tokens // cfg.block_tokens)
-
-    def admit() -> None:
-        while len(running) < cfg.max_batch:
-            if not queue:
-                if n_requests is not None:
-                    return
-                queue.append(new_request())
-            r = queue[0]
-            need = blocks_for(r.prompt + r.generated)
-            try:
-                pool.allocate(r.rid, need)
-            except PoolExhausted:
-                return
-            queue.popleft()
-            r.blocks = need
-            running[r.rid] = r
-            pool.set_progress(r.rid, r.computed)  # lost work if evicted: tokens, from the first step on
-
-    def engine_victim(r: _Req) -> _Req:
-        if engine_victims == "newest":
-            return max(running.values(), key=lambda x: x.rid)
-        cands = [Candidate(x.rid, x.blocks, x.computed, i) for i, x in enumerate(running.values())]
-        return running[choose_evictions(cands, 1, policy)[0].seq_id]  # running is in admission order
-
-    tick_ns = int(cfg.tick_ms * MS)
-    now = 0
-    step_end = 0
-    step_work: dict[int, int] = {}  # rid -> tokens this step computes (prefill chunk, or 1 for decode)
-    end_ns = int(seconds * 1e9)
-    while True:
-        if n_requests is None and now >= end_ns:
-            break
-        if n_requests is not None and stats["finished"] >= n_requests:
-            break
-        if now > 3600 * 1e9:
-            raise RuntimeError("trace did not finish in an hour of simulated time")
-        t = now / 1e9
-        # online: hold what it wants, as far as free memory allows
-        want, have = online_want(t), on_ctx.mem_used - int(cfg.online_weights_gib * GiB)
-        while have > want and online_allocs:
-            have -= online_allocs[-1].nbytes
-            gpu.free(online_allocs.pop())
-        if want > have:
-            got = min(want - have, gpu.mem_free)
-            if got > 0:
-                online_allocs.append(on_ctx.malloc(got))
-            if got < want - have:
-                stats["online_short_ms"] += cfg.tick_ms
-        cb.fields.online_mem_bytes = want
-        ctl.step(now, cb)
-        handler.poll()  # a sub-layer boundary: evictions drop out of the step in flight
-        if now >= step_end:
-            # finish the step: account tokens of those still running
-            for rid, n in step_work.items():
-                r = running.get(rid)
-                if r is None:
-                    continue  # evicted mid-step: its work is lost
-                if r.computed < r.prompt + r.generated:
-                    r.computed += n
-                else:  # decode: one token out
-                    r.generated += 1
-                    r.computed += 1
-                    stats["output_tokens"] += 1
-                if r.generated >= r.output:
-                    pool.free(rid)
-                    del running[rid]
-                    stats["finished"] += 1
-                else:
-                    pool.set_progress(rid, r.computed)
-            # plan the next step
-            admit()
-            step_work, budget, decodes = {}, cfg.prefill_budget, 0
-            for r in sorted(running.values(), key=lambda r: r.rid):
-                todo = r.prompt + r.generated - r.computed
-                if todo > 0:
-                    if budget > 0:
-                        step_work[r.rid] = min(todo, budget)
-                        budget -= step_work[r.rid]
-                    continue
-                # decode: room for one more token
-                if blocks_for(r.computed + 1) > r.blocks:
-                    try:
-                        pool.allocate(r.rid, 1)
-                        r.blocks += 1
-                    except PoolExhausted:  # engine-level preemption: the pool is full
-                        victim = engine_victim(r)
-                        pool.free(victim.rid)
-                        del running[victim.rid]
-                        stats["engine_preemptions"] += 1
-                        stats["recomputed_engine"] += victim.computed if recompute else 0
-                        requeue(victim)
-                        step_work.pop(victim.rid, None)
-                        if victim is r:
-                            continue
-                        decodes -= victim.rid in step_work
-                        try:
-                            pool.allocate(r.rid, 1)
-                            r.blocks += 1
-                        except PoolExhausted:
-                            continue
-                step_work[r.rid] = 1
-                decodes += 1
-            prefill = cfg.prefill_budget - budget
-            dur = cfg.step_ms + cfg.decode_ms_per_seq * max(decodes, 0) + cfg.prefill_ms_per_token * prefill
-            step_end = now + int(dur * MS)
-        now += tick_ns
-    secs = now / 1e9
-    stats["recomputed_tokens"] = stats["recomputed_reclaim"] + stats["recomputed_engine"]
-    stats.update(policy=policy, online=online, seconds=secs, tokens_per_s=stats["output_tokens"] / secs,
-                 bursts=len(plan), reclaim_requests=ctl.requests, reclaimed_gib=ctl.reclaimed_bytes / GiB,
-                 reclaim_latency_p99_ms=percentile(ctl.latencies_ns, 99) / 1e6,
-                 evicted_unique=len(evicted_ids), unfinished=len(running) + len(queue),
-                 pool_peak_gib=pool.counters["mapped_chunks_total"] * cfg.chunk_bytes / GiB)
-    return stats
+    return _Trace(policy, seconds, seed, cfg, online, n_requests, recompute, engine_victims).run()
 
 
 VARIANTS = {  # name: (policy, online bursts, recompute, engine victims)
@@ -546,25 +566,11 @@ def policies(seconds: float, seed: int, cfg: TraceConfig = TraceConfig(), jobs: 
 
 # ---------------------------------------------------------------------------------------------------------
 def environment(device: str) -> dict:
-    env = dict(python=platform.python_version(), device=device, host=platform.node())
-    try:
+    env = record(device, gpu="sim")
+    if device == "cuda":  # what the CUDA runtime offers (NVML's total includes what the driver keeps)
         import torch
 
-        env["torch"] = torch.__version__
-        env["cuda"] = torch.version.cuda
-        if device == "cuda":
-            env["gpu"] = torch.cuda.get_device_name()
-            env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
-    except ImportError:
-        pass
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    except Exception:  # noqa: BLE001 - no NVML on CPU machines
-        pass
-    env.setdefault("gpu", "sim")
+        env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
     return env
 
 
@@ -675,11 +681,9 @@ def main(argv=None) -> int:
         print("handover done", flush=True)
     result["wall_s"] = time.perf_counter() - t0
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() else "_" for c in env["gpu"]).strip("_").lower()
-    (out / f"reclaim_{name}.json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    (out / f"reclaim_{name}.txt").write_text(text + "\n")
+    name = output.slug(env["gpu"])
+    output.write(out, f"reclaim_{name}", result, text, strict=False)
     print(text)
     print(f"wrote {out / f'reclaim_{name}.json'} in {result['wall_s']:.1f} s")
     ok = all(h["ok"] for h in result["handover"])

@@ -1,12 +1,10 @@
-"""bench/preemption.py on CPU: its plain functions, the MPS start/stop protocol, and a whole --device cpu run."""
+"""bench/preemption.py on CPU: its plain functions and a whole --device cpu run."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,43 +60,6 @@ def test_summary_ratios_and_target(pb):
     assert v["gate"]["missed_by_ms"] == pytest.approx(2.0 - alone["online_p99_ms"] - 0.5)
     text = pb.table({"alone": alone, "gate": gate}, {"mps": "nvidia-cuda-mps-control not found"})
     assert "gate" in text and "mps          skipped: nvidia-cuda-mps-control not found" in text
-
-
-def test_clean_and_slug(pb):
-    assert pb.clean({"a": [float("nan"), 1.0], "b": (2, float("nan"))}) == {"a": [None, 1.0], "b": [2, None]}
-    assert pb.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
-
-
-def test_mps_status_and_daemon_protocol(pb, tmp_path, monkeypatch):
-    assert pb.mps_status("cpu") == "MPS needs a CUDA device"
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert pb.mps_status("cuda") == "nvidia-cuda-mps-control not found"
-    log = tmp_path / "calls.log"
-    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY stdin=$(cat)" >> {log}\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
-    if os.geteuid() != 0:
-        assert pb.mps_status("cuda") == "starting the MPS daemon needs root"
-    mps = pb.MPS(tmp_path / "run")
-    mps.start()
-    mps.stop()
-    mps.stop()  # idempotent
-    calls = log.read_text().splitlines()
-    pipe = tmp_path / "run" / "mps-pipe"
-    assert len(calls) == 2 and pipe.is_dir()
-    assert calls[0].startswith(f"args=-d pipe={pipe}")
-    assert calls[1] == f"args= pipe={pipe} stdin=quit"
-
-
-def test_mps_start_failure_is_clear(pb, tmp_path, monkeypatch):
-    fake = tmp_path / "nvidia-cuda-mps-control"
-    fake.write_text("#!/bin/sh\necho 'An instance of this daemon is already running' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
-    with pytest.raises(RuntimeError, match="already running"):
-        pb.MPS(tmp_path / "run").start()
 
 
 def live_cmdlines(marker: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""The colocation benchmark harness: its measurements, and `valve bench colocation` end to end on CPU."""
+"""The colocation benchmark (bench/colocation.py): its measurements, and the script end to end on CPU."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from valve.engine.colocation import busy_fraction, mps_missing, offline_rate, preset, settings_from, tokens_at
-from valve.engine.loadgen import RequestResult
+from bench.colocation import ROOT, busy_fraction, mps_missing, offline_rate, preset, settings_from, tokens_at
+from bench.harness.loadgen import RequestResult
 
 
 def req(t_send, e2e):
@@ -50,7 +50,7 @@ def pid_alive(pid):
 @pytest.mark.timeout(240)
 def test_bench_colocation_runs_end_to_end_on_cpu(tmp_path):
     pytest.importorskip("torch")
-    cmd = [sys.executable, "-m", "valve.cli", "bench", "colocation", "--quick", "--device", "cpu",
+    cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu",
            "--seconds", "1.0", "--out", str(tmp_path), "--variants", "online-alone,offline-alone,valve,mps"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
                           env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})

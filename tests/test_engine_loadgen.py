@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from valve.engine.loadgen import Arrivals, LengthDist, make_trace, parse_sse_line, percentile
+from bench.harness.loadgen import Arrivals, LengthDist, make_trace, parse_sse_line, percentile
 
 
 def gaps(ts):

@@ -65,7 +65,7 @@ def test_kill_and_restart_loses_nothing(tmp_path):
            "--max-batch-tokens", "64", "--max-seqs", "4", "--progress", str(progress)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # a bound, not a timing claim: torch starts slowly on a loaded machine
     while not (out.exists() and len(out.read_text().splitlines()) >= 5):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline, "runner made no progress"
@@ -74,7 +74,7 @@ def test_kill_and_restart_loses_nothing(tmp_path):
     proc.wait(10)
     killed_at = len(read_records(out))
     assert 5 <= killed_at < 60
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=200)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == killed_at and summary["records"] == 60 - killed_at

@@ -47,7 +47,7 @@ def served():
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
-    deadline = time.time() + 20
+    deadline = time.time() + 60
     while not server.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.05)

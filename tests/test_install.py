@@ -33,12 +33,13 @@ COMMAND_MODULES = {
     "crds": ("valve.api.cli",),
     "demo": ("valve.demo",),
     "simulate": ("valve.simulate.cli",),
-    "bench": ("valve.engine.cli",),
 }
 # entry points that are not `valve` commands: `python -m ...` processes and libraries, by extra
 EXTRA_MODULES = {
     "engine": ("valve.engine.server", "valve.engine.offline"),
     "cuda": ("valve.runtime.memory.client", "valve.runtime.gate.cuda"),
+    # bench/ runs from a checkout (it is not installed); the extra is what it needs
+    "bench": ("bench.colocation", "bench.harness.loadgen"),
 }
 # GPU backends: imported inside functions only, from the `torch` and `cuda` extras the machine chooses
 GPU = {"torch", "cuda"}
@@ -110,7 +111,7 @@ def imports(name: str, module_level: bool) -> set[str]:
 
 
 def third_party(entries, module_level: bool) -> dict[str, str]:
-    """Top-level non-stdlib imports reachable from `entries` through valve's modules: {name: first importer}."""
+    """Top-level non-stdlib imports reachable from `entries` through valve's (and bench's) modules: {name: first importer}."""
     missing = [e for e in entries if module_path(e) is None]
     assert not missing, f"no such modules (renamed?): {missing}"
     seen: set[str] = set()
@@ -126,7 +127,7 @@ def third_party(entries, module_level: bool) -> dict[str, str]:
             seen.add(mod)
             for imp in imports(mod, module_level):
                 top = imp.split(".")[0]
-                if top == "valve":
+                if top in ("valve", "bench"):
                     todo.append(imp)
                 elif top not in sys.stdlib_module_names and top != "__future__":
                     found.setdefault(top, mod)

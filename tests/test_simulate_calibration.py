@@ -111,7 +111,7 @@ def test_override_file_wins_and_is_checked(tmp_path):
         load_calibration(tmp_path, over)
 
 
-# The shape `valve bench colocation` writes (valve/engine/colocation.py): raw samples per variant, then one row
+# The shape bench/colocation.py writes: raw samples per variant, then one row
 # per variant with ratios to the solo runs.
 ENGINE_COLOCATION = {
     "benchmark": "colocation",

@@ -7,7 +7,6 @@ import typer
 from valve import __version__
 from valve.api.cli import app as crds_app
 from valve.device_plugin.cli import register as register_device_plugin
-from valve.engine.cli import app as bench_app
 from valve.operator.cli import register as register_operator
 from valve.runtime.cli import app as runtime_app
 from valve.simulate.cli import app as simulate_app
@@ -20,7 +19,6 @@ app = typer.Typer(
 )
 app.add_typer(runtime_app, name="runtime")
 app.add_typer(crds_app, name="crds")
-app.add_typer(bench_app, name="bench")
 app.add_typer(simulate_app, name="simulate")
 register_device_plugin(app)
 register_operator(app)

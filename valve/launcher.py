@@ -12,8 +12,6 @@ EXTRAS = {
              "yaml", "aiohttp", "yarl", "numpy"),
     "demo": ("typer", "rich", "pydantic", "prometheus_client"),
     "simulate": ("typer", "rich", "numpy", "pydantic", "matplotlib"),
-    "bench": ("typer", "rich", "starlette", "uvicorn", "numpy", "pydantic", "prometheus_client", "httpx", "aiohttp",
-              "pynvml", "matplotlib"),
 }
 
 # command -> the extra it needs; `version` needs none
@@ -24,7 +22,6 @@ COMMANDS = {
     "crds": "node",
     "demo": "demo",
     "simulate": "simulate",
-    "bench": "bench",
 }
 
 

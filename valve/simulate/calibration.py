@@ -25,7 +25,7 @@ class Calibration:
     """Dimensionless costs of colocation; see docs/simulate.md for how each one enters the model."""
 
     # online p99 latency multiplier while offline work shares the GPU, measured end to end on LLM requests
-    # (`valve bench colocation`). None: derived per service from the added latencies below and each service's
+    # (`bench/colocation.py`). None: derived per service from the added latencies below and each service's
     # GPU seconds per request (a micro-benchmark's ratio would be wrong for requests 100x longer).
     valve_online_p99_ratio: float | None = None
     ts_online_p99_ratio: float | None = None
@@ -154,7 +154,7 @@ def key(path: tuple[str, ...]) -> str:
 def map_bench_results(kind: str, doc: Any) -> dict[str, tuple[float, str]]:
     """Map one benchmark JSON onto calibration fields: {field: (value, "key.path it came from")}.
 
-    kind is the file family: 'colocation' (`valve bench colocation`), 'preemption' (bench/preemption.py) or 'reclaim'
+    kind is the file family: 'colocation' (`bench/colocation.py`), 'preemption' (bench/preemption.py) or 'reclaim'
     (bench/reclaim.py).
     Rules (first match wins; edit here when a schema settles):
     - online p99 ratio per variant: a key with 'p99' and a ratio word ('ratio', 'relative', 'vs', ...), not about

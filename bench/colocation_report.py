@@ -1,22 +1,12 @@
-"""Benchmark results: rows with ratios to the solo runs, the rich table, the PNG (latency CDFs + throughput)."""
+"""The colocation benchmark's report: rows with ratios to the solo runs, the rich table, the PNG (latency CDFs +
+throughput)."""
 
 from __future__ import annotations
 
-import math
-
+from bench.harness.output import pyplot
 from valve.stats import percentile
 
 ORDER = ("online-alone", "offline-alone", "time-slicing", "mps", "valve")
-
-
-def nan_to_none(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [nan_to_none(v) for v in x]
-    return x
 
 
 def ratio(a, b) -> float:
@@ -79,11 +69,7 @@ def render_table(table_rows: list[dict], title: str):
 
 
 def plot(variants: dict[str, dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for ax, key, label in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "tpot_ms", "TPOT (ms)")):

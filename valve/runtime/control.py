@@ -132,25 +132,28 @@ class ControlBlock:
 
     @classmethod
     def create(cls, path: Path | str) -> ControlBlock:
-        """Create (or reset) the file with a fresh header, gate open. The arbiter does this."""
+        """Create (or replace) the file with a fresh header, gate open. The arbiter does this. The header is
+        written into a temporary file that is then renamed into place, so a client never maps a file of the right
+        size whose header is not there yet."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o770)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)
         try:
             os.ftruncate(fd, FILE_SIZE)
             mm = mmap.mmap(fd, FILE_SIZE)
         finally:
             os.close(fd)
-        mm[:] = bytes(FILE_SIZE)
         cb = cls(path, mm)
         cb._init_header()
+        os.rename(tmp, path)
         return cb
 
     @classmethod
     def open_or_create(cls, path: Path | str) -> tuple[ControlBlock, str | None]:
         """The arbiter's way in. A valid file is reused (online slots and memory fields survive an arbiter
         restart, and clients keep their mapping); a missing one is created; one that is not a valid control
-        block is re-initialised in place. Returns the block and why it was re-initialised (None if not)."""
+        block is replaced by a new one. Returns the block and why it was re-initialised (None if not)."""
         try:
             return cls.open(path), None
         except ControlBlockError as e:

@@ -1,174 +1,101 @@
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from valve.simulate.calibration import Calibration, load_calibration, map_bench_results
+from valve.simulate import calibration, model
+from valve.simulate.calibration import CalibrationError
 
-COLOCATION = {  # ratios per variant, as the colocation benchmark may write them
-    "gpu": "NVIDIA H100 80GB HBM3",
-    "variants": {
-        "online_alone": {"ttft_p99_ms": 50.0, "tpot_p99_ms": 20.0, "gpu_util": 40.0},
-        "offline_alone": {"tokens_per_s": 1000.0},
-        "time_slicing": {"ttft_p99_ratio": 2.5, "tpot_p99_ratio": 1.9, "offline_tokens_per_s_ratio": 0.55},
-        "mps": {"ttft_p99_ratio": 1.8, "tpot_p99_ratio": 1.5},
-        "valve": {"ttft_p99_ratio": 1.03, "tpot_p99_ratio": 1.04, "offline_tokens_per_s_ratio": 0.57},
-    },
-}
-PREEMPTION = {  # absolute latencies in a list of named variants
-    "device": "NVIDIA H100",
-    "results": [
-        {"name": "alone", "online_p50_ms": 0.40, "online_p99_ms": 0.5},
-        {"name": "no_gate", "online_p99_ms": 2.5},
-        {"name": "mps", "online_p99_ms": 1.5},
-        {"name": "gated", "online_p99_ms": 0.6, "preemption_p99_us": 250.0},
-    ],
-}
-RECLAIM = {"reclaim": [{"size_gib": 1, "p99_ms": 4.0}, {"size_gib": 8, "p99_ms": 18.5}, {"size_gib": 16, "p99_ms": 40}]}
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 
 
-def test_colocation_ratios_map_to_the_model():
-    m = map_bench_results("colocation", COLOCATION)
-    assert m["valve_online_p99_ratio"] == (1.04, "variants.valve.tpot_p99_ratio")  # the worse of TTFT and TPOT
-    assert m["ts_online_p99_ratio"][0] == 2.5
-    # offline ratio over the idle share of the GPU (online was 40% busy)
-    assert m["valve_offline_efficiency"][0] == pytest.approx(0.57 / 0.6)
-    assert m["ts_offline_efficiency"][0] == pytest.approx(0.55 / 0.6)
-    assert "gpu_util" in m["valve_offline_efficiency"][1]
+def measured():
+    """The committed colocation measurement, read straight from its rows (not through the calibration code)."""
+    doc = json.loads((RESULTS / "colocation_h100-80gb-hbm3.json").read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    return doc, rows, rows["online-alone"]["busy_fraction"]
 
 
-def test_preemption_benchmark_gives_added_latencies_not_ratios():
-    m = map_bench_results("preemption", PREEMPTION)
-    # micro-benchmark bursts of 0.5 ms: their ratios would be wrong for LLM requests; the delays carry over
-    assert "valve_online_p99_ratio" not in m and "ts_online_p99_ratio" not in m
-    assert m["ts_online_added_s"][0] == pytest.approx(2.0e-3)
-    assert m["ts_online_added_s"][1] == "results.no_gate.online_p99_ms - results.alone.online_p99_ms"
-    assert m["preemption_latency_s"][0] == pytest.approx(250e-6)
-    assert "valve_offline_efficiency" not in m  # no offline figures, no online load: nothing guessed
+def test_packaged_calibration_is_the_committed_measurement():
+    def read(name):
+        return str(RESULTS.relative_to(RESULTS.parents[1]) / name), json.loads((RESULTS / name).read_text())
+
+    built = calibration.build([read("colocation_h100-80gb-hbm3.json")], read("preemption_nvidia_h100_80gb_hbm3.json"),
+                              read("reclaim_nvidia_h100_80gb_hbm3.json"))
+    assert json.loads(calibration.DEFAULT_FILE.read_text()) == built
 
 
-def test_absolute_latencies_of_the_llm_benchmark_become_ratios():
-    doc = {"results": PREEMPTION["results"]}
-    m = map_bench_results("colocation", doc)
-    assert m["valve_online_p99_ratio"][0] == pytest.approx(0.6 / 0.5)
-    assert m["valve_online_p99_ratio"][1] == "results.gated.online_p99_ms / results.alone.online_p99_ms"
-    assert m["ts_online_p99_ratio"][0] == pytest.approx(2.5 / 0.5)
-    assert "ts_online_added_s" not in m
+def test_packaged_calibration_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    here = calibration.load()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench" / "results").mkdir(parents=True)  # a decoy: nothing is read from the working directory
+    (tmp_path / "bench" / "results" / "colocation_x.json").write_text("{}")
+    assert calibration.load() == here
+    assert Path(here.path).parent == Path(calibration.__file__).parent
 
 
-def test_reclaim_latency_prefers_the_8_gib_case():
-    assert map_bench_results("reclaim", RECLAIM)["reclaim_latency_s"] == (pytest.approx(0.0185), "reclaim.8.p99_ms")
-    assert map_bench_results("reclaim", {"p99_ms": {"1gib": 3.0, "4gib": 9.0}})["reclaim_latency_s"][0] == pytest.approx(0.009)
+@pytest.mark.parametrize("elasticity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("exponent", [0.5, 1.0, 2.0])
+def test_model_reproduces_every_measured_ratio_within_10_percent(elasticity, exponent):
+    doc, rows, _ = measured()
+    cal = calibration.load().with_(load_elasticity=elasticity, offline_loss_exponent=exponent)
+    names = {"time-slicing": "time_slicing", "mps": "mps", "valve": "valve"}
+    strategies = {s.name: s for s in model.strategies(cal)}
+    u0 = rows["online-alone"]["busy_fraction"]
+    cv = 1.0 if doc["settings"]["arrival"] == "poisson" else pytest.fail("benchmark arrivals changed")
+    # dedicated: the online-alone and offline-alone rows are the unit
+    assert float(model.interference(u0, cv, strategies["dedicated"])) == rows["online-alone"]["ttft_p99_ratio"] == 1.0
+    for variant, name in names.items():
+        s, row = strategies[name], rows[variant]
+        ratio = float(model.interference(u0, cv, s))
+        for metric in ("ttft_p99_ratio", "tpot_p99_ratio"):
+            assert ratio == pytest.approx(row[metric], rel=0.10), (variant, metric)
+        rate = float(model.offline_rate(u0, s, doc["calibration"]["service_s"], cal, 0.005, 100.0))
+        assert rate == pytest.approx(row["offline_ratio"], rel=0.10), variant
 
 
-def test_unknown_schema_maps_nothing():
-    assert map_bench_results("colocation", {"hello": [1, 2, {"x": "y"}], "ok": True}) == {}
+def test_several_measured_loads_are_each_reproduced():
+    base = calibration.load()
+    p = base.points["time-slicing"][0]
+    two = (calibration.Point(0.2, 1.1, 1.1, 0.95), calibration.Point(0.6, 1.8, 1.8, 0.6))
+    cal = base.with_(points=base.points | {"time-slicing": two})
+    ts = model.strategies(cal)[1]
+    for q in two:
+        assert float(model.interference(q.online_load, 1.0, ts)) == pytest.approx(q.p99_ratio, rel=1e-6)
+        assert float(model.offline_rate(q.online_load, ts)) == pytest.approx(q.offline_ratio, rel=1e-6)
+    assert p.online_load > 0
 
 
-def test_no_results_gives_the_documented_defaults(tmp_path):
-    cal, notes = load_calibration(tmp_path)
-    assert cal == Calibration()
-    assert cal.valve_online_p99_ratio is None and cal.ts_online_p99_ratio is None  # derived per service
-    assert cal.preemption_latency_s == pytest.approx((0.72 - 0.41) / 1000)
-    assert cal.ts_online_added_s == pytest.approx((2.05 - 0.41) / 1000)
-    assert dict((n, v) for n, v, _ in cal.rows())["valve_online_p99_ratio"] == "per service"
-    assert all(src.startswith("default") for _, _, src in cal.rows())
-    assert any("no colocation_*.json" in n for n in notes)
+def test_calibration_file_errors_name_the_field(tmp_path):
+    good = json.loads(calibration.DEFAULT_FILE.read_text())
+    f = tmp_path / "cal.json"
+    for change, message in [
+        (lambda d: d["points"].pop("mps"), "no measured points for mps"),
+        (lambda d: d["points"]["valve"][0].update(offline_ratio="lots"), r"points.valve\[0\]: offline_ratio must be a number"),
+        (lambda d: d.update(load_elasticity=2.0), "load_elasticity = 2.0 outside"),
+        (lambda d: d["points"].update(gpu_direct=[]), "unknown variant"),
+    ]:
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        f.write_text(json.dumps(doc))
+        with pytest.raises(CalibrationError, match=message) as e:
+            calibration.load(f)
+        assert str(f) in str(e.value)
+    f.write_text("{")
+    with pytest.raises(CalibrationError, match="calibration file"):
+        calibration.load(f)
 
 
-def test_results_dir_is_read_newest_file_first_and_colocation_wins(tmp_path):
-    (tmp_path / "preemption_h100.json").write_text(json.dumps(PREEMPTION))
-    old = tmp_path / "colocation_old.json"
-    old.write_text(json.dumps({"valve": {"ttft_p99_ratio": 9.0}}))
-    os.utime(old, (1, 1))
-    (tmp_path / "colocation_h100.json").write_text(json.dumps(COLOCATION))
-    (tmp_path / "reclaim_h100.json").write_text("{not json")
-    cal, notes = load_calibration(tmp_path)
-    assert cal.valve_online_p99_ratio == 1.04
-    assert cal.source("valve_online_p99_ratio").startswith(str(tmp_path / "colocation_h100.json"))
-    assert cal.preemption_latency_s == pytest.approx(250e-6)  # only the preemption benchmark has it
-    assert "preemption_h100.json" in cal.source("preemption_latency_s")
-    assert cal.reclaim_latency_s == Calibration().reclaim_latency_s
-    assert any("skipped" in n and "reclaim_h100.json" in n for n in notes)
-    assert cal.gpu == "NVIDIA H100 80GB HBM3"  # from the first benchmark that gave values
-
-
-def test_override_file_wins_and_is_checked(tmp_path):
-    (tmp_path / "colocation_x.json").write_text(json.dumps(COLOCATION))
-    over = tmp_path / "cal.json"
-    over.write_text(json.dumps({"valve_online_p99_ratio": 1.1, "gpu": "H200"}))
-    cal, _ = load_calibration(tmp_path, over)
-    assert cal.valve_online_p99_ratio == 1.1 and cal.source("valve_online_p99_ratio") == str(over)
-    assert cal.ts_online_p99_ratio == 2.5 and cal.gpu == "H200"
-    over.write_text(json.dumps({"valve_p99": 1.1}))
-    with pytest.raises(ValueError, match="unknown field"):
-        load_calibration(tmp_path, over)
-    over.write_text(json.dumps({"ts_online_share": 1.5}))
-    with pytest.raises(ValueError, match="ts_online_share"):
-        load_calibration(tmp_path, over)
-    over.write_text(json.dumps({"valve_online_p99_ratio": "fast"}))
-    with pytest.raises(ValueError, match="must be a number"):
-        load_calibration(tmp_path, over)
-
-
-# The shape bench/colocation.py writes: raw samples per variant, then one row
-# per variant with ratios to the solo runs.
-ENGINE_COLOCATION = {
-    "benchmark": "colocation",
-    "env": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "gpu_uuid": "GPU-1"},
-    "settings": {"seconds": 60.0, "variants": ["online-alone", "offline-alone", "time-slicing", "valve"]},
-    "variants": {
-        "online-alone": {"gpu_util": 35.0, "ttft_ms": [20.0, 30.0], "tpot_ms": [5.0], "busy_fraction": 0.5},
-        "offline-alone": {"gpu_util": 99.0, "offline_tokens_per_s": 1000.0},
-        "time-slicing": {"gpu_util": 99.0, "offline_tokens_per_s": 700.0, "ttft_ms": [60.0, 90.0]},
-        "valve": {"gpu_util": 95.0, "offline_tokens_per_s": 450.0, "ttft_ms": [21.0, 33.0],
-                  "control": {"preemptions": 1200, "gate_closed_ns": 10**10}},
-    },
-    "rows": [
-        {"variant": "online-alone", "ttft_p99_ms": 30.0, "ttft_p99_ratio": 1.0, "tpot_p99_ratio": 1.0,
-         "offline_ratio": None, "gpu_util": 35.0, "busy_fraction": 0.5},
-        {"variant": "offline-alone", "ttft_p99_ratio": None, "offline_tokens_per_s": 1000.0, "offline_ratio": 1.0},
-        {"variant": "time-slicing", "ttft_p50_ratio": 2.9, "ttft_p99_ratio": 3.0, "tpot_p99_ratio": 2.2,
-         "offline_ratio": 0.7, "gpu_util": 99.0, "busy_fraction": 0.6},
-        {"variant": "valve", "ttft_p50_ratio": 1.05, "ttft_p99_ratio": 1.1, "tpot_p99_ratio": 1.2,
-         "offline_ratio": 0.45, "gpu_util": 95.0, "busy_fraction": 0.5},
-    ],
-}
-
-
-def test_engine_colocation_benchmark_json_maps_to_the_model():
-    m = map_bench_results("colocation", ENGINE_COLOCATION)
-    assert m["valve_online_p99_ratio"] == (1.2, "rows.valve.tpot_p99_ratio")
-    assert m["ts_online_p99_ratio"] == (3.0, "rows.time-slicing.ttft_p99_ratio")
-    # offline ratio over the idle share, online's busy fraction (not NVML's utilisation) alone: 0.45 / 0.5
-    assert m["valve_offline_efficiency"][0] == pytest.approx(0.9)
-    assert "busy_fraction" in m["valve_offline_efficiency"][1]
-    assert m["ts_offline_efficiency"][0] == pytest.approx(1.0)  # 0.7 / 0.5, capped at 1
-
-
-def test_engine_colocation_file_calibrates_a_run(tmp_path):
-    (tmp_path / "colocation_h100-80gb-hbm3.json").write_text(json.dumps(ENGINE_COLOCATION))
-    cal, notes = load_calibration(tmp_path)
-    assert cal.valve_online_p99_ratio == 1.2 and cal.gpu == "NVIDIA H100 80GB HBM3"
-    assert any("colocation_h100-80gb-hbm3.json: 4 value(s)" in n for n in notes)
-
-
-def test_reclaim_bench_table_uses_its_8_gib_row_not_a_list_index():
-    doc = {"latency": [{"size_gib": 1.0, "p99_ms": 2.0}, {"size_gib": 8.0, "p99_ms": 12.5},
-                       {"size_gib": 16.0, "p99_ms": 17.0}],
-           "sweep": [{"size_gib": 8.0, "chunk_mib": c, "p99_ms": 99.0} for c in range(9)]}
-    value, where = map_bench_results("reclaim", doc)["reclaim_latency_s"]
-    assert value == pytest.approx(0.0125) and where.startswith("latency.1.")
-    doc["latency"] = doc["latency"][:1]
-    assert map_bench_results("reclaim", doc)["reclaim_latency_s"][0] == pytest.approx(0.002)
-
-
-def test_per_sample_dumps_and_smoke_runs_are_not_read(tmp_path):
-    (tmp_path / "preemption_h100.json").write_text(json.dumps(PREEMPTION))
-    raw = tmp_path / "preemption_h100_raw.json"
-    raw.write_text(json.dumps({"variants": {"gate": {"preempt_p99_us": 9999.0}}}))
-    (tmp_path / "preemption_h100_quick.json").write_text(json.dumps({"preempt_p99_us": 8888.0}))
-    os.utime(tmp_path / "preemption_h100.json", (1, 1))  # the real result is the oldest file
-    cal, _ = load_calibration(tmp_path)
-    assert cal.preemption_latency_s == pytest.approx(250e-6)
-    assert cal.source("preemption_latency_s").startswith(str(tmp_path / "preemption_h100.json"))
+def test_a_calibration_file_is_used_as_given(tmp_path):
+    doc = json.loads(calibration.DEFAULT_FILE.read_text())
+    doc["points"]["valve"][0]["ttft_p99_ratio"] = 1.5
+    f = tmp_path / "cal.json"
+    f.write_text(json.dumps(doc))
+    cal = calibration.load(f)
+    assert cal.path == str(f) and cal.points["valve"][0].p99_ratio == 1.5
+    assert float(model.interference(cal.points["valve"][0].online_load, 1.0, model.strategies(cal)[3])) == \
+        pytest.approx(1.5)
+    assert os.path.basename(calibration.load().path) == "calibration_h100.json"
+    assert np.isfinite(cal.bench_request_gpu_s)

@@ -1,3 +1,6 @@
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,3 +73,36 @@ def test_synthetic_traces_follow_their_classes_and_seed():
     ratio = bursty.demand / flat.demand  # the gamma factor: mean 1, CV 0.5
     assert ratio.mean() == pytest.approx(1.0, abs=0.02)
     assert ratio.std() == pytest.approx(0.5, abs=0.02)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "requests_tiny.csv"
+
+
+def test_request_trace_becomes_per_service_demand():
+    w = traces.read_requests(FIXTURE, bin_minutes=1.0)
+    rows = list(csv.DictReader(FIXTURE.open()))
+    assert w.names == sorted({r["service"] for r in rows})
+    t0 = float(rows[0]["arrival_s"])
+    assert w.bins == int((float(rows[-1]["arrival_s"]) - t0) // 60) + 1
+    # total GPU-busy seconds are kept: prefill and decode per token
+    busy = sum(int(r["prompt_tokens"]) * traces.PREFILL_S_PER_TOKEN + int(r["output_tokens"]) *
+               traces.DECODE_S_PER_TOKEN for r in rows)
+    assert w.demand.sum() * 60 == pytest.approx(busy)
+    chat = [float(r["arrival_s"]) for r in rows if r["service"] == "chat"]
+    gaps = np.diff(chat)
+    assert w.cv[w.names.index("chat")] == pytest.approx(gaps.std() / gaps.mean())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("arrival_s,prompt_tokens\n0,1\n", ":1: missing column(s) output_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,1,2\n1,many,2\n", ":3: prompt_tokens must be a number"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,1,2\n5,1,2\n4,1,2\n", ":4: arrival_s 4 is before the previous"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,-1,2\n", ":2: token counts must be >= 0"),
+    ("arrival_s,prompt_tokens,output_tokens\n", "no data rows"),
+])
+def test_bad_request_traces_name_the_line(tmp_path, text, message):
+    p = write(tmp_path, text)
+    with pytest.raises(TraceError) as e:
+        traces.read_requests(p)
+    assert f"{p}" in str(e.value) and message in str(e.value)
+    assert "\n" not in str(e.value)

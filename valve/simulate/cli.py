@@ -24,36 +24,46 @@ def cluster(
                                             "classes (default: per class)."),
     trace: Path | None = typer.Option(None, help="CSV of per-service request rates instead of synthetic traces."),
     gpu_seconds_per_request: float = typer.Option(0.05, min=1e-6,
-                                                  help="CSV default GPU-busy seconds per request."),
+                                                  help="--trace default GPU-busy seconds per request."),
+    requests: Path | None = typer.Option(None, help="CSV with one row per request: arrival_s, prompt_tokens, "
+                                         "output_tokens[, service] (see docs/simulate.md)."),
     slo: float = typer.Option(5.0, min=1.0, help="Online p99 latency bound, as a multiple of unloaded p99."),
     offline_backlog: float = typer.Option(2.0, min=0.0, help="Offline work, in horizons of today's offline GPUs."),
     offline_job_hours: float = typer.Option(1.0, min=1e-3, help="Mean offline job size (GPU-hours)."),
     offline_job_sigma: float = typer.Option(0.5, min=0.0, help="Lognormal sigma of offline job sizes."),
     seed: int = typer.Option(0, help="Random seed (runs are reproducible under a seed)."),
-    results_dir: Path = typer.Option(Path("bench/results"), help="Where the GPU benchmark JSON is read from."),
-    calibration: Path | None = typer.Option(None, help="JSON {field: value} that overrides the calibration."),
-    out_dir: Path = typer.Option(Path("bench/results"), help="Where cluster_<name>.json/.png are written."),
+    calibration: Path | None = typer.Option(None, help="Calibration JSON (default: the packaged "
+                                            "valve/simulate/calibration_h100.json)."),
+    out: Path = typer.Option(..., help="Directory for cluster_<name>.json/.png (and the sweep's files)."),
     name: str = typer.Option("default", help="Output name: cluster_<name>.json and cluster_<name>.png."),
     plot: bool = typer.Option(True, help="Write the PNG figure."),
+    sweep: bool = typer.Option(False, help="Sensitivity sweep instead (synthetic traces): writes "
+                               "cluster_<name>_sweep.json/.png."),
 ) -> None:
-    """Simulate a GPU fleet: dedicated GPUs vs naive sharing (time-slicing) vs Valve."""
+    """Simulate a GPU fleet: dedicated GPUs vs time-slicing vs MPS vs Valve."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     import time
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from valve.simulate import calibration as calib
     from valve.simulate import fleet, report, traces
-    from valve.simulate.calibration import load_calibration
+    from valve.simulate import sweep as sweeps
 
     console = Console()
     t0 = time.perf_counter()
+    if sweep and (trace is not None or requests is not None):
+        console.print("[red]valve simulate cluster: --sweep varies the synthetic traces; drop --trace/--requests[/red]")
+        raise typer.Exit(code=2)
     try:
-        cal, notes = load_calibration(results_dir, calibration)
+        cal = calib.load(calibration)
     except ValueError as e:
         console.print(f"[red]valve simulate cluster: {e}[/red]")
         raise typer.Exit(code=2) from e
-    console.print(report.calibration_table(cal, notes))
+    console.print(f"calibration: {cal.path}" + (" (packaged default)" if calibration is None else ""))
+    console.print(f"output: {out.resolve()}")
+    console.print(report.calibration_table(cal))
     cfg = fleet.FleetConfig(gpus=gpus, gpus_per_node=gpus_per_node, online_fraction=online_fraction, slo=slo,
                             offline_backlog=offline_backlog, offline_job_hours=offline_job_hours,
                             offline_job_sigma=offline_job_sigma, seed=seed)
@@ -67,8 +77,23 @@ def cluster(
             bar.update(tasks[stage], completed=done, total=total or 1.0)
 
         try:
+            if sweep:
+                base = sweeps.Setting(cfg, cal, services, hours, bin_minutes, burst_cv, online_fraction)
+                res = sweeps.run(base, lambda stage, d, n: progress(stage, d, n))
+                res["options"] = options
+                json_path, png_path = out / f"cluster_{name}_sweep.json", out / f"cluster_{name}_sweep.png"
+                if plot:
+                    sweeps.plot(res, png_path)
+                res["wall_seconds"] = round(time.perf_counter() - t0, 2)
+                report.write_json(res, json_path)
+                bar.stop()
+                console.print(report.sweep_table(res))
+                console.print(f"wrote {json_path}" + (f" and {png_path}" if plot else ""))
+                return
             progress("online traces", 0, 1)
-            if trace is not None:
+            if requests is not None:
+                work = traces.read_requests(requests, bin_minutes)
+            elif trace is not None:
                 work = traces.read_csv(trace, gpu_s_per_request=gpu_seconds_per_request)
             else:
                 work = traces.synthetic(services, hours, bin_minutes, seed, burst_cv=burst_cv, arrival_cv=arrival_cv)
@@ -79,11 +104,10 @@ def cluster(
             bar.stop()
             console.print(f"[red]valve simulate cluster: {e}[/red]")
             raise typer.Exit(code=2) from e
-        res["trace"] = str(trace) if trace is not None else "synthetic"
-        res["calibration_notes"] = notes
+        res["trace"] = str(requests or trace or "synthetic")
         res["options"] = options
-        json_path = out_dir / f"cluster_{name}.json"
-        png_path = out_dir / f"cluster_{name}.png"
+        json_path = out / f"cluster_{name}.json"
+        png_path = out / f"cluster_{name}.png"
         if plot:
             progress("plots", 0, 1)
             report.plot(res, png_path)

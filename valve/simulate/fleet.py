@@ -1,4 +1,4 @@
-"""Trace-driven fleet simulation: dedicated GPUs, naive sharing (time-slicing) and Valve, side by side.
+"""Trace-driven fleet simulation: dedicated GPUs, time-slicing, MPS and Valve, side by side.
 
 Two views per strategy:
 - today's fleet: the same GPUs and online replicas as now; offline work also runs on the online replicas' GPUs
@@ -303,7 +303,7 @@ def run_today(s: model.Strategy, fleet: Fleet, lay: Layout, progress: Progress |
     rate, events = fleet.rates(s, u)
     run = run_jobs(rate, lay, fleet.jobs, fleet.bin_h, max_bins, progress, f"offline backlog: {s.label}")
     shared = run.active if s.colocate else np.zeros_like(u)
-    p99_shared = model.online_p99(u, work.cv[:, None], s, np.ones_like(u), work.request_gpu_s[:, None])
+    p99_shared = model.online_p99(u, work.cv[:, None], s, np.ones_like(u))
     over = shared * (p99_shared > fleet.slo) + (1.0 - shared) * fleet.over_alone
     requests_over = requests * over
     served = shared * model.online_served(u, s, np.ones_like(u)) + (1 - shared) * np.minimum(u, 1.0)
@@ -382,7 +382,7 @@ def downsampled_series(work: Workload, series: dict) -> dict:
 def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progress | None = None) -> dict:
     """Run every strategy on the workload; returns the results as a JSON-ready dict."""
     t_start = time.perf_counter()
-    strategies = model.strategies(cal)
+    strategies = runtime_strategies(cal, cfg)
     fleet = today_fleet(work, cfg, cal, strategies[0])
     layout = place_today(fleet, progress)
     alone = dedicated_layout(fleet)
@@ -406,6 +406,21 @@ def simulate(work: Workload, cfg: FleetConfig, cal: Calibration, progress: Progr
     }
 
 
+def runtime_strategies(cal: Calibration, cfg: FleetConfig) -> list[model.Strategy]:
+    rt = cfg.runtime
+    return model.strategies(cal, rt.idle_hysteresis_ms / 1000.0, rt.max_preemptions_per_second)
+
+
+def right_sized(work: Workload, cfg: FleetConfig, cal: Calibration) -> dict:
+    """Only the right-sized view of every strategy (no offline backlog run): what the sweep needs."""
+    strategies = runtime_strategies(cal, cfg)
+    fleet = today_fleet(work, cfg, cal, strategies[0])
+    out = {s.name: {"label": s.label, "right_sized": right_size(s, work, cfg, fleet.offline_gpus, fleet.n_ded,
+                                                                  fleet.peak, fleet.rates)} for s in strategies}
+    add_savings(out, strategies)
+    return out
+
+
 def downsample(x: np.ndarray, step: int) -> list[float]:
     n = len(x) // step * step
     head = x[:n].reshape(-1, step).mean(axis=1)
@@ -426,8 +441,7 @@ def right_size(s: model.Strategy, work: Workload, cfg: FleetConfig, offline_targ
         return {"gpus_needed": need, "online_gpus": int(n_ded.sum()), "offline_gpus": offline_target,
                 "services_shared": 0, "utilisation_pct": percent((online_work + offline_target) / max(need, 1)),
                 "by_class": by_class(work, n_ded, np.zeros(len(n_ded), dtype=bool), np.zeros(len(n_ded)))}
-    n_col = model.replicas_for(peak, model.max_util(cfg.slo, work.cv, s, True, work.request_gpu_s),
-                               cfg.min_replicas)
+    n_col = model.replicas_for(peak, model.max_util(cfg.slo, work.cv, s, True), cfg.min_replicas)
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.where(n_col[:, None] > 0, work.demand / np.maximum(n_col, 1)[:, None], 0.0)
     rate, _ = rates(s, u)

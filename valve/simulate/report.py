@@ -10,9 +10,8 @@ from rich.table import Table
 from valve.simulate.calibration import Calibration
 
 
-def calibration_table(cal: Calibration, notes: list[str]) -> Table:
-    table = Table(title=f"Calibration used (GPU: {cal.gpu})", title_justify="left", caption="\n".join(notes),
-                  caption_justify="left")
+def calibration_table(cal: Calibration) -> Table:
+    table = Table(title=f"Calibration used (GPU: {cal.gpu})", title_justify="left")
     table.add_column("parameter")
     table.add_column("value", justify="right")
     table.add_column("source")
@@ -56,12 +55,28 @@ def results_table(res: dict) -> Table:
     return table
 
 
+def sweep_table(res: dict) -> Table:
+    names = ("time_slicing", "mps", "valve")
+    table = Table(title="GPUs saved (%), one assumption at its low / high end", title_justify="left")
+    table.add_column("assumption [low, high]")
+    for n in names:
+        table.add_column(n, justify="right")
+    b = res["baseline"]
+    table.add_row("baseline", *[f"{b[n]['gpus_saved_pct']:.1f}" for n in names])
+    for r in res["tornado"]:
+        table.add_row(f"{r['name']} [{r['low']:g}, {r['high']:g}]", *[
+            f"{r['at_low'][n]['gpus_saved_pct']:.1f} / {r['at_high'][n]['gpus_saved_pct']:.1f}" for n in names])
+    rng = res["savings_range_pct"]
+    table.add_row("range", *[f"{rng[n][0]:.1f} to {rng[n][1]:.1f}" for n in names])
+    return table
+
+
 def write_json(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1) + "\n")
 
 
-COLOURS = {"dedicated": "tab:gray", "naive": "tab:red", "valve": "tab:blue"}
+COLOURS = {"dedicated": "tab:gray", "time_slicing": "tab:red", "mps": "tab:orange", "valve": "tab:blue"}
 
 
 def plot(res: dict, path: Path) -> None:

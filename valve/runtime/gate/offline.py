@@ -12,7 +12,8 @@ forward pre-hooks, no engine patch; or the one-liner ``gate()``) does, in order:
 
 Under CUDA-graph capture only step 4's wait is recorded (a graph memop node or the spin kernel, see
 ``gate.cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
-around replays (e.g. one ``Gate()`` call before each replay).
+around replays (e.g. one ``Gate()`` call before each replay). ``attach`` calls the gate through the
+``valve::gate_`` custom op (``gate.op``), so ``torch.compile(fullgraph=True)`` and captured graphs keep it.
 
 Backends (one interface): ``cuda`` (``gate.cuda``: ``cuStreamWaitValue32`` on the mapped control page; imported
 lazily), ``host`` (CPU tensors: the calling thread waits for the gate itself), ``sim`` (``gate.sim``: a SimGPU

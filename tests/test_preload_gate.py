@@ -59,6 +59,7 @@ def test_waits_before_every_launch_on_every_path(built, shm):
     p, lines = run(built, cb.path)
     assert p.stderr == ""
     assert "passthrough 1 1" in p.stdout  # other symbols: the driver's own function, by dlsym and by proc address
+    assert "next 1" in p.stdout  # dlsym(RTLD_NEXT) still sees its real caller
     seq = launches(lines)
     assert seq == [
         "wait 0x10 value=1 flags=1 word=1", "launch cuLaunchKernel 0x10",  # by symbol

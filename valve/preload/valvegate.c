@@ -372,8 +372,10 @@ EXPORT CUresult cuGetProcAddress_v2(const char *sym, void **pfn, int version, ui
 EXPORT void *dlsym(void *handle, const char *name) {
     if (!real_dlsym) find_dlsym();
     if (!real_dlsym) return NULL;
+    /* A tail call, so glibc sees the caller's return address: RTLD_NEXT stays relative to the caller. */
+    if (handle == RTLD_NEXT || name[0] != 'c' || name[1] != 'u') return real_dlsym(handle, name);
     void *p = real_dlsym(handle, name);
-    if (!p || name[0] != 'c' || name[1] != 'u') return p;
+    if (!p) return p;
     if (strcmp(name, "cuGetProcAddress") == 0) {
         if (!real_gpa1) real_gpa1 = (gpa1_t)p;
         return (void *)cuGetProcAddress;

@@ -43,5 +43,7 @@ int main(int argc, char **argv) {
     void *alloc = dlsym(h, "cuMemAlloc_v2");
     gpa2("cuMemAlloc", &p, 12000, 0, NULL);
     printf("passthrough %d %d\n", alloc == self(), p == self());
+    /* RTLD_NEXT is relative to this program (the next definition is the preloaded one), not to the library */
+    printf("next %d\n", dlsym(RTLD_NEXT, "cuLaunchKernel") == (void *)cuLaunchKernel);
     return 0;
 }

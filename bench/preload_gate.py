@@ -291,6 +291,7 @@ def orchestrate(args) -> dict:
             r["intercepted"] = r["library_counters_contended"]["waits"] > 0
             res["programs"][prog] = r
             print(f"[bench] {prog}: {json.dumps(r)}", flush=True)
+            (out / "preload_gate.partial.json").write_text(json.dumps(res, indent=2))  # survives a timeout
     finally:
         online.close()
         res["counters_total"] = {k: int(getattr(cb.fields, k)) for k in

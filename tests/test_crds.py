@@ -91,6 +91,7 @@ def test_examples_are_valid(name):
     (lambda s: s["offline"]["template"]["spec"].update(containers=[]), "containers"),
     (lambda s: s["online"]["proxy"].update(port=70000), "port"),
     (lambda s: s["runtime"].update(idleHysteresisMs=-1), "idleHysteresisMs"),
+    (lambda s: s["offline"].update(gate="ptrace"), "gate"),
 ])
 def test_schema_refuses_invalid_pairs(mutate, where):
     pytest.importorskip("jsonschema")

@@ -9,7 +9,7 @@ from operator_harness import gpu_node, pair_body
 from typer.testing import CliRunner
 
 from valve.api import colocation as c
-from valve.api.contract import ANN_GPU, ANN_HASH, ANN_ROLE, OFFLINE, ONLINE, PODINFO_FILE
+from valve.api.contract import ANN_GPU, ANN_HASH, ANN_ROLE, OFFLINE, ONLINE, PODINFO_FILE, PRELOAD_LIBRARY
 from valve.operator import rbac, reconcile, status
 from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
 from valve.operator.pods import (
@@ -65,6 +65,21 @@ def test_proxy_can_be_disabled_and_sidecar_image_overridden():
     assert [x["name"] for x in online["spec"]["containers"]] == ["server"]
     assert "volumes" not in online["spec"]
     assert offline["spec"]["containers"][1]["image"] == "arb:9"
+
+
+def test_preload_gate_puts_the_node_library_into_ld_preload_of_the_offline_worker_only():
+    body = pair()
+    assert "LD_PRELOAD" not in json.dumps(rendered(OFFLINE, body))  # default "hooks": pods as before
+    body["spec"]["offline"]["gate"] = "preload"
+    worker = body["spec"]["offline"]["template"]["spec"]["containers"][0]
+    worker["env"] = [{"name": "LD_PRELOAD", "value": "/lib/other.so"}]
+    pod = rendered(OFFLINE, body)
+    main, arbiter = pod["spec"]["containers"][:2]
+    assert {"name": "LD_PRELOAD", "value": f"{PRELOAD_LIBRARY}:/lib/other.so"} in main["env"]
+    assert {"name": "valve-gate-lib", "mountPath": PRELOAD_LIBRARY, "readOnly": True} in main["volumeMounts"]
+    assert {"name": "valve-gate-lib", "hostPath": {"path": PRELOAD_LIBRARY, "type": "File"}} in pod["spec"]["volumes"]
+    assert "LD_PRELOAD" not in json.dumps(arbiter) and "LD_PRELOAD" not in json.dumps(rendered(ONLINE, body))
+    assert pod["metadata"]["annotations"][ANN_HASH] != rendered(OFFLINE)["metadata"]["annotations"][ANN_HASH]
 
 
 @pytest.mark.parametrize("role", [ONLINE, OFFLINE])

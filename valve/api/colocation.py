@@ -99,6 +99,12 @@ class OfflineRole(BaseModel):
 
     template: PodTemplate = Field(description="Pod template of the offline batch worker.")
     arbiter: ArbiterSidecar = Field(default_factory=ArbiterSidecar)
+    gate: Literal["hooks", "preload", "none"] = Field(
+        "hooks",
+        description="How the offline worker is gated: hooks (the engine calls Valve's Gate/attach itself), preload "
+        "(libvalvegate.so in LD_PRELOAD gates every kernel launch of an unmodified engine; the library must be on "
+        "the node) or none.",
+    )
 
 
 class ReserveSettings(ReservePolicy):

@@ -33,6 +33,9 @@ ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod
 RUNTIME_DIR = "/var/run/valve"
 CONTROL_FILE = "control"  # <runtime dir>/<gpu-uuid>/control: the arbiter creates it, online and offline clients map it
 ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.lock: online clients flock, arbiter reaps
+# libvalvegate.so (valve/preload) on the node, the image builds it into the same path: the operator mounts it
+# (hostPath) into the offline container of a pair with spec.offline.gate "preload" and names it in LD_PRELOAD.
+PRELOAD_LIBRARY = "/opt/valve/lib/libvalvegate.so"
 PODINFO_DIR = "/etc/valve/podinfo"  # operator mounts the pod's downward-API annotations volume here
 PODINFO_FILE = f"{PODINFO_DIR}/annotations"  # kubelet writes (key="value" lines); sidecars read it (--gpu-from)
 
@@ -41,6 +44,8 @@ ENV_GPU_UUID = "VALVE_GPU_UUID"  # device plugin's Allocate sets it; engines' Ga
 ENV_ROLE = "VALVE_ROLE"  # device plugin's Allocate and the operator (sidecars) set it; tells a container its role
 ENV_RUNTIME_DIR = "VALVE_RUNTIME_DIR"  # device plugin's Allocate and the operator (sidecars) set it; runtime reads it
 ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidecar (RuntimeSpec JSON); the arbiter reads it
+ENV_GATE_CONTROL = "VALVE_GATE_CONTROL"  # people/benchmarks set it; libvalvegate reads it (else the two above)
+ENV_GATE_QUEUE_AHEAD = "VALVE_GATE_QUEUE_AHEAD"  # people set it (N or "published"); libvalvegate bounds launches
 ENV_IMAGE = "VALVE_IMAGE"  # the chart sets it on the operator; the operator reads it (its sidecars' image)
 
 EVENT_COMPONENT = f"{GROUP}/operator"  # operator writes it as its Events' reportingComponent; people read it

@@ -26,6 +26,7 @@ from valve.api.contract import (
     ONLINE_RESOURCE,
     PODINFO_DIR,
     PODINFO_FILE,
+    PRELOAD_LIBRARY,
     RUNTIME_DIR,
 )
 
@@ -36,6 +37,7 @@ LABEL_MANAGED = "app.kubernetes.io/managed-by"
 
 RUNTIME_VOLUME = "valve-runtime"
 PODINFO_VOLUME = "valve-podinfo"  # downward API: the pod's annotations, updated live by the kubelet
+PRELOAD_VOLUME = "valve-gate-lib"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def render_pod(
     body_spec = copy.deepcopy(body_spec)
     containers = body_spec["containers"]
     _request_gpu(containers[0], RESOURCE[role])
+    if role == OFFLINE and spec.offline.gate == "preload":
+        _preload(containers[0], body_spec)
 
     sidecar = _proxy(spec, cfg) if role == ONLINE else _arbiter(spec, cfg)
     if sidecar is not None:
@@ -119,6 +123,22 @@ def _request_gpu(container: dict[str, Any], resource: str) -> None:
     res = container.setdefault("resources", {})
     for kind in ("requests", "limits"):
         res.setdefault(kind, {})[resource] = "1"
+
+
+def _preload(container: dict[str, Any], body_spec: dict[str, Any]) -> None:
+    """LD_PRELOAD libvalvegate.so from the node. Set here, not by the device plugin: Allocate is not told which
+    pod (so which pair's gate mode) it serves. hostPath type File: a node without the library fails the pod's
+    start with a clear event instead of running it ungated."""
+    env = container.setdefault("env", [])
+    old = next((e for e in env if e.get("name") == "LD_PRELOAD"), None)
+    if old is None:
+        env.append({"name": "LD_PRELOAD", "value": PRELOAD_LIBRARY})
+    elif PRELOAD_LIBRARY not in old.get("value", ""):
+        old["value"] = f"{PRELOAD_LIBRARY}:{old['value']}" if old.get("value") else PRELOAD_LIBRARY
+    container.setdefault("volumeMounts", []).append(
+        {"name": PRELOAD_VOLUME, "mountPath": PRELOAD_LIBRARY, "readOnly": True})
+    body_spec.setdefault("volumes", []).append(
+        {"name": PRELOAD_VOLUME, "hostPath": {"path": PRELOAD_LIBRARY, "type": "File"}})
 
 
 def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:

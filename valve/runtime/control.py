@@ -69,7 +69,12 @@ class Layout(ctypes.Structure):
         # settings the arbiter publishes from its RuntimeSpec (0: unset, clients use their default)
         ("queue_ahead", ctypes.c_uint64),  # gated sub-layers the offline CPU may enqueue past the last gate
         ("eviction_policy", ctypes.c_uint64),  # EVICTION_CODES: which offline sequences a reclaim evicts first
-        ("reserved", ctypes.c_uint64 * 12),
+        # launch-level gate (libvalvegate.so, valve/preload): counters it adds to, in place of reserved words
+        ("preload_launches", ctypes.c_uint64),  # kernel and graph launches it saw
+        ("preload_waits", ctypes.c_uint64),  # gate waits it enqueued before them
+        ("preload_captured", ctypes.c_uint64),  # launches into a capturing stream (gated when the graph launches)
+        ("preload_throttled", ctypes.c_uint64),  # times the host waited for queue room (queue_ahead bound)
+        ("reserved", ctypes.c_uint64 * 8),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate

@@ -12,7 +12,8 @@ forward pre-hooks, no engine patch; or the one-liner ``gate()``) does, in order:
 
 Under CUDA-graph capture only step 4's wait is recorded (a graph memop node or the spin kernel, see
 ``gate.cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
-around replays (e.g. one ``Gate()`` call before each replay).
+around replays (e.g. one ``Gate()`` call before each replay). ``attach`` calls the gate through the
+``valve::gate_`` custom op (``gate.op``), so ``torch.compile(fullgraph=True)`` and captured graphs keep it.
 
 Backends (one interface): ``cuda`` (``gate.cuda``: ``cuStreamWaitValue32`` on the mapped control page; imported
 lazily), ``host`` (CPU tensors: the calling thread waits for the gate itself), ``sim`` (``gate.sim``: a SimGPU
@@ -265,7 +266,8 @@ class AttachHandle:
 
 def attach(model, pattern: str = DEFAULT_PATTERN, gate: Gate | None = None) -> AttachHandle:
     """Put a gate before every sub-module of ``model`` whose qualified name matches ``pattern`` (``re.search``),
-    with forward pre-hooks. Raises if nothing matches (a gate that is never hit would silently do nothing)."""
+    with forward pre-hooks that call the ``valve::gate_`` op (``gate.op``) on the module's first tensor input, so
+    ``torch.compile(fullgraph=True)`` and CUDA-graph capture keep the gates. Raises if nothing matches (a gate that is never hit would silently do nothing)."""
     rx = re.compile(pattern)
     g = gate if gate is not None else default_gate()
     names: list[str] = []
@@ -275,9 +277,16 @@ def attach(model, pattern: str = DEFAULT_PATTERN, gate: Gate | None = None) -> A
     if not names:
         raise ValueError(f"attach: no sub-module name of {type(model).__name__} matches {pattern!r}")
     mods = dict(model.named_modules())
+    from valve.runtime.gate import op  # imports torch: the model is a torch module anyway
 
-    def hook(module, args):
-        g.gate()
+    gid = op.register(g)
 
-    handles = [mods[n].register_forward_pre_hook(hook) for n in names]
+    def hook(module, args, kwargs):
+        x = op.first_tensor(args, kwargs)
+        if x is None:  # nothing to order against: eager only (Dynamo would trace the lock in Gate.gate)
+            g.gate()
+        else:  # the custom op: stays in compiled graphs and CUDA-graph captures
+            op.gate_(x, gid)
+
+    handles = [mods[n].register_forward_pre_hook(hook, with_kwargs=True) for n in names]
     return AttachHandle(handles, names, g)

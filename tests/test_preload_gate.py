@@ -1,0 +1,155 @@
+"""libvalvegate.so against a fake libcuda: waits before launches on every path, lease, bound, counters, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from valve.preload.build import build
+from valve.runtime.control import GATE_CLOSED, GATE_OPEN, VERSION, ControlBlock
+
+SUPPORT = Path(__file__).parent / "support" / "preload"
+
+
+def _cc(*args: str) -> None:
+    subprocess.run(["gcc", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("preload")
+    # -Bsymbolic: like libcuda, its proc-address table holds its own functions, not the preloaded ones
+    _cc("-shared", "-fPIC", "-Wl,-Bsymbolic", "-o", str(d / "libcuda.so.1"), str(SUPPORT / "fake_libcuda.c"))
+    _cc("-o", str(d / "probe"), str(SUPPORT / "probe.c"), f"-L{d}", "-l:libcuda.so.1", "-ldl")
+    return d, build(d)
+
+
+@pytest.fixture
+def shm():
+    d = Path(tempfile.mkdtemp(prefix="valvegate", dir="/dev/shm"))  # tmpfs, as on a node
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run(built, control: Path | None, *args: str, **env: str):
+    d, lib = built
+    log = d / f"log-{time.monotonic_ns()}"
+    e = {k: v for k, v in os.environ.items() if not k.startswith("VALVE_")}
+    e.update(LD_LIBRARY_PATH=str(d), LD_PRELOAD=str(lib), FAKE_CUDA_LOG=str(log), **env)
+    if control is not None:
+        e["VALVE_GATE_CONTROL"] = str(control)
+    p = subprocess.run([str(d / "probe"), *args], env=e, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = log.read_text().splitlines() if log.exists() else []
+    return p, lines
+
+
+def launches(lines):
+    return [ln for ln in lines if ln.startswith(("launch", "wait"))]
+
+
+def test_waits_before_every_launch_on_every_path(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    p, lines = run(built, cb.path)
+    assert p.stderr == ""
+    assert "passthrough 1 1" in p.stdout  # other symbols: the driver's own function, by dlsym and by proc address
+    assert "next 1" in p.stdout  # dlsym(RTLD_NEXT) still sees its real caller
+    seq = launches(lines)
+    assert seq == [
+        "wait 0x10 value=1 flags=1 word=1", "launch cuLaunchKernel 0x10",  # by symbol
+        "wait 0x11 value=1 flags=1 word=1", "launch cuLaunchKernel 0x11",  # dlsym by name
+        "wait 0x12 value=1 flags=1 word=1", "launch cuLaunchCooperativeKernel 0x12",
+        "wait 0x2 value=1 flags=1 word=1", "launch cuLaunchKernel_ptsz (nil)",  # proc address, per-thread stream
+        "wait 0x22 value=1 flags=1 word=1", "launch cuLaunchKernelEx 0x22",  # cuGetProcAddress from itself
+        "wait 0x33 value=1 flags=1 word=1", "launch cuGraphLaunch_ptsz 0x33",  # v1 proc address, per-thread
+        "launch cuLaunchKernel 0xca9",  # capturing stream: no wait (the graph is gated at launch)
+    ]
+    assert sum(ln.startswith("register 4096 3") for ln in lines) == 1  # page registered once, portable + mapped
+    f = cb.fields
+    assert (f.preload_launches, f.preload_waits, f.preload_captured, f.forced_opens) == (7, 6, 1, 0)
+
+
+def test_stale_heartbeat_opens_a_closed_gate_and_a_fresh_one_does_not(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    f = cb.fields
+    f.gate, f.lease_ns, f.heartbeat_ns = GATE_CLOSED, 50_000_000, time.monotonic_ns() - 10**9
+    p, lines = run(built, cb.path)
+    assert f.gate == GATE_OPEN and f.forced_opens == 1
+    assert "heartbeat is" in p.stderr and launches(lines)[0].endswith("word=1")  # opened before the first wait
+
+    f.gate, f.heartbeat_ns, f.lease_ns = GATE_CLOSED, time.monotonic_ns(), 600 * 10**9
+    p, lines = run(built, cb.path)
+    assert f.gate == GATE_CLOSED and f.forced_opens == 1 and p.stderr == ""
+    assert launches(lines)[:2] == ["wait 0x10 value=1 flags=1 word=0", "launch cuLaunchKernel 0x10"]
+
+
+def test_queue_ahead_bound_waits_for_the_gpu_before_queueing_more(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="2")
+    ops = [ln.split()[0] for ln in lines if ln.split()[0] in ("launch", "record", "query")]
+    # two launches queue freely; the third and fourth first query the oldest mark until the GPU reached it
+    assert ops[:4] == ["record", "launch", "record", "launch"]
+    assert ops[4] == "query" and ops.count("launch") == 4 and ops.count("record") == 4
+    assert cb.fields.preload_throttled >= 1
+    cb.fields.queue_ahead = 3  # the arbiter's published value, used with "published"
+    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="published")
+    ops = [ln.split()[0] for ln in lines if ln.split()[0] in ("launch", "query")]
+    assert ops[:3] == ["launch"] * 3 and ops[3] == "query"
+    _, lines = run(built, cb.path, "many")  # no bound by default
+    assert not any(ln.startswith(("record", "query")) for ln in lines)
+
+
+def _ungated(built, control, why):
+    p, lines = run(built, control)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and why in err[0] and "ungated" in err[0], p.stderr
+    assert not any(ln.startswith(("wait", "register")) for ln in lines)
+    assert sum(ln.startswith("launch") for ln in lines) == 7  # the program itself runs as without the library
+
+
+def test_missing_foreign_or_disk_control_block_leaves_the_process_ungated(built, shm, tmp_path):
+    _ungated(built, shm / "nothing", "no control block")
+    _ungated(built, None, "VALVE_GPU_UUID")
+    cb = ControlBlock.create(shm / "control")
+    cb.fields.version = VERSION + 1
+    _ungated(built, cb.path, f"version {VERSION + 1}")
+    (shm / "short").write_bytes(b"\0" * 100)
+    _ungated(built, shm / "short", "size 100")
+    disk = tmp_path if subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                                      text=True).stdout.strip() != "tmpfs" else Path.cwd()
+    ControlBlock.create(disk / "control")
+    _ungated(built, disk / "control", "not on tmpfs")
+
+
+def test_control_block_found_from_the_device_plugin_env(built, shm):
+    cb = ControlBlock.create(shm / "GPU-a" / "control")
+    p, lines = run(built, None, VALVE_RUNTIME_DIR=str(shm), VALVE_GPU_UUID="GPU-a,GPU-b")
+    assert p.stderr == "" and cb.fields.preload_waits == 6
+
+
+def test_build_without_a_compiler_says_so(tmp_path):
+    with pytest.raises(RuntimeError, match="needs a C compiler"):
+        build(tmp_path, cc="no-such-cc")
+
+
+def test_gpu_bench_fails_fast_without_a_gpu_and_formats_its_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preload_gate", Path(__file__).parents[1] / "bench" / "preload_gate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match="a CUDA GPU visible to torch"):
+        bench.preflight(["eager"])
+    online = {"p50_ms": 1.0, "p99_ms": 2.0, "n": 10}
+    row = {"online_nolib": {**online, "p99_ms": 8.0}, "online_lib": {**online, "p99_ms": 2.1}, "unit": "steps",
+           "p99_ratio_ungated": 4.0, "p99_ratio_gated": 1.05, "preempt_excess_ms": {"p50": 0.1, "p99": 0.1},
+           "solo_nolib": 100.0, "solo_lib": 99.0, "overhead_gate_open": 0.01, "contended_nolib": 60.0,
+           "contended_lib": 40.0, "library_counters_contended": {"waits": 5, "launches": 5}}
+    text = bench.table({"online_alone": online, "programs": {"eager": row}})
+    assert "| eager | 8.00 (4.00x) | 2.10 (1.05x) |" in text and "99.0 (+1.0%)" in text

@@ -1,0 +1,1 @@
+"""libvalvegate.so: the launch-level offline gate for unmodified CUDA programs (``valvegate.c``), and its build."""

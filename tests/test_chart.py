@@ -15,6 +15,8 @@ import chartcheck as cc
 import pytest
 import yaml
 
+from valve.api.contract import PRELOAD_LIBRARY
+
 ROOT = Path(__file__).resolve().parent.parent
 
 HELMS = cc.find_helms()
@@ -200,9 +202,16 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
     assert pod["automountServiceAccountToken"] is True
     assert "--annotate" in pod["containers"][0]["args"]
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    # libvalvegate.so onto the node, where "preload" pairs' pods mount it (the operator's path)
+    (init,) = pod["initContainers"]
+    lib_dir = host.pop(init["volumeMounts"][0]["name"])
+    assert lib_dir == str(Path(PRELOAD_LIBRARY).parent)
+    assert init["volumeMounts"][0]["mountPath"] in init["command"][-1] and Path(PRELOAD_LIBRARY).name in init["command"][-1]
     assert sorted(host.values()) == sorted(
         [dp["devicePluginDir"], dp["runtimeDir"], dp["stateDir"], str(Path(dp["podResourcesSocket"]).parent)]
     )
+    off = one(render(helm, (), ("devicePlugin.installPreloadLibrary=false",)), "DaemonSet", "device-plugin")
+    assert "initContainers" not in off["spec"]["template"]["spec"]
     container = pod["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     for name, path in host.items():

@@ -121,6 +121,11 @@ def arbiter(
     except (ValueError, OSError) as e:
         typer.echo(f"valve runtime arbiter: {e}", err=True)
         raise typer.Exit(code=2) from None
+    # Before the block exists: whoever sees it (a kubelet stopping the pod, a test) may signal at once, and a
+    # stop must still open the gate on the way out.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     cb, reason = ControlBlock.open_or_create(path)
     if reason:
         log.warning("re-initialised the control block: %s", reason)
@@ -138,9 +143,6 @@ def arbiter(
         start_http_server(metrics_port, registry=registry)
         log.info("metrics on :%d/metrics", metrics_port)
     arb = Arbiter(cb, spec, memory=controller, metrics=metrics)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms", gpu, path,
              spec.idle_hysteresis_ms, spec.max_preemptions_per_second, spec.heartbeat_lease_ms)
     arb.run(stop, period_s=period_ms / 1000.0)

@@ -121,7 +121,12 @@ def arbiter(
     except (ValueError, OSError) as e:
         typer.echo(f"valve runtime arbiter: {e}", err=True)
         raise typer.Exit(code=2) from None
-    cb, reason = ControlBlock.open_or_create(path)
+    try:
+        cb, reason = ControlBlock.open_or_create(path)
+    except OSError as e:  # e.g. a directory another uid made with a narrow mode
+        typer.echo(f"valve runtime arbiter: cannot create the control block {path}: {e.strerror} "
+                   f"({e.filename}; running as uid {os.geteuid()})", err=True)
+        raise typer.Exit(code=2) from None
     if reason:
         log.warning("re-initialised the control block: %s", reason)
     registry = CollectorRegistry()

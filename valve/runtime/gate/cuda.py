@@ -155,6 +155,12 @@ class CudaGateBackend:
         if "spin" in (mode, capture):
             self._spin = compile_spin_kernel()
 
+    def bind(self, cb: ControlBlock) -> None:
+        """The Gate re-attached to a new mapping (the file was replaced): wait on the new page's word."""
+        if cb.page_address() != self.page:
+            self.page = cb.page_address()
+            self.gate_dptr = map_page(self.page) + GATE_OFFSET
+
     def _stream(self, stream=None):
         ensure_context()  # every driver call below; the caller's thread may have no current context
         s = stream if stream is not None else self.torch.cuda.current_stream()

@@ -11,7 +11,8 @@ the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-en
 
 The request ends (arbiter signal) when the response body is finished, on upstream error (the client gets a 502
 with the reason) or when the client disconnects. Online is never blocked by Valve: with no control block the
-proxy only forwards and measures.
+proxy only forwards and measures; with a bad one (truncated, replaced, another version) it serves requests ungated
+and counts them in ``valve_online_ungated_requests_total`` (the signal logs the problem once).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class ProxyMetrics:
                                 registry=self.registry)
         self.ttft = Histogram("valve_online_ttft_seconds", "Time to first response chunk.",
                               buckets=TTFT_BUCKETS, registry=self.registry)
+        self.ungated = Counter("valve_online_ungated_requests", "Online requests served without signalling the "
+                               "arbiter (no control block yet, or a bad one: truncated, replaced, another version).",
+                               registry=self.registry)
         self.tpot = Histogram("valve_online_tpot_seconds", "Mean time between streamed tokens (SSE events).",
                               buckets=TPOT_BUCKETS, registry=self.registry)
 
@@ -184,6 +188,8 @@ class Proxy:
             self.metrics.requests.inc()
             self.inflight += 1
             told = self._tell(self.signal.begin)
+            if not told or not getattr(self.signal, "last_gated", True):
+                self.metrics.ungated.inc()
         try:
             return await self._forward(request, start, online)
         finally:  # body done, upstream error, or client gone (handler cancelled / write failed)

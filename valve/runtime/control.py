@@ -219,6 +219,7 @@ class ControlBlock:
         self.problem: str | None = None  # why the block is detached now (None: attached)
         self._next_stat = self._next_try = 0
         self._unreadable: set[int] = set()
+        self._retired: list[mmap.mmap] = []  # mappings of files this block re-attached away from
 
     @classmethod
     def anonymous(cls) -> ControlBlock:
@@ -270,8 +271,10 @@ class ControlBlock:
             self._swap(fd, mm, ino)
 
     def _swap(self, fd: int, mm: mmap.mmap, ino: int) -> None:
-        # the old mapping is dropped, not closed: ctypes views of it may still exist (close would raise)
+        # the old mapping is kept, not closed: ctypes views of it may still exist (close would raise), and a
+        # device registration of its page must not see the address reused by a later mapping
         old = self._fd
+        self._retired.append(self.mm)
         self.mm, self.fields, self._fd, self._ino = mm, Layout.from_buffer(mm), fd, ino
         self.generation += 1
         self.problem = None

@@ -84,6 +84,53 @@ def test_examples_are_valid(name):
     c.ColocationPairSpec.model_validate(body["spec"])
 
 
+# values past the bounds: (mutation, the field path pydantic reports, the CRD field name)
+OUT_OF_RANGE_PATHS = [
+    (lambda s: s["runtime"].setdefault("reserve", {}).update(minBytes=2**70), "runtime.reserve.minBytes"),
+    (lambda s: s["runtime"].setdefault("reserve", {}).update(hysteresisBytes=2**64), "runtime.reserve.hysteresisBytes"),
+    (lambda s: s["runtime"].setdefault("reclaim", {}).update(bytesPerSecond=2**60), "runtime.reclaim.bytesPerSecond"),
+    (lambda s: s["runtime"].setdefault("reclaim", {}).update(requestsPerSecond=1e9),
+     "runtime.reclaim.requestsPerSecond"),
+    (lambda s: s["runtime"].update(heartbeatLeaseMs=0.001), "runtime.heartbeatLeaseMs"),
+    (lambda s: s["runtime"].update(heartbeatLeaseMs=1e12), "runtime.heartbeatLeaseMs"),
+    (lambda s: s["runtime"].update(maxPreemptionsPerSecond=1e9), "runtime.maxPreemptionsPerSecond"),
+    (lambda s: s["runtime"].setdefault("reserve", {}).update(decaySeconds=1e9), "runtime.reserve.decaySeconds"),
+    (lambda s: s["online"]["template"]["spec"]["containers"][0].update(image="r/" + "x" * 2000),
+     "online.template.spec.containers.0.image"),
+    (lambda s: s["offline"].update(arbiter={"image": "r/" + "x" * 2000}), "offline.arbiter.image"),
+    (lambda s: s["online"]["template"].setdefault("metadata", {}).update(labels={"app": "x" * 64}),
+     "online.template.metadata.labels.app"),
+    (lambda s: s["online"]["template"].setdefault("metadata", {}).update(labels={"app": "-bad-"}),
+     "online.template.metadata.labels.app"),
+    (lambda s: s.update(nodeSelector={"k": "v" * 100}), "nodeSelector.k"),
+]
+OUT_OF_RANGE = OUT_OF_RANGE_PATHS  # the CRD validator reports the same path (under spec.)
+
+
+@pytest.mark.parametrize("mutate, path", OUT_OF_RANGE_PATHS)
+def test_model_refuses_out_of_range_values_with_the_field_path(mutate, path):
+    from pydantic import ValidationError
+
+    body = _example("colocationpair.yaml")
+    c.ColocationPairSpec.model_validate(body["spec"])
+    mutate(body["spec"])
+    with pytest.raises(ValidationError) as e:
+        c.ColocationPairSpec.model_validate(body["spec"])
+    assert path in [".".join(map(str, err["loc"])) for err in e.value.errors()]
+
+
+def test_label_keys_are_bounded_by_the_model_and_a_crd_rule():
+    from pydantic import ValidationError
+
+    body = _example("colocationpair.yaml")
+    body["spec"]["nodeSelector"] = {"k" * 400: "v"}
+    with pytest.raises(ValidationError, match="nodeSelector"):
+        c.ColocationPairSpec.model_validate(body["spec"])
+    spec = crds.colocationpair_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = spec["properties"]["nodeSelector"]["x-kubernetes-validations"]
+    assert rules[0]["rule"] == "self.all(k, size(k) <= 317)"
+
+
 @pytest.mark.parametrize("mutate, where", [
     (lambda s: s["runtime"].setdefault("reserve", {}).update(minBytes=-1), "minBytes"),
     (lambda s: s["runtime"].update(evictionPolicy="lifo"), "evictionPolicy"),
@@ -92,7 +139,7 @@ def test_examples_are_valid(name):
     (lambda s: s["online"]["proxy"].update(port=70000), "port"),
     (lambda s: s["runtime"].update(idleHysteresisMs=-1), "idleHysteresisMs"),
     (lambda s: s["offline"].update(gate="ptrace"), "gate"),
-])
+] + OUT_OF_RANGE)
 def test_schema_refuses_invalid_pairs(mutate, where):
     pytest.importorskip("jsonschema")
     body = _example("colocationpair.yaml")

@@ -317,3 +317,28 @@ def test_metrics_endpoint(short_dir: Path) -> None:
     assert samples[("valve_gpu_utilization_ratio", (("gpu", g1),))] == 0.25
     assert samples[("valve_gpu_memory_used_bytes", (("gpu", g1),))] == 7 * 2**30
     assert samples[("valve_gpu_utilization_ratio", (("gpu", g0),))] == 0
+
+
+def test_extra_list_and_watch_streams_do_not_starve_allocate(node) -> None:
+    from valve.device_plugin.service import MAX_STREAMS
+
+    stub, channel = node.kubelet.stub(ONLINE)
+    streams = []
+    try:
+        for _ in range(MAX_STREAMS - 1):  # the kubelet holds one already
+            it = stub.ListAndWatch(pb.Empty(), timeout=20)
+            next(it)  # served: it holds a server thread from now on
+            streams.append(it)
+        service = node.plugin.services["online"]
+        assert service.streams == MAX_STREAMS
+        resp = allocate(node.kubelet, ONLINE, [node.backend.uuids[0]])
+        assert resp.container_responses[0].envs  # answered within the 5 s call timeout
+        extra = stub.ListAndWatch(pb.Empty(), timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ListAndWatch streams" in e.value.details()
+    finally:
+        for it in streams:
+            it.cancel()
+        channel.close()
+    until(lambda: node.plugin.services["online"].streams == 1, "the cancelled streams to end")

@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -177,6 +178,7 @@ def test_online_client_does_not_close_without_an_arbiter():
 def test_online_request_in_sync_and_async_code():
     cb = ControlBlock.anonymous()
     cb.fields.flags = FLAG_CLOSE_ALLOWED
+    cb.fields.heartbeat_ns = time.monotonic_ns()  # a live arbiter
     with online_request(cb):
         assert cb.inflight() == 1 and cb.fields.gate == GATE_CLOSED
 

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import os
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -126,6 +127,7 @@ async def wait_for(pred, timeout: float = 5.0) -> bool:
 async def env():
     cb = ControlBlock.anonymous()
     cb.fields.flags |= FLAG_CLOSE_ALLOWED  # an arbiter runs: the first request closes the gate itself
+    cb.fields.heartbeat_ns = time.monotonic_ns() + 60 * 10**9  # ... and stays alive for the test
     up = Upstream(cb)
     up_runner, up_url = await start(up.app())
     proxy = Proxy(up_url, signal=OnlineSignal(cb))

@@ -7,7 +7,7 @@ Field names follow the Kubernetes API conventions (camelCase). `spec.runtime` is
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -30,6 +30,14 @@ _CAMEL = ConfigDict(
     validate_by_alias=True,
     serialize_by_alias=True,
 )
+# Kubernetes' own limits: a label value is at most 63 characters of this form, a key a 253-character DNS prefix, a
+# slash and a 63-character name; annotations together hold at most 256 KiB.
+LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+Annotations = Annotated[dict[LabelKey, Annotated[str, Field(max_length=65536)]], Field(max_length=64)]
+IMAGE_MAX = 1024
+
 # Parts of a pod template are Kubernetes' own types: check what Valve relies on, keep the rest as is.
 _OPEN = ConfigDict(extra="allow", alias_generator=to_camel, validate_by_name=True, validate_by_alias=True)
 
@@ -41,7 +49,7 @@ class Container(BaseModel):
     model_config = _OPEN
 
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    image: str = Field(min_length=1)
+    image: str = Field(min_length=1, max_length=IMAGE_MAX)
 
 
 class PodSpec(BaseModel):
@@ -55,8 +63,8 @@ class PodSpec(BaseModel):
 class TemplateMeta(BaseModel):
     model_config = _CAMEL
 
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    annotations: Annotations = Field(default_factory=dict)
 
 
 class PodTemplate(BaseModel):
@@ -74,7 +82,8 @@ class ProxySidecar(BaseModel):
     model_config = _CAMEL
 
     enabled: bool = Field(True, description="Add the proxy sidecar to the online pod.")
-    image: str | None = Field(None, description="Sidecar image; the operator's --sidecar-image when unset.")
+    image: str | None = Field(None, max_length=IMAGE_MAX,
+                              description="Sidecar image; the operator's --sidecar-image when unset.")
     port: int = Field(9000, ge=1, le=65535, description="Port the proxy listens on.")
     upstream_port: int = Field(8000, ge=1, le=65535, description="Port of the online server in the pod.")
 
@@ -84,7 +93,8 @@ class ArbiterSidecar(BaseModel):
 
     model_config = _CAMEL
 
-    image: str | None = Field(None, description="Sidecar image; the operator's --sidecar-image when unset.")
+    image: str | None = Field(None, max_length=IMAGE_MAX,
+                              description="Sidecar image; the operator's --sidecar-image when unset.")
 
 
 class OnlineRole(BaseModel):
@@ -133,7 +143,7 @@ class ColocationPairSpec(BaseModel):
     online: OnlineRole
     offline: OfflineRole
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
-    node_selector: dict[str, str] = Field(
+    node_selector: Labels = Field(
         default_factory=dict, description="Only nodes with these labels are considered for placement."
     )
 
@@ -170,14 +180,16 @@ class ColocationPairStatus(BaseModel):
     model_config = _CAMEL
 
     phase: Phase | None = None
-    node: str | None = Field(None, description="Node both pods are bound to.")
-    gpu_uuid: str | None = Field(None, alias="gpuUUID", description="GPU both pods share, once confirmed.")
-    online_pod: str | None = None
-    offline_pod: str | None = None
-    message: str | None = None
+    node: str | None = Field(None, max_length=253, description="Node both pods are bound to.")
+    gpu_uuid: str | None = Field(None, alias="gpuUUID", max_length=128,
+                                 description="GPU both pods share, once confirmed.")
+    online_pod: str | None = Field(None, max_length=253)
+    offline_pod: str | None = Field(None, max_length=253)
+    message: str | None = Field(None, max_length=32768)
     observed_generation: int | None = Field(None, ge=0)
     conditions: list[Condition] = Field(
         default_factory=list,
+        max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
 

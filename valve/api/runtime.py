@@ -6,6 +6,10 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Upper bounds: beyond them a value is a typo, and byte counts must fit the control block's u64 words
+MAX_BYTES = 1 << 40  # 1 TiB: more than any one GPU's memory
+MAX_RATE = 10_000.0  # per second
+
 
 class EvictionPolicy(StrEnum):
     selective = "selective"
@@ -17,10 +21,11 @@ class ReservePolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_bytes: int = Field(1 << 30, ge=0, description="Reserve floor in bytes.")
+    min_bytes: int = Field(1 << 30, ge=0, le=MAX_BYTES, description="Reserve floor in bytes.")
     margin_ratio: float = Field(0.1, ge=0.0, le=4.0, description="Margin over the online recent peak.")
-    decay_seconds: float = Field(60.0, gt=0.0, description="Half-life of the recent-peak tracker.")
-    hysteresis_bytes: int = Field(512 << 20, ge=0, description="Free memory above reserve before offline may grow.")
+    decay_seconds: float = Field(60.0, gt=0.0, le=86_400.0, description="Half-life of the recent-peak tracker.")
+    hysteresis_bytes: int = Field(512 << 20, ge=0, le=MAX_BYTES,
+                                  description="Free memory above reserve before offline may grow.")
 
 
 class ReclaimLimits(BaseModel):
@@ -28,9 +33,9 @@ class ReclaimLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bytes_per_second: int = Field(64 << 30, gt=0)
-    requests_per_second: float = Field(50.0, gt=0.0)
-    grow_bytes_per_second: int = Field(8 << 30, gt=0)
+    bytes_per_second: int = Field(64 << 30, gt=0, le=MAX_BYTES)
+    requests_per_second: float = Field(50.0, gt=0.0, le=MAX_RATE)
+    grow_bytes_per_second: int = Field(8 << 30, gt=0, le=MAX_BYTES)
 
 
 class RuntimeSpec(BaseModel):
@@ -39,8 +44,11 @@ class RuntimeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     idle_hysteresis_ms: float = Field(5.0, ge=0.0, le=10_000.0, description="Online idleness before the gate reopens.")
-    max_preemptions_per_second: float = Field(100.0, gt=0.0, description="Hard cap on gate closures per second.")
-    heartbeat_lease_ms: float = Field(1000.0, gt=0.0, description="Stale arbiter heartbeat after which offline opens its gate.")
+    max_preemptions_per_second: float = Field(100.0, gt=0.0, le=MAX_RATE,
+                                              description="Hard cap on gate closures per second.")
+    # below 10 ms a busy arbiter looks dead (offline reopens mid-request); above 60 s offline stalls on a dead one
+    heartbeat_lease_ms: float = Field(1000.0, ge=10.0, le=60_000.0,
+                                      description="Stale arbiter heartbeat after which offline opens its gate.")
     queue_ahead: int = Field(2, ge=1, le=64, description="Sub-layers the offline CPU may enqueue past the last gate.")
     reserve: ReservePolicy = Field(default_factory=ReservePolicy)
     reclaim: ReclaimLimits = Field(default_factory=ReclaimLimits)

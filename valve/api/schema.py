@@ -46,6 +46,11 @@ def convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = convert(value, defs)
         elif key == "const":
             out["enum"] = [value]
+        elif key == "propertyNames":  # not in a CRD schema: the key bound becomes a CEL rule
+            if "maxLength" in value:
+                out.setdefault("x-kubernetes-validations", []).append(
+                    {"rule": f"self.all(k, size(k) <= {value['maxLength']})",
+                     "message": f"keys are at most {value['maxLength']} characters"})
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True

@@ -22,7 +22,7 @@ from valve.device_plugin.config import PluginConfig
 from valve.device_plugin.devices import DeviceTable
 from valve.device_plugin.health import DeviceEvent, health_change
 from valve.device_plugin.metrics import PluginMetrics
-from valve.device_plugin.service import DevicePluginService, ensure_runtime_dir
+from valve.device_plugin.service import MAX_STREAMS, UNARY_WORKERS, DevicePluginService, ensure_runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class PluginServer:
     def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
-        server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"dp-{self.service.role}"))
+        workers = MAX_STREAMS + UNARY_WORKERS  # streams are capped at MAX_STREAMS: unary calls always get a thread
+        server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dp-{self.service.role}"))
         pb_grpc.add_DevicePluginServicer_to_server(self.service, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         server.start()

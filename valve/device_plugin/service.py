@@ -17,6 +17,10 @@ from valve.device_plugin.devices import DeviceState, DeviceTable
 from valve.device_plugin.metrics import PluginMetrics
 
 log = logging.getLogger(__name__)
+# Each ListAndWatch stream holds a server thread for its life: streams are capped and the pool has room for unary
+# calls on top (server.py), so extra streams cannot starve Allocate. The kubelet keeps one stream per resource.
+MAX_STREAMS = 16
+UNARY_WORKERS = 8
 
 
 class RequestError(ValueError):
@@ -87,6 +91,20 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         self.metrics = metrics
         self.on_allocate = on_allocate  # e.g. the pod annotator's kick
         self.stopped = threading.Event()
+        self.streams = 0  # ListAndWatch streams being served
+        self._streams_lock = threading.Lock()
+
+    def admit_stream(self) -> bool:
+        """Take a stream place; False when MAX_STREAMS are open (the caller refuses the stream)."""
+        with self._streams_lock:
+            if self.streams >= MAX_STREAMS:
+                return False
+            self.streams += 1
+            return True
+
+    def leave_stream(self) -> None:
+        with self._streams_lock:
+            self.streams -= 1
 
     # Plain functions the handlers call (tested directly too).
     def options(self) -> pb.DevicePluginOptions:
@@ -146,13 +164,21 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         return self.options()
 
     def ListAndWatch(self, request, context) -> Iterator[pb.ListAndWatchResponse]:
-        seen = None
-        while not self.stopped.is_set() and context.is_active() and not self.table.closed:
-            version, states = self.table.snapshot()
-            if version != seen:
-                seen = version
-                yield pb.ListAndWatchResponse(devices=[device_message(s) for s in states])
-            self.table.wait_change(seen, 0.25)
+        if not self.admit_stream():
+            msg = (f"{self.resource}: {MAX_STREAMS} ListAndWatch streams are open already (the kubelet needs one); "
+                   "refusing another so that Allocate keeps a thread")
+            log.warning("%s", msg)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, msg)
+        try:
+            seen = None
+            while not self.stopped.is_set() and context.is_active() and not self.table.closed:
+                version, states = self.table.snapshot()
+                if version != seen:
+                    seen = version
+                    yield pb.ListAndWatchResponse(devices=[device_message(s) for s in states])
+                self.table.wait_change(seen, 0.25)
+        finally:
+            self.leave_stream()
 
     def GetPreferredAllocation(self, request, context):
         return self._guard(self.preferred, request, context)

@@ -126,7 +126,12 @@ def arbiter(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    cb, reason = ControlBlock.open_or_create(path)
+    try:
+        cb, reason = ControlBlock.open_or_create(path)
+    except OSError as e:  # e.g. a directory another uid made with a narrow mode
+        typer.echo(f"valve runtime arbiter: cannot create the control block {path}: {e.strerror} "
+                   f"({e.filename}; running as uid {os.geteuid()})", err=True)
+        raise typer.Exit(code=2) from None
     if reason:
         log.warning("re-initialised the control block: %s", reason)
     registry = CollectorRegistry()
@@ -159,6 +164,11 @@ def proxy(
                                            help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR),
     metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
+    upstream_connections: int = typer.Option(0, "--upstream-connections", min=0,
+                                             help="Most concurrent upstream connections (0: no cap)."),
+    upstream_read_timeout: float = typer.Option(600.0, "--upstream-read-timeout", min=0.0,
+                                                help="Seconds of upstream silence (before the headers or between "
+                                                "body chunks) before the request fails (0: wait forever)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
     from valve.runtime.online.proxy import proxy_command
@@ -167,4 +177,5 @@ def proxy(
         gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)
 
     proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
-                  metrics_port=metrics_port or None)
+                  metrics_port=metrics_port or None, max_connections=upstream_connections,
+                  read_timeout=upstream_read_timeout)

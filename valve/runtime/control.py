@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 from valve.api.contract import CONTROL_FILE, ENV_GPU_UUID, ENV_RUNTIME_DIR, ONLINE_SLOTS_DIR, RUNTIME_DIR
@@ -24,6 +26,16 @@ SLOTS = 32  # online writer slots (processes signalling online requests: proxy, 
 # bits of `flags` (the arbiter is its only writer)
 FLAG_ARBITER = 1  # an arbiter runs and keeps the heartbeat
 FLAG_CLOSE_ALLOWED = 2  # an online client that starts a request may close an open gate itself (fast path)
+# Tenants run as different uids (arbiter 65532, online root, offline 1000) with no common group: the modes are
+# set explicitly (not from the umask) so every one of them can map the block and lock its slot. The directory
+# is the GPU's alone (the operator mounts only it); the sticky bit keeps one tenant from deleting another's locks.
+FILE_MODE = 0o666
+DIR_MODE = 0o777
+SLOTS_DIR_MODE = 0o1777
+RECHECK_NS = 100_000_000  # how often a mapped block compares its file's inode with the path's (one stat)
+REATTACH_NS = 100_000_000  # how often a detached block tries to map the file again
+
+log = logging.getLogger(__name__)
 
 
 class OnlineSlot(ctypes.Structure):
@@ -97,6 +109,79 @@ class ControlBlockError(RuntimeError):
     """A control file that is missing, or not a Valve control block of this layout."""
 
 
+def block_problem(file_size: int, mapped_ino: int, path_ino: int | None, magic: int | None = None,
+                  version: int | None = None, size: int | None = None) -> str | None:
+    """Why a mapped control file must not be touched (None: it may). ``path_ino`` None: the path is gone; the
+    header words are read only when the size allows it (None: not read)."""
+    if file_size < FILE_SIZE:
+        return f"truncated to {file_size} bytes (touching the mapping would raise SIGBUS)"
+    if path_ino is None:
+        return "removed"
+    if path_ino != mapped_ino:
+        return "replaced by another file"
+    if magic is not None and magic != MAGIC:
+        return f"bad magic {magic:#010x}"
+    if version is not None and (version != VERSION or size != FILE_SIZE):
+        return f"layout version {version} size {size}, this Valve reads version {VERSION} size {FILE_SIZE}"
+    return None
+
+
+def set_mode(fd_or_path: int | Path, mode: int) -> None:
+    """Set a mode we created with; a file someone else owns keeps its own (we may not change it)."""
+    try:
+        if isinstance(fd_or_path, int):
+            os.fchmod(fd_or_path, mode)
+        else:
+            os.chmod(fd_or_path, mode)
+    except PermissionError:
+        pass
+
+
+def make_dir(path: Path, mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.stat(path).st_uid == os.geteuid():
+        set_mode(path, mode)
+
+
+def _map(path: Path) -> tuple[int, mmap.mmap, int]:
+    """Open and map a control file, checking size, magic and version: (fd kept open, mapping, inode)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise ControlBlockError(f"{path}: no control file (is the arbiter running?)") from None
+    except OSError as e:
+        raise ControlBlockError(f"{path}: cannot open the control file: {e.strerror} (mode "
+                                f"{_mode(path)}, this process runs as uid {os.geteuid()})") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != FILE_SIZE:
+            raise ControlBlockError(f"{path}: size {st.st_size} bytes, expected {FILE_SIZE}: not a Valve control file")
+        mm = mmap.mmap(fd, FILE_SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+    head = Layout.from_buffer_copy(mm[: ctypes.sizeof(Layout)])
+    problem = None
+    if head.magic != MAGIC:
+        problem = f"{path}: bad magic {head.magic:#010x}, expected {MAGIC:#010x}"
+    elif head.version != VERSION or head.size != FILE_SIZE:
+        problem = (f"{path}: layout version {head.version} size {head.size}, this Valve reads version {VERSION} "
+                   f"size {FILE_SIZE}: upgrade the arbiter and clients together")
+    if problem:
+        mm.close()
+        os.close(fd)
+        raise ControlBlockError(problem)
+    return fd, mm, st.st_ino
+
+
+def _mode(path: Path) -> str:
+    try:
+        st = os.stat(path)
+        return f"{st.st_mode & 0o7777:o} uid {st.st_uid}"
+    except OSError:
+        return "unknown"
+
+
 def runtime_dir() -> Path:
     return Path(os.environ.get(ENV_RUNTIME_DIR, RUNTIME_DIR))
 
@@ -115,13 +200,26 @@ def resolve_control_path(gpu_uuid: str | None = None, root: Path | str | None = 
 
 
 class ControlBlock:
-    """A mapped control file; fields are attributes of ``self.fields`` (a ctypes view of the mapping)."""
+    """A mapped control file; fields are attributes of ``self.fields`` (a ctypes view of the mapping).
 
-    def __init__(self, path: Path | None, mm: mmap.mmap) -> None:
+    A file can be truncated, replaced or rewritten under the mapping; touching a truncated mapping kills the
+    process with SIGBUS. So a client calls :meth:`healthy` (an ``fstat`` of the kept fd, a header read and, at a
+    bounded rate, a ``stat`` of the path) before touching ``fields``; it re-attaches to a valid replacement in
+    place (``generation`` counts re-attachments: views taken from the old mapping are stale then).
+    """
+
+    def __init__(self, path: Path | None, mm: mmap.mmap, fd: int | None = None, ino: int = 0) -> None:
         self.path, self.mm = path, mm  # path None: an anonymous (in-process) block
         self.fields = Layout.from_buffer(mm)
+        self._fd, self._ino = fd, ino
         self._claimed: set[int] = set()  # slots claimed through this mapping (anonymous blocks)
         self._claim_lock = threading.Lock()
+        self._health_lock = threading.Lock()
+        self.generation = 0
+        self.problem: str | None = None  # why the block is detached now (None: attached)
+        self._next_stat = self._next_try = 0
+        self._unreadable: set[int] = set()
+        self._retired: list[mmap.mmap] = []  # mappings of files this block re-attached away from
 
     @classmethod
     def anonymous(cls) -> ControlBlock:
@@ -141,18 +239,90 @@ class ControlBlock:
         written into a temporary file that is then renamed into place, so a client never maps a file of the right
         size whose header is not there yet."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o770)
+        fd, mm, ino = cls._create_file(path)
+        cb = cls(path, mm, fd, ino)
+        cb._init_header()
+        os.rename(path.with_name(f".{path.name}.{os.getpid()}.new"), path)
+        return cb
+
+    @staticmethod
+    def _create_file(path: Path) -> tuple[int, mmap.mmap, int]:
+        make_dir(path.parent, DIR_MODE)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
+            os.fchmod(fd, FILE_MODE)
             os.ftruncate(fd, FILE_SIZE)
             mm = mmap.mmap(fd, FILE_SIZE)
-        finally:
+        except BaseException:
             os.close(fd)
-        cb = cls(path, mm)
-        cb._init_header()
-        os.rename(tmp, path)
-        return cb
+            raise
+        return fd, mm, os.fstat(fd).st_ino
+
+    def recreate(self) -> None:
+        """The arbiter's answer to a bad file: a fresh one at the same path, mapped in place of the old."""
+        assert self.path is not None
+        with self._health_lock:
+            fd, mm, ino = self._create_file(self.path)
+            fresh = Layout.from_buffer(mm)
+            fresh.version, fresh.size, fresh.gate = VERSION, FILE_SIZE, GATE_OPEN
+            fresh.magic = MAGIC
+            os.rename(self.path.with_name(f".{self.path.name}.{os.getpid()}.new"), self.path)
+            self._swap(fd, mm, ino)
+
+    def _swap(self, fd: int, mm: mmap.mmap, ino: int) -> None:
+        # the old mapping is kept, not closed: ctypes views of it may still exist (close would raise), and a
+        # device registration of its page must not see the address reused by a later mapping
+        old = self._fd
+        self._retired.append(self.mm)
+        self.mm, self.fields, self._fd, self._ino = mm, Layout.from_buffer(mm), fd, ino
+        self.generation += 1
+        self.problem = None
+        self._next_stat = time.monotonic_ns() + RECHECK_NS
+        if old is not None:
+            os.close(old)
+
+    def healthy(self) -> bool:
+        """Whether ``fields`` may be touched now; re-attaches (in place) to a valid replacement file. Cheap: an
+        ``fstat`` and three header words per call, a ``stat`` of the path every ``RECHECK_NS``."""
+        if self._fd is None:
+            return True
+        with self._health_lock:
+            problem = self._check()
+            if problem is None:
+                if self.problem is not None:
+                    log.warning("control block %s is valid again", self.path)
+                self.problem = None
+                return True
+            if self.problem != problem:
+                log.error("control block %s: %s", self.path, problem)
+            self.problem = problem
+            now = time.monotonic_ns()
+            if now < self._next_try:
+                return False
+            self._next_try = now + REATTACH_NS
+            try:
+                fd, mm, ino = _map(self.path)
+            except ControlBlockError:
+                return False
+            self._swap(fd, mm, ino)
+            log.warning("control block %s: re-attached to the file now at that path", self.path)
+            return True
+
+    def _check(self) -> str | None:
+        size = os.fstat(self._fd).st_size
+        path_ino = self._ino
+        now = time.monotonic_ns()
+        if self.problem is not None or now >= self._next_stat:
+            self._next_stat = now + RECHECK_NS
+            try:
+                path_ino = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                path_ino = None
+        if size < FILE_SIZE:
+            return block_problem(size, self._ino, path_ino)
+        f = self.fields
+        return block_problem(size, self._ino, path_ino, f.magic, f.version, f.size)
 
     @classmethod
     def open_or_create(cls, path: Path | str) -> tuple[ControlBlock, str | None]:
@@ -160,7 +330,11 @@ class ControlBlock:
         restart, and clients keep their mapping); a missing one is created; one that is not a valid control
         block is replaced by a new one. Returns the block and why it was re-initialised (None if not)."""
         try:
-            return cls.open(path), None
+            cb = cls.open(path)
+            if os.fstat(cb._fd).st_uid == os.geteuid():  # a file an older arbiter made with umask modes
+                set_mode(cb._fd, FILE_MODE)
+                set_mode(cb.path.parent, DIR_MODE)
+            return cb, None
         except ControlBlockError as e:
             reason = None if not Path(path).exists() else str(e)
         return cls.create(path), reason
@@ -169,28 +343,8 @@ class ControlBlock:
     def open(cls, path: Path | str) -> ControlBlock:
         """Map an existing control file, checking magic, version and size."""
         path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            raise ControlBlockError(f"{path}: no control file (is the arbiter running?)") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size != FILE_SIZE:
-                raise ControlBlockError(f"{path}: size {size} bytes, expected {FILE_SIZE}: not a Valve control file")
-            mm = mmap.mmap(fd, FILE_SIZE)
-        finally:
-            os.close(fd)
-        head = Layout.from_buffer_copy(mm[: ctypes.sizeof(Layout)])
-        if head.magic != MAGIC:
-            mm.close()
-            raise ControlBlockError(f"{path}: bad magic {head.magic:#010x}, expected {MAGIC:#010x}")
-        if head.version != VERSION or head.size != FILE_SIZE:
-            mm.close()
-            raise ControlBlockError(
-                f"{path}: layout version {head.version} size {head.size}, this Valve reads version {VERSION} "
-                f"size {FILE_SIZE}: upgrade the arbiter and clients together"
-            )
-        return cls(path, mm)
+        fd, mm, ino = _map(path)
+        return cls(path, mm, fd, ino)
 
     def gate_address(self) -> int:
         """Host address of the gate word (for cuMemHostRegister / cuStreamWaitValue32)."""
@@ -225,8 +379,14 @@ class ControlBlock:
                     self._claimed.add(i)
             else:
                 lock = self._lock_file(i)
-                lock.parent.mkdir(mode=0o770, exist_ok=True)
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o660)
+                make_dir(lock.parent, SLOTS_DIR_MODE)
+                try:
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+                except PermissionError as e:  # another uid's lock file with a narrow mode: try the next slot
+                    log.warning("online slot %d: %s (mode %s)", i, e, _mode(lock))
+                    continue
+                if os.fstat(fd).st_uid == os.geteuid():
+                    set_mode(fd, FILE_MODE)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -253,6 +413,12 @@ class ControlBlock:
                 s.state = 0
                 reaped.append(i)
                 continue
+            except OSError as e:  # cannot tell: leave the slot (its writer may live), say why once per slot
+                if i not in self._unreadable:
+                    self._unreadable.add(i)
+                    log.error("online slot %d: cannot open its lock file: %s (mode %s, uid %d)", i, e.strerror,
+                              _mode(self._lock_file(i)), os.geteuid())
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -266,6 +432,9 @@ class ControlBlock:
     def close(self) -> None:
         del self.fields
         self.mm.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class SlotClaim:
@@ -273,12 +442,19 @@ class SlotClaim:
 
     def __init__(self, cb: ControlBlock, index: int, fd: int | None) -> None:
         self.cb, self.index, self._fd = cb, index, fd
+        self.generation = cb.generation  # the mapping this claim is in
         self.slot = cb.fields.slots[index]
+
+    @property
+    def stale(self) -> bool:
+        """The block was re-attached to another file since the claim: the slot is in the old mapping."""
+        return self.generation != self.cb.generation
 
     def release(self) -> None:
         if self.slot is None:
             return
-        self.slot.state = 0
+        if not self.stale and self.cb.healthy() and not self.stale:
+            self.slot.state = 0
         self.slot = None
         if self._fd is None:
             with self.cb._claim_lock:

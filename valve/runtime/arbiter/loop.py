@@ -9,6 +9,11 @@ Each :meth:`Arbiter.step` (a loop every ``period_s``, or a simulated clock in te
 4. sets ``FLAG_CLOSE_ALLOWED`` while a closure would be within the cap, so online clients close the gate
    themselves at request start with no arbiter round trip,
 5. updates counters and metrics, and runs the memory controller (``memory.step``) every ``memory_ms``.
+
+Before each step it checks the block (:meth:`ControlBlock.healthy`): a truncated, replaced or re-versioned file is
+never touched; the arbiter re-attaches to a valid replacement or re-creates the file (clients follow the new inode).
+A gate word other than open or closed counts as closed. On start, requests already in flight in the slots close
+an open gate (within the rate cap): a restarted arbiter must not leave them ungated.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Arbiter:
         self._reported = {"preemptions": 0, "capped": 0, "closed_ns": 0}
         self._measured_close = int(f.last_close_ns)
         self._started = False
+        self.recreated = 0  # times the control file was bad and re-created
         self.steps = 0
         self.preemption_latencies_ns: list[int] = []
 
@@ -88,7 +94,7 @@ class Arbiter:
     def _decide(self, now: int) -> None:
         f, p = self.cb.fields, self.policy
         arrivals, client_close, inflight, last_end = self._collect()
-        if p.gate_open and f.gate == GATE_CLOSED:  # an online client closed it (or an arbiter before us)
+        if p.gate_open and f.gate != GATE_OPEN:  # an online client closed it (or an arbiter before us)
             t = min(now, client_close) if client_close else now
             p.adopt_close(t)
             f.last_close_ns = t
@@ -103,11 +109,17 @@ class Arbiter:
     # ---- one loop ----------------------------------------------------------------------------------------
     def step(self, now: int) -> int | None:
         """Run one decision at monotonic time ``now`` (ns). Returns when the gate is due to reopen, if it is."""
+        self._ensure_block()
         f, p = self.cb.fields, self.policy
         if not self._started:
             self._started = True
-            if f.gate == GATE_CLOSED:  # restarted with the gate closed: treat it as a closure at start
-                p.adopt_close(now)
+            for i in self.cb.reap_dead_slots():
+                log.info("online slot %d: its process died before this arbiter started", i)
+            inflight = self.cb.inflight()
+            if p.resume(now, f.gate == GATE_OPEN, inflight):
+                f.gate = GATE_CLOSED
+                f.last_close_ns = now
+                log.info("%d online request(s) in flight at start: closed the gate", inflight)
         f.heartbeat_ns = now
         f.lease_ns = self.lease_ns
         f.queue_ahead = self.spec.queue_ahead
@@ -129,6 +141,20 @@ class Arbiter:
             self.memory.step(now, self.cb)
         self.steps += 1
         return p.reopen_at()
+
+    def _ensure_block(self) -> None:
+        """A bad block (truncated, replaced, another version) is re-attached or re-created before it is touched."""
+        cb = self.cb
+        if cb.path is None or cb.healthy():
+            return
+        problem = cb.problem
+        cb.recreate()
+        self._seen.clear()
+        self._seen_progress = self._seen_forced = self._seen_parked = 0
+        self.recreated += 1
+        if self.metrics is not None:
+            self.metrics.recreated.inc()
+        log.error("control block %s was %s: re-created it (clients re-attach)", cb.path, problem)
 
     def _account(self, f, closed: int) -> None:
         p, r, m = self.policy, self._reported, self.metrics
@@ -157,6 +183,8 @@ class Arbiter:
 
     def shutdown(self) -> None:
         """Leave offline free to run: open the gate and clear the flags (also on a clean exit)."""
+        if not self.cb.healthy():
+            return
         f = self.cb.fields
         f.flags = 0
         f.gate = GATE_OPEN

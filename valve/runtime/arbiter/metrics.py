@@ -25,5 +25,7 @@ class GateMetrics:
         # additions (to be listed in docs/metrics.md)
         self.forced_opens = Counter("valve_gate_forced_opens_total", "Gate opened by an offline client on a stale "
                                     "arbiter heartbeat.", ["gpu"], registry=r).labels(*g)
+        self.recreated = Counter("valve_control_block_recreated_total", "Control file found truncated, replaced "
+                                 "or of another version, and re-created.", ["gpu"], registry=r).labels(*g)
         self.capped = Counter("valve_preemptions_capped_total", "Online bursts that ran with the gate open because "
                               "the preemption rate cap was reached.", ["gpu"], registry=r).labels(*g)

@@ -49,6 +49,15 @@ class GatePolicy:
         self.preemptions += 1
         self._closed_at = t
 
+    def resume(self, now: int, gate_open: bool, inflight: int) -> bool:
+        """A (re)started arbiter's first look: adopt a closed gate; with requests already in flight and the gate
+        open, close it within the cap (they started before us, so no arrival would). True: close it now."""
+        self.inflight = inflight
+        if not gate_open:
+            self.adopt_close(now)
+            return False
+        return inflight > 0 and self._close(now)
+
     def adopt_open(self, now: int) -> None:
         """The gate was opened behind the policy's back (an offline client on a stale heartbeat)."""
         if not self.gate_open:

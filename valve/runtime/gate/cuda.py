@@ -155,6 +155,14 @@ class CudaGateBackend:
         if "spin" in (mode, capture):
             self._spin = compile_spin_kernel()
 
+    def bind(self, cb: ControlBlock) -> None:
+        """The Gate re-attached to a new mapping (the file was replaced): wait on the new page's word."""
+        if cb.page_address() != self.page:
+            ensure_context()  # the Gate's watchdog thread may be the one that sees the re-attach
+            unmap_page(self.page)  # the old mapping stays alive (ControlBlock keeps it), so this is valid
+            self.page = cb.page_address()
+            self.gate_dptr = map_page(self.page) + GATE_OFFSET
+
     def _stream(self, stream=None):
         ensure_context()  # every driver call below; the caller's thread may have no current context
         s = stream if stream is not None else self.torch.cuda.current_stream()

@@ -6,9 +6,15 @@ forward pre-hooks, no engine patch; or the one-liner ``gate()``) does, in order:
 1. runs the boundary hooks (``on_boundary``: the memory reclaim handler, engine bookkeeping),
 2. waits (on the CPU) until at most ``queue_ahead`` gated sub-layers are queued that the GPU has not reached,
    so a closing gate stops offline within a bounded amount of already-queued work,
-3. if the gate is closed and the arbiter's heartbeat is older than the lease, opens it (offline never stalls on
-   a dead arbiter; counted in ``forced_opens``),
+3. if the gate is not open (any word other than GATE_OPEN counts as closed) and the arbiter's heartbeat is older
+   than the lease, opens it (offline never stalls on a dead arbiter; counted in ``forced_opens``),
 4. enqueues the wait on the gate word in the stream (the backend) and a mark to see when the GPU passes it.
+
+A watchdog thread (``Gate(watchdog=True)``, the default for blocking backends) runs the lease check every
+quarter lease as well: an engine blocked in a device sync or a graph replay behind a closed gate never reaches
+step 3. A control block that goes bad under the mapping (truncated, replaced, another version) is never touched:
+offline runs ungated (one log line; ``ungated`` counts boundaries) until it is valid again; the backend is re-bound
+to a re-attached mapping.
 
 Under CUDA-graph capture only step 4's wait is recorded (a graph memop node or the spin kernel, see
 ``gate.cuda``); each replay then waits on the live gate word. Hooks and queue-ahead are the engine's business
@@ -26,12 +32,13 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from valve.api.contract import ENV_GPU_UUID
-from valve.runtime.control import GATE_CLOSED, GATE_OPEN, ControlBlock, resolve_control_path
+from valve.runtime.control import GATE_OPEN, ControlBlock, resolve_control_path
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,13 @@ DEFAULT_LEASE_MS = 1000.0
 DEFAULT_QUEUE_AHEAD = 2  # RuntimeSpec's default, for a control block with no arbiter publishing one
 DEFAULT_PATTERN = r"(^|\.)(self_attn|attn|mlp|feed_forward)$"
 POLL_S = 50e-6  # CPU poll period while waiting for queue room or an open gate
+WATCHDOG_MIN_S, WATCHDOG_MAX_S = 0.002, 0.25  # bounds of the watchdog's period (a quarter lease)
+
+
+def lease_expired(gate_word: int, heartbeat_ns: int, lease_ns: int, now: int) -> bool:
+    """Whether the offline side opens the gate itself: it is not open (a corrupted word counts as closed) and
+    the arbiter's heartbeat is older than the lease."""
+    return gate_word != GATE_OPEN and now - heartbeat_ns > lease_ns
 
 
 class GateBusy(RuntimeError):
@@ -118,6 +132,7 @@ class Gate:
         backend="auto",
         queue_ahead: int | None = None,
         lease_ms: float | None = None,
+        watchdog: bool | None = None,
     ) -> None:
         if queue_ahead is not None and queue_ahead < 1:
             raise ValueError(f"queue_ahead must be at least 1, got {queue_ahead}")
@@ -137,7 +152,30 @@ class Gate:
         self.boundaries = 0  # gates enqueued
         self.passed = 0  # gates the stream has passed (marks reached)
         self.forced_opens = 0
+        self.ungated = 0  # boundaries passed ungated because the control block was bad
         self._lock = threading.Lock()
+        self._lease_lock = threading.Lock()  # the watchdog and the engine thread both check the lease
+        self._generation = control.generation
+        self._stop = threading.Event()
+        self.watchdog: threading.Thread | None = None
+        if watchdog if watchdog is not None else self.backend.can_block:
+            self.watchdog = threading.Thread(target=_watch, args=(weakref.ref(self), self._stop), daemon=True,
+                                             name="valve-gate-watchdog")
+            self.watchdog.start()
+
+    def close(self) -> None:
+        """Stop the watchdog (it also stops once the Gate is garbage)."""
+        self._stop.set()
+
+    def attached(self) -> bool:
+        """Whether the control block may be touched now (re-binds the backend after a re-attach)."""
+        if not self.cb.healthy():
+            return False
+        if self.cb.generation != self._generation:
+            self._generation = self.cb.generation
+            if hasattr(self.backend, "bind"):
+                self.backend.bind(self.cb)
+        return True
 
     # ---- hooks and state -----------------------------------------------------------------------------
     def on_boundary(self, fn: Callable[[], object]) -> Callable[[], object]:
@@ -151,40 +189,49 @@ class Gate:
         RuntimeSpec (read at every boundary, so a changed spec applies without restarting the engine)."""
         if self._queue_ahead is not None:
             return self._queue_ahead
+        if not self.attached():
+            return DEFAULT_QUEUE_AHEAD
         published = int(self.cb.fields.queue_ahead)
         return published if published >= 1 else DEFAULT_QUEUE_AHEAD
 
     def lease_ns(self) -> int:
         if self.lease_ms is not None:
             return int(self.lease_ms * 1e6)
+        if not self.attached():
+            return int(DEFAULT_LEASE_MS * 1e6)
         published = int(self.cb.fields.lease_ns)
         return published if published else int(DEFAULT_LEASE_MS * 1e6)
 
     def is_open(self) -> bool:
-        return self.cb.fields.gate == GATE_OPEN
+        """The gate word is open, or the block is bad (offline then runs ungated, as with a dead arbiter)."""
+        return not self.attached() or self.cb.fields.gate == GATE_OPEN
 
     def check_lease(self, now: int | None = None) -> bool:
-        """Open a closed gate whose arbiter heartbeat is older than the lease. Returns True if it did."""
-        f = self.cb.fields
-        if f.gate != GATE_CLOSED:
-            return False
-        now = self.backend.now_ns() if now is None else now
-        age = now - int(f.heartbeat_ns)
-        if age <= self.lease_ns():
-            return False
-        f.gate = GATE_OPEN
-        f.forced_opens += 1
-        self.forced_opens += 1
-        log.warning("arbiter heartbeat is %.0f ms old (lease %.0f ms) with the gate closed: opening it",
-                    age / 1e6, self.lease_ns() / 1e6)
+        """Open a gate that is not open when the arbiter heartbeat is older than the lease. True if it did."""
+        with self._lease_lock:
+            if not self.attached():
+                return False
+            f = self.cb.fields
+            now = self.backend.now_ns() if now is None else now
+            word, lease = int(f.gate), self.lease_ns()
+            if not lease_expired(word, int(f.heartbeat_ns), lease, now):
+                return False
+            f.gate = GATE_OPEN
+            f.forced_opens += 1
+            self.forced_opens += 1
+        log.warning("arbiter heartbeat is %.0f ms old (lease %.0f ms) with the gate word %d: opening it",
+                    (now - int(f.heartbeat_ns)) / 1e6, lease / 1e6, word)
         return True
 
     def _reap(self) -> None:
         m = self.marks
+        reached = 0
         while m and self.backend.reached(m[0]):
             m.popleft()
-            self.passed += 1
-            self.cb.fields.offline_progress += 1
+            reached += 1
+        self.passed += reached
+        if reached and self.attached():
+            self.cb.fields.offline_progress += reached
 
     def room(self) -> bool:
         """Whether another gated sub-layer may be queued now."""
@@ -211,6 +258,10 @@ class Gate:
             self.backend.wait(stream)
             return
         with self._lock:
+            if not self.attached():  # a bad block: run ungated rather than touch it (or stall)
+                self.ungated += 1
+                self._reap()
+                return
             for fn in _global_hooks:
                 fn()
             for fn in self.hooks:
@@ -233,6 +284,23 @@ class Gate:
             return not self.marks
 
         self._wait_until(empty)
+
+
+def _watch(ref: weakref.ref, stop: threading.Event) -> None:
+    """The lease watchdog: a quarter-lease period, bounded; ends with the Gate."""
+    while True:
+        g = ref()
+        if g is None:
+            return
+        try:
+            g.check_lease()
+            period = min(WATCHDOG_MAX_S, max(WATCHDOG_MIN_S, g.lease_ns() / 4e9))
+        except Exception:  # noqa: BLE001 - the watchdog must outlive a bad moment; the engine thread reports
+            log.exception("gate watchdog")
+            period = WATCHDOG_MAX_S
+        del g
+        if stop.wait(period):
+            return
 
 
 # ---- module-level helpers ------------------------------------------------------------------------------------

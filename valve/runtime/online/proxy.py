@@ -10,8 +10,11 @@ the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-en
   first one (``[DONE]`` excluded), observed once per request with at least two events.
 
 The request ends (arbiter signal) when the response body is finished, on upstream error (the client gets a 502
-with the reason) or when the client disconnects. Online is never blocked by Valve: with no control block the
-proxy only forwards and measures.
+with the reason), on an upstream read timeout (504 before the headers; the connection is cut after them: a request
+that never answers must not keep the gate closed) or when the client disconnects. Upstream connections are not
+capped by default (aiohttp's default cap of 100 queued requests past the 100th behind whole responses). Online is never blocked by Valve: with no control block the
+proxy only forwards and measures; with a bad one (truncated, replaced, another version) it serves requests ungated
+and counts them in ``valve_online_ungated_requests_total`` (the signal logs the problem once).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ HOP_BY_HOP = frozenset(
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_SIGNAL_METHODS = ("POST",)
+DEFAULT_READ_TIMEOUT_S = 600.0  # longest upstream silence (before the headers or between body chunks)
 
 
 def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -119,6 +123,9 @@ class ProxyMetrics:
                                 registry=self.registry)
         self.ttft = Histogram("valve_online_ttft_seconds", "Time to first response chunk.",
                               buckets=TTFT_BUCKETS, registry=self.registry)
+        self.ungated = Counter("valve_online_ungated_requests", "Online requests served without signalling the "
+                               "arbiter (no control block yet, or a bad one: truncated, replaced, another version).",
+                               registry=self.registry)
         self.tpot = Histogram("valve_online_tpot_seconds", "Mean time between streamed tokens (SSE events).",
                               buckets=TPOT_BUCKETS, registry=self.registry)
 
@@ -144,7 +151,8 @@ class Proxy:
 
     def __init__(self, upstream: str, signal=None, metrics: ProxyMetrics | None = None,
                  signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS,
-                 connect_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 connect_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 max_connections: int = 0, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
         self.upstream = URL(upstream)
         if self.upstream.scheme not in ("http", "https") or not self.upstream.host:
             raise ValueError(f"--upstream {upstream!r}: expected http://HOST:PORT")
@@ -153,6 +161,10 @@ class Proxy:
         self.metrics = metrics or ProxyMetrics()
         self.signal_methods = {m.upper() for m in signal_methods}
         self.connect_timeout = connect_timeout
+        if max_connections < 0:
+            raise ValueError(f"--upstream-connections {max_connections}: expected 0 (no cap) or more")
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout or None  # 0: none
         self.clock = clock
         self.session: aiohttp.ClientSession | None = None
         self.inflight = 0  # requests this proxy signalled and has not ended yet
@@ -165,9 +177,10 @@ class Proxy:
         return app
 
     async def _start(self, app: web.Application) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+        connector = aiohttp.TCPConnector(limit=self.max_connections)  # 0: no cap
         # no decompression: bytes pass through as the upstream sent them (Content-Encoding kept)
-        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, connector=connector)
 
     async def _stop(self, app: web.Application) -> None:
         if self.session is not None:
@@ -184,6 +197,8 @@ class Proxy:
             self.metrics.requests.inc()
             self.inflight += 1
             told = self._tell(self.signal.begin)
+            if not told or not getattr(self.signal, "last_gated", True):
+                self.metrics.ungated.inc()
         try:
             return await self._forward(request, start, online)
         finally:  # body done, upstream error, or client gone (handler cancelled / write failed)
@@ -210,7 +225,10 @@ class Proxy:
         try:
             upstream = await self.session.request(request.method, url, headers=headers,
                                                   data=body if body else None, allow_redirects=False)
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except TimeoutError as e:
+            return bad_gateway(f"valve proxy: upstream {self.upstream} did not answer in time: {e or 'timeout'}",
+                               status=504)
+        except (aiohttp.ClientError, OSError) as e:
             return bad_gateway(f"valve proxy: upstream {self.upstream} unreachable: {type(e).__name__}: {e}")
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -225,9 +243,9 @@ class Proxy:
                 async for chunk in upstream.content.iter_any():
                     timer.chunk(chunk, self.clock())
                     await resp.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as e:
                 # headers already sent: all we can do is cut the client connection
-                log.warning("upstream %s broke mid-response: %s", self.upstream, e)
+                log.warning("upstream %s broke mid-response: %s", self.upstream, e or type(e).__name__)
                 if request.transport is not None:
                     request.transport.close()
                 return resp
@@ -237,9 +255,9 @@ class Proxy:
         return resp
 
 
-def bad_gateway(message: str) -> web.Response:
+def bad_gateway(message: str, status: int = 502) -> web.Response:
     log.warning("%s", message)
-    return web.Response(status=502, text=message + "\n")
+    return web.Response(status=status, text=message + "\n")
 
 
 def make_signal(gpu: str | None, runtime_dir: str | None = None):
@@ -285,11 +303,13 @@ async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = N
 
 def proxy_command(listen: str = ":9000", upstream: str = "http://127.0.0.1:8000", gpu: str | None = None,
                   runtime_dir: str | None = None, metrics_port: int | None = 9401,
-                  signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS) -> None:
+                  signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS, max_connections: int = 0,
+                  read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
     """Entry point for `valve runtime proxy` (the CLI module wires its options to this)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = parse_listen(listen)
-    proxy = Proxy(upstream, signal=make_signal(gpu, runtime_dir), signal_methods=signal_methods)
+    proxy = Proxy(upstream, signal=make_signal(gpu, runtime_dir), signal_methods=signal_methods,
+                  max_connections=max_connections, read_timeout=read_timeout)
     try:
         asyncio.run(serve(proxy, host, port, metrics_port))
     except KeyboardInterrupt:

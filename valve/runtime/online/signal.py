@@ -6,7 +6,12 @@
 Each process claims one writer slot in the control block and only ever writes its own slot (no shared
 read-modify-write across processes). When the arbiter allows it (``FLAG_CLOSE_ALLOWED``: it runs and the
 preemption rate cap is not reached) the client closes an open gate itself at request start, so the gate closes
-with no arbiter round trip; the arbiter accounts that closure and decides when to reopen.
+with no arbiter round trip; the arbiter accounts that closure and decides when to reopen. Not when the heartbeat is
+older than the lease: a dead arbiter's flag is stale, and nobody would reopen the gate before the lease.
+
+A block that goes bad under the mapping (truncated, replaced, another layout version) is never touched: requests
+are served ungated (``ungated`` counts them, one log line per problem) until the block is valid again, then the
+signal claims a slot in the new mapping with its requests in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from valve.runtime.control import (
 
 log = logging.getLogger(__name__)
 RETRY_NS = 1_000_000_000  # how often a signal with no control block tries to open it again
+DEFAULT_LEASE_NS = 1_000_000_000  # the lease when the arbiter publishes none (as the offline client's default)
+
+
+def may_close(gate: int, flags: int, heartbeat_ns: int, lease_ns: int, now: int) -> bool:
+    """Whether an online client starting a request closes the gate itself: it is open, the arbiter allows it,
+    and the arbiter is alive (its heartbeat within the lease), so it will reopen the gate."""
+    return gate == GATE_OPEN and bool(flags & FLAG_CLOSE_ALLOWED) and now - heartbeat_ns <= (lease_ns or
+                                                                                            DEFAULT_LEASE_NS)
 
 
 class OnlineSignal:
@@ -48,8 +61,15 @@ class OnlineSignal:
         self._warned = False
         self.inflight = 0  # this process's requests in flight
         self.closes = 0  # gate closures this process made
+        self.ungated = 0  # requests begun while the control block was bad (served, not signalled)
+        self.last_gated = True  # whether the last begin() reached the control block
 
     def _slot(self):
+        if self.cb is not None and not self.cb.healthy():
+            return None
+        if self._claim is not None and self._claim.stale:  # re-attached to a new file: claim a slot there
+            self._claim.release()
+            self._claim = None
         if self._claim is not None:
             return self._claim.slot
         if self.cb is None:
@@ -71,6 +91,7 @@ class OnlineSignal:
                 log.warning("online signal disabled: %s", e)
                 self._warned = True
             return None
+        self._claim.slot.started = self.inflight  # requests already in flight (begun before this claim) count
         return self._claim.slot
 
     def begin(self) -> bool:
@@ -78,13 +99,18 @@ class OnlineSignal:
         with self._lock:
             self.inflight += 1
             s = self._slot()
+            self.last_gated = s is not None
             if s is None:
+                if self.cb is not None and self.cb.problem:
+                    self.ungated += 1
                 return False
-            s.started += 1
+            if s.started - s.ended < self.inflight:  # else the claim counted this request already (fresh slot)
+                s.started += 1
             f = self.cb.fields
-            if f.gate == GATE_OPEN and f.flags & FLAG_CLOSE_ALLOWED:
+            now = self.clock()
+            if may_close(f.gate, f.flags, f.heartbeat_ns, f.lease_ns, now):
                 f.gate = GATE_CLOSED
-                s.close_ns = self.clock()
+                s.close_ns = now
                 s.closes += 1
                 self.closes += 1
                 return True
@@ -95,10 +121,10 @@ class OnlineSignal:
         with self._lock:
             if self.inflight <= 0:
                 raise ValueError("OnlineSignal.end() without a matching begin()")
+            s = self._slot() if self._claim is not None else None  # re-claims in a re-attached block
             self.inflight -= 1
-            if self._claim is None:
+            if s is None:
                 return
-            s = self._claim.slot
             if s.ended < s.started:  # a begin() while the block was missing has no slot count
                 s.end_ns = self.clock()
                 s.ended += 1

@@ -32,7 +32,7 @@ CREATED_GRACE_S = 30.0  # how long a created pod counts as there before the watc
 CONFLICT_GRACE_S = 300.0  # how long a create refused with 409 (the pod exists) counts as there
 GPU_REPORT_GRACE_S = 5.0  # an online pod started this long without a reported GPU: offline pod without a wish
 MAX_REPAIRS = 3  # offline pods recreated for a GPU mismatch, per pair and process, before the pair stays Degraded
-URGENT = ("phase", "node", "gpuUUID")  # status fields written at once; other changes wait `coalesce_seconds`
+URGENT = ("phase", "node")  # status fields written at once; other changes once the pair is quiet
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Operator:
     kube: Kube
     cfg: OperatorConfig = field(default_factory=OperatorConfig)
     resync_seconds: float = 30.0
-    coalesce_seconds: float = 5.0
+    coalesce_seconds: float | None = None  # quiet time before a detail-only status write (None: resync_seconds)
     indices: dict[str, Any] = field(default_factory=dict)
     claims: dict[Key, str] = field(default_factory=dict)  # placed, status not observed yet
     pair_node: dict[Key, str] = field(default_factory=dict)
@@ -55,11 +55,11 @@ class Operator:
     phases: dict[Key, str] = field(default_factory=dict)
     written: dict[Key, dict[str, Any]] = field(default_factory=dict)  # status as last written (or read)
     latest: dict[Key, dict[str, Any]] = field(default_factory=dict)  # status as last computed
-    dirty: dict[Key, float] = field(default_factory=dict)  # latest != written since (monotonic)
+    dirty: dict[Key, float] = field(default_factory=dict)  # latest != written, last changed at (monotonic)
     created: dict[tuple[str, str, str], tuple[float, PodView]] = field(default_factory=dict)  # until deadline
     repairs: dict[Key, int] = field(default_factory=dict)
     waiting: dict[str, set[Key]] = field(default_factory=dict)  # node -> pairs held by the offline gate
-    inflight: dict[str, Key] = field(default_factory=dict)  # node -> pair whose offline pod was created last
+    inflight: dict[str, tuple[Key, float]] = field(default_factory=dict)  # node -> (pair, until) creating offline
     fingerprints: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
     unreported: dict[Key, float] = field(default_factory=dict)  # online pod started, GPU not reported, since
     free: FreeSlots = field(default_factory=FreeSlots)
@@ -132,11 +132,11 @@ class Operator:
         own = pods[OFFLINE].uid if pods[OFFLINE] is not None else None
         if any(p.offline and p.admitting and p.uid != own for p in self.node_pods(node)):
             return False
-        other = self.inflight.get(node)
-        if other is not None and other != key:
-            pod = self.pods_of(other)[OFFLINE]
-            if pod is not None and pod.admitting:
-                return False
+        entry = self.inflight.get(node)
+        if entry is not None and entry[0] != key:
+            pod = self.pods_of(entry[0])[OFFLINE]
+            if (pod is None and time.monotonic() < entry[1]) or (pod is not None and pod.admitting):
+                return False  # its create is on its way, or its pod waits for admission
             del self.inflight[node]
         return True
 
@@ -187,6 +187,9 @@ class Operator:
                     repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
                     unwished=unreported_s >= GPU_REPORT_GRACE_S)
 
+        if node is not None and any(isinstance(a, Create) and a.role == OFFLINE for a in todo.actions):
+            # Taken before the create's await: another pair's reconcile must see the gate closed meanwhile.
+            self.inflight[node] = (key, time.monotonic() + CREATED_GRACE_S)
         old = body.get("status") or {}
         done = []
         for action in todo.actions:
@@ -198,8 +201,6 @@ class Operator:
                     log.info("pod %s exists already", action.pod["metadata"]["name"])
                     created, grace = action.pod, CONFLICT_GRACE_S
                 self.created[(*key, action.role)] = (time.monotonic() + grace, pod_view(created))
-                if action.role == OFFLINE and node is not None:
-                    self.inflight[node] = key
             else:
                 ok = await self.kube.delete_pod(key[0], action.name, action.uid)
                 if ok and action.why == "GPUMismatch":
@@ -214,14 +215,17 @@ class Operator:
                                   self.repairs.get(key, 0))
 
     async def write_status(self, key: Key, status: dict[str, Any], flush: bool = False) -> None:
-        """Write at once what matters (phase, node, GPU); coalesce the rest into a later write."""
+        """Write at once what matters (phase, node); other changes once the pair has been quiet for
+        `coalesce_seconds` (a pair going through its steps writes only its transitions)."""
+        previous = self.latest.get(key)
         self.latest[key] = status
         server = self.written.get(key) or {}
         if status == server:
             self.dirty.pop(key, None)
             return
         if not flush and server and all(server.get(f) == status.get(f) for f in URGENT):
-            self.dirty.setdefault(key, time.monotonic())
+            if status != previous or key not in self.dirty:
+                self.dirty[key] = time.monotonic()
             return
         await self.kube.patch_status(*key, {**{k: None for k in server}, **status})
         self.written[key] = status
@@ -312,11 +316,12 @@ class Operator:
 
     async def resync_loop(self) -> None:
         await self.indexed.wait()  # resource handlers (and so `indexed`) start only once indexes are full
-        tick = min(self.resync_seconds, max(0.05, self.coalesce_seconds / 2))
+        quiet = self.resync_seconds if self.coalesce_seconds is None else self.coalesce_seconds
+        tick = max(0.05, min(self.resync_seconds, quiet / 2))
         last = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            await self.flush(self.coalesce_seconds)
+            await self.flush(quiet)
             if time.monotonic() - last >= self.resync_seconds:
                 await self.resync()
                 last = time.monotonic()

@@ -23,7 +23,7 @@ from valve.operator import metrics
 from valve.operator.capacity import Claim, FreeSlots, NodeView, build_nodes, node_view
 from valve.operator.kube import Kube
 from valve.operator.placement import NO_FIT, Node, PairRequest, place
-from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view
+from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view, render_pod
 from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Operator:
     inflight: dict[str, tuple[Key, float]] = field(default_factory=dict)  # node -> (pair, until) creating offline
     fingerprints: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
     unreported: dict[Key, float] = field(default_factory=dict)  # online pod started, GPU not reported, since
+    rendered: dict[Key, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     free: FreeSlots = field(default_factory=FreeSlots)
     free_ready: bool = False
     indexed: asyncio.Event = field(default_factory=asyncio.Event)  # kopf has filled the indexes
@@ -185,7 +186,7 @@ class Operator:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit, offline_gate=gate,
                     repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
-                    unwished=unreported_s >= GPU_REPORT_GRACE_S)
+                    unwished=unreported_s >= GPU_REPORT_GRACE_S, render=self.renderer(key))
 
         if node is not None and any(isinstance(a, Create) and a.role == OFFLINE for a in todo.actions):
             # Taken before the create's await: another pair's reconcile must see the gate closed meanwhile.
@@ -238,6 +239,21 @@ class Operator:
                 async with self.locks.setdefault(key, asyncio.Lock()):
                     await self.write_status(key, self.latest[key], flush=True)
 
+    def renderer(self, key: Key) -> Callable[..., dict[str, Any]]:
+        """render_pod, remembered per pair: the pods depend only on the spec (generation), node and wish."""
+        cache = self.rendered.setdefault(key, {})
+
+        def render(pair: dict[str, Any], spec: c.ColocationPairSpec, role: str, node: str, cfg: OperatorConfig,
+                   want_gpu: str | None = None) -> dict[str, Any]:
+            meta = pair["metadata"]
+            sig = (meta.get("uid"), meta.get("generation"), role, node, want_gpu)
+            if sig not in cache:
+                if len(cache) > 8:
+                    cache.clear()
+                cache[sig] = render_pod(pair, spec, role, node, cfg, want_gpu=want_gpu)
+            return cache[sig]
+        return render
+
     def set_phase(self, key: Key, phase: str) -> None:
         old = self.phases.get(key)
         if old != phase:
@@ -279,11 +295,19 @@ class Operator:
             self.refresh(name)
 
     async def wake(self, node: str | None) -> None:
-        """An offline pod on the node got its GPU (or went): pairs held by the gate may go on."""
-        for key in list(self.waiting.pop(node or "", ())):
+        """An offline pod on the node was admitted (or went): the next pair held by the gate may go on.
+
+        One at a time: the first that creates its offline pod closes the gate again for the others.
+        """
+        waiting = self.waiting.get(node or "")
+        while waiting:
+            key = min(waiting)  # any order would do; a fixed one keeps runs reproducible
+            waiting.discard(key)
             body = self.pair_body(key)
             if body is not None:
                 await self.reconcile(body)
+            if node in self.inflight:
+                return
 
     def forget(self, key: Key) -> None:
         node = self.pair_node.get(key)
@@ -293,7 +317,7 @@ class Operator:
         if self.phases.get(key) is not None:
             metrics.PAIRS.labels(phase=self.phases[key]).dec()
         for d in (self.claims, self.first_seen, self.phases, self.locks, self.written, self.latest, self.dirty,
-                  self.repairs, self.fingerprints, self.unreported):
+                  self.repairs, self.fingerprints, self.unreported, self.rendered):
             d.pop(key, None)
         for role in ROLES:
             self.created.pop((*key, role), None)

@@ -12,6 +12,7 @@ next to a lone offline one, and only if it lands elsewhere is the offline pod re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,7 @@ def plan(
     offline_gate: bool = True,
     repairs_left: int = 1,
     unwished: bool = False,
+    render: Callable[..., dict[str, Any]] = render_pod,
 ) -> Plan:
     spec, invalid = parse_spec(pair)
     old = pair.get("status") or {}
@@ -106,7 +108,7 @@ def plan(
         placed = st.Cond(ConditionType.Placed, "False", "NoCapacity", no_fit)
     else:
         placed = st.Cond(ConditionType.Placed, "True", "NodeSelected", f"placed on node {node}")
-        actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished)
+        actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
     phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid)
     message = _message(phase, conds)
@@ -145,12 +147,13 @@ def action_event(action: Create | Delete, old_status: dict[str, Any], node: str 
 def _pod_actions(
     pair: dict[str, Any], spec: c.ColocationPairSpec, pods: dict[str, PodView | None], node: str,
     cfg: OperatorConfig, offline_gate: bool, repairs_left: int, unwished: bool,
+    render: Callable[..., dict[str, Any]],
 ) -> list[Create | Delete]:
     online, offline = pods.get(ONLINE), pods.get(OFFLINE)
     started = online is not None and not online.deleting and online.started
     want = online.gpu if started and online is not None else None
-    desired = {ONLINE: render_pod(pair, spec, ONLINE, node, cfg),
-               OFFLINE: render_pod(pair, spec, OFFLINE, node, cfg, want_gpu=want)}
+    desired = {ONLINE: render(pair, spec, ONLINE, node, cfg),
+               OFFLINE: render(pair, spec, OFFLINE, node, cfg, want_gpu=want)}
     out: list[Create | Delete] = []
 
     online_why = _replace_reason(online, desired[ONLINE])

@@ -272,9 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = ap.parse_args(argv)
 
-    runs = [asyncio.run(one(n, args.gpus, False, args.seed, args.resync, args.timeout)) for n in args.pairs]
-    if args.restart:
-        runs.append(asyncio.run(one(max(args.pairs), args.gpus, True, args.seed, args.resync, args.timeout)))
+    sizes = [(n, False) for n in args.pairs] + ([(max(args.pairs), True)] if args.restart else [])
+    runs: list[dict[str, Any]] = []
     result = {
         "command": "python bench/operator_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -282,9 +281,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    text = table(runs)
-    args.out.with_suffix(".txt").write_text(text + "\n")
+    for n, restart in sizes:
+        runs.append(asyncio.run(one(n, args.gpus, restart, args.seed, args.resync, args.timeout)))
+        # after each size: a long run that is stopped still leaves what it measured
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        text = table(runs)
+        args.out.with_suffix(".txt").write_text(text + "\n")
+        print(table(runs[-1:]), file=sys.stderr, flush=True)
     print(text)
     return result
 

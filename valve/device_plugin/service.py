@@ -115,7 +115,7 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
             self.slots.seen_available(self.role, available)
             wanted = self._wishes()
             chosen = preferred_allocation(self.role, available, must, size, self.slots.taken(), self.table.uuids,
-                                          wanted)
+                                          wanted=wanted)
             log.info("%s preferred %s from %d available (taken by %s)", self.resource, chosen, len(available),
                      self.slots.last_source)
             out.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))

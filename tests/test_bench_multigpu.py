@@ -95,7 +95,7 @@ def test_pairing_failure_is_caught(short_dir: Path, monkeypatch: pytest.MonkeyPa
     import valve.device_plugin.service as service
 
     # A plugin that spreads tenants (emptiest GPU first) splits pairs; the bench must say so.
-    def spread(role, available, must, size, taken, order):
+    def spread(role, available, must, size, taken, order, wanted=()):
         busy = taken["online"] | taken["offline"]
         return sorted(available, key=lambda u: (u in busy, order.index(u)))[:size]
 

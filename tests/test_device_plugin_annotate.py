@@ -321,6 +321,8 @@ def test_annotator_against_kmock_uses_exactly_the_rbac_verbs(kubelet_pods):
                 await asyncio.to_thread(client.patch, "ns", "p-online",
                                         annotation_patch({}, {ANN_GPU: "G7"}, "some-other-uid"))
             assert stale is not None and stale.node == "n1"
+            listed = await asyncio.to_thread(client.list_node, "n1")
+            assert sorted(p["metadata"]["name"] for p in listed) == ["p-offline", "p-online"]
             mine = [req for req in kube._requests if req.headers.get("User-Agent", "").startswith("valve-device-plugin/")]
             return {permission(req) for req in mine} - {None}
 

@@ -29,7 +29,7 @@ async def env():
         yield e
 
 
-async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env):
+async def test_valid_pair_creates_two_pods_and_walks_placed_running(env):
     env.add_node("gpu-a", 2)
     await env.start_operator()
     code, body = await env.api.create_pair(pair_body(), NS)
@@ -44,7 +44,7 @@ async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env)
     await env.nodes.start(offline)
     pair = await env.until_phase("Running")
 
-    assert env.status_phases() == ["Pending", "Placed", "Running"]
+    assert env.status_phases() == ["Placed", "Running"]  # placed at first sight: no Pending write
     status = pair["status"]
     assert status["node"] == "gpu-a" and status["gpuUUID"] == gpu
     assert status["onlinePod"] == "chat-online" and status["offlinePod"] == "chat-offline"
@@ -92,9 +92,10 @@ async def test_valid_pair_creates_two_pods_and_walks_pending_placed_running(env)
         ann = pods[name]["metadata"]["annotations"]
         assert ann[ANN_GPU] == gpu and ann["valve.io/role"] == role
 
-    reasons = [e["reason"] for e in env.events()]
-    assert {"Pending", "CreatedPod", "Placed", "Running"} <= set(reasons)
-    assert reasons.count("CreatedPod") == 2
+    assert pods["chat-offline"]["metadata"]["annotations"]["valve.io/want-gpu"] == gpu
+    assert "valve.io/want-gpu" not in pods["chat-online"]["metadata"]["annotations"]
+    # Events on phase transitions only (first pod creations are told by them): 2 requests.
+    assert sorted(e["reason"] for e in env.events()) == ["Placed", "Running"]
 
 
 async def test_deleted_pod_is_recreated_once(env):

@@ -111,7 +111,9 @@ async def test_without_the_annotation_the_pair_waits_unpaired(env):
     await env.api.create_pair(pair_body(), NS)
     online = await env.until(lambda: env.pod("chat-online"), "online pod")
     await env.nodes.start(online)
-    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod")
+    # no GPU reported: the offline pod comes without a wish, after the operator's grace period
+    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod", timeout=30)
+    assert "valve.io/want-gpu" not in offline["metadata"]["annotations"]
     await env.nodes.start(offline)  # PodResources lists nothing: no annotation
 
     async def not_reported():

@@ -59,16 +59,52 @@ async def test_invalid_pair_past_the_schema_fails_clearly_and_creates_nothing(en
     assert "Failed" in [e["reason"] for e in env.events() if e["type"] == "Warning"]
 
 
-async def test_gpu_divergence_is_degraded_with_the_reason(env):
+async def _new_offline(env, old_uid):
+    pod = await env.pod("chat-offline")
+    return pod if pod is not None and pod["metadata"]["uid"] != old_uid else None
+
+
+async def _divergent_pair(env):
+    """A pair whose offline pod the 'plugin' puts on another GPU than its online pod."""
     env.add_node("gpu-a", 2)
     await env.start_operator()
     env.nodes.force_gpu["chat-offline"] = "GPU-gpu-a-1"
     await env.api.create_pair(pair_body(), NS)
     online = await env.until(lambda: env.pod("chat-online"), "online pod")
-    await env.nodes.start(online)
+    assert await env.nodes.start(online) == "GPU-gpu-a-0"
     offline = await env.until(lambda: env.pod("chat-offline"), "offline pod")
     await env.nodes.start(offline)
+    return offline
+
+
+async def test_gpu_divergence_is_degraded_then_repaired_by_recreating_the_offline_pod(env):
+    offline = await _divergent_pair(env)
+    new = await env.until(lambda: _new_offline(env, offline["metadata"]["uid"]), "offline pod recreated")
+    assert "Degraded" in env.status_phases()
+    (warning,) = [e for e in env.events() if e["reason"] == "DeletingPod"]
+    assert "GPUMismatch" in warning["message"] and warning["type"] == "Warning"
+    assert new["metadata"]["annotations"]["valve.io/want-gpu"] == "GPU-gpu-a-0"
+    env.nodes.release(offline["metadata"]["uid"])
+    del env.nodes.force_gpu["chat-offline"]
+    assert await env.nodes.start(new) == "GPU-gpu-a-0"  # the plugin follows the wish
+    pair = await env.until_phase("Running")
+    assert pair["status"]["gpuUUID"] == "GPU-gpu-a-0"
+
+
+async def test_a_pair_that_keeps_landing_on_two_gpus_stays_degraded_with_the_reason(env):
+    from valve.operator.handlers import MAX_REPAIRS
+
+    offline = await _divergent_pair(env)
+    for _ in range(MAX_REPAIRS):
+        uid = offline["metadata"]["uid"]
+        new = await env.until(lambda uid=uid: _new_offline(env, uid), "offline pod recreated")
+        env.nodes.release(uid)
+        await env.nodes.start(new)
+        offline = new
     pair = await env.until_phase("Degraded")
+    await env.resyncs()
+    assert (await env.pod("chat-offline"))["metadata"]["uid"] == offline["metadata"]["uid"]  # no more repairs
+    assert env.pod_creations().count("chat-offline") == 1 + MAX_REPAIRS
     paired = next(cd for cd in pair["status"]["conditions"] if cd["type"] == "Paired")
     assert paired["status"] == "False" and paired["reason"] == "GPUMismatch"
     assert "GPU-gpu-a-0" in paired["message"] and "GPU-gpu-a-1" in paired["message"]

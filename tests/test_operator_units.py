@@ -137,9 +137,12 @@ def test_merge_conditions_moves_transition_time_only_on_change():
     assert flipped[0]["lastTransitionTime"] == "t3"
 
 
-def test_plan_first_sight_only_writes_pending():
+def test_plan_first_sight_places_at_once_and_pends_only_without_a_node():
     p = plan(pair(), {ONLINE: None, OFFLINE: None}, node="n1", cfg=CFG, now=NOW)
-    assert p.phase is c.Phase.Pending and p.actions == [] and p.status["observedGeneration"] == 3
+    assert p.phase is c.Phase.Placed and [a.role for a in p.actions] == [ONLINE]
+    assert p.status["observedGeneration"] == 3 and [e.reason for e in p.events] == ["Placed"]
+    p = plan(pair(), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW)
+    assert p.phase is c.Phase.Pending and p.actions == [] and p.events[0].type == "Warning"
 
 
 def test_plan_creates_online_first_then_offline_once_online_started():
@@ -148,9 +151,29 @@ def test_plan_creates_online_first_then_offline_once_online_started():
     assert [(type(a), a.role) for a in p.actions] == [(Create, ONLINE)] and p.phase is c.Phase.Placed
     pending = view(rendered(ONLINE))
     assert plan(body, {ONLINE: pending, OFFLINE: None}, node="n1", cfg=CFG, now=NOW).actions == []
+    started = view(rendered(ONLINE), "Running", False, None, "n1")
+    assert plan(body, {ONLINE: started, OFFLINE: None}, node="n1", cfg=CFG, now=NOW).actions == []  # GPU unknown
     started = view(rendered(ONLINE), "Running", False, "GPU-0", "n1")
     p = plan(body, {ONLINE: started, OFFLINE: None}, node="n1", cfg=CFG, now=NOW)
     assert [(type(a), a.role) for a in p.actions] == [(Create, OFFLINE)]
+    assert p.actions[0].pod["metadata"]["annotations"]["valve.io/want-gpu"] == "GPU-0"
+    # another offline pod on the node still waits for its GPU: this one waits its turn
+    assert plan(body, {ONLINE: started, OFFLINE: None}, node="n1", cfg=CFG, now=NOW, offline_gate=False).actions == []
+
+
+def test_plan_recreates_a_misplaced_offline_pod_a_bounded_number_of_times():
+    body = pair(phase="Running", node="n1")
+    on = view(rendered(ONLINE), "Running", True, "GPU-0", "n1", uid="on")
+    off = view(rendered(OFFLINE), "Running", True, "GPU-1", "n1", uid="off")
+    p = plan(body, {ONLINE: on, OFFLINE: off}, node="n1", cfg=CFG, now=NOW)
+    assert p.phase is c.Phase.Degraded and p.actions == [Delete(OFFLINE, "chat-offline", "off", "GPUMismatch")]
+    p = plan(body, {ONLINE: on, OFFLINE: off}, node="n1", cfg=CFG, now=NOW, repairs_left=0)
+    assert p.phase is c.Phase.Degraded and p.actions == []
+    # pending, asking for the GPU of an online pod that is gone: it would land on the wrong GPU
+    asks = rendered(OFFLINE)
+    asks["metadata"]["annotations"]["valve.io/want-gpu"] = "GPU-7"
+    p = plan(body, {ONLINE: on, OFFLINE: view(asks, uid="off")}, node="n1", cfg=CFG, now=NOW)
+    assert p.actions == [Delete(OFFLINE, "chat-offline", "off", "GPUMismatch")]
 
 
 def test_plan_replaces_failed_or_changed_pods():
@@ -163,7 +186,10 @@ def test_plan_replaces_failed_or_changed_pods():
     changed["spec"]["online"]["template"]["spec"]["containers"][0]["image"] = "vllm:2"
     off = view(rendered(OFFLINE), "Running", True, "GPU-0", "n1", uid="off")
     p = plan(changed, {ONLINE: on, OFFLINE: off}, node="n1", cfg=CFG, now=NOW)
-    assert {(a.role, a.why.split()[0]) for a in p.actions} == {(ONLINE, "SpecChanged"), (OFFLINE, "the")}
+    # The offline pod stays: a new online pod joins its GPU (and if not, it is recreated then, once).
+    assert {(a.role, a.why) for a in p.actions} == {(ONLINE, "SpecChanged")}
+    p = plan(changed, {ONLINE: None, OFFLINE: off}, node="n1", cfg=CFG, now=NOW)
+    assert [(type(a), a.role) for a in p.actions] == [(Create, ONLINE)]
 
 
 def test_plan_invalid_spec_fails_without_actions():
@@ -183,7 +209,7 @@ def test_plan_long_name_fails():
 
 def test_action_events():
     create = Create(ONLINE, rendered(ONLINE))
-    assert reconcile.action_event(create, {}, "n1").reason == "CreatedPod"
+    assert reconcile.action_event(create, {}, "n1") is None  # told by the Placed event
     assert reconcile.action_event(create, {"onlinePod": "chat-online"}, "n1").reason == "RecreatedPod"
     assert reconcile.action_event(Delete(ONLINE, "x", "u", "PodFailed"), {}, "n1").type == "Warning"
 

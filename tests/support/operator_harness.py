@@ -92,6 +92,41 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def _fast_membership() -> None:
+    """kmock decides which reaction serves a request with `request in view`, which walks every request recorded
+    so far (O(requests) per request, so O(N^2) over a run with thousands of pods). For the plain chains the
+    emulator uses (root, priority, filter), membership of the request being served is the filters' criteria:
+    answer that directly, else fall back to kmock's own walk."""
+    from kmock._internal import dsl, rendering
+
+    original = dsl.View.__contains__
+    if getattr(original, "valve_fast", False):
+        return
+
+    def sees(view: Any, request: Any) -> bool | None:
+        if isinstance(view, dsl.Root):
+            return True
+        if type(view) is dsl.Priority:
+            return sees(view._source, request)
+        if type(view) is dsl.Filter:
+            up = sees(view._source, request)
+            return None if up is None else up and bool(view.criteria(request))
+        return None
+
+    def contains(self: Any, item: Any) -> bool:
+        if isinstance(item, rendering.Request):
+            fast = sees(self, item)
+            if fast is not None:
+                return fast
+        return original(self, item)
+
+    contains.valve_fast = True  # type: ignore[attr-defined]
+    dsl.View.__contains__ = contains  # type: ignore[method-assign]
+
+
+_fast_membership()
+
+
 def status_error(code: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=code, reason=reason, message=message, details={})
 
@@ -106,6 +141,8 @@ class ValveKube(kmock.KubernetesEmulator):
         self.validate_crs = True
         self._versions = itertools.count(1)
         self._validator = crd_validator()
+        self._live: dict[str, Any] = {}  # uid -> key of objects created through the API and not deleted
+        self._owned: dict[str, set[Any]] = {}  # owner uid -> keys of its dependents
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         res = kmock.resource(resource)
@@ -123,12 +160,14 @@ class ValveKube(kmock.KubernetesEmulator):
                 self._on_patch(request)
             elif request.action == kmock.action.DELETE and request.name is not None:
                 self._check_preconditions(request)
+        gone = self._stored(request) if res is not None and request.name is not None else None
         response = await super()._handle(request)
         if response.status < 300 and (request.action == kmock.action.CREATE
                                       or (request.action == kmock.action.DELETE and request.name is not None)):
             # After a create too: an object created for an owner that is gone by then (the operator recreating
             # a pod from a stale view of a pair just deleted) is collected, as the garbage collector does.
-            await self._collect_dependents()
+            await self._collect_dependents(request, (gone or {}).get("metadata", {}).get("uid")
+                                           if request.action == kmock.action.DELETE else None)
         return response
 
     def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
@@ -200,22 +239,47 @@ class ValveKube(kmock.KubernetesEmulator):
         return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201},
                                          status=201)
 
-    async def _collect_dependents(self) -> None:
-        """Delete objects whose owners are gone (the garbage collector, in the foreground)."""
-        while True:
-            async with self._lock:
-                live = {o.raw["metadata"].get("uid") for o in self.objects.values() if not o.deleted}
-                orphans = [
-                    (res, o) for (res, _, _), o in self.objects.items()
-                    if not o.deleted and (refs := o.raw.get("metadata", {}).get("ownerReferences"))
-                    and not any(ref.get("uid") in live for ref in refs)
-                ]
-                for res, o in orphans:
+    async def _collect_dependents(self, request: kmock.Request, gone_uid: str | None) -> None:
+        """Delete objects whose owners are gone (the garbage collector, in the foreground).
+
+        Kept O(dependents) per request with a uid -> key map and an owner -> dependents map (a scan of every
+        object per create made the emulator dominate at thousands of pods).
+        """
+        stack: list[str] = []
+        if request.action == kmock.action.CREATE:
+            meta = (request.data or {}).get("metadata") or {}
+            key = (request.resource, request.namespace, meta.get("name"))
+            uid = meta.get("uid")
+            if uid:
+                self._live[uid] = key
+            owners = [ref.get("uid") for ref in meta.get("ownerReferences") or []]
+            for owner in owners:
+                self._owned.setdefault(owner, set()).add(key)
+            if owners and not any(o in self._live for o in owners):
+                async with self._lock:
+                    o = self.objects[key] if key in self.objects else None
+                    if o is not None and not o.deleted:
+                        raw = o.raw
+                        o.delete()
+                        await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+                        stack.append(uid)
+        elif gone_uid:
+            stack.append(gone_uid)
+        while stack:
+            uid = stack.pop()
+            self._live.pop(uid, None)
+            for key in self._owned.pop(uid, set()):
+                async with self._lock:
+                    o = self.objects[key] if key in self.objects else None
+                    if o is None or o.deleted:
+                        continue
+                    refs = o.raw.get("metadata", {}).get("ownerReferences") or []
+                    if any(ref.get("uid") in self._live for ref in refs):
+                        continue
                     raw = o.raw
                     o.delete()
-                    await self._buses[res].put({"type": "DELETED", "object": raw})
-            if not orphans:
-                return
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+                stack.append(raw.get("metadata", {}).get("uid"))
 
 
 # --- Test harness: API access, fake scheduler/kubelet/device plugin, request log ------------------
@@ -294,11 +358,13 @@ def gpu_node(name: str, gpus: int, ready: bool = True, labels: dict[str, str] | 
 class FakeNodes:
     """The scheduler, kubelets and Valve device plugins of fake GPU nodes, driven by the test.
 
-    `start(pod)` binds a pending pod to the node the operator pinned it to, picks its GPU as the device
-    plugin's preferred allocation does (a GPU whose other slot holds a tenant first, else a free GPU), writes
-    the `valve.io/gpu-uuid` and `valve.io/role` annotations as the plugin's annotator does (unless
-    `annotate` is False: then a real `valve.device_plugin.annotate.Annotator` fed by `pod_resources()` must)
-    and marks it Running and Ready.
+    `bind(pod)` is the scheduler: it binds a pending pod to the node the operator pinned it to; the pod then
+    waits for its kubelet. `start(pod)` is that kubelet admitting it (binding it first if needed): it picks
+    the pod's GPU with the device plugin's own rule (`preferred_allocation`) from what the plugin can know,
+    which is not the pod being admitted: the GPU wishes (`valve.io/want-gpu`) of all the node's bound pods
+    not started yet (`pending_wishes`) and the taken slots. It writes the `valve.io/gpu-uuid` and
+    `valve.io/role` annotations as the plugin's annotator does (unless `annotate` is False: then a real
+    `valve.device_plugin.annotate.Annotator` fed by `pod_resources()` must) and marks it Running and Ready.
     """
 
     def __init__(self, api: Api, gpus: dict[str, int], annotate: bool = True) -> None:
@@ -308,25 +374,39 @@ class FakeNodes:
         self.force_gpu: dict[str, str] = {}  # pod name -> GPU, to emulate a divergent allocation
         self.annotate = annotate
         self.placed: dict[str, tuple[str, str, str, str, str]] = {}  # uid -> (node, namespace, name, role, gpu)
+        self.bound: dict[str, dict[str, dict[str, Any]]] = {}  # node -> uid -> pod bound, not started
 
     def pick(self, node: str, role: str) -> str:
-        other = OFFLINE if role == ONLINE else ONLINE
-        free = [g for g in self.gpus[node] if (g, role) not in self.taken]
+        from valve.device_plugin.allocation import pending_wishes, preferred_allocation
+
+        gpus = self.gpus[node]
+        free = [g for g in gpus if (g, role) not in self.taken]
         if not free:
             raise RuntimeError(f"no {role} slot left on {node}")
-        half = [g for g in free if (g, other) in self.taken]
-        return (half or free)[0]
+        taken = {r: {g for g in gpus if (g, r) in self.taken} for r in (ONLINE, OFFLINE)}
+        wanted = pending_wishes(self.bound.get(node, {}).values(), RESOURCE[role])
+        return preferred_allocation(role, free, [], 1, taken, gpus, wanted)[0]
+
+    async def bind(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        node = meta["annotations"][ANN_NODE]
+        if meta["uid"] in self.bound.get(node, {}):
+            return
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        await self.api.call("POST", path + "/binding", binding)
+        self.bound.setdefault(node, {})[meta["uid"]] = pod
 
     async def start(self, pod: dict[str, Any], ready: bool = True) -> str:
         meta = pod["metadata"]
         node = meta["annotations"][ANN_NODE]
         role = meta["labels"][LABEL_ROLE]
+        await self.bind(pod)
         gpu = self.force_gpu.get(meta["name"]) or self.pick(node, role)
+        self.bound[node].pop(meta["uid"], None)
         self.taken[(gpu, role)] = meta["uid"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
-        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
-                   "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
-        await self.api.call("POST", path + "/binding", binding)
         self.placed[meta["uid"]] = (node, meta["namespace"], meta["name"], role, gpu)
         if self.annotate:
             from valve.device_plugin.annotate import PodDevices, annotation_patch
@@ -343,10 +423,11 @@ class FakeNodes:
         return gpu
 
     def release(self, uid: str) -> None:
-        for key, owner in list(self.taken.items()):
-            if owner == uid:
-                del self.taken[key]
-        self.placed.pop(uid, None)
+        placed = self.placed.pop(uid, None)
+        if placed is not None:
+            self.taken.pop((placed[4], placed[3]), None)
+        for pods in self.bound.values():
+            pods.pop(uid, None)
 
     def pod_resources(self, node: str) -> list[tuple[str, list[str], str, str]]:
         """What the node's kubelet PodResources API lists: (resource, device IDs, namespace, name) per pod,
@@ -429,7 +510,15 @@ class Harness:
         if self.kube is None:
             kw.setdefault("namespaces", [self.namespace])
         main = run_operator(api_client=self.client_factory(), stop_flag=self.stop, ready_flag=ready, **kw)
-        self.thread = threading.Thread(target=asyncio.run, args=(main,), name="valve-operator", daemon=True)
+
+        async def in_named_threads() -> None:
+            # The operator's blocking client calls run in threads named valve-op-*: its CPU can be told apart.
+            from concurrent.futures import ThreadPoolExecutor
+
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="valve-op"))
+            await main
+        self.thread = threading.Thread(target=asyncio.run, args=(in_named_threads(),), name="valve-operator",
+                                       daemon=True)
         self.thread.start()
         if not await asyncio.to_thread(ready.wait, 20):
             raise AssertionError("the operator did not start within 20 s")

@@ -25,6 +25,8 @@ LABEL_ROLE = f"{GROUP}/role"  # operator writes (a role); operator reads
 ANN_GPU = f"{GROUP}/gpu-uuid"  # device plugin's annotator writes (UUIDs, comma-separated); operator and sidecars read
 ANN_ROLE = f"{GROUP}/role"  # device plugin's annotator writes (roles, comma-separated); operator reads
 ANN_NODE = f"{GROUP}/node"  # operator writes (the node it placed the pod on); operator reads
+# operator writes on an offline pod (the GPU its online partner got); the device plugin's preferred allocation reads
+ANN_WANT_GPU = f"{GROUP}/want-gpu"
 ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod); operator reads: a change recreates
 
 # ---- Files on the node and in the pods -----------------------------------------------------------------------

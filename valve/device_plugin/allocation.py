@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from valve.api.contract import OFFLINE, ONLINE, ROLES
+from valve.api.contract import ANN_WANT_GPU, OFFLINE, ONLINE, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,27 @@ def preferred_allocation(
     size: int,
     taken: dict[str, set[str]],
     order: Sequence[str],
+    wanted: Sequence[str] = (),
 ) -> list[str]:
     """Choose `size` devices from `available` (all of `must_include` first).
 
-    Rank of a GPU for a request of `role`: 0 if the other role's slot is taken and this role's slot is free
-    (completes a pair), 1 if both slots are free (a fresh GPU), 2 otherwise. Ties go to discovery order.
+    Rank of a GPU for a request of `role`: -1 if a pending pod of this role on the node asks for it
+    (`valve.io/want-gpu`, see `pending_wishes`) and this role's slot is free, 0 if the other role's slot is
+    taken and this role's slot is free (completes a pair), 1 if both slots are free (a fresh GPU), 2 otherwise.
+    Ties go to discovery order. The kubelet does not say which pod a request is for, so a wish is only sure
+    to be the requester's when it is the only one on the node; the operator keeps it so.
     So on a node where pairs arrive online first, online takes an empty GPU and its offline partner joins it;
     if a lone offline arrived first, the next online joins it instead of splitting the pair.
     """
     pos = {u: i for i, u in enumerate(order)}
     mine, theirs = taken.get(role, set()), taken.get(other(role), set())
 
+    wishes = set(wanted)
+
     def rank(u: str) -> tuple[int, int]:
-        if u in theirs and u not in mine:
+        if u in wishes and u not in mine:
+            r = -1
+        elif u in theirs and u not in mine:
             r = 0
         elif u not in theirs and u not in mine:
             r = 1
@@ -57,6 +65,28 @@ def preferred_allocation(
     chosen = list(dict.fromkeys(must_include))
     rest = sorted((u for u in dict.fromkeys(available) if u not in chosen), key=rank)
     return chosen + rest[: max(0, size - len(chosen))]
+
+
+def pending_wishes(pods: Iterable[dict[str, Any]], resource: str, allocated: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """GPUs asked for (`valve.io/want-gpu`) by the node's pods that request `resource` and wait for it.
+
+    `pods`: the node's pods from the API; `allocated`: (namespace, name) of pods PodResources already lists
+    with devices (their wish is fulfilled or moot).
+    """
+    done = set(allocated)
+    out = []
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        want = (meta.get("annotations") or {}).get(ANN_WANT_GPU)
+        if not want or meta.get("deletionTimestamp") or status.get("phase", "Pending") != "Pending":
+            continue
+        if (meta.get("namespace"), meta.get("name")) in done:
+            continue
+        containers = (pod.get("spec") or {}).get("containers") or []
+        if any(resource in {**((c.get("resources") or {}).get("limits") or {}),
+                            **((c.get("resources") or {}).get("requests") or {})} for c in containers):
+            out.append(want)
+    return list(dict.fromkeys(out))
 
 
 class AllocationRecord:

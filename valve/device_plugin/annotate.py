@@ -26,7 +26,7 @@ from typing import Any
 
 from valve import __version__
 from valve.api.contract import ANN_GPU, ANN_ROLE, ROLES
-from valve.device_plugin.allocation import PodResourcesUnavailable, list_pod_resources
+from valve.device_plugin.allocation import PodResourcesUnavailable, list_pod_resources, pending_wishes
 from valve.kubeclient import load_api_client
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,25 @@ class PodClient:
         return PodInfo(uid=meta.get("uid", ""), node=(pod.get("spec") or {}).get("nodeName"),
                        annotations=dict(meta.get("annotations") or {}))
 
+    def list_node(self, node: str) -> list[dict[str, Any]]:
+        """The pods bound to `node` (for the pending pods' GPU wishes)."""
+        resp = self._api().list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}",
+                                                       _preload_content=False, _request_timeout=self.timeout_s)
+        items = json.loads(resp.data).get("items") or []
+        return [p for p in items if (p.get("spec") or {}).get("nodeName") == node]
+
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         self._api().patch_namespaced_pod(name, namespace, body, _content_type=MERGE_PATCH,
                                          _preload_content=False, _request_timeout=self.timeout_s)
+
+
+def wishes_from_api(pods: Any, node: str, socket: Path, resources: Mapping[str, str]) -> Any:
+    """resource -> GPUs the node's pending pods ask for: pods from the API, minus those PodResources lists."""
+    def wishes(resource: str) -> list[str]:
+        allocated = {p.key for p in pods_with_devices(list_pod_resources(socket, timeout=2.0), resources)}
+        return pending_wishes(pods.list_node(node), resource, allocated)
+
+    return wishes
 
 
 @dataclass

@@ -15,7 +15,7 @@ import grpc
 
 from valve.api.contract import plugin_socket
 from valve.device_plugin.allocation import AllocationRecord, SlotTracker
-from valve.device_plugin.annotate import Annotator, PodClient
+from valve.device_plugin.annotate import Annotator, PodClient, wishes_from_api
 from valve.device_plugin.api import UNIX_PATH_MAX, VERSION, pb, pb_grpc
 from valve.device_plugin.backend import Backend
 from valve.device_plugin.config import PluginConfig
@@ -111,9 +111,13 @@ class DevicePlugin:
         slots = SlotTracker(AllocationRecord(cfg.state_dir), resources, cfg.pod_resources_socket)
         self.annotator = self._make_annotator(resources)
         kick = self.annotator.kick if self.annotator is not None else None
+        wishes = None
+        if (self.annotator is not None and cfg.node_name and cfg.pod_resources_socket is not None
+                and hasattr(self.annotator.pods, "list_node")):
+            wishes = wishes_from_api(self.annotator.pods, cfg.node_name, cfg.pod_resources_socket, resources)
         for role, resource in cfg.roles.items():
             svc = DevicePluginService(role, resource, self.table, slots, cfg.runtime_root, cfg.runtime_dir_mode,
-                                      self.metrics, on_allocate=kick)
+                                      self.metrics, on_allocate=kick, wishes=wishes)
             self.services[role] = svc
             self.servers.append(PluginServer(svc, cfg.device_plugin_dir / plugin_socket(resource)))
             self.metrics.devices.labels(resource).set(len(gpus))

@@ -81,6 +81,7 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         runtime_dir_mode: int = 0o700,
         metrics: PluginMetrics | None = None,
         on_allocate: Callable[[], None] | None = None,
+        wishes: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.role = role
         self.resource = resource
@@ -90,6 +91,7 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
         self.runtime_dir_mode = runtime_dir_mode
         self.metrics = metrics
         self.on_allocate = on_allocate  # e.g. the pod annotator's kick
+        self.wishes = wishes  # resource -> GPUs the node's pending pods ask for (None: no API access)
         self.stopped = threading.Event()
         self.streams = 0  # ListAndWatch streams being served
         self._streams_lock = threading.Lock()
@@ -129,11 +131,22 @@ class DevicePluginService(pb_grpc.DevicePluginServicer):
             if len(set(must)) > size:
                 raise RequestError(f"{what}: {len(set(must))} must_include_deviceIDs exceed allocation_size {size}")
             self.slots.seen_available(self.role, available)
-            chosen = preferred_allocation(self.role, available, must, size, self.slots.taken(), self.table.uuids)
+            wanted = self._wishes()
+            chosen = preferred_allocation(self.role, available, must, size, self.slots.taken(), self.table.uuids,
+                                          wanted=wanted)
             log.info("%s preferred %s from %d available (taken by %s)", self.resource, chosen, len(available),
                      self.slots.last_source)
             out.container_responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))
         return out
+
+    def _wishes(self) -> list[str]:
+        if self.wishes is None:
+            return []
+        try:
+            return self.wishes(self.resource)
+        except Exception as e:  # noqa: BLE001 - without the API, fall back to the slot rule alone
+            log.warning("could not read the pending pods' GPU wishes: %s", e)
+            return []
 
     def allocate(self, request: pb.AllocateRequest) -> pb.AllocateResponse:
         if not request.container_requests:

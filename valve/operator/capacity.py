@@ -123,3 +123,45 @@ def _int(value: Any) -> int:
         return int(str(value)) if value is not None else 0
     except ValueError:
         return 0
+
+
+class FreeSlots:
+    """Best-fit choice over nodes without rescanning them: a heap of (free pairs, load, name) kept current
+    by `update(node)` whenever something on a node changes (stale entries are skipped when popped).
+
+    Each placement and each update costs O(log nodes), whatever the number of pairs.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, str, int]] = []
+        self._current: dict[str, tuple[int, int]] = {}  # name -> (version, free pairs)
+        self._versions = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._current
+
+    def update(self, node: Node) -> None:
+        import heapq
+
+        self._versions += 1
+        free = node.free_pairs if node.schedulable else 0
+        self._current[node.name] = (self._versions, free)
+        if free > 0:
+            heapq.heappush(self._heap, (free, node.mean_load, node.name, self._versions))
+        if len(self._heap) > 4 * len(self._current) + 64:  # drop stale entries now and then
+            self._heap = [e for e in self._heap if self._current.get(e[2], (None,))[0] == e[3]]
+            heapq.heapify(self._heap)
+
+    def remove(self, name: str) -> None:
+        self._current.pop(name, None)
+
+    def best(self) -> str | None:
+        """The best-fit node with a free pair slot (left in place: the caller takes the slot, then updates it)."""
+        import heapq
+
+        while self._heap:
+            free, _, name, version = self._heap[0]
+            if self._current.get(name, (None,))[0] == version:
+                return name
+            heapq.heappop(self._heap)
+        return None

@@ -18,32 +18,53 @@ from typing import Any
 import kopf
 
 from valve.api import colocation as c
-from valve.api.contract import ROLES
+from valve.api.contract import OFFLINE, ONLINE, ROLES
 from valve.operator import metrics
-from valve.operator.capacity import Claim, NodeView, build_nodes, node_view
+from valve.operator.capacity import Claim, FreeSlots, NodeView, build_nodes, node_view
 from valve.operator.kube import Kube
-from valve.operator.placement import NO_FIT, PairRequest, place
-from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view
+from valve.operator.placement import NO_FIT, Node, PairRequest, place
+from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view, render_pod
 from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 CREATED_GRACE_S = 30.0  # how long a created pod counts as there before the watch shows it
+CONFLICT_GRACE_S = 300.0  # how long a create refused with 409 (the pod exists) counts as there
+GPU_REPORT_GRACE_S = 5.0  # an online pod started this long without a reported GPU: offline pod without a wish
+MAX_REPAIRS = 3  # offline pods recreated for a GPU mismatch, per pair and process, before the pair stays Degraded
+URGENT = ("phase", "node")  # status fields written at once; other changes once the pair is quiet
 
 
 @dataclass
 class Operator:
-    """State shared by the handlers of one operator process."""
+    """State shared by the handlers of one operator process.
+
+    Per pair, everything is O(1) in the number of pairs: pods come from the index by pair key, node usage
+    from the index by node key (bounded by the node's GPUs), the best-fit node from `FreeSlots`.
+    """
 
     kube: Kube
     cfg: OperatorConfig = field(default_factory=OperatorConfig)
     resync_seconds: float = 30.0
+    coalesce_seconds: float | None = None  # quiet time before a detail-only status write (None: resync_seconds)
     indices: dict[str, Any] = field(default_factory=dict)
     claims: dict[Key, str] = field(default_factory=dict)  # placed, status not observed yet
+    pair_node: dict[Key, str] = field(default_factory=dict)
+    node_pairs: dict[str, set[Key]] = field(default_factory=dict)
     first_seen: dict[Key, float] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)
-    written: dict[Key, dict[str, Any]] = field(default_factory=dict)  # last status this process wrote
-    created: dict[tuple[str, str, str], tuple[float, PodView]] = field(default_factory=dict)
+    written: dict[Key, dict[str, Any]] = field(default_factory=dict)  # status as last written (or read)
+    latest: dict[Key, dict[str, Any]] = field(default_factory=dict)  # status as last computed
+    dirty: dict[Key, float] = field(default_factory=dict)  # latest != written, last changed at (monotonic)
+    created: dict[tuple[str, str, str], tuple[float, PodView]] = field(default_factory=dict)  # until deadline
+    repairs: dict[Key, int] = field(default_factory=dict)
+    waiting: dict[str, set[Key]] = field(default_factory=dict)  # node -> pairs held by the offline gate
+    inflight: dict[str, tuple[Key, float]] = field(default_factory=dict)  # node -> (pair, until) creating offline
+    fingerprints: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    unreported: dict[Key, float] = field(default_factory=dict)  # online pod started, GPU not reported, since
+    rendered: dict[Key, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    free: FreeSlots = field(default_factory=FreeSlots)
+    free_ready: bool = False
     indexed: asyncio.Event = field(default_factory=asyncio.Event)  # kopf has filled the indexes
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     placing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -59,93 +80,247 @@ class Operator:
         found = {pod.role: pod for pod in (store or ()) if pod.role in ROLES}
         now = time.monotonic()
         for role in ROLES:
-            # A pod this process created that the watch has not shown yet counts as there (no re-create).
+            # A pod this process created (or was told exists) that the watch has not shown yet counts as there.
             entry = self.created.get((*key, role))
-            if entry is not None and (role in found or now - entry[0] > CREATED_GRACE_S):
+            if entry is not None and (role in found or now > entry[0]):
                 del self.created[(*key, role)]
             elif entry is not None:
                 found[role] = entry[1]
         return {role: found.get(role) for role in ROLES}
 
-    def node_views(self) -> list[NodeView]:
-        return [view for store in self.indices["valve_nodes"].values() for view in store]
+    def node_pods(self, node: str) -> list[PodView]:
+        return list(self.indices["valve_pods"].get(("node", node)) or ())
 
-    def all_pods(self) -> list[PodView]:
-        return [pod for key, store in self.indices["valve_pods"].items() if key[0] == "node" for pod in store]
+    def node_usage(self, name: str) -> Node | None:
+        """One node's free slots from its own pods and the pairs placed on it whose pods are not seen yet."""
+        store = self.indices["valve_nodes"].get(name)
+        view = next(iter(store), None) if store else None
+        if view is None:
+            return None
+        claims = []
+        for key in self.node_pairs.get(name, ()):
+            pods = self.pods_of(key)
+            missing = tuple(r for r in ROLES if pods[r] is None)
+            if missing:
+                claims.append(Claim(name, missing))
+        return build_nodes([view], self.node_pods(name), claims)[0]
 
-    def claim_list(self) -> list[Claim]:
-        out = []
-        for key, store in self.indices["valve_pairs"].items():
-            for body in store:
-                node = self.claims.get(key) or (body.get("status") or {}).get("node")
-                if node:
-                    pods = self.pods_of(key)
-                    out.append(Claim(node, tuple(r for r in ROLES if pods[r] is None)))
-        return out
+    def refresh(self, name: str | None) -> None:
+        if not self.free_ready or name is None:
+            return
+        node = self.node_usage(name)
+        if node is None:
+            self.free.remove(name)
+        else:
+            self.free.update(node)
+
+    def assign(self, key: Key, node: str | None) -> None:
+        old = self.pair_node.get(key)
+        if old == node:
+            return
+        if old is not None:
+            self.node_pairs.get(old, set()).discard(key)
+        if node is None:
+            self.pair_node.pop(key, None)
+        else:
+            self.pair_node[key] = node
+            self.node_pairs.setdefault(node, set()).add(key)
+        for name in (old, node):
+            self.refresh(name)
+
+    def offline_gate(self, key: Key, node: str, pods: dict[str, PodView | None]) -> bool:
+        """True when no other offline pod on the node waits for admission (so the plugin knows whose wish to follow)."""
+        own = pods[OFFLINE].uid if pods[OFFLINE] is not None else None
+        if any(p.offline and p.admitting and p.uid != own for p in self.node_pods(node)):
+            return False
+        entry = self.inflight.get(node)
+        if entry is not None and entry[0] != key:
+            pod = self.pods_of(entry[0])[OFFLINE]
+            if (pod is None and time.monotonic() < entry[1]) or (pod is not None and pod.admitting):
+                return False  # its create is on its way, or its pod waits for admission
+            del self.inflight[node]
+        return True
 
     # --- reconciliation --------------------------------------------------------------------------
-    async def reconcile(self, body: dict[str, Any]) -> None:
+    async def reconcile(self, body: dict[str, Any], resync: bool = False) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         lock = self.locks.setdefault(key, asyncio.Lock())
         async with lock:
             try:
-                await self._reconcile(key, body)
+                await self._reconcile(key, body, resync)
             except Exception:
                 metrics.RECONCILE_ERRORS.inc()
                 raise
 
-    async def _reconcile(self, key: Key, body: dict[str, Any]) -> None:
+    async def _reconcile(self, key: Key, body: dict[str, Any], resync: bool) -> None:
         self.first_seen.setdefault(key, time.monotonic())
-        if key in self.written:
-            # The operator is the only writer of status: what it wrote last is newer than a queued event's.
-            body = {**body, "status": self.written[key]}
+        self.written.setdefault(key, body.get("status") or {})
+        if key in self.latest:
+            # The operator is the only writer of status: what it computed last is newer than a queued event's.
+            body = {**body, "status": self.latest[key]}
         pods = self.pods_of(key)
         node = self.claims.get(key) or node_of(body, pods)
+        fingerprint = (body["metadata"].get("resourceVersion"), node, pods[ONLINE], pods[OFFLINE],
+                       self.repairs.get(key, 0))
+        if resync and self.fingerprints.get(key) == fingerprint and self.phases.get(key) != "Pending" \
+                and key not in self.waiting.get(node or "", ()) and key not in self.unreported:
+            return  # nothing it depends on changed since the last pass
         spec, _ = parse_spec(body)
         no_fit = NO_FIT
-        if node is None and spec is not None and (body.get("status") or {}).get("phase"):
+        if node is None and spec is not None:
             node, no_fit = await self.place(key, spec)
+        self.assign(key, node)
+        gate = True
+        if node is not None and pods[OFFLINE] is None:
+            gate = self.offline_gate(key, node, pods)
+            if gate:
+                self.waiting.get(node, set()).discard(key)
+            else:
+                self.waiting.setdefault(node, set()).add(key)
+        online = pods[ONLINE]
+        if online is not None and online.started and online.gpu is None:
+            unreported_s = time.monotonic() - self.unreported.setdefault(key, time.monotonic())
+        else:
+            unreported_s = 0.0
+            self.unreported.pop(key, None)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit)
+        todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit, offline_gate=gate,
+                    repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
+                    unwished=unreported_s >= GPU_REPORT_GRACE_S, render=self.renderer(key))
 
+        if node is not None and any(isinstance(a, Create) and a.role == OFFLINE for a in todo.actions):
+            # Taken before the create's await: another pair's reconcile must see the gate closed meanwhile.
+            self.inflight[node] = (key, time.monotonic() + CREATED_GRACE_S)
         old = body.get("status") or {}
         done = []
         for action in todo.actions:
             if isinstance(action, Create):
                 created = await self.kube.create_pod(action.pod)
                 ok = created is not None
-                if ok:
-                    self.created[(*key, action.role)] = (time.monotonic(), pod_view(created))
-                else:
+                grace = CREATED_GRACE_S
+                if not ok:  # it exists: count it as there until the watch shows it, do not ask again
                     log.info("pod %s exists already", action.pod["metadata"]["name"])
+                    created, grace = action.pod, CONFLICT_GRACE_S
+                self.created[(*key, action.role)] = (time.monotonic() + grace, pod_view(created))
             else:
                 ok = await self.kube.delete_pod(key[0], action.name, action.uid)
-            if ok:
-                done.append(action_event(action, old, node))
-        if any(old.get(k) != v for k, v in todo.status.items()) or set(old) - set(todo.status):
-            await self.kube.patch_status(*key, {**{k: None for k in old}, **todo.status})
-            self.written[key] = todo.status
+                if ok and action.why == "GPUMismatch":
+                    self.repairs[key] = self.repairs.get(key, 0) + 1
+            if ok and (event := action_event(action, old, node)) is not None:
+                done.append(event)
+        await self.write_status(key, todo.status)
         for event in [*done, *todo.events]:
             await self.kube.post_event(body, event.type, event.reason, event.message)
-        self.phases[key] = todo.status["phase"]
-        metrics.set_pairs(self.phases.values())
+        self.set_phase(key, todo.status["phase"])
+        self.fingerprints[key] = (body["metadata"].get("resourceVersion"), node, *self.pods_of(key).values(),
+                                  self.repairs.get(key, 0))
+
+    async def write_status(self, key: Key, status: dict[str, Any], flush: bool = False) -> None:
+        """Write at once what matters (phase, node); other changes once the pair has been quiet for
+        `coalesce_seconds` (a pair going through its steps writes only its transitions)."""
+        previous = self.latest.get(key)
+        self.latest[key] = status
+        server = self.written.get(key) or {}
+        if status == server:
+            self.dirty.pop(key, None)
+            return
+        if not flush and server and all(server.get(f) == status.get(f) for f in URGENT):
+            if status != previous or key not in self.dirty:
+                self.dirty[key] = time.monotonic()
+            return
+        await self.kube.patch_status(*key, {**{k: None for k in server}, **status})
+        self.written[key] = status
+        self.dirty.pop(key, None)
+
+    async def flush(self, older_than: float) -> None:
+        now = time.monotonic()
+        for key in [k for k, since in self.dirty.items() if now - since >= older_than]:
+            if key in self.latest:
+                async with self.locks.setdefault(key, asyncio.Lock()):
+                    await self.write_status(key, self.latest[key], flush=True)
+
+    def renderer(self, key: Key) -> Callable[..., dict[str, Any]]:
+        """render_pod, remembered per pair: the pods depend only on the spec (generation), node and wish."""
+        cache = self.rendered.setdefault(key, {})
+
+        def render(pair: dict[str, Any], spec: c.ColocationPairSpec, role: str, node: str, cfg: OperatorConfig,
+                   want_gpu: str | None = None) -> dict[str, Any]:
+            meta = pair["metadata"]
+            sig = (meta.get("uid"), meta.get("generation"), role, node, want_gpu)
+            if sig not in cache:
+                if len(cache) > 8:
+                    cache.clear()
+                cache[sig] = render_pod(pair, spec, role, node, cfg, want_gpu=want_gpu)
+            return cache[sig]
+        return render
+
+    def set_phase(self, key: Key, phase: str) -> None:
+        old = self.phases.get(key)
+        if old != phase:
+            if old is not None:
+                metrics.PAIRS.labels(phase=old).dec()
+            metrics.PAIRS.labels(phase=phase).inc()
+            self.phases[key] = phase
 
     async def place(self, key: Key, spec: c.ColocationPairSpec) -> tuple[str | None, str]:
         """Pick a node for one pair (placements are serialised so two pairs never take one slot)."""
         async with self.placing:
-            nodes = build_nodes(self.node_views(), self.all_pods(), self.claim_list(), spec.node_selector)
-            result = place([PairRequest(f"{key[0]}/{key[1]}")], nodes)[0]
-            if result.node is not None:
-                self.claims[key] = result.node
+            if not self.free_ready:
+                self.start_ledger()
+            if spec.node_selector:  # rare: scan the nodes that match
+                views = [v for store in self.indices["valve_nodes"].values() for v in store
+                         if all(v.labels.get(k) == val for k, val in spec.node_selector.items())]
+                nodes = [n for v in views if (n := self.node_usage(v.name)) is not None]
+                result = place([PairRequest(f"{key[0]}/{key[1]}")], nodes)[0]
+                name, reason = result.node, result.reason
+            else:
+                name = self.free.best()
+                reason = f"best fit on {name}" if name else NO_FIT
+            if name is not None:
+                self.claims[key] = name
+                self.assign(key, name)
                 metrics.PLACEMENT_LATENCY.observe(time.monotonic() - self.first_seen.get(key, time.monotonic()))
-            return result.node, result.reason
+            return name, reason
+
+    def start_ledger(self) -> None:
+        """Once per process: every placed pair's node (status or pods), then every node's free slots."""
+        for key, store in self.indices["valve_pairs"].items():
+            for body in store:
+                node = self.claims.get(key) or node_of(body, self.pods_of(key))
+                if node:
+                    self.pair_node[key] = node
+                    self.node_pairs.setdefault(node, set()).add(key)
+        self.free_ready = True
+        for name in list(self.indices["valve_nodes"].keys()):
+            self.refresh(name)
+
+    async def wake(self, node: str | None) -> None:
+        """An offline pod on the node was admitted (or went): the next pair held by the gate may go on.
+
+        One at a time: the first that creates its offline pod closes the gate again for the others.
+        """
+        waiting = self.waiting.get(node or "")
+        while waiting:
+            key = min(waiting)  # any order would do; a fixed one keeps runs reproducible
+            waiting.discard(key)
+            body = self.pair_body(key)
+            if body is not None:
+                await self.reconcile(body)
+            if node in self.inflight:
+                return
 
     def forget(self, key: Key) -> None:
-        for d in (self.claims, self.first_seen, self.phases, self.locks, self.written):
+        node = self.pair_node.get(key)
+        self.assign(key, None)
+        if node is not None:
+            self.waiting.get(node, set()).discard(key)
+        if self.phases.get(key) is not None:
+            metrics.PAIRS.labels(phase=self.phases[key]).dec()
+        for d in (self.claims, self.first_seen, self.phases, self.locks, self.written, self.latest, self.dirty,
+                  self.repairs, self.fingerprints, self.unreported, self.rendered):
             d.pop(key, None)
         for role in ROLES:
             self.created.pop((*key, role), None)
-        metrics.set_pairs(self.phases.values())
 
     def settle_claim(self, key: Key, body: dict[str, Any]) -> None:
         """A claim is no longer needed once the pair's status shows the node."""
@@ -153,21 +328,27 @@ class Operator:
             del self.claims[key]
 
     async def resync(self) -> None:
-        """Reconcile every pair (a safety net for missed events and for pairs waiting for capacity)."""
+        """Reconcile every pair whose inputs changed, or that waits for capacity (a safety net for missed events)."""
         for key in list(self.indices["valve_pairs"].keys()):
             body = self.pair_body(key)
             if body is not None:
                 try:
-                    await self.reconcile(body)
+                    await self.reconcile(body, resync=True)
                 except Exception as e:
                     log.warning("resync of %s/%s failed: %s", *key, e)
         metrics.RESYNCS.inc()
 
     async def resync_loop(self) -> None:
         await self.indexed.wait()  # resource handlers (and so `indexed`) start only once indexes are full
+        quiet = self.resync_seconds if self.coalesce_seconds is None else self.coalesce_seconds
+        tick = max(0.05, min(self.resync_seconds, quiet / 2))
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self.resync_seconds)
-            await self.resync()
+            await asyncio.sleep(tick)
+            await self.flush(quiet)
+            if time.monotonic() - last >= self.resync_seconds:
+                await self.resync()
+                last = time.monotonic()
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
@@ -192,6 +373,7 @@ def build_registry(op: Operator, login: Callable[..., Any] | None = None) -> kop
 
     @kopf.on.startup(registry=registry, id="valve_startup")
     async def valve_startup(**kwargs: Any) -> None:
+        metrics.set_pairs(())
         op.indices.update({name: kwargs[name] for name in ("valve_pairs", "valve_pods", "valve_nodes")})
         op.resync_task = asyncio.create_task(op.resync_loop(), name="valve resync")
 
@@ -231,12 +413,21 @@ def build_registry(op: Operator, login: Callable[..., Any] | None = None) -> kop
         await op.reconcile(snapshot)
 
     @kopf.on.event("v1", "pods", labels={LABEL_MANAGED: MANAGED_BY}, registry=registry, id="valve_pod_event")
-    async def valve_pod_event(namespace: str, body: kopf.Body, **_: Any) -> None:
+    async def valve_pod_event(event: dict[str, Any], namespace: str, body: kopf.Body, **_: Any) -> None:
         op.indexed.set()
+        view = pod_view(dict(body))
+        node = view.node or view.target
+        op.refresh(node)
         owner = _owner(body)
         pair = op.pair_body((namespace, owner)) if owner else None
         if pair is not None:
             await op.reconcile(pair)
+        if view.offline and (event.get("type") == "DELETED" or not view.admitting):
+            await op.wake(node)
+
+    @kopf.on.event("v1", "nodes", registry=registry, id="valve_node_event")
+    async def valve_node_event(name: str, **_: Any) -> None:
+        op.refresh(name)
 
     return registry
 

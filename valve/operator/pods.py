@@ -14,6 +14,7 @@ from valve.api.contract import (
     ANN_HASH,
     ANN_NODE,
     ANN_ROLE,
+    ANN_WANT_GPU,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
@@ -66,9 +67,13 @@ def owner_reference(pair: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_pod(
-    pair: dict[str, Any], spec: c.ColocationPairSpec, role: str, node: str, cfg: OperatorConfig
+    pair: dict[str, Any], spec: c.ColocationPairSpec, role: str, node: str, cfg: OperatorConfig,
+    want_gpu: str | None = None,
 ) -> dict[str, Any]:
-    """The pod for one role of a pair, pinned to `node`, with the Valve sidecar and device request."""
+    """The pod for one role of a pair, pinned to `node`, with the Valve sidecar and device request.
+
+    `want_gpu`: the GPU the device plugin should give it (the offline pod: its online partner's GPU).
+    """
     role_spec = spec.online if role == ONLINE else spec.offline
     template = role_spec.template
     meta = pair["metadata"]
@@ -108,13 +113,15 @@ def render_pod(
         "spec": body_spec,
     }
     pod["metadata"]["annotations"][ANN_HASH] = spec_hash(pod)
+    if want_gpu:
+        pod["metadata"]["annotations"][ANN_WANT_GPU] = want_gpu
     return pod
 
 
 def spec_hash(pod: dict[str, Any]) -> str:
     """Hash of what the operator controls in a pod (spec, labels, template annotations)."""
     meta = pod["metadata"]
-    ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU, ANN_ROLE)}
+    ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU, ANN_ROLE, ANN_WANT_GPU)}
     text = json.dumps([pod["spec"], meta.get("labels", {}), ann], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -219,6 +226,12 @@ class PodView:
     hash: str | None
     online: int = 0  # ONLINE_RESOURCE requested
     offline: int = 0
+    want: str | None = None  # the GPU the operator asked the device plugin for
+
+    @property
+    def admitting(self) -> bool:
+        """Not started yet and not going away: its device allocation may still be to come."""
+        return not self.started and not self.terminal and not self.deleting
 
     @property
     def terminal(self) -> bool:
@@ -256,6 +269,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         hash=ann.get(ANN_HASH),
         online=online,
         offline=offline,
+        want=ann.get(ANN_WANT_GPU),
     )
 
 

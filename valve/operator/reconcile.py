@@ -1,12 +1,18 @@
 """What to do for one pair, given what is observed (pure; the handlers carry it out).
 
-Order matters for pairing on one GPU: the online pod is created first; the offline pod only once the online
-pod has started (its GPU is allocated), so the device plugin puts the offline tenant on the online pod's GPU.
-When the online pod must be recreated, the offline pod goes too and follows it again.
+Pairing on one GPU: the online pod is created first; the offline pod only once the online pod reports its GPU,
+carrying that GPU in `valve.io/want-gpu`, and only while no other offline pod on the node waits for its GPU
+(`offline_gate`): the kubelet does not tell the device plugin which pod an allocation is for, so one pending
+offline pod per node is what lets the plugin read the wish of the right pod. A pair whose pods still end on two
+GPUs (an old plugin, a replaced online pod that joined another GPU) gets its offline pod recreated, at most
+`repairs_left` times. Without GPU reports (no annotator), the offline pod is created without a wish once the
+online pod has run `unwished` long, and the plugin's slot rule alone decides, as before. A replaced online pod leaves the offline pod alone: the plugin puts a new online tenant
+next to a lone offline one, and only if it lands elsewhere is the offline pod recreated once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +23,7 @@ from valve.api.colocation import ConditionType, Phase
 from valve.api.contract import ANN_HASH, OFFLINE, ONLINE
 from valve.operator import status as st
 from valve.operator.placement import NO_FIT
-from valve.operator.pods import OperatorConfig, PodView, pod_name, render_pod
+from valve.operator.pods import OperatorConfig, PodView, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
 
@@ -85,6 +91,10 @@ def plan(
     cfg: OperatorConfig,
     now: str,
     no_fit: str = NO_FIT,
+    offline_gate: bool = True,
+    repairs_left: int = 1,
+    unwished: bool = False,
+    render: Callable[..., dict[str, Any]] = render_pod,
 ) -> Plan:
     spec, invalid = parse_spec(pair)
     old = pair.get("status") or {}
@@ -94,14 +104,11 @@ def plan(
 
     if invalid is not None:
         placed = st.Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)
-    elif not old.get("phase"):
-        placed = st.Cond(ConditionType.Placed, "Unknown", "Accepted", "waiting for placement")
-        node = None  # first write: record that the operator saw the pair (Pending) before acting on it
     elif node is None:
         placed = st.Cond(ConditionType.Placed, "False", "NoCapacity", no_fit)
     else:
         placed = st.Cond(ConditionType.Placed, "True", "NodeSelected", f"placed on node {node}")
-        actions = _pod_actions(pair, spec, pods, node, cfg)
+        actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
     phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid)
     message = _message(phase, conds)
@@ -117,27 +124,36 @@ def plan(
     }
     status = {k: v for k, v in status.items() if v is not None}
 
-    if old.get("phase") != phase.value or old.get("message") != message:
+    if old.get("phase") != phase.value:  # transitions only: detail changes are in the status
         kind = "Warning" if phase in (Phase.Failed, Phase.Degraded) or placed.reason == "NoCapacity" else "Normal"
         events.append(Event(kind, phase.value, message))
     return Plan(status=status, actions=actions, events=events)
 
 
-def action_event(action: Create | Delete, old_status: dict[str, Any], node: str | None) -> Event:
-    """The event posted on the pair once an action has been carried out (not when it was a no-op)."""
+def action_event(action: Create | Delete, old_status: dict[str, Any], node: str | None) -> Event | None:
+    """The event posted on the pair once an action has been carried out (not when it was a no-op).
+
+    A first creation has none: the phase events (Placed, Running) tell that story in fewer requests.
+    """
     if isinstance(action, Create):
-        verb = "Recreated" if old_status.get(f"{action.role}Pod") else "Created"
-        return Event("Normal", f"{verb}Pod",
-                     f"{verb.lower()} {action.role} pod {action.pod['metadata']['name']} on node {node}")
+        if not old_status.get(f"{action.role}Pod"):
+            return None
+        return Event("Normal", "RecreatedPod",
+                     f"recreated {action.role} pod {action.pod['metadata']['name']} on node {node}")
     return Event("Normal" if action.why == "SpecChanged" else "Warning", "DeletingPod",
                  f"deleting {action.role} pod {action.name} to recreate it: {action.why}")
 
 
 def _pod_actions(
-    pair: dict[str, Any], spec: c.ColocationPairSpec, pods: dict[str, PodView | None], node: str, cfg: OperatorConfig
+    pair: dict[str, Any], spec: c.ColocationPairSpec, pods: dict[str, PodView | None], node: str,
+    cfg: OperatorConfig, offline_gate: bool, repairs_left: int, unwished: bool,
+    render: Callable[..., dict[str, Any]],
 ) -> list[Create | Delete]:
-    desired = {role: render_pod(pair, spec, role, node, cfg) for role in (ONLINE, OFFLINE)}
     online, offline = pods.get(ONLINE), pods.get(OFFLINE)
+    started = online is not None and not online.deleting and online.started
+    want = online.gpu if started and online is not None else None
+    desired = {ONLINE: render(pair, spec, ONLINE, node, cfg),
+               OFFLINE: render(pair, spec, OFFLINE, node, cfg, want_gpu=want)}
     out: list[Create | Delete] = []
 
     online_why = _replace_reason(online, desired[ONLINE])
@@ -148,13 +164,22 @@ def _pod_actions(
 
     if offline is not None and not offline.deleting:
         why = _replace_reason(offline, desired[OFFLINE])
-        if online is None or online_why:
-            why = f"the online pod {pod_name(pair['metadata']['name'], ONLINE)} is being recreated"
+        if not why and want is not None and not online_why and repairs_left > 0:
+            why = _misplaced(offline, want)
         if why:
             out.append(Delete(OFFLINE, offline.name, offline.uid, why))
-    elif offline is None and online is not None and not online_why and not online.deleting and online.started:
+    elif offline is None and (want is not None or (started and unwished)) and not online_why and offline_gate:
         out.append(Create(OFFLINE, desired[OFFLINE]))
     return out
+
+
+def _misplaced(offline: PodView, want: str) -> str | None:
+    """Why an offline pod is not where its online partner is (it got, or asked for, another GPU)."""
+    if offline.gpu is not None and offline.gpu != want:
+        return "GPUMismatch"
+    if offline.gpu is None and offline.want not in (None, want) and not offline.started:
+        return "GPUMismatch"  # still pending, but it asks for the GPU of an online pod that is gone
+    return None
 
 
 def _replace_reason(pod: PodView | None, desired: dict[str, Any]) -> str | None:

@@ -1,0 +1,37 @@
+"""bench/operator_scale.py at a small size (--pairs 50 --restart): every pair on one GPU, none Degraded, the
+operator's requests per pair within budget, and no pod create refused after a restart mid-batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("kopf")
+pytest.importorskip("kmock")
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_bench_fifty_pairs_with_a_restart(tmp_path):
+    out = tmp_path / "operator_scale.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "operator_scale.py"), "--pairs", "50", "--restart",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".txt").read_text().startswith("| pairs |")
+    plain, restarted = result["runs"]
+    for run in (plain, restarted):
+        assert run["pairs"] == 50 and run["phases"] == {"Running": 50}
+        assert run["degraded"] == 0 and run["split_pairs"] == 0 and run["driver_errors"] == []
+        assert len(run["loadavg_before"]) == 3 and run["operator_cpu_s"] > 0
+    # 2 pod creates, 2 status writes, 2 events per pair; kopf's discovery, lists and watches on top
+    kinds = plain["requests_by_kind"]
+    assert kinds["POST pods"] == kinds["POST events"] == kinds["PATCH colocationpairs/status"] == 100
+    assert plain["requests"] <= 6 * 50 + 20
+    assert restarted["restart"]["pod_creates_refused_409"] == 0
+    assert restarted["restart"]["done_at_restart"] >= 25

@@ -29,9 +29,12 @@ def test_bench_fifty_pairs_with_a_restart(tmp_path):
         assert run["pairs"] == 50 and run["phases"] == {"Running": 50}
         assert run["degraded"] == 0 and run["split_pairs"] == 0 and run["driver_errors"] == []
         assert len(run["loadavg_before"]) == 3 and run["operator_cpu_s"] > 0
-    # 2 pod creates, 2 status writes, 2 events per pair; kopf's discovery, lists and watches on top
+    # 2 pod creates, at most 2 status writes and 2 events per pair; kopf's discovery, lists and watches on top.
+    # The run ends when every pair is Running: a quiet pair's second status write or its Running event may still
+    # be on its way then, so those are bounds.
     kinds = plain["requests_by_kind"]
-    assert kinds["POST pods"] == kinds["POST events"] == kinds["PATCH colocationpairs/status"] == 100
+    assert kinds["POST pods"] == 100
+    assert 50 <= kinds["POST events"] <= 100 and 50 <= kinds["PATCH colocationpairs/status"] <= 100
     assert plain["requests"] <= 6 * 50 + 20
     assert restarted["restart"]["pod_creates_refused_409"] == 0
     assert restarted["restart"]["done_at_restart"] >= 25

@@ -260,8 +260,8 @@ def test_kubelet_sock_recreated_triggers_reregistration(node, wipe: bool) -> Non
     regs = k.registrations
     assert {r.resource_name for r in regs[2:]} == {ONLINE, OFFLINE}
     assert all((node.config.device_plugin_dir / r.endpoint).is_socket() for r in regs[2:])
-    # The new kubelet gets a fresh device list and can allocate.
-    k.lists.clear()
+    # The new kubelet gets a fresh device list and can allocate (restart() forgot the old kubelet's lists:
+    # clearing here could drop the new stream's first list, which may already have come).
     k.wait_list(OFFLINE, lambda r: len(r.devices) == 4)
     resp = allocate(k, OFFLINE, [node.backend.uuids[0]])
     assert resp.container_responses[0].envs["VALVE_ROLE"] == "offline"

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from bench.harness import output, procs  # noqa: E402  (after the path line: run as `python3 bench/multigpu.py`)
 from bench.harness.env import record as environment  # noqa: E402
+from valve.api.contract import ENV_GPU_UUID  # noqa: E402
 from valve.runtime.control import GATE_OPEN  # noqa: E402
 from valve.stats import percentile  # noqa: E402
 
@@ -411,8 +412,8 @@ def check_visible_gpu(torch, device: str) -> dict:
     """The process sees exactly one GPU, the one its Allocate env names (CUDA_VISIBLE_DEVICES = its UUID)."""
     if device == "cpu":
         torch.set_num_threads(1)
-        return {"name": "cpu", "uuid": os.environ.get("VALVE_GPU_UUID", ""), "uuid_match": True}
-    want = os.environ.get("VALVE_GPU_UUID", "")
+        return {"name": "cpu", "uuid": os.environ.get(ENV_GPU_UUID, ""), "uuid_match": True}
+    want = os.environ.get(ENV_GPU_UUID, "")
     n = torch.cuda.device_count()
     if n != 1:
         raise BenchError(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')} shows {n} GPUs, not 1")
@@ -423,9 +424,13 @@ def check_visible_gpu(torch, device: str) -> dict:
 
 
 def open_control():
-    from valve.runtime.control import ControlBlock, control_path
+    """This worker's control block: the one the device plugin's Allocate names in its environment."""
+    from valve.runtime.control import ControlBlock, resolve_control_path
 
-    return ControlBlock.open(control_path(os.environ["VALVE_GPU_UUID"], os.environ["VALVE_RUNTIME_DIR"]))
+    path = resolve_control_path()
+    if path is None:
+        raise BenchError(f"{ENV_GPU_UUID} is not set: the worker has no GPU from Allocate")
+    return ControlBlock.open(path)
 
 
 def serve(handlers: dict, ready: dict) -> None:
@@ -582,7 +587,7 @@ def sim_worker(a: argparse.Namespace) -> None:
     """One simulated GPU (valve.demo.simulate): online alone, time-slicing, Valve's gate, offline alone."""
     from valve.demo import Workload, simulate
 
-    uuid = os.environ["VALVE_GPU_UUID"]
+    uuid = os.environ[ENV_GPU_UUID]
     ctl = None
     if a.check_control:
         cb = open_control()

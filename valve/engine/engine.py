@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from valve.engine.kvcache import PagedKVCache, TorchBlockAllocator
@@ -31,6 +32,7 @@ class Engine:
         self.last_logits: dict[object, torch.Tensor] = {}
         self.steps = self.generated = self.computed = 0
         self.graphs = None  # DecodeGraphs: the all-decode fast path (enable_graphs)
+        self._pinned = self._copied = None  # build_batch's host staging buffer and its last copy
 
     def enable_graphs(self, max_batch: int = 32, max_context: int = 4096, capture: bool = True):
         """Run all-decode steps through CUDA graphs (``capture=False``: the same static-buffer path, eager)."""
@@ -58,43 +60,68 @@ class Engine:
         return self.scheduler.has_work()
 
     def build_batch(self, plan: list[ScheduledSeq]) -> tuple[PagedBatch, list[Sequence]]:
-        bs = self.cache.block_size
-        tokens, positions, blocks, offsets, logits_rows, sampling = [], [], [], [], [], []
-        dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
-        dev = self.model.device
+        """The step's inputs in the packed layout. The host sends per-sequence facts (new tokens, start, lengths,
+        block tables) in one copy; the per-token indices (positions, cache slots, context gather) are computed
+        on the device: a per-token Python loop costs milliseconds at thousands of tokens per step."""
+        bs, dev = self.cache.block_size, self.model.device
+        tokens, starts, news, ctxs, rows, tables, sampling = [], [], [], [], [], [], []
         for item in plan:
             seq, n = item.seq, item.n_tokens
-            start = len(tokens)
-            table = self.cache.tables[seq.req_id]
-            pos = range(seq.computed, seq.computed + n)
-            tokens += seq.tokens[seq.computed:seq.computed + n]
-            positions += pos
-            blocks += [table[p // bs] for p in pos]
-            offsets += [p % bs for p in pos]
             ctx = seq.computed + n
-            if n == 1:
-                dec_rows.append(start)
-                dec_tables.append(table[: self.cache.blocks_for(ctx)])
-                dec_lens.append(ctx)
-            else:
-                nb = self.cache.blocks_for(ctx)
-                prefills.append((start, n, ctx, torch.tensor(table[:nb], device=dev)))
+            tokens += seq.token_range(seq.computed, ctx)
+            starts.append(seq.computed)
+            news.append(n)
+            ctxs.append(ctx)
+            tables.append(self.cache.tables[seq.req_id][: self.cache.blocks_for(ctx)])
             if item.samples:
-                logits_rows.append(start + n - 1)
+                rows.append(len(tokens) - 1)
                 sampling.append(seq)
+        s, n_rows, width = len(plan), len(tokens), max(len(t) for t in tables)
+        host = np.empty(n_rows + 3 * s + len(rows) + s * width, dtype=np.int64)
+        host[:n_rows] = tokens
+        host[n_rows:n_rows + 3 * s] = starts + news + ctxs
+        off = n_rows + 3 * s
+        host[off:off + len(rows)] = rows
+        tab = host[off + len(rows):].reshape(s, width)
+        for i, t in enumerate(tables):  # pad with the sequence's own first block: always mapped
+            tab[i, :len(t)] = t
+            tab[i, len(t):] = t[0]
+        d = self._upload(host)
+        tok, start, new, ctx = d[:n_rows], d[n_rows:n_rows + s], d[n_rows + s:n_rows + 2 * s], d[n_rows + 2 * s:off]
+        tab = d[off + len(rows):].view(s, width)
+        seq_ids = torch.arange(s, device=dev)
 
-        def t(xs):
-            return torch.tensor(xs, dtype=torch.long, device=dev)
+        def cumulative(lengths):
+            cu = torch.zeros(s + 1, dtype=torch.int32, device=dev)
+            cu[1:] = lengths.cumsum(0)
+            return cu
 
-        batch = PagedBatch(t(tokens), t(positions), t(blocks), t(offsets), t(logits_rows), prefills=tuple(prefills))
-        if dec_rows:
-            width = max(len(x) for x in dec_tables)
-            batch.dec_index = t(dec_rows)
-            # pad with the sequence's own first block: always mapped (block 0 may sit in a chunk the pool
-            # released); the padded slots are masked out
-            batch.dec_tables = t([x + [x[0]] * (width - len(x)) for x in dec_tables])
-            batch.dec_lens = t(dec_lens)
+        cu_q, cu_k = cumulative(new), cumulative(ctx)
+        row_seq = torch.repeat_interleave(seq_ids, new, output_size=n_rows)
+        pos = start[row_seq] + torch.arange(n_rows, device=dev) - cu_q[:-1][row_seq]
+        ctx_seq = torch.repeat_interleave(seq_ids, ctx, output_size=sum(ctxs))
+        cpos = torch.arange(sum(ctxs), device=dev) - cu_k[:-1][ctx_seq]
+        batch = PagedBatch(tok, pos, tab[row_seq, pos // bs], pos % bs, d[off:off + len(rows)],
+                           ctx_block=tab[ctx_seq, cpos // bs], ctx_offset=cpos % bs, cu_q=cu_q, cu_k=cu_k,
+                           max_q=max(news), max_k=max(ctxs))
         return batch, sampling
+
+    def _upload(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy through a reused pinned buffer (a pageable copy would sync the stream)."""
+        dev = self.model.device
+        if dev.type != "cuda":
+            return torch.from_numpy(host.copy())
+        if self._pinned is None or self._pinned.numel() < host.size:
+            self._pinned = torch.empty(max(host.size, 2 * (self._pinned.numel() if self._pinned is not None else 0),
+                                           1 << 16), dtype=torch.long, pin_memory=True)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the buffer
+        buf = self._pinned[:host.size]
+        buf.numpy()[:] = host
+        out = buf.to(dev, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return out
 
     def step(self) -> StepResult:
         plan = self.scheduler.schedule()

@@ -84,7 +84,7 @@ class DecodeGraphs:
             p = seq.computed
             table = self.cache.tables[seq.req_id]
             n = self.cache.blocks_for(p + 1)
-            for c, val in zip(cols, (seq.tokens[p], p, table[p // bs], p % bs, p + 1), strict=True):
+            for c, val in zip(cols, (seq.token_at(p), p, table[p // bs], p % bs, p + 1), strict=True):
                 c[i] = val
             rows.append(table[:n] + [pad] * (w - n))
         rows += [[pad] * w] * (b - len(plan))

@@ -3,8 +3,8 @@
 Two forward paths over the same weights:
 - ``forward_reference(tokens)``: the whole sequence at once, no cache (the correctness reference);
 - ``forward_paged(batch, cache)``: new tokens of many sequences, keys/values written to and read from a paged
-  cache (``valve.engine.kvcache.PagedKVCache``). Sequences with one new token (decode) share one batched
-  attention call; longer chunks (prefill) run one call each.
+  cache (``valve.engine.kvcache.PagedKVCache``). One variable-length attention call covers every sequence of
+  a step (prefill chunks and decodes alike); the CUDA-graph decode path reads padded block tables instead.
 
 Sub-layers are the modules ``layers.<i>.attn`` and ``layers.<i>.mlp``, so ``valve.runtime.gate.offline.attach`` can
 put a gate before each of them with forward pre-hooks.
@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from valve.engine.config import ModelConfig
 
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SUBLAYER_PATTERN = r"layers\.\d+\.(attn|mlp)$"
 
 
@@ -30,9 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel on CUDA
 
 
 def rope_tables(cfg: ModelConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +55,86 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class PagedBatch:
-    """Everything ``forward_paged`` needs for one engine step (built by ``Engine``, tensors on the device)."""
+    """Everything ``forward_paged`` needs for one engine step (built by ``Engine``, tensors on the device).
+
+    Two attention layouts. Packed (every eager step): each sequence's whole context (cached tokens and the new
+    ones) is gathered from the cache by ``ctx_block``/``ctx_offset`` and one variable-length attention call
+    covers all sequences, prefill chunks and decodes alike. Padded decode (the CUDA-graph path, static shapes):
+    one new token per sequence, context read through block tables padded to one width."""
 
     tokens: torch.Tensor  # [N] new tokens of all sequences, concatenated
     positions: torch.Tensor  # [N]
     slot_block: torch.Tensor  # [N] cache block each new token's K/V goes to
     slot_offset: torch.Tensor  # [N] offset inside that block
     logits_index: torch.Tensor  # [S] rows of the N tokens whose logits are wanted
+    # packed layout
+    ctx_block: torch.Tensor | None = None  # [T] every context token of every sequence, sequence by sequence
+    ctx_offset: torch.Tensor | None = None  # [T]
+    cu_q: torch.Tensor | None = None  # [S+1] int32 row offsets of each sequence's new tokens
+    cu_k: torch.Tensor | None = None  # [S+1] int32 offsets of each sequence's context in ctx_block
+    max_q: int = 0
+    max_k: int = 0
+    # padded-decode layout
     dec_index: torch.Tensor | None = None  # [B] rows of decode tokens (one new token per sequence)
     dec_tables: torch.Tensor | None = None  # [B, max_blocks] block tables, padded
     dec_lens: torch.Tensor | None = None  # [B] context length including the new token
-    prefills: tuple = ()  # (row start, n new, context length incl. new, block table [n_blocks]) per sequence
+
+
+def _varlen_flash():
+    """torch's flash-attention varlen entry point, or None (CPU, or a torch without it)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_reference(q, k, v, cu_q: list[int], cu_k: list[int]) -> torch.Tensor:
+    """Causal attention of packed sequences, query rows aligned to the end of their context (what flash's
+    varlen computes with window (-1, 0)); one SDPA call per sequence. q: [Nq, H, hd], k/v: [Nk, kvh, hd]."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        a, b, c, d = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        m, ctx = b - a, d - c
+        qs = q[a:b].transpose(0, 1).unsqueeze(0)
+        ks = k[c:d].transpose(0, 1).unsqueeze(0).repeat_interleave(group, dim=1)
+        vs = v[c:d].transpose(0, 1).unsqueeze(0).repeat_interleave(group, dim=1)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - m, ctx, device=q.device)[:, None]
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)[0].transpose(0, 1)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, kv: torch.Tensor,
+                    layer: int) -> torch.Tensor:
+    """Attention of a step's new tokens over the paged cache; the new keys/values are written to it first.
+
+    q: [N, H, hd]; k, v: [N, kvh, hd] (RoPE applied); kv: the cache blocks
+    [n_blocks, n_layers, 2, block_size, kvh, hd]. Returns [N, H, hd]. Shared by the reference engine's attention
+    and the transformers models' attention function (``valve.engine.hf``)."""
+    kv[batch.slot_block, layer, 0, batch.slot_offset] = k
+    kv[batch.slot_block, layer, 1, batch.slot_offset] = v
+    if batch.ctx_block is not None:
+        kc = kv[batch.ctx_block, layer, 0, batch.ctx_offset]  # [T, kvh, hd]
+        vc = kv[batch.ctx_block, layer, 1, batch.ctx_offset]
+        flash = _varlen_flash() if q.is_cuda else None
+        if flash is not None:
+            # one launch for every sequence of the step: per-sequence calls cost more host time than GPU time
+            return flash(q, kc, vc, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, window_size=(-1, 0))
+        return varlen_reference(q, kc, vc, batch.cu_q.tolist(), batch.cu_k.tolist())
+    n, h, hd = q.shape
+    kvh = k.shape[1]
+    b = batch.dec_index.shape[0]
+    kc = kv[batch.dec_tables, layer, 0].flatten(1, 2).transpose(1, 2)  # [B, kvh, T, hd]
+    vc = kv[batch.dec_tables, layer, 1].flatten(1, 2).transpose(1, 2)
+    t = kc.shape[2]
+    mask = (torch.arange(t, device=q.device)[None, :] < batch.dec_lens[:, None])[:, None, None, :]
+    # one query position per sequence: fold the query heads of a KV group into the query-length axis
+    qd = q[batch.dec_index].view(b, kvh, h // kvh, hd)
+    od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask)
+    out = torch.empty_like(q)
+    out[batch.dec_index] = od.reshape(b, h, hd)
+    return out
 
 
 class Attention(nn.Module):
@@ -73,23 +142,23 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden, cfg.n_heads * hd, bias=False, device=device, dtype=dtype)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.n_kv_heads * hd, bias=False, device=device, dtype=dtype)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.n_kv_heads * hd, bias=False, device=device, dtype=dtype)
+        # q, k and v in one GEMM, and RoPE over q and k in one pass: fewer launches per layer
+        self.qkv_proj = nn.Linear(cfg.hidden, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False, device=device,
+                                  dtype=dtype)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.hidden, bias=False, device=device, dtype=dtype)
 
     def qkv(self, x, cos, sin):
         c = self.cfg
-        lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, c.n_heads, c.head_dim)
-        k = self.k_proj(x).view(*lead, c.n_kv_heads, c.head_dim)
-        v = self.v_proj(x).view(*lead, c.n_kv_heads, c.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = self.qkv_proj(x).view(*x.shape[:-1], c.n_heads + 2 * c.n_kv_heads, c.head_dim)
+        qk = apply_rope(qkv[..., :c.n_heads + c.n_kv_heads, :], cos, sin)
+        return qk[..., :c.n_heads, :], qk[..., c.n_heads:, :], qkv[..., c.n_heads + c.n_kv_heads:, :]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch=None, kv=None) -> torch.Tensor:
         if batch is None:
             return self._forward_full(x, cos, sin)
-        return self._forward_paged(x, cos, sin, batch, kv)
+        q, k, v = self.qkv(x, cos, sin)
+        out = paged_attention(q, k, v, batch, kv, self.layer)
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
     def _forward_full(self, x, cos, sin):
         """x: [B, T, hidden]; plain causal attention."""
@@ -99,53 +168,17 @@ class Attention(nn.Module):
                                            is_causal=True, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
-    def _forward_paged(self, x, cos, sin, batch: PagedBatch, kv: torch.Tensor):
-        """x: [N, hidden]; kv: the cache blocks [n_blocks, n_layers, 2, block_size, n_kv_heads, head_dim]."""
-        c, layer = self.cfg, self.layer
-        n = x.shape[0]
-        q, k, v = self.qkv(x, cos, sin)
-        kv[batch.slot_block, layer, 0, batch.slot_offset] = k
-        kv[batch.slot_block, layer, 1, batch.slot_offset] = v
-        out = torch.empty(n, c.n_heads, c.head_dim, device=x.device, dtype=x.dtype)
-        group = c.n_heads // c.n_kv_heads
-        if batch.dec_index is not None:
-            b = batch.dec_index.shape[0]
-            kc = kv[batch.dec_tables, layer, 0].flatten(1, 2).transpose(1, 2)  # [B, kvh, T, hd]
-            vc = kv[batch.dec_tables, layer, 1].flatten(1, 2).transpose(1, 2)
-            t = kc.shape[2]
-            mask = (torch.arange(t, device=x.device)[None, :] < batch.dec_lens[:, None])[:, None, None, :]
-            # one query position per sequence: fold the query heads of a KV group into the query-length axis
-            qd = q[batch.dec_index].view(b, c.n_kv_heads, group, c.head_dim)
-            od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask)
-            out[batch.dec_index] = od.reshape(b, c.n_heads, c.head_dim)
-        for start, m, ctx, table in batch.prefills:
-            qs = q[start:start + m].transpose(0, 1).unsqueeze(0)  # [1, H, m, hd]
-            if ctx == m:  # no earlier context: the new keys are the whole context
-                ks = k[start:start + m].transpose(0, 1).unsqueeze(0)
-                vs = v[start:start + m].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:  # a later chunk (chunked prefill or recompute): read the cached context
-                # KV heads repeated per query group rather than enable_gqa: with a mask, GQA falls back to the
-                # math kernel on CUDA (an [H, m, ctx] score matrix: a long, unpreemptible offline kernel)
-                ks = kv[table, layer, 0].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
-                vs = kv[table, layer, 1].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
-                ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-                qpos = torch.arange(ctx - m, ctx, device=x.device)
-                mask = torch.arange(ctx, device=x.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-            out[start:start + m] = o[0].transpose(0, 1)
-        return self.o_proj(out.view(n, -1))
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden, cfg.mlp_hidden, bias=False, device=device, dtype=dtype)
-        self.up_proj = nn.Linear(cfg.hidden, cfg.mlp_hidden, bias=False, device=device, dtype=dtype)
+        self.mlp_hidden = cfg.mlp_hidden
+        self.gate_up_proj = nn.Linear(cfg.hidden, 2 * cfg.mlp_hidden, bias=False, device=device, dtype=dtype)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.hidden, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.mlp_hidden, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -197,8 +230,10 @@ class LlamaModel(nn.Module):
         rows in ``batch.logits_index``."""
         cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
         x = self.embed(batch.tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv)
+        # not cuDNN: it builds a graph for every new shape, ~1.5 ms of host time per call with varying lengths
+        with sdpa_kernel(NO_CUDNN):
+            for layer in self.layers:
+                x = layer(x, cos, sin, batch, kv)
         x = x[batch.logits_index]
         return self.lm_head(self.norm(x)).float()
 

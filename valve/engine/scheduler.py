@@ -38,6 +38,19 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_range(self, start: int, stop: int) -> list[int]:
+        """``tokens[start:stop]`` without building the whole list."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.output[start - p:stop - p]
+        return self.prompt[start:] + self.output[:stop - p]
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt)
+        return self.prompt[i] if i < p else self.output[i - p]
+
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)

@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +41,7 @@ import typer  # noqa: E402  (after the path line: run as `python3 bench/colocati
 
 from bench import colocation_report as report  # noqa: E402
 from bench.harness import env, mps, output  # noqa: E402
+from bench.harness.gpu import UtilSampler  # noqa: E402
 from bench.harness.loadgen import Arrivals, LengthDist, make_trace, run_trace  # noqa: E402
 from bench.harness.procs import Child, ChildFailed, child_env, free_port, wait_for  # noqa: E402
 from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR  # noqa: E402
@@ -113,39 +113,6 @@ def environment(device: str) -> dict:
     return env.record(device, gpu="cpu", gpu_uuid="GPU-cpu-sim")
 
 
-class UtilSampler:
-    """Mean GPU utilisation (NVML) over a window, sampled every 100 ms on a thread; None on CPU."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.samples = device, []
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self) -> UtilSampler:
-        if self.device == "cuda":
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            h = pynvml.nvmlDeviceGetHandleByIndex(env.visible_index())
-            while not self._stop.wait(0.1):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
-        finally:
-            pynvml.nvmlShutdown()
-
-    def stop(self) -> float | None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
-        return sum(self.samples) / len(self.samples) if self.samples else None
-
-
-# ---- measurements -----------------------------------------------------------------------------------------------
 def busy_fraction(results, seconds: float) -> float:
     """Fraction of [0, seconds] with at least one online request in flight (send -> last token)."""
     spans = sorted((r.t_send, r.t_send + r.e2e) for r in results if r.e2e is not None)

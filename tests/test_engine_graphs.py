@@ -68,3 +68,39 @@ def test_fits_rejects_prefill_and_oversize(model):
     plan = eng.scheduler.schedule()
     assert not g.fits(plan)  # a prefill chunk
     assert not g.fits([])
+
+
+def test_prefill_graph_path_matches_plain_steps(model):
+    """A prompt alone in its step runs the static prefill path (padded to its bucket): same tokens and logits as
+    the plain packed path; prompts in a shared step, or longer than the largest bucket, run eagerly."""
+    rng = random.Random(2)
+    plain = Engine.create(model, num_blocks=64, block_size=8, max_batch_tokens=256, max_seqs=8, keep_logits=True)
+    fast = Engine.create(model, num_blocks=64, block_size=8, max_batch_tokens=256, max_seqs=8, keep_logits=True)
+    fast.enable_graphs(max_batch=8, max_context=64, capture=False, prefill_tokens=128)
+    pg = fast.prefill_graphs
+    assert pg.sizes == [64, 128] and fast.cache.tables[PAD_SEQ] == [pg.pad_block]
+    calls = []
+    orig = pg.run
+    pg.run = lambda plan: calls.append(plan[0].n_tokens) or orig(plan)
+    for n in (5, 64, 100, 200):  # 5 -> bucket 64, 64 exact, 100 -> 128, 200 too long: eager
+        prompt = [rng.randrange(256) for _ in range(n)]
+        want_out, want_logits = run(plain, [prompt], [3])
+        got_out, got_logits = run(fast, [prompt], [3])
+        assert got_out == want_out, n
+        for a, b in zip(got_logits[0], want_logits[0], strict=True):
+            assert float((a - b).abs().max()) < 1e-4, n
+    assert calls == [5, 64, 100]
+    # two fresh prompts in one step: not this path
+    calls.clear()
+    run(fast, [[1] * 10, [2] * 12], [2, 2])
+    assert calls == []
+
+
+def test_prefill_buckets():
+    from valve.engine.graphs import prefill_buckets
+
+    assert prefill_buckets(128) == [64, 128]
+    assert prefill_buckets(100) == [64, 128]
+    b = prefill_buckets(2048)
+    assert b[:8] == [64 * i for i in range(1, 9)] and b[8] == 640 and b[-1] == 2048
+    assert all(y - x <= 128 for x, y in zip(b, b[1:], strict=False))

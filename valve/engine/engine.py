@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ class StepResult:
     tokens: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new token)
     finished: list[Sequence] = field(default_factory=list)
     n_tokens: int = 0  # tokens the model computed in this step (prefill + decode)
+    spans: list = field(default_factory=list)  # what ran: (cached tokens before, new tokens) per sequence
 
 
 class Engine:
@@ -32,14 +34,22 @@ class Engine:
         self.last_logits: dict[object, torch.Tensor] = {}
         self.steps = self.generated = self.computed = 0
         self.graphs = None  # DecodeGraphs: the all-decode fast path (enable_graphs)
+        self.prefill_graphs = None  # PrefillGraphs: a fresh prompt alone in its step
+        self.sync_seconds = 0.0  # host time blocked on the GPU (sampling): the rest of a step is host work
+        self.step_seconds = 0.0  # wall time inside step()
         self._pinned = self._copied = None  # build_batch's host staging buffer and its last copy
 
-    def enable_graphs(self, max_batch: int = 32, max_context: int = 4096, capture: bool = True):
-        """Run all-decode steps through CUDA graphs (``capture=False``: the same static-buffer path, eager)."""
-        from valve.engine.graphs import DecodeGraphs
+    def enable_graphs(self, max_batch: int = 32, max_context: int = 4096, capture: bool = True,
+                      prefill_tokens: int = 0):
+        """Run all-decode steps through CUDA graphs (``capture=False``: the same static-buffer path, eager);
+        ``prefill_tokens``: also a fresh prompt of up to that many tokens alone in its step."""
+        from valve.engine.graphs import DecodeGraphs, PrefillGraphs
 
         self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_context, capture)
         self.graphs.capture_all()
+        if prefill_tokens:
+            self.prefill_graphs = PrefillGraphs(self.model, self.cache, prefill_tokens, capture)
+            self.prefill_graphs.capture_all()
         return self.graphs
 
     @classmethod
@@ -124,18 +134,36 @@ class Engine:
         return out
 
     def step(self) -> StepResult:
+        t0 = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_seconds += time.perf_counter() - t0
+
+    def host_share(self, since: tuple[float, float] = (0.0, 0.0)) -> float | None:
+        """The part of the time in steps (since ``(step_seconds, sync_seconds)``) the host was not waiting for
+        the GPU: near 0 when GPU-bound, near 1 when the GPU waits for Python."""
+        steps, synced = self.step_seconds - since[0], self.sync_seconds - since[1]
+        return 1 - synced / steps if steps > 0 else None
+
+    def _step(self) -> StepResult:
         plan = self.scheduler.schedule()
         res = StepResult()
         if not plan:
             return res
         if self.graphs is not None and self.graphs.fits(plan):
             logits, sampling = self.graphs.run(plan), [item.seq for item in plan]
+        elif self.prefill_graphs is not None and self.prefill_graphs.fits(plan):
+            logits, sampling = self.prefill_graphs.run(plan), [plan[0].seq]
         else:
             batch, sampling = self.build_batch(plan)
             logits = self.model.forward_paged(batch, self.cache.kv)
         sampled = {}
+        res.spans = [(item.seq.computed, item.n_tokens) for item in plan]
         if sampling:
+            t0 = time.perf_counter()
             ids = logits.argmax(dim=-1).tolist()
+            self.sync_seconds += time.perf_counter() - t0
             sampled = {seq.req_id: tok for seq, tok in zip(sampling, ids, strict=True)}
             if self.keep_logits:
                 for seq, row in zip(sampling, logits, strict=True):

@@ -36,6 +36,8 @@ class OfflineStats:
     computed_tokens: int = 0  # prefill + decode tokens the model ran (recompute included)
     recomputed_tokens: int = 0
     seconds: float = 0.0
+    step_seconds: float = 0.0  # wall time in engine steps
+    sync_seconds: float = 0.0  # of which waiting for the GPU (the rest is host work)
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,6 +110,7 @@ class OfflineRunner:
         t0 = last_sync = time.monotonic()
         last_progress = float("-inf")  # the first step's record tells a watcher the runner is warm
         gen0, comp0 = eng.generated, eng.computed
+        step0, sync0 = eng.step_seconds, eng.sync_seconds
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.output_path, "a") as out:
             while not self.stop_event.is_set():
@@ -138,6 +141,7 @@ class OfflineRunner:
                     os.fsync(out.fileno())
                     last_sync = now
                 stats.generated_tokens, stats.computed_tokens = eng.generated - gen0, eng.computed - comp0
+                stats.step_seconds, stats.sync_seconds = eng.step_seconds - step0, eng.sync_seconds - sync0
                 stats.seconds = now - t0
                 if self.progress_path and now - last_progress >= self.progress_seconds:
                     self.write_progress(stats)

@@ -141,16 +141,22 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
             return JSONResponse({"status": "error", "error": str(worker.error)}, 503)
         return JSONResponse({"status": "ok", "steps": worker.engine.steps})
 
+    async def stats(request: Request):
+        eng = worker.engine
+        return JSONResponse({"steps": eng.steps, "step_seconds": eng.step_seconds, "sync_seconds": eng.sync_seconds,
+                             "generated": eng.generated, "computed": eng.computed})
+
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
     ])
 
 
 def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,
                  max_seqs: int, seed: int = 0, graphs: bool = False, graph_max_batch: int = 32,
-                 graph_max_context: int = 4096) -> EngineWorker:
+                 graph_max_context: int = 4096, graph_max_prompt: int = 0) -> EngineWorker:
     from valve.engine.config import get_config
     from valve.engine.engine import Engine
     from valve.engine.model import build_model
@@ -160,7 +166,8 @@ def build_worker(model: str, device: str | None, num_blocks: int, block_size: in
                         max_seqs=max_seqs)
     warmup(eng)
     if graphs and m.device.type == "cuda":
-        eng.enable_graphs(min(graph_max_batch, max_seqs), graph_max_context)
+        eng.enable_graphs(min(graph_max_batch, max_seqs), graph_max_context,
+                          prefill_tokens=min(graph_max_prompt, max_batch_tokens))
     return EngineWorker(eng, name="online-engine")
 
 
@@ -202,8 +209,8 @@ def main(
     graph_max_context: int = 4096,
     warmup_max_prompt: int = 2048,
 ) -> None:
-    """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps replay CUDA
-    graphs (``--no-graphs``: eager)."""
+    """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps and a prompt of up
+    to --warmup-max-prompt tokens alone in its step replay CUDA graphs (``--no-graphs``: eager)."""
     import sys
 
     import uvicorn
@@ -214,7 +221,7 @@ def main(
     signal = resolve_online_signal(valve)
     sys.setswitchinterval(0.0005)  # the engine thread and the event loop hand the GIL over quickly
     worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed, graphs,
-                          graph_max_batch, graph_max_context)
+                          graph_max_batch, graph_max_context, warmup_max_prompt)
     warmup(worker.engine, sweep=warmup_max_prompt)  # again through the graphs, and every prefill size
     g = worker.engine.graphs
     log.info("decode graphs: %s", f"{len(g.graphs)} captured in {g.capture_seconds:.1f} s" if g else "off")

@@ -12,7 +12,7 @@ Qwen3-Next mix in linear-attention layers whose recurrent state a paged KV cache
 Qwen2 (Llama plus q/k/v biases) it changes what reaches the attention function (per-head RMSNorm of q and k
 before RoPE, an explicit head_dim).
 
-``transformers`` is imported only when a model is built: ``check_engine`` runs without it.
+``transformers`` is imported only when a model is built; ``valve.engine.choice`` picks this module or ours.
 """
 
 from __future__ import annotations
@@ -23,37 +23,11 @@ import torch
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
+from valve.engine.choice import ARCHS
 from valve.engine.config import ModelConfig
 from valve.engine.model import NO_CUDNN, PagedBatch, default_device_dtype, paged_attention
 
-ENGINES = ("ours", "transformers")
-ARCHS = ("llama", "qwen")
 ATTN_NAME = "valve_paged"
-
-
-def check_engine(engine: str, arch: str) -> None:
-    """Raise ValueError with a one-line message naming the fix for an engine/arch choice that cannot run."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: use --engine {' or --engine '.join(ENGINES)}")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: use --arch {' or --arch '.join(ARCHS)}")
-    if engine == "ours" and arch != "llama":
-        raise ValueError(f"--arch {arch} needs --engine transformers (our own model is Llama only)")
-    if engine == "transformers":
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise ValueError("transformers is not installed: pip install transformers") from None
-
-
-def build_engine_model(engine: str, arch: str, cfg: ModelConfig, device: str | None = None, seed: int = 0):
-    """The model behind ``--engine``/``--arch`` (``check_engine`` first)."""
-    check_engine(engine, arch)
-    if engine == "ours":
-        from valve.engine.model import build_model
-
-        return build_model(cfg, device=device, seed=seed)
-    return build_hf_model(cfg, arch, device=device, seed=seed)
 
 
 def valve_paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -14,7 +14,9 @@ One process, one engine at a time, in-process (no HTTP: the colocation benchmark
 - prefill: steps of 8 fresh 1024-token prompts, wall time and GPU time (kernel time summed by the profiler);
 - online: one request at a time (256-token prompts): TTFT against the GPU time of its prefill step, then decode steps
   at batch 1, 8 and 32: TPOT against the GPU time of one decode step. The server's settings: CUDA graphs for decode
-  steps and for a prompt alone in its step (``--engine ours``).
+  steps and for a prompt alone in its step.
+
+``--engines transformers`` runs transformers' own Llama classes (``valve.engine.hf``) on the same scheduler and cache.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import typer  # noqa: E402
 
 from bench.harness import env, output  # noqa: E402
 from bench.harness.gpu import UtilSampler  # noqa: E402
+from valve.engine.choice import build_engine_model, check_engine  # noqa: E402
 from valve.engine.config import CONFIGS, ModelConfig, get_config  # noqa: E402
 
-ENGINES = ("ours", "transformers")
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 TARGETS = {"gpu_util": 85.0, "ttft_over_gpu": 1.5, "tpot_over_gpu": 1.3}
 
@@ -63,27 +65,14 @@ def step_flops(cfg: ModelConfig, spans, sampled: int) -> int:
 # ---- engines ----------------------------------------------------------------------------------------------------
 def check_inputs(engines: list[str], models: list[str]) -> None:
     """One-line errors before anything is built."""
-    for e in engines:
-        if e not in ENGINES:
-            raise typer.BadParameter(f"unknown engine {e!r}; expected one of {', '.join(ENGINES)}")
     for m in models:
         if m not in CONFIGS:
             raise typer.BadParameter(f"unknown model {m!r}; expected one of {', '.join(CONFIGS)}")
-    if "transformers" in engines:
-        import importlib.util
-
-        if importlib.util.find_spec("transformers") is None:
-            raise typer.BadParameter("--engines transformers needs transformers: pip install transformers")
-
-
-def build_model(engine: str, cfg: ModelConfig, device: str):
-    if engine == "transformers":
-        from valve.engine.hf import build_hf_model
-
-        return build_hf_model(cfg, "llama", device=device)
-    from valve.engine.model import build_model as build
-
-    return build(cfg, device=device)
+    for e in engines:
+        try:
+            check_engine(e, "llama")
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
 
 
 def sync(device: str) -> None:
@@ -251,7 +240,7 @@ def online(model, cfg: ModelConfig, device: str, engine: str, prompt_len: int, r
     from valve.engine.server import warmup
 
     eng = Engine.create(model, num_blocks=kv_blocks(cfg, device, 64 * 2048), max_batch_tokens=2048, max_seqs=64)
-    graphs = engine == "ours" and device == "cuda"
+    graphs = device == "cuda"
     if graphs:
         eng.enable_graphs(32, 4096, prefill_tokens=2048)
     warmup(eng, sweep=min(2048, prompt_len + 64))
@@ -352,7 +341,7 @@ def run_all(engines: list[str], models: list[str], device: str, seconds: float, 
             progress(f"{engine} {name}")
             run, model = {"engine": engine, "model": name}, None
             try:
-                model = build_model(engine, cfg, device)
+                model = build_engine_model(engine, "llama", cfg, device=device)
                 run["check"] = correctness(model, cfg, device)
                 run["offline"] = offline(model, cfg, device, seconds, warmup, tokens_per_step, max_seqs, peak)
                 length = min(1024, cfg.max_seq_len // 2)

@@ -6,6 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from engine_checks import run_engine as run  # noqa: E402
+
 from valve.engine.config import get_config  # noqa: E402
 from valve.engine.engine import Engine  # noqa: E402
 from valve.engine.graphs import PAD_SEQ, buckets, pick  # noqa: E402
@@ -21,19 +23,6 @@ def test_buckets_and_pick():
     assert buckets(5) == [1, 2, 4, 8] and buckets(8) == [1, 2, 4, 8] and buckets(1) == [1]
     assert buckets(20, start=8) == [8, 16, 32]
     assert pick([1, 2, 4], 3) == 4 and pick([1, 2, 4], 5) is None
-
-
-def run(engine, prompts, max_tokens):
-    for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True)):
-        engine.add_request(i, p, m)
-    logits, outputs = {}, {}
-    while engine.has_work():
-        res = engine.step()
-        for seq, _tok in res.tokens:
-            logits.setdefault(seq.req_id, []).append(engine.last_logits[seq.req_id])
-        for seq in res.finished:
-            outputs[seq.req_id] = list(seq.output)
-    return outputs, logits
 
 
 def test_graph_path_matches_plain_steps(model):

@@ -6,6 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from engine_checks import check_against_reference  # noqa: E402
+
 from valve.engine.config import get_config  # noqa: E402
 from valve.engine.engine import Engine  # noqa: E402
 from valve.engine.kvcache import OutOfBlocks, PagedKVCache, TorchBlockAllocator  # noqa: E402
@@ -15,29 +17,6 @@ from valve.engine.model import build_model  # noqa: E402
 @pytest.fixture(scope="module")
 def model():
     return build_model(get_config("tiny"), device="cpu", seed=3)
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def check_against_reference(model, engine, prompts, max_tokens):
-    seqs = [engine.add_request(i, p, max_tokens) for i, p in enumerate(prompts)]
-    seen = {i: [] for i in range(len(prompts))}
-    while engine.has_work():
-        res = engine.step()
-        for seq, _tok in res.tokens:
-            seen[seq.req_id].append(engine.last_logits[seq.req_id])
-    for seq in seqs:
-        assert len(seq.output) == max_tokens
-        full = torch.tensor([seq.tokens[:-1]])
-        ref = model.forward_reference(full)[0]
-        n_prompt = len(seq.prompt)
-        for j, got in enumerate(seen[seq.req_id]):
-            want = ref[n_prompt - 1 + j]
-            assert rel_err(got, want) < 1e-4, (seq.req_id, j)
-            # greedy: the sampled token is the reference argmax
-            assert seq.output[j] == int(want.argmax())
 
 
 def test_paged_decode_matches_reference(model):

@@ -198,24 +198,29 @@ def main(
     progress: str | None = None,
     progress_interval: float = 0.5,
     seed: int = 0,
+    engine: str = "ours",
+    arch: str = "llama",
 ) -> None:
     """Run every prompt of INPUT through a random-weight Llama-shaped model, resumably, and report tokens/s.
 
-    --gate puts Valve's offline gate before every attention and MLP block; --kv-pool takes the KV cache from
+    --engine transformers runs transformers' own model classes (--arch llama or qwen) on the same scheduler and
+    paged cache (valve.engine.hf). --gate puts Valve's offline gate before every attention and MLP block; --kv-pool takes the KV cache from
     the runtime's KVPool and, when VALVE_GPU_UUID names a GPU with a running arbiter, answers its memory
     reclaim requests between steps."""
+    from valve.engine.choice import build_engine_model, require_engine
+
+    require_engine(engine, arch, "valve.engine.offline")  # before torch is imported or a model built
     from valve.engine.config import get_config
     from valve.engine.engine import Engine
-    from valve.engine.model import build_model
     from valve.engine.tokenizer import ByteTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = get_config(model)
-    m = build_model(cfg, device=device, seed=seed)
+    m = build_engine_model(engine, arch, cfg, device=device, seed=seed)
     if gate:
         from valve.runtime.gate.offline import attach
 
-        handle = attach(m)  # default pattern: the ``layers.<i>.attn`` and ``layers.<i>.mlp`` sub-layers
+        handle = attach(m)  # default pattern: each layer's attention (``attn``/``self_attn``) and ``mlp``
         log.info("Valve gate before %d sub-layers", len(handle.names))
     hook = None
     if kv_pool:

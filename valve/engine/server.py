@@ -156,12 +156,13 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
 
 def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,
                  max_seqs: int, seed: int = 0, graphs: bool = False, graph_max_batch: int = 32,
-                 graph_max_context: int = 4096, graph_max_prompt: int = 0) -> EngineWorker:
+                 graph_max_context: int = 4096, graph_max_prompt: int = 0, engine: str = "ours",
+                 arch: str = "llama") -> EngineWorker:
+    from valve.engine.choice import build_engine_model
     from valve.engine.config import get_config
     from valve.engine.engine import Engine
-    from valve.engine.model import build_model
 
-    m = build_model(get_config(model), device=device, seed=seed)
+    m = build_engine_model(engine, arch, get_config(model), device=device, seed=seed)
     eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                         max_seqs=max_seqs)
     warmup(eng)
@@ -208,11 +209,18 @@ def main(
     graph_max_batch: int = 32,
     graph_max_context: int = 4096,
     warmup_max_prompt: int = 2048,
+    engine: str = "ours",
+    arch: str = "llama",
 ) -> None:
     """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps and a prompt of up
-    to --warmup-max-prompt tokens alone in its step replay CUDA graphs (``--no-graphs``: eager)."""
+    to --warmup-max-prompt tokens alone in its step replay CUDA graphs (``--no-graphs``: eager). --engine
+    transformers serves transformers' own model classes (--arch llama or qwen) on the same scheduler, paged cache
+    and graphs (valve.engine.hf)."""
     import sys
 
+    from valve.engine.choice import require_engine
+
+    require_engine(engine, arch, "valve.engine.server")  # before torch is imported or a model built
     import uvicorn
 
     from valve.engine.config import get_config
@@ -221,7 +229,7 @@ def main(
     signal = resolve_online_signal(valve)
     sys.setswitchinterval(0.0005)  # the engine thread and the event loop hand the GIL over quickly
     worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed, graphs,
-                          graph_max_batch, graph_max_context, warmup_max_prompt)
+                          graph_max_batch, graph_max_context, warmup_max_prompt, engine, arch)
     warmup(worker.engine, sweep=warmup_max_prompt)  # again through the graphs, and every prefill size
     g = worker.engine.graphs
     log.info("decode graphs: %s", f"{len(g.graphs)} captured in {g.capture_seconds:.1f} s" if g else "off")

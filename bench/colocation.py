@@ -54,6 +54,8 @@ class Settings:
     device: str = "cuda"
     online_model: str = "llama-1b"
     offline_model: str = "llama-1b"
+    engine: str = "ours"  # ours or transformers (both tenants)
+    arch: str = "llama"  # transformers' architecture: llama or qwen
     seconds: float = 45.0  # load window per variant
     busy: float = 0.4  # target online busy fraction (used when rate is None)
     rate: float | None = None  # online requests/s
@@ -85,6 +87,31 @@ class Settings:
 
     def offline_blocks(self, kv_bytes_per_token: int) -> int:
         return max(1, self.offline_kv_bytes // (kv_bytes_per_token * self.block_size))
+
+    def gpu_bytes(self) -> int:
+        """Both tenants' weights and KV caches (bf16): what must fit on the GPU at once."""
+        from valve.engine.config import get_config
+
+        on, off = get_config(self.online_model), get_config(self.offline_model)
+        weights = 2 * (on.params() + off.params())
+        online_kv = self.online_blocks * self.block_size * on.kv_bytes_per_token()
+        return weights + online_kv + self.offline_kv_bytes
+
+
+def check_settings(s: Settings, gpu_total_bytes: int | None) -> None:
+    """ValueError with one line naming the fix, before any child process starts."""
+    from valve.engine.choice import check_engine
+    from valve.engine.config import CONFIGS
+
+    for which, name in (("online", s.online_model), ("offline", s.offline_model)):
+        if name not in CONFIGS:
+            raise ValueError(f"unknown {which} model {name!r}: use --model {' or --model '.join(CONFIGS)}")
+    check_engine(s.engine, s.arch)
+    need = s.gpu_bytes()
+    if gpu_total_bytes and need > 0.9 * gpu_total_bytes:  # activations, graphs and the CUDA contexts need the rest
+        raise ValueError(f"{s.online_model} online + {s.offline_model} offline need {need / 2**30:.0f} GiB of "
+                         f"weights and KV cache, more than 90% of this GPU's {gpu_total_bytes / 2**30:.0f} GiB: "
+                         "pick a smaller --model or lower offline_kv_bytes")
 
 
 def preset(device: str, quick: bool) -> Settings:
@@ -123,6 +150,20 @@ def busy_fraction(results, seconds: float) -> float:
             covered += b - a
         end = max(end, b)
     return covered / seconds if seconds > 0 else 0.0
+
+
+def host_share(a: dict, b: dict) -> float | None:
+    """The part of the engine's time in steps between two records (progress or /stats) that was host work, not
+    waiting for the GPU: near 0 for a GPU-bound tenant."""
+    steps = b.get("step_seconds", 0.0) - a.get("step_seconds", 0.0)
+    return 1 - (b.get("sync_seconds", 0.0) - a.get("sync_seconds", 0.0)) / steps if steps > 0 else None
+
+
+def http_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def read_progress(path: Path) -> list[dict]:
@@ -172,6 +213,7 @@ def write_offline_prompts(path: Path, s: Settings, vocab: int) -> None:
 # ---- processes --------------------------------------------------------------------------------------------------
 def server_cmd(s: Settings, port: int, ready: Path, valve: bool) -> list[str]:
     return [sys.executable, "-m", "valve.engine.server", "--model", s.online_model, "--device", s.device,
+            "--engine", s.engine, "--arch", s.arch,
             "--port", str(port), "--num-blocks", str(s.online_blocks), "--block-size", str(s.block_size),
             "--max-batch-tokens", str(s.online_batch_tokens), "--max-seqs", str(s.online_max_seqs),
             "--ready-file", str(ready), "--seed", str(s.seed), "--graph-max-context",
@@ -181,6 +223,7 @@ def server_cmd(s: Settings, port: int, ready: Path, valve: bool) -> list[str]:
 def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, n_blocks: int) -> list[str]:
     cmd = [sys.executable, "-m", "valve.engine.offline", "--input", str(inp), "--output", str(out),
            "--model", s.offline_model, "--device", s.device, "--block-size", str(s.block_size),
+           "--engine", s.engine, "--arch", s.arch,
            "--num-blocks", str(n_blocks), "--max-batch-tokens", str(s.offline_batch_tokens),
            "--max-seqs", str(s.offline_max_seqs), "--max-tokens", str(s.offline_output),
            "--progress", str(progress), "--progress-interval", str(s.progress_interval), "--seed", str(s.seed + 1)]
@@ -305,7 +348,9 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         t0 = time.time()
         results = []
         if online:
+            stats0 = http_json(url + "/stats")
             results = asyncio.run(run_trace(url, run.trace, s.online_model))
+            stats1 = http_json(url + "/stats")
         t1 = t0 + s.seconds
         while time.time() < t1:
             for c in children:
@@ -320,6 +365,8 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["offline_tokens_per_s"] = offline_rate(recs, t0, t1)
             out["offline_progress"] = [[round(r["time"] - t0, 3), r["generated_tokens"]] for r in recs
                                        if t0 - 2 <= r["time"] <= t1 + 1]
+            window = [r for r in recs if t0 <= r["time"] <= t1]
+            out["offline_host_share"] = host_share(window[0], window[-1]) if len(window) > 1 else None
         if online:
             ok = [r for r in results if r.error is None and r.ttft is not None]
             out["ttft_ms"] = [r.ttft * 1e3 for r in ok]
@@ -327,6 +374,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["errors"] = len(results) - len(ok)
             out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
             out["busy_fraction"] = busy_fraction(ok, s.seconds)
+            out["online_host_share"] = host_share(stats0, stats1)
         if valve:
             out["control"] = read_control(control_path(uuid, rdir))
         return out
@@ -386,6 +434,7 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     from valve.engine.config import get_config
 
     env_info = environment(s.device)
+    check_settings(s, env_info.get("gpu_total_bytes"))
     skipped: dict[str, str] = {}
     todo = []
     for v in s.variants:
@@ -429,10 +478,13 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     result = {
         "benchmark": "colocation", "env": env_info, "settings": asdict(s), "calibration": run.calibration,
         "seconds_total": time.time() - started, "variants": variants, "skipped": skipped,
-        "rows": report.rows(variants), "pids": pids,
+        "rows": report.rows(variants), "pids": pids, "tenants": tenants(variants),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = env_info["gpu"].lower().replace("nvidia ", "").replace(" ", "-") if s.device == "cuda" else "cpu"
+    if s.device == "cuda":  # one file per engine and shape: runs of a session sit side by side
+        slug += f"_{s.engine}" + (f"-{s.arch}" if s.engine != "ours" else "") + f"_{s.online_model}"
+        slug += f"_{s.offline_model}" if s.offline_model != s.online_model else ""
     stem = out_dir / f"colocation_{slug}"
     title = (f"{s.online_model} online + {s.offline_model} offline on {env_info['gpu']}, "
              f"{run.rate or 0:.2f} req/s {s.arrival}")
@@ -442,6 +494,14 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     return result
 
 
+def tenants(variants: dict) -> dict:
+    """How GPU-bound each tenant was alone: NVML utilisation and the host's share of its step time."""
+    on, off = variants.get("online-alone", {}), variants.get("offline-alone", {})
+    return {"online": {"gpu_util": on.get("gpu_util"), "host_share": on.get("online_host_share"),
+                       "busy_fraction": on.get("busy_fraction")},
+            "offline": {"gpu_util": off.get("gpu_util"), "host_share": off.get("offline_host_share")}}
+
+
 def table_text(result: dict) -> str:
     from rich.console import Console
 
@@ -449,6 +509,10 @@ def table_text(result: dict) -> str:
     con.print(report.render_table(result["rows"], result.get("title", "colocation")))
     for k, v in result["skipped"].items():
         con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
+    for who, t in result.get("tenants", {}).items():
+        util, host = t.get("gpu_util"), t.get("host_share")
+        con.print(f"{who} alone: GPU util {'-' if util is None else f'{util:.0f}%'}, host share of step time "
+                  f"{'-' if host is None else f'{host:.2f}'}")
     return con.export_text()
 
 
@@ -463,6 +527,9 @@ def colocation(
     quick: bool = typer.Option(False, "--quick", help="Short windows (GPU < 90 s, CPU a few seconds)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Directory for the JSON, PNG and table."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda when NVML sees a GPU)."),
+    model: str | None = typer.Option(None, help="Both tenants' model shape: llama-1b (GPU default), llama-8b."),
+    engine: str | None = typer.Option(None, help="ours (default) or transformers (its own model classes)."),
+    arch: str | None = typer.Option(None, help="With --engine transformers: llama (default) or qwen."),
     online_model: str | None = typer.Option(None, help="Online model shape (llama-1b on GPU, tiny on CPU)."),
     offline_model: str | None = typer.Option(None, help="Offline model shape."),
     seconds: float | None = typer.Option(None, min=0.5, help="Load window per variant, seconds."),
@@ -484,10 +551,16 @@ def colocation(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
-    s = settings_from(device, quick, online_model=online_model, offline_model=offline_model, seconds=seconds,
+    s = settings_from(device, quick, online_model=online_model or model, offline_model=offline_model or model,
+                      engine=engine, arch=arch, seconds=seconds,
                       busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed,
                       output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
                       graphs=graphs, keep_logs=keep_logs or None)
+    try:
+        check_settings(s, environment(s.device).get("gpu_total_bytes"))
+    except ValueError as e:  # one line, before any child process starts
+        typer.echo(f"colocation: {e}", err=True)
+        raise typer.Exit(2) from None
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:

@@ -73,3 +73,31 @@ def test_bench_colocation_runs_end_to_end_on_cpu(tmp_path):
     assert rows["valve"]["ttft_p50_ratio"] > 0 and rows["valve"]["offline_ratio"] > 0
     assert res["env"]["device"] == "cpu" and res["settings"]["online_model"] == "tiny"
     assert res["pids"] and not any(pid_alive(p) for p in res["pids"])  # nothing left behind
+    # each tenant's alone record: how much of its step time was host work (no NVML on CPU: no utilisation)
+    for who in ("online", "offline"):
+        t = res["tenants"][who]
+        assert t["gpu_util"] is None and 0 < t["host_share"] <= 1, t
+    assert "offline alone: GPU util -, host share of step time" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "vllm"], "unknown engine 'vllm'"),
+    (["--model", "llama-70b"], "unknown online model 'llama-70b'"),
+    (["--engine", "ours", "--arch", "qwen"], "--arch qwen needs --engine transformers"),
+])
+def test_bench_colocation_bad_input_is_one_line_before_any_child(tmp_path, args, message):
+    cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--device", "cpu", "--out", str(tmp_path), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_colocation_memory_check_names_the_fix():
+    from bench.colocation import Settings, check_settings
+
+    s = Settings(online_model="llama-8b", offline_model="llama-8b")
+    check_settings(s, 141 * 2**30)  # two 8B models and their caches fit an H200
+    with pytest.raises(ValueError, match="pick a smaller --model"):
+        check_settings(s, 40 * 2**30)

@@ -7,7 +7,7 @@ them. An edited figure, or one the result file does not give, fails. docs/engine
 
 from __future__ import annotations
 
-from tests.support.markdown import RESULTS, result, section, tables
+from tests.support.markdown import RESULTS, code_blocks, result, section, tables
 from valve.stats import percentile
 
 H100_COLOCATION = "colocation_h100-80gb-hbm3.json"
@@ -102,3 +102,105 @@ def test_smoke_readme_figures():
         "smoke_h200/preemption_nvidia_h200_quick.json", "preemption_nvidia_h100_80gb_hbm3.json"))
     assert (f"Valve TTFT p99 x{valve_h200:.2f} here against x{valve_h100:.2f} on the H100; "
             f"gate p99 x{gate_h200:.2f} against x{gate_h100:.2f}") in text
+
+
+H100_PREEMPTION = "preemption_nvidia_h100_80gb_hbm3.json"
+H200_PREEMPTION = "smoke_h200/preemption_nvidia_h200_quick.json"
+
+
+def test_preemption_table_is_the_result_file():
+    doc = result(H100_PREEMPTION)
+    results = section("docs/preemption.md", "## Results")
+    assert code_blocks(results)[0].rstrip("\n") == doc["table"].rstrip("\n")
+    assert (RESULTS / H100_PREEMPTION.replace(".json", ".txt")).read_text().rstrip("\n") == doc["table"].rstrip("\n")
+    assert f"(full run, {doc['wall_s']:.0f} s), one run, {doc['gpu']}" in flat(results)
+
+
+def test_preemption_figures():
+    doc, smoke = result(H100_PREEMPTION), result(H200_PREEMPTION)
+    v, sv = doc["variants"], smoke["variants"]
+    sub = doc["env"]["offline_sublayer_ms"]
+    text = flat(section("docs/preemption.md", "## Results"))
+    page = flat((RESULTS.parent.parent / "docs" / "preemption.md").read_text())
+
+    def over(r: dict, base: dict, q: int) -> str:
+        return f"{r[f'online_p{q}_ms'] - base[f'online_p{q}_ms']:+.2f} ms"
+
+    def pre(name: str) -> str:
+        return f"{v[name]['preempt_p50_us']:.0f} / {v[name]['preempt_p99_us']:.0f} us"
+
+    raw = result(H100_PREEMPTION.replace(".json", "_raw.json"))["alone"]["online"]
+    slow = sorted(range(len(raw["lat_ms"])), key=raw["lat_ms"].__getitem__)[-6:]
+
+    def span(key: str, scale: float = 1.0) -> str:
+        xs = [raw[key][i] * scale for i in slow]
+        return f"{min(xs):.2f}-{max(xs):.2f}"
+
+    clocks = [r["sm_mhz_p50"] for n, r in v.items() if n not in ("alone", "mps_alone")]
+    gpu = [r["gpu_p50_ms"] for n, r in v.items() if n not in ("alone", "mps_alone") and not n.startswith("mps")]
+    for figure in (
+            f"Offline sub-layer GPU times (alone): attention block {sub['attn_block_ms']['max']:.2f} ms, MLP block "
+            f"{sub['mlp_block_ms']['max']:.2f} ms, longest linear {sub['linear_ms']['max']:.2f} ms (p50 linear "
+            f"{sub['linear_ms']['p50']:.2f} ms)",
+            f"`gate` p99 {v['gate']['online_p99_ms']:.3f} ms vs `alone` {v['alone']['online_p99_ms']:.3f} ms "
+            f"({over(v['gate'], v['alone'], 99)})",
+            f"`graph_memop` {v['graph_memop']['online_p99_ms']:.3f} ms ({over(v['graph_memop'], v['alone'], 99)})",
+            f"`mps_gate` misses by {doc['target']['mps_gate']['missed_by_ms']:.2f} ms "
+            f"({over(v['mps_gate'], v['alone'], 99)})",
+            f"`graph_spin` misses by {doc['target']['graph_spin']['missed_by_ms']:.2f} ms",
+            f"{smoke['variants']['gate']['bursts']} bursts per variant",
+            f"`gate` p99 {over(sv['gate'], sv['alone'], 99)} over `alone` (x{sv['gate']['online_p99_ratio']:.2f}), "
+            f"`graph_memop` {over(sv['graph_memop'], sv['alone'], 99)}; p50 `gate` {over(sv['gate'], sv['alone'], 50)}",
+            f"`alone`'s p99 ({v['alone']['online_p99_ms']:.2f} ms, p50 {v['alone']['online_p50_ms']:.2f} ms) is its "
+            f"fourth-slowest burst of {v['alone']['bursts']}",
+            f"six slowest bursts ({span('lat_ms')} ms) spent {span('preempt_us', 1e-3)} ms between arrival and the "
+            f"start of their first kernel, with {span('gpu_ms')} ms of GPU time",
+            f"`gate` {over(v['gate'], v['alone'], 50)}, `gate_linear` {over(v['gate_linear'], v['alone'], 50)}, "
+            f"`graph_memop` {over(v['graph_memop'], v['alone'], 50)} over `alone`; `nogate` "
+            f"{over(v['nogate'], v['alone'], 50)}",
+            f"`gate` p50 {v['gate']['preempt_p50_us']:.0f} us / p99 {v['gate']['preempt_p99_us']:.0f} us, "
+            f"`gate_linear` {pre('gate_linear').replace(' us', '')} us, `graph_memop` {pre('graph_memop')}, vs "
+            f"`nogate` {pre('nogate')}",
+            f"`alone`'s {v['alone']['preempt_p50_us']:.0f} us p50 / {v['alone']['preempt_p99_us']:.0f} us p99",
+            f"(MLP block {sub['mlp_block_ms']['max']:.2f} ms, longest linear {sub['linear_ms']['max']:.2f} ms)",
+            f"Offline throughput: {v['gate']['offline_ratio']:.2f} of offline alone with `gate`, "
+            f"{v['gate_linear']['offline_ratio']:.2f} `gate_linear`, {v['graph_memop']['offline_ratio']:.2f} "
+            f"`graph_memop`, {v['nogate']['offline_ratio']:.2f} `nogate`, {v['mps']['offline_ratio']:.2f} `mps`",
+            f"{v['mps']['online_p50_ratio']:.1f}x slower at p50",
+            f"it is back to {over(v['mps_gate'], v['alone'], 50)} p50",
+            f"the SM clock is {min(clocks):.0f}-{max(clocks):.0f} MHz",
+            f"(GPU time {v['alone']['gpu_p50_ms']:.2f} ms alone, {min(gpu):.2f}-{max(gpu):.2f} ms contended without MPS)"):
+        assert figure in text, figure
+    assert v["gate"]["preempt_p99_us"] / 1e3 > sub["mlp_block_ms"]["max"], "the page says gate's p99 is above it"
+    assert raw["preempt_seen_at_once"] >= 0.99 * len(raw["lat_ms"]), "nearly always"
+    assert f"full run, {doc['wall_s']:.0f} s on an H100" in page
+    assert f"({v['alone']['gpu_p50_ms']:.2f} ms of GPU time p50 on the H100)" in page
+    assert f"the contended variants run at {min(clocks):.0f}-{max(clocks):.0f} MHz" in page
+
+
+def test_runtime_figures():
+    text = flat(section("docs/runtime.md", "## Measured"))
+    v, smoke = result(H100_PREEMPTION)["variants"], result(H200_PREEMPTION)["variants"]
+
+    def pq(name: str) -> str:
+        return f"x{v[name]['online_p50_ratio']:.2f}/x{v[name]['online_p99_ratio']:.2f}"
+
+    assert (f"one run of {v['gate']['bursts']} bursts per variant (docs/preemption.md): online burst p50/p99 "
+            f"{pq('gate')} of alone with the gate, {pq('nogate')} without, {pq('mps')} under MPS; arrival to the "
+            f"first online kernel {v['gate']['preempt_p50_us'] / 1e3:.2f}/{v['gate']['preempt_p99_us'] / 1e3:.2f} ms "
+            f"with the gate; offline x{v['gate']['offline_ratio']:.2f} of alone with the gate, "
+            f"x{v['nogate']['offline_ratio']:.2f} without. The H200 smoke run ({smoke['gate']['bursts']} bursts) gave "
+            f"gate p99 x{smoke['gate']['online_p99_ratio']:.2f}") in text
+    demo = result("demo_seed0.json")
+    rows = {r["variant"]: r for r in demo["rows"]}
+
+    def ratios(name: str) -> str:
+        r = rows[name]
+        return (f"x{r['ttft_p50_ratio']:.2f}/x{r['ttft_p99_ratio']:.2f}, x{r['tpot_p50_ratio']:.2f}/"
+                f"x{r['tpot_p99_ratio']:.2f}, x{r['offline_ratio']:.2f}")
+
+    assert list(rows) == ["online-alone", "offline-alone", "time-slicing", "valve"]
+    assert (f"`valve demo --seconds {demo['seconds']:g} --seed {demo['seed']} --json bench/results/demo_seed0.json`, "
+            f"{demo['workload']['rate_per_s']:g} online requests/s") in text and demo["gpus"] == 1
+    assert (f"time-slicing {ratios('time-slicing')}; valve {ratios('valve')}, {rows['valve']['preemptions']} "
+            f"preemptions, preemption p99 {rows['valve']['preempt_latency_p99_ms']:.2f} ms") in text

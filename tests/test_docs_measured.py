@@ -292,3 +292,66 @@ def test_memory_figures():
             f"in the model below {min(share) * 100:.0f}-{max(share) * 100:.0f} % of the evictions"):
         assert figure in page, figure
     assert doc["settings"]["trace"]["block_tokens"] == 16 and doc["settings"]["live_fraction"] == 0.25
+
+
+def test_device_plugin_smoke_run():
+    doc = result("device_plugin_nvidia-h100-80gb-hbm3.json")
+    log = (RESULTS / "device_plugin_nvidia-h100-80gb-hbm3.txt").read_text()
+    text = flat(section("docs/device_plugin.md", "## GPU smoke run"))
+    gpu = doc["gpus"][0]
+    stop = float(log.split("== stop: ", 1)[1].split(" s", 1)[0])
+    assert doc["settings"]["quick"] and len(doc["gpus"]) == 1 and doc["bad_id"] == "INVALID_ARGUMENT"
+    for figure in (f"driver {doc['driver']}, NVML " + log.split("NVML ", 1)[1].split()[0],
+                   f"NVML found `{gpu['name']}`", f"`{gpu['uuid'][:13]}…`",
+                   f"{gpu['memory_bytes']:,} B ({gpu['memory_bytes'] / 2**30:.1f} GiB), PCI `{gpu['pci_bus_id']}`",
+                   f"both resources registered {doc['registration_s']:.3f} s after start",
+                   f"both resources re-registered in {doc['reregistration_s']:.3f} s", f"stop took {stop:.1f} s",
+                   "left only `kubelet.sock`"):
+        assert figure in text, figure
+    assert doc["left_after_stop"] == ["kubelet.sock"] and gpu["numa_node"] is None
+
+
+def multigpu_spread(doc: dict, phase: str) -> str:
+    """p50 and p99 ratios to each GPU's alone, as min-max over the GPUs: `x0.72-1.04/x0.87-1.01`."""
+    out = []
+    for q in (50, 99):
+        rs = [r["phases"][phase][f"p{q}_ratio"] for r in doc["rows"]]
+        out.append(f"x{min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else f"x{rs[0]:.2f}")
+    return "/".join(out)
+
+
+def test_multigpu_run():
+    doc = result("multigpu_h200x4.json")
+    text = flat(section("docs/device_plugin.md", "## Multi-GPU node run"))
+    block = code_blocks(section("docs/device_plugin.md", "## Multi-GPU node run"))[0]
+    table = (RESULTS / "multigpu_h200x4.txt").read_text().splitlines()[1:]
+    assert [ln.rstrip() for ln in block.splitlines()] == [ln.rstrip() for ln in table]
+    n = [ph["n"] for r in doc["rows"] for ph in r["phases"].values()]
+    off = doc["offline"].values()
+    gate, nogate = [o["gate_ratio"] for o in off], [o["nogate_ratio"] for o in off]
+    worst = max(doc["rows"], key=lambda r: r["phases"]["gate-one"]["p50_ratio"])
+    ph = worst["phases"]
+    one = result("preemption_nvidia_h100_80gb_hbm3.json")["variants"]["gate"]
+    assert all(w["uuid_match"] for w in doc["workers"].values()) and doc["cross_talk"] == []
+    for figure in (f"Measured on {doc['n_gpus']} x H200", "`python3 bench/multigpu.py`, one run, "
+                   f"{doc['settings']['seconds']:g} s per phase ({min(n)}-{max(n)} bursts per GPU and phase)",
+                   f"gate {multigpu_spread(doc, 'gate')}, nogate {multigpu_spread(doc, 'nogate')}",
+                   f"(gate-one) {multigpu_spread(doc, 'gate-one')}",
+                   f"(alone-all) {multigpu_spread(doc, 'alone-all')}",
+                   f"Offline kept x{min(gate):.2f}-{max(gate):.2f} of alone with the gate, "
+                   f"x{min(nogate):.2f}-{max(nogate):.2f} without",
+                   f"gave gate x{one['online_p50_ratio']:.2f}/x{one['online_p99_ratio']:.2f}",
+                   f"On GPU {worst['index']} the online p50 was x{ph['alone-all']['p50_ratio']:.2f} of alone with every "
+                   f"GPU's online running (alone-all), x{ph['gate-one']['p50_ratio']:.2f} with only its own pair gated "
+                   f"(gate-one) and x{ph['gate']['p50_ratio']:.2f} with every pair gated"):
+        assert figure in text, figure
+    smoke = result("smoke_h200/multigpu_h200x1.json")
+    sim = result("multigpu_simx8.json")
+    so = next(iter(smoke["offline"].values()))
+    assert smoke["settings"]["quick_one"] is True or smoke["n_gpus"] == 1
+    for figure in (f"{smoke['settings']['seconds']:g} s per phase",
+                   f"gate {multigpu_spread(smoke, 'gate')}, nogate {multigpu_spread(smoke, 'nogate')}, offline with "
+                   f"the gate x{so['gate_ratio']:.2f}",
+                   f"(`--sim --gpus {sim['n_gpus']}`, {sim['settings']['seconds']:g} s per phase",
+                   f"gate {multigpu_spread(sim, 'gate')} on all eight GPUs, no gate {multigpu_spread(sim, 'nogate')}"):
+        assert figure in text, figure

@@ -355,3 +355,25 @@ def test_multigpu_run():
                    f"(`--sim --gpus {sim['n_gpus']}`, {sim['settings']['seconds']:g} s per phase",
                    f"gate {multigpu_spread(sim, 'gate')} on all eight GPUs, no gate {multigpu_spread(sim, 'nogate')}"):
         assert figure in text, figure
+
+
+def test_operator_scale_table():
+    doc = result("operator_scale.json")
+    text = section("docs/operator.md", "### Many pairs at once (kmock)")
+    (table,) = tables(text)
+    rows = [[str(r["pairs"]), str(r["nodes"]), f"{r['seconds']:.3g}", f"{r['pairs_per_s']:.1f}",
+             f"{r['requests_per_pair']:.2f}", str(r["degraded"]), str(r["split_pairs"]), f"{r['operator_cpu_s']:.3g} s",
+             f"{r['operator_cpu_ms_per_pair']:.1f}"] for r in doc["runs"]]
+    assert table[1:] == rows
+    text = flat(text)
+    first, last = doc["runs"][0], doc["runs"][-1]
+    kopf = {sum(n for k, n in r["requests_by_kind"].items() if k.startswith("GET")) for r in doc["runs"]}
+    per_pair = {r["requests_by_kind"][k] / r["pairs"] for r in doc["runs"]
+                for k in ("POST pods", "PATCH colocationpairs/status", "POST events")}
+    loads = {round(r["loadavg_before"][0], 1) for r in doc["runs"]}
+    for figure in (f"`{doc['command']}` writes", f"({doc['machine']['cpus']} cores, load average "
+                   f"{min(loads):g} from other work", f"plus kopf's {next(iter(kopf))} discovery",
+                   f"({first['operator_cpu_ms_per_pair']:.1f} → {last['operator_cpu_ms_per_pair']:.1f} ms from "
+                   f"{first['pairs']} to {last['pairs']})"):
+        assert figure in text, figure
+    assert per_pair == {2.0} and len(kopf) == 1

@@ -377,3 +377,78 @@ def test_operator_scale_table():
                    f"{first['pairs']} to {last['pairs']})"):
         assert figure in text, figure
     assert per_pair == {2.0} and len(kopf) == 1
+
+
+def test_simulate_calibration_table():
+    from valve.simulate import calibration
+
+    cal = calibration.load()
+    text = section("docs/simulate.md", "## Calibration: every variant from measurements")
+    (table,) = tables(text)
+    points = cal.as_dict()["points"]
+    assert table[1:] == [[label, f"{p['online_load']:.3f}", f"x{p['ttft_p99_ratio']:.3f}", f"x{p['tpot_p99_ratio']:.3f}",
+                          f"x{p['offline_ratio']:.3f}"] for name, label in (("time-slicing", "time-slicing"),
+                                                                             ("mps", "MPS"), ("valve", "Valve"))
+                         for p in points[name]]
+    text = flat(text)
+    names = ("time-slicing", "mps", "valve")
+    h100 = {n: colocation_ratios(H100_COLOCATION, n) for n in names}
+    h200 = {n: colocation_ratios(H200_COLOCATION, n) for n in names}
+
+    def three(r: dict, key: str) -> str:
+        return " / ".join(f"x{r[n][key]:.2f}" for n in names)
+
+    worse_of = max(max(p["ttft_p99_ratio"], p["tpot_p99_ratio"]) / min(p["ttft_p99_ratio"], p["tpot_p99_ratio"])
+                   for ps in points.values() for p in ps)
+    for figure in (f"TTFT {three(h100, 'ttft_p50')} and TPOT {three(h100, 'tpot_p50')} (time-slicing",
+                   f"one run of {len(result(H100_COLOCATION)['variants']['valve']['ttft_ms'])} requests per variant",
+                   f"({len(result(H200_COLOCATION)['variants']['valve']['ttft_ms'])} requests per variant",
+                   f"TTFT p99 {three(h200, 'ttft_p99')} and TPOT p99 {three(h200, 'tpot_p99')}",
+                   f"the worse-of ratio is within {(worse_of - 1) * 100:.1f}% of the other one",
+                   f"the model gives the measured x{points['valve'][0]['offline_ratio']:.3f}",
+                   f"offline job alone used {result(H100_COLOCATION)['variants']['offline-alone']['gpu_util']:.0f}% of "
+                   "the GPU"):
+        assert figure in text, figure
+
+
+def test_simulate_default_run_and_sweep():
+    import io
+
+    from rich.console import Console
+
+    from valve.simulate.report import results_table
+
+    res, sweep = result("cluster_default.json"), result("cluster_default_sweep.json")
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(results_table(res))
+    text = section("docs/simulate.md", "## Default run")
+    assert code_blocks(text)[0] == console.file.getvalue()
+    today = {n: s["today"]["online_slo_violation_pct"] for n, s in res["strategies"].items()}
+    text = flat(text)
+    for figure in (f"on a loaded 2-core machine: {res['wall_seconds']:.2f} s",
+                   f"MPS put {today['time_slicing']:.1f}% and {today['mps']:.1f}% of online requests over the SLO, "
+                   f"Valve {today['valve']:.2f}%"):
+        assert figure in text, figure
+    text = section("docs/simulate.md", "## Sensitivity sweep")
+    assert f"`valve simulate cluster --sweep --out bench/results`: {sweep['wall_seconds']:.2f} s" in flat(text)
+    names = ("time_slicing", "mps", "valve")
+    rows = [["baseline", *(f"{sweep['baseline'][n]['gpus_saved_pct']:.1f}" for n in names)]]
+    rows += [[f"`{r['name']}` [{r['low']:g}, {r['high']:g}]", *(
+        f"{r['at_low'][n]['gpus_saved_pct']:.1f} / {r['at_high'][n]['gpus_saved_pct']:.1f}" for n in names)]
+        for r in sweep["tornado"]]
+    assert tables(text)[0][1:] == rows
+
+
+def test_simulate_request_cost_is_the_h100_run():
+    from valve.simulate import traces
+
+    doc = result(H100_COLOCATION)
+    tpot = percentile(doc["variants"]["online-alone"]["tpot_ms"], 50)
+    service = doc["calibration"]["service_s"]
+    s = doc["settings"]
+    assert round(traces.DECODE_S_PER_TOKEN * 1e3, 2) == round(tpot, 2)
+    assert abs(traces.PREFILL_S_PER_TOKEN - (service - s["output_mean"] * traces.DECODE_S_PER_TOKEN)
+               / s["prompt_mean"]) < 1e-6
+    text = flat(section("docs/simulate.md", "## Traces"))
+    assert (f"prompt tokens × {traces.PREFILL_S_PER_TOKEN * 1e3:.3f} ms + output tokens × {tpot:.2f} ms (llama-1b "
+            f"alone on the H100: TPOT p50, and the rest of the measured {service:.3f} s per request)") in text

@@ -170,3 +170,24 @@ def test_the_simulated_backend_names_what_the_h100_showed():
     text = (section("README.md", "## The simulated GPU backend")).replace("\n", " ")
     assert (f"on the H100 without a gate an online burst waited {v['preempt_p50_us'] / 1e3:.2f} ms p50, "
             f"{v['preempt_p99_us'] / 1e3:.2f} ms p99 from its arrival to its first kernel") in text
+
+
+def test_install_table():
+    doc = result("install_size.json")
+    text = section("README.md", "## Install")
+    (table,) = tables(text)
+    assert table[0] == ["install", "for", "packages", "MiB"]
+    rows = {r[0].strip("`"): r for r in table[1:]}
+    assert [("base" if n == "valve" else n[len("valve["):-1]) for n in rows] == list(doc["extras"])
+    for name, r in rows.items():
+        got = doc["extras"]["base" if name == "valve" else name[len("valve["):-1]]
+        assert r[2:] == [str(got["packages"]), f"{got['site_packages_bytes'] / 2**20:.0f}"], name
+    text = " ".join(text.split())
+    assert f"a fresh Python {doc['python'].rsplit('.', 1)[0]} venv per extra" in text
+
+    def dist(extra: str, name: str) -> str:
+        d = next(d for d in doc["extras"][extra]["distributions"] if d["name"].lower() == name)
+        return f"{name} ({d['bytes'] / 2**20:.0f} MiB)"
+
+    assert f"most of it is shared anyway: {dist('node', 'kubernetes')}" in text
+    assert f"so `node` carries {dist('node', 'numpy')}" in text

@@ -13,19 +13,39 @@ ROWS = {"eager": "PyTorch eager (cuBLAS + SDPA)", "graphs": "PyTorch replaying a
         "hf": "`transformers` Llama generating"}
 
 
+def online(r: dict) -> str:
+    alone = PRELOAD["online_alone"]
+    return (f"{r['p50_ms']:.2f}/{r['p99_ms']:.2f} ms (x{r['p50_ms'] / alone['p50_ms']:.2f}/"
+            f"x{r['p99_ms'] / alone['p99_ms']:.2f})")
+
+
 def row(program: str) -> str:
     p = PRELOAD["programs"][program]
     c = p["library_counters_contended"]
-    return (f"| {ROWS[program]} | {p['online_nolib']['p99_ms']:.2f} ms (x{p['p99_ratio_ungated']:.2f}) "
-            f"| {p['online_lib']['p99_ms']:.2f} ms (x{p['p99_ratio_gated']:.2f}) "
-            f"| {p['overhead_gate_open'] * 100:+.1f}% | {c['waits']:,} / {c['launches']:,} |")
+    unit = "steps/s" if p["unit"] == "steps" else "tok/s"
+    return (f"| {ROWS[program]} | {online(p['online_nolib'])} | {online(p['online_lib'])} "
+            f"| {p['online_nolib']['n']} / {p['online_lib']['n']} | {p['solo_nolib']:.1f} {unit} "
+            f"| {p['solo_lib']:.1f} ({p['overhead_gate_open'] * 100:+.1f}%) "
+            f"| {p['contended_nolib']:.1f} / {p['contended_lib']:.1f} | {c['waits']:,} / {c['launches']:,} |")
 
 
 def test_the_preload_table_is_the_result_file():
     for program in ROWS:
         assert row(program) in DOC, row(program)
+        p = PRELOAD["programs"][program]
+        assert round(p["online_nolib"]["p99_ms"] / PRELOAD["online_alone"]["p99_ms"], 2) == round(
+            p["p99_ratio_ungated"], 2)
+        assert round(p["online_lib"]["p99_ms"] / PRELOAD["online_alone"]["p99_ms"], 2) == round(
+            p["p99_ratio_gated"], 2)
+    alone = PRELOAD["online_alone"]
+    assert f"Online alone p50/p99 {alone['p50_ms']:.2f}/{alone['p99_ms']:.2f} ms ({alone['n']} bursts)" in DOC
     eager = PRELOAD["programs"]["eager"]["preempt_excess_ms"]
     assert f"p50 {eager['p50']:.2f} ms, p99 {eager['p99']:.2f} ms" in DOC
+    n = [alone["n"]] + [p[k]["n"] for p in PRELOAD["programs"].values() for k in ("online_nolib", "online_lib")]
+    assert f"{min(n)}-{max(n)} per\nvariant" in DOC and PRELOAD["seconds"] == 6
+    hf = PRELOAD["programs"]["hf"]
+    assert (f"x{hf['contended_nolib'] / hf['solo_nolib']:.2f} ungated and x{hf['contended_lib'] / hf['solo_lib']:.2f} "
+            "gated") in " ".join(DOC.split())
 
 
 def test_the_compile_figures_are_the_result_file():

@@ -1,0 +1,454 @@
+"""The measured figures of docs/*.md are recomputed from the result files committed under bench/results/.
+
+Tables are rebuilt row by row with the page's rounding; figures in the text are looked up as the page writes
+them. An edited figure, or one the result file does not give, fails. docs/engines.md has its own test
+(test_docs_engines_figures.py), the fleet figures of docs/simulate.md theirs (test_simulate_published.py).
+"""
+
+from __future__ import annotations
+
+from tests.support.markdown import RESULTS, code_blocks, result, section, tables
+from valve.stats import percentile
+
+H100_COLOCATION = "colocation_h100-80gb-hbm3.json"
+H200_COLOCATION = "smoke_h200/colocation_h200.json"
+LABELS = {"online-alone": "online-alone", "offline-alone": "offline-alone", "time-slicing": "time-slicing",
+          "mps": "MPS", "valve": "Valve"}
+
+
+def flat(text: str) -> str:
+    """Text with its line breaks as spaces, so a figure wrapped over two lines is found."""
+    return " ".join(text.split())
+
+
+def colocation_ratios(name: str, variant: str) -> dict[str, float]:
+    """TTFT/TPOT p50/p99 as ratios to online-alone and offline tok/s as a ratio to offline-alone."""
+    v = result(name)["variants"]
+    out = {f"{m}_p{q}": percentile(v[variant][f"{m}_ms"], q) / percentile(v["online-alone"][f"{m}_ms"], q)
+           for m in ("ttft", "tpot") for q in (50, 99)}
+    out["offline"] = v[variant]["offline_tokens_per_s"] / v["offline-alone"]["offline_tokens_per_s"]
+    return out
+
+
+def test_engine_colocation_table():
+    doc = result(H100_COLOCATION)
+    v = doc["variants"]
+    (table,) = tables(section("docs/engine.md", "## Measured"))
+    rows = {r[0]: r for r in table[1:]}
+    assert list(rows) == list(LABELS.values())
+    for name, label in LABELS.items():
+        r = v[name]
+        cells = [label, str(len(r["ttft_ms"])) if "ttft_ms" in r else "-"]
+        for metric, digits in (("ttft", 1), ("tpot", 2)):
+            for q in (50, 99):
+                if f"{metric}_ms" not in r:
+                    cells.append("-")
+                    continue
+                val = percentile(r[f"{metric}_ms"], q)
+                ref = percentile(v["online-alone"][f"{metric}_ms"], q)
+                cells.append(f"{val:.{digits}f} (x{val / ref:.2f})")
+        tps = r.get("offline_tokens_per_s")
+        cells.append(f"{tps:,.0f} (x{tps / v['offline-alone']['offline_tokens_per_s']:.2f})" if tps else "-")
+        cells.append(f"{r['gpu_util']:.0f}%")
+        cells.append(f"{r['busy_fraction']:.0%}" if "busy_fraction" in r else "-")
+        assert rows[label] == cells, label
+
+
+def test_engine_colocation_run_and_smoke_run():
+    doc, text = result(H100_COLOCATION), flat(section("docs/engine.md", "## Measured"))
+    s = doc["settings"]
+    assert (f"`python3 bench/colocation.py --seconds {s['seconds']:g} --offline-warmup {s['offline_warmup']:g}`, "
+            "one run") in text
+    assert f"at {doc['calibration']['rate_per_s']:.2f} req/s Poisson" in text
+    assert f"{len(doc['variants']['valve']['ttft_ms'])} requests per variant" in text
+    smoke = result(H200_COLOCATION)
+    assert smoke["settings"]["seconds"] == 8 and smoke["env"]["gpu"] == "NVIDIA H200"
+    assert f"8 s windows, {len(smoke['variants']['valve']['ttft_ms'])} requests per variant" in text
+    for name in ("valve", "time-slicing", "mps"):
+        r = colocation_ratios(H200_COLOCATION, name)
+        assert (f"{LABELS[name]} TTFT p50/p99 " if name == "valve" else f"{LABELS[name]} TTFT ") + (
+            f"x{r['ttft_p50']:.2f}/x{r['ttft_p99']:.2f}, TPOT x{r['tpot_p50']:.2f}/x{r['tpot_p99']:.2f}, "
+            f"offline x{r['offline']:.2f}") in text, name
+
+
+def test_engine_reading_figures():
+    text = flat(section("docs/engine.md", "## Measured"))
+    h100 = {n: colocation_ratios(H100_COLOCATION, n) for n in ("valve", "time-slicing", "mps")}
+    h200 = colocation_ratios(H200_COLOCATION, "valve")
+    va, ts, mps = h100["valve"], h100["time-slicing"], h100["mps"]
+    for figure in (f"TPOT p50 x{va['tpot_p50']:.2f} and p99 x{va['tpot_p99']:.2f}",
+                   f"against x{ts['tpot_p50']:.2f}/x{ts['tpot_p99']:.2f} for time-slicing and "
+                   f"x{mps['tpot_p50']:.2f}/x{mps['tpot_p99']:.2f} for MPS",
+                   f"its TTFT p99 was at online-alone (x{va['ttft_p99']:.2f}) while time-slicing and MPS were at "
+                   f"x{ts['ttft_p99']:.2f}",
+                   f"its TTFT p99 was x{h200['ttft_p99']:.2f} and its TPOT p99 x{h200['tpot_p99']:.2f}",
+                   f"x{va['ttft_p50']:.2f} against < 1.05 (time-slicing x{ts['ttft_p50']:.2f}, "
+                   f"MPS x{mps['ttft_p50']:.2f})",
+                   f"Valve keeps {va['offline'] * 100:.0f}% of offline-alone throughput"):
+        assert figure in text, figure
+    assert round(mps["ttft_p99"], 2) == round(ts["ttft_p99"], 2)
+    v = result(H100_COLOCATION)["variants"]
+    assert f"at {v['valve']['busy_fraction']:.0%} online busy" in text
+    assert f"({v['offline-alone']['gpu_util']:.0f}% GPU utilisation alone)" in text
+    gate = result("preemption_nvidia_h100_80gb_hbm3.json")["variants"]["gate"]
+    assert (f"waited {gate['preempt_p50_us'] / 1e3:.2f} ms p50 and {gate['preempt_p99_us'] / 1e3:.2f} ms p99 "
+            "for its first kernel") in text
+
+
+def test_smoke_readme_figures():
+    text = flat((RESULTS / "smoke_h200" / "README.md").read_text())
+    valve_h200, valve_h100 = (colocation_ratios(n, "valve")["ttft_p99"] for n in (H200_COLOCATION, H100_COLOCATION))
+    gate_h200, gate_h100 = (result(n)["variants"]["gate"]["online_p99_ratio"] for n in (
+        "smoke_h200/preemption_nvidia_h200_quick.json", "preemption_nvidia_h100_80gb_hbm3.json"))
+    assert (f"Valve TTFT p99 x{valve_h200:.2f} here against x{valve_h100:.2f} on the H100; "
+            f"gate p99 x{gate_h200:.2f} against x{gate_h100:.2f}") in text
+
+
+H100_PREEMPTION = "preemption_nvidia_h100_80gb_hbm3.json"
+H200_PREEMPTION = "smoke_h200/preemption_nvidia_h200_quick.json"
+
+
+def test_preemption_table_is_the_result_file():
+    doc = result(H100_PREEMPTION)
+    results = section("docs/preemption.md", "## Results")
+    assert code_blocks(results)[0].rstrip("\n") == doc["table"].rstrip("\n")
+    assert (RESULTS / H100_PREEMPTION.replace(".json", ".txt")).read_text().rstrip("\n") == doc["table"].rstrip("\n")
+    assert f"(full run, {doc['wall_s']:.0f} s), one run, {doc['gpu']}" in flat(results)
+
+
+def test_preemption_figures():
+    doc, smoke = result(H100_PREEMPTION), result(H200_PREEMPTION)
+    v, sv = doc["variants"], smoke["variants"]
+    sub = doc["env"]["offline_sublayer_ms"]
+    text = flat(section("docs/preemption.md", "## Results"))
+    page = flat((RESULTS.parent.parent / "docs" / "preemption.md").read_text())
+
+    def over(r: dict, base: dict, q: int) -> str:
+        return f"{r[f'online_p{q}_ms'] - base[f'online_p{q}_ms']:+.2f} ms"
+
+    def pre(name: str) -> str:
+        return f"{v[name]['preempt_p50_us']:.0f} / {v[name]['preempt_p99_us']:.0f} us"
+
+    raw = result(H100_PREEMPTION.replace(".json", "_raw.json"))["alone"]["online"]
+    slow = sorted(range(len(raw["lat_ms"])), key=raw["lat_ms"].__getitem__)[-6:]
+
+    def span(key: str, scale: float = 1.0) -> str:
+        xs = [raw[key][i] * scale for i in slow]
+        return f"{min(xs):.2f}-{max(xs):.2f}"
+
+    clocks = [r["sm_mhz_p50"] for n, r in v.items() if n not in ("alone", "mps_alone")]
+    gpu = [r["gpu_p50_ms"] for n, r in v.items() if n not in ("alone", "mps_alone") and not n.startswith("mps")]
+    for figure in (
+            f"Offline sub-layer GPU times (alone): attention block {sub['attn_block_ms']['max']:.2f} ms, MLP block "
+            f"{sub['mlp_block_ms']['max']:.2f} ms, longest linear {sub['linear_ms']['max']:.2f} ms (p50 linear "
+            f"{sub['linear_ms']['p50']:.2f} ms)",
+            f"`gate` p99 {v['gate']['online_p99_ms']:.3f} ms vs `alone` {v['alone']['online_p99_ms']:.3f} ms "
+            f"({over(v['gate'], v['alone'], 99)})",
+            f"`graph_memop` {v['graph_memop']['online_p99_ms']:.3f} ms ({over(v['graph_memop'], v['alone'], 99)})",
+            f"`mps_gate` misses by {doc['target']['mps_gate']['missed_by_ms']:.2f} ms "
+            f"({over(v['mps_gate'], v['alone'], 99)})",
+            f"`graph_spin` misses by {doc['target']['graph_spin']['missed_by_ms']:.2f} ms",
+            f"{smoke['variants']['gate']['bursts']} bursts per variant",
+            f"`gate` p99 {over(sv['gate'], sv['alone'], 99)} over `alone` (x{sv['gate']['online_p99_ratio']:.2f}), "
+            f"`graph_memop` {over(sv['graph_memop'], sv['alone'], 99)}; p50 `gate` {over(sv['gate'], sv['alone'], 50)}",
+            f"`alone`'s p99 ({v['alone']['online_p99_ms']:.2f} ms, p50 {v['alone']['online_p50_ms']:.2f} ms) is its "
+            f"fourth-slowest burst of {v['alone']['bursts']}",
+            f"six slowest bursts ({span('lat_ms')} ms) spent {span('preempt_us', 1e-3)} ms between arrival and the "
+            f"start of their first kernel, with {span('gpu_ms')} ms of GPU time",
+            f"`gate` {over(v['gate'], v['alone'], 50)}, `gate_linear` {over(v['gate_linear'], v['alone'], 50)}, "
+            f"`graph_memop` {over(v['graph_memop'], v['alone'], 50)} over `alone`; `nogate` "
+            f"{over(v['nogate'], v['alone'], 50)}",
+            f"`gate` p50 {v['gate']['preempt_p50_us']:.0f} us / p99 {v['gate']['preempt_p99_us']:.0f} us, "
+            f"`gate_linear` {pre('gate_linear').replace(' us', '')} us, `graph_memop` {pre('graph_memop')}, vs "
+            f"`nogate` {pre('nogate')}",
+            f"`alone`'s {v['alone']['preempt_p50_us']:.0f} us p50 / {v['alone']['preempt_p99_us']:.0f} us p99",
+            f"(MLP block {sub['mlp_block_ms']['max']:.2f} ms, longest linear {sub['linear_ms']['max']:.2f} ms)",
+            f"Offline throughput: {v['gate']['offline_ratio']:.2f} of offline alone with `gate`, "
+            f"{v['gate_linear']['offline_ratio']:.2f} `gate_linear`, {v['graph_memop']['offline_ratio']:.2f} "
+            f"`graph_memop`, {v['nogate']['offline_ratio']:.2f} `nogate`, {v['mps']['offline_ratio']:.2f} `mps`",
+            f"{v['mps']['online_p50_ratio']:.1f}x slower at p50",
+            f"it is back to {over(v['mps_gate'], v['alone'], 50)} p50",
+            f"the SM clock is {min(clocks):.0f}-{max(clocks):.0f} MHz",
+            f"(GPU time {v['alone']['gpu_p50_ms']:.2f} ms alone, {min(gpu):.2f}-{max(gpu):.2f} ms contended without MPS)"):
+        assert figure in text, figure
+    assert v["gate"]["preempt_p99_us"] / 1e3 > sub["mlp_block_ms"]["max"], "the page says gate's p99 is above it"
+    assert raw["preempt_seen_at_once"] >= 0.99 * len(raw["lat_ms"]), "nearly always"
+    assert f"full run, {doc['wall_s']:.0f} s on an H100" in page
+    assert f"({v['alone']['gpu_p50_ms']:.2f} ms of GPU time p50 on the H100)" in page
+    assert f"the contended variants run at {min(clocks):.0f}-{max(clocks):.0f} MHz" in page
+
+
+def test_runtime_figures():
+    text = flat(section("docs/runtime.md", "## Measured"))
+    v, smoke = result(H100_PREEMPTION)["variants"], result(H200_PREEMPTION)["variants"]
+
+    def pq(name: str) -> str:
+        return f"x{v[name]['online_p50_ratio']:.2f}/x{v[name]['online_p99_ratio']:.2f}"
+
+    assert (f"one run of {v['gate']['bursts']} bursts per variant (docs/preemption.md): online burst p50/p99 "
+            f"{pq('gate')} of alone with the gate, {pq('nogate')} without, {pq('mps')} under MPS; arrival to the "
+            f"first online kernel {v['gate']['preempt_p50_us'] / 1e3:.2f}/{v['gate']['preempt_p99_us'] / 1e3:.2f} ms "
+            f"with the gate; offline x{v['gate']['offline_ratio']:.2f} of alone with the gate, "
+            f"x{v['nogate']['offline_ratio']:.2f} without. The H200 smoke run ({smoke['gate']['bursts']} bursts) gave "
+            f"gate p99 x{smoke['gate']['online_p99_ratio']:.2f}") in text
+    demo = result("demo_seed0.json")
+    rows = {r["variant"]: r for r in demo["rows"]}
+
+    def ratios(name: str) -> str:
+        r = rows[name]
+        return (f"x{r['ttft_p50_ratio']:.2f}/x{r['ttft_p99_ratio']:.2f}, x{r['tpot_p50_ratio']:.2f}/"
+                f"x{r['tpot_p99_ratio']:.2f}, x{r['offline_ratio']:.2f}")
+
+    assert list(rows) == ["online-alone", "offline-alone", "time-slicing", "valve"]
+    assert (f"`valve demo --seconds {demo['seconds']:g} --seed {demo['seed']} --json bench/results/demo_seed0.json`, "
+            f"{demo['workload']['rate_per_s']:g} online requests/s") in text and demo["gpus"] == 1
+    assert (f"time-slicing {ratios('time-slicing')}; valve {ratios('valve')}, {rows['valve']['preemptions']} "
+            f"preemptions, preemption p99 {rows['valve']['preempt_latency_p99_ms']:.2f} ms") in text
+
+
+H100_RECLAIM = "reclaim_nvidia_h100_80gb_hbm3.json"
+H200_RECLAIM = "smoke_h200/reclaim_nvidia_h200.json"
+POLICY_ROWS = {"alone": "alone", "capacity only": "capacity_only", "fifo": "fifo", "selective": "selective",
+               "fifo, engine preempts newest": "fifo_engine_newest",
+               "selective, engine preempts newest": "selective_engine_newest"}
+
+
+def test_memory_tables():
+    doc = result(H100_RECLAIM)
+    latency, policies = tables(section("docs/memory.md", "## Measured (H100 80GB HBM3, driver 580.159.04, torch 2.11 "
+                                       "cu130; `bench/results/reclaim_nvidia_h100_80gb_hbm3.*`)"))
+    assert latency[1:] == [[f"{r['size_gib']:g}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                            f"{r['copied_gib_mean']:.2f}", f"{r['unmap_calls_mean']:.0f}"] for r in doc["latency"]]
+    assert {r["reps"] for r in doc["latency"]} == {20} and not doc["settings"]["batch_unmap"]
+    p = doc["policies"]
+    rows = []
+    for label, name in POLICY_ROWS.items():
+        r = p[name]
+        rec = r["recomputed_tokens"]
+        rows.append([label, f"{r['tokens_per_s']:.0f}", "-" if name == "alone" else f"{r['loss'] * 100:.1f} %",
+                     "-" if name == "alone" else ("0" if name == "capacity_only" else f"{r['eviction_loss'] * 100:.1f} %"),
+                     str(r["evictions"]), str(r["engine_preemptions"]), "0" if not rec else f"{rec / 1e6:.2f} M"])
+    assert policies[1:] == rows
+
+
+def test_memory_figures():
+    doc, smoke = result(H100_RECLAIM), result(H200_RECLAIM)
+    page = flat((RESULTS.parent.parent / "docs" / "memory.md").read_text())
+    drv = {d["chunk_mib"]: d for d in doc["driver_costs"]}
+    sweep = {(r["chunk_mib"], r["batch_unmap"]): r for r in doc["sweep"]}
+    lat8 = next(r for r in doc["latency"] if r["size_gib"] == 8)
+    p, sp = doc["policies"], smoke["policies"]
+
+    def unmap(mib: float) -> str:
+        d = drv[mib]
+        return f"{d['unmap_ms_per_chunk']:.1f} ms in {mib:g} MiB{' chunks' if mib == 2 else ''} " \
+               f"({d['unmap_ms_per_chunk'] / d['chunks'] * 1e3:.0f} us"
+
+    saved = {m: 1 - d["unmap_ms_batched"] / d["unmap_ms_per_chunk"] for m, d in drv.items()}
+    small = [v for m, v in saved.items() if m <= 256]
+    by_chunk = [f"{m:g} MiB {sweep[m, False]['p50_ms']:.1f} / {sweep[m, False]['p99_ms']:.1f}"
+                for m in (32, 64, 128, 256, 512)]
+    by_chunk[0] += " ms (p50 / p99)"
+    handed = [f"{h['size_gib']:g}" for h in doc["handover"] if h["ok"]]
+    share = [r["engine_preemptions"] / (r["engine_preemptions"] + r["evictions"]) for n, r in p.items()
+             if isinstance(r, dict) and r.get("online") and r["recomputed_tokens"]]
+    for figure in (
+            f"unmapping 8 GiB took {unmap(2)} a chunk), {unmap(32)}), {unmap(128)})",
+            f"8 GiB reclaim p50 {sweep[32, False]['p50_ms']:.2f} ms at 32 MiB, {sweep[128, False]['p50_ms']:.2f} ms at "
+            f"128 MiB in the chunk sweep and {lat8['p50_ms']:.2f} ms in the latency part",
+            f"compaction copies more ({sweep[128, False]['copied_gib_mean']:.2f} GiB instead of "
+            f"{sweep[32, False]['copied_gib_mean']:.2f} GiB",
+            f"map slower ({drv[256]['map_ms_per_chunk']:.1f}-{drv[512]['map_ms_per_chunk']:.1f} ms per 8 GiB against "
+            f"{drv[128]['map_ms_per_chunk']:.1f} ms) and release no faster (reclaim p50 "
+            f"{sweep[256, False]['p50_ms']:.2f} and {sweep[512, False]['p50_ms']:.2f} ms)",
+            f"the copy phase is {sweep[128, False]['phases_p50_ms']['copy']:.2f} ms p50 for "
+            f"{sweep[128, False]['copied_gib_mean']:.2f} GiB",
+            f"It saved {min(small) * 100:.0f}-{max(small) * 100:.0f} % of the unmap time up to 256 MiB chunks and "
+            f"{saved[512] * 100:.0f} % at 512 MiB",
+            f"slower at 128 MiB (p50 {sweep[128, True]['p50_ms']:.2f} against {sweep[128, False]['p50_ms']:.2f} ms)",
+            "8 GiB by chunk size (10 reps, per-chunk unmap): " + ", ".join(by_chunk),
+            f"was {lat8['p50_ms']:.2f} ms in the latency part and {sweep[128, False]['p50_ms']:.2f} ms in the sweep "
+            f"(unmap phase p50 {lat8['phases_p50_ms']['unmap']:.2f} against "
+            f"{sweep[128, False]['phases_p50_ms']['unmap']:.2f} ms)",
+            f"Target (< 20 ms p99 for 8 GiB): {'met' if lat8['p99_ms'] < 20 else 'missed'}.",
+            f"after reclaiming {', '.join(handed[:-1])} and {handed[-1]} GiB another process allocated exactly the "
+            "released bytes",
+            f"(`--quick`, {smoke['settings']['reps']} reps, `bench/results/smoke_h200/reclaim_nvidia_h200.json`): "
+            "8 GiB p50 / p99 " + next(f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms" for r in smoke["latency"]
+                                       if r["size_gib"] == 8),
+            f"one run, {doc['settings']['trace_seconds']:g} s, seed {doc['settings']['seed']}",
+            f"Selective cuts the throughput loss by {p['selective_cut_vs_fifo'] * 100:.1f} % versus FIFO (the eviction "
+            f"part by {p['selective_eviction_cut_vs_fifo'] * 100:.1f} %)",
+            f"and by {p['selective_cut_vs_fifo_engine_newest'] * 100:.1f} % "
+            f"({p['selective_eviction_cut_vs_fifo_engine_newest'] * 100:.1f} %) when the engine keeps",
+            f"(`--quick`, a {smoke['settings']['trace_seconds']:g} s trace): {sp['selective_cut_vs_fifo'] * 100:.1f} % "
+            f"and {sp['selective_cut_vs_fifo_engine_newest'] * 100:.1f} %",
+            f"Most of the loss ({p['capacity_only']['loss'] * 100:.1f} points) is capacity",
+            f"selective saves only {(1 - p['selective']['recomputed_reclaim'] / p['fifo']['recomputed_reclaim']) * 100:.0f}"
+            f" % of the recompute ({p['selective']['recomputed_reclaim'] / 1e6:.2f} M vs "
+            f"{p['fifo']['recomputed_reclaim'] / 1e6:.2f} M tokens)",
+            f"({p['fifo']['engine_preemptions']}-{p['selective']['engine_preemptions']} engine preemptions",
+            f"where selective gains only {p['selective_cut_vs_fifo_engine_newest'] * 100:.1f} %",
+            f"in the model below {min(share) * 100:.0f}-{max(share) * 100:.0f} % of the evictions"):
+        assert figure in page, figure
+    assert doc["settings"]["trace"]["block_tokens"] == 16 and doc["settings"]["live_fraction"] == 0.25
+
+
+def test_device_plugin_smoke_run():
+    doc = result("device_plugin_nvidia-h100-80gb-hbm3.json")
+    log = (RESULTS / "device_plugin_nvidia-h100-80gb-hbm3.txt").read_text()
+    text = flat(section("docs/device_plugin.md", "## GPU smoke run"))
+    gpu = doc["gpus"][0]
+    stop = float(log.split("== stop: ", 1)[1].split(" s", 1)[0])
+    assert doc["settings"]["quick"] and len(doc["gpus"]) == 1 and doc["bad_id"] == "INVALID_ARGUMENT"
+    for figure in (f"driver {doc['driver']}, NVML " + log.split("NVML ", 1)[1].split()[0],
+                   f"NVML found `{gpu['name']}`", f"`{gpu['uuid'][:13]}…`",
+                   f"{gpu['memory_bytes']:,} B ({gpu['memory_bytes'] / 2**30:.1f} GiB), PCI `{gpu['pci_bus_id']}`",
+                   f"both resources registered {doc['registration_s']:.3f} s after start",
+                   f"both resources re-registered in {doc['reregistration_s']:.3f} s", f"stop took {stop:.1f} s",
+                   "left only `kubelet.sock`"):
+        assert figure in text, figure
+    assert doc["left_after_stop"] == ["kubelet.sock"] and gpu["numa_node"] is None
+
+
+def multigpu_spread(doc: dict, phase: str) -> str:
+    """p50 and p99 ratios to each GPU's alone, as min-max over the GPUs: `x0.72-1.04/x0.87-1.01`."""
+    out = []
+    for q in (50, 99):
+        rs = [r["phases"][phase][f"p{q}_ratio"] for r in doc["rows"]]
+        out.append(f"x{min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else f"x{rs[0]:.2f}")
+    return "/".join(out)
+
+
+def test_multigpu_run():
+    doc = result("multigpu_h200x4.json")
+    text = flat(section("docs/device_plugin.md", "## Multi-GPU node run"))
+    block = code_blocks(section("docs/device_plugin.md", "## Multi-GPU node run"))[0]
+    table = (RESULTS / "multigpu_h200x4.txt").read_text().splitlines()[1:]
+    assert [ln.rstrip() for ln in block.splitlines()] == [ln.rstrip() for ln in table]
+    n = [ph["n"] for r in doc["rows"] for ph in r["phases"].values()]
+    off = doc["offline"].values()
+    gate, nogate = [o["gate_ratio"] for o in off], [o["nogate_ratio"] for o in off]
+    worst = max(doc["rows"], key=lambda r: r["phases"]["gate-one"]["p50_ratio"])
+    ph = worst["phases"]
+    one = result("preemption_nvidia_h100_80gb_hbm3.json")["variants"]["gate"]
+    assert all(w["uuid_match"] for w in doc["workers"].values()) and doc["cross_talk"] == []
+    for figure in (f"Measured on {doc['n_gpus']} x H200", "`python3 bench/multigpu.py`, one run, "
+                   f"{doc['settings']['seconds']:g} s per phase ({min(n)}-{max(n)} bursts per GPU and phase)",
+                   f"gate {multigpu_spread(doc, 'gate')}, nogate {multigpu_spread(doc, 'nogate')}",
+                   f"(gate-one) {multigpu_spread(doc, 'gate-one')}",
+                   f"(alone-all) {multigpu_spread(doc, 'alone-all')}",
+                   f"Offline kept x{min(gate):.2f}-{max(gate):.2f} of alone with the gate, "
+                   f"x{min(nogate):.2f}-{max(nogate):.2f} without",
+                   f"gave gate x{one['online_p50_ratio']:.2f}/x{one['online_p99_ratio']:.2f}",
+                   f"On GPU {worst['index']} the online p50 was x{ph['alone-all']['p50_ratio']:.2f} of alone with every "
+                   f"GPU's online running (alone-all), x{ph['gate-one']['p50_ratio']:.2f} with only its own pair gated "
+                   f"(gate-one) and x{ph['gate']['p50_ratio']:.2f} with every pair gated"):
+        assert figure in text, figure
+    smoke = result("smoke_h200/multigpu_h200x1.json")
+    sim = result("multigpu_simx8.json")
+    so = next(iter(smoke["offline"].values()))
+    assert smoke["settings"]["quick_one"] is True or smoke["n_gpus"] == 1
+    for figure in (f"{smoke['settings']['seconds']:g} s per phase",
+                   f"gate {multigpu_spread(smoke, 'gate')}, nogate {multigpu_spread(smoke, 'nogate')}, offline with "
+                   f"the gate x{so['gate_ratio']:.2f}",
+                   f"(`--sim --gpus {sim['n_gpus']}`, {sim['settings']['seconds']:g} s per phase",
+                   f"gate {multigpu_spread(sim, 'gate')} on all eight GPUs, no gate {multigpu_spread(sim, 'nogate')}"):
+        assert figure in text, figure
+
+
+def test_operator_scale_table():
+    doc = result("operator_scale.json")
+    text = section("docs/operator.md", "### Many pairs at once (kmock)")
+    (table,) = tables(text)
+    rows = [[str(r["pairs"]), str(r["nodes"]), f"{r['seconds']:.3g}", f"{r['pairs_per_s']:.1f}",
+             f"{r['requests_per_pair']:.2f}", str(r["degraded"]), str(r["split_pairs"]), f"{r['operator_cpu_s']:.3g} s",
+             f"{r['operator_cpu_ms_per_pair']:.1f}"] for r in doc["runs"]]
+    assert table[1:] == rows
+    text = flat(text)
+    first, last = doc["runs"][0], doc["runs"][-1]
+    kopf = {sum(n for k, n in r["requests_by_kind"].items() if k.startswith("GET")) for r in doc["runs"]}
+    per_pair = {r["requests_by_kind"][k] / r["pairs"] for r in doc["runs"]
+                for k in ("POST pods", "PATCH colocationpairs/status", "POST events")}
+    loads = {round(r["loadavg_before"][0], 1) for r in doc["runs"]}
+    for figure in (f"`{doc['command']}` writes", f"({doc['machine']['cpus']} cores, load average "
+                   f"{min(loads):g} from other work", f"plus kopf's {next(iter(kopf))} discovery",
+                   f"({first['operator_cpu_ms_per_pair']:.1f} → {last['operator_cpu_ms_per_pair']:.1f} ms from "
+                   f"{first['pairs']} to {last['pairs']})"):
+        assert figure in text, figure
+    assert per_pair == {2.0} and len(kopf) == 1
+
+
+def test_simulate_calibration_table():
+    from valve.simulate import calibration
+
+    cal = calibration.load()
+    text = section("docs/simulate.md", "## Calibration: every variant from measurements")
+    (table,) = tables(text)
+    points = cal.as_dict()["points"]
+    assert table[1:] == [[label, f"{p['online_load']:.3f}", f"x{p['ttft_p99_ratio']:.3f}", f"x{p['tpot_p99_ratio']:.3f}",
+                          f"x{p['offline_ratio']:.3f}"] for name, label in (("time-slicing", "time-slicing"),
+                                                                             ("mps", "MPS"), ("valve", "Valve"))
+                         for p in points[name]]
+    text = flat(text)
+    names = ("time-slicing", "mps", "valve")
+    h100 = {n: colocation_ratios(H100_COLOCATION, n) for n in names}
+    h200 = {n: colocation_ratios(H200_COLOCATION, n) for n in names}
+
+    def three(r: dict, key: str) -> str:
+        return " / ".join(f"x{r[n][key]:.2f}" for n in names)
+
+    worse_of = max(max(p["ttft_p99_ratio"], p["tpot_p99_ratio"]) / min(p["ttft_p99_ratio"], p["tpot_p99_ratio"])
+                   for ps in points.values() for p in ps)
+    for figure in (f"TTFT {three(h100, 'ttft_p50')} and TPOT {three(h100, 'tpot_p50')} (time-slicing",
+                   f"one run of {len(result(H100_COLOCATION)['variants']['valve']['ttft_ms'])} requests per variant",
+                   f"({len(result(H200_COLOCATION)['variants']['valve']['ttft_ms'])} requests per variant",
+                   f"TTFT p99 {three(h200, 'ttft_p99')} and TPOT p99 {three(h200, 'tpot_p99')}",
+                   f"the worse-of ratio is within {(worse_of - 1) * 100:.1f}% of the other one",
+                   f"the model gives the measured x{points['valve'][0]['offline_ratio']:.3f}",
+                   f"offline job alone used {result(H100_COLOCATION)['variants']['offline-alone']['gpu_util']:.0f}% of "
+                   "the GPU"):
+        assert figure in text, figure
+
+
+def test_simulate_default_run_and_sweep():
+    import io
+
+    from rich.console import Console
+
+    from valve.simulate.report import results_table
+
+    res, sweep = result("cluster_default.json"), result("cluster_default_sweep.json")
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(results_table(res))
+    text = section("docs/simulate.md", "## Default run")
+    assert code_blocks(text)[0] == console.file.getvalue()
+    today = {n: s["today"]["online_slo_violation_pct"] for n, s in res["strategies"].items()}
+    text = flat(text)
+    for figure in (f"on a loaded 2-core machine: {res['wall_seconds']:.2f} s",
+                   f"MPS put {today['time_slicing']:.1f}% and {today['mps']:.1f}% of online requests over the SLO, "
+                   f"Valve {today['valve']:.2f}%"):
+        assert figure in text, figure
+    text = section("docs/simulate.md", "## Sensitivity sweep")
+    assert f"`valve simulate cluster --sweep --out bench/results`: {sweep['wall_seconds']:.2f} s" in flat(text)
+    names = ("time_slicing", "mps", "valve")
+    rows = [["baseline", *(f"{sweep['baseline'][n]['gpus_saved_pct']:.1f}" for n in names)]]
+    rows += [[f"`{r['name']}` [{r['low']:g}, {r['high']:g}]", *(
+        f"{r['at_low'][n]['gpus_saved_pct']:.1f} / {r['at_high'][n]['gpus_saved_pct']:.1f}" for n in names)]
+        for r in sweep["tornado"]]
+    assert tables(text)[0][1:] == rows
+
+
+def test_simulate_request_cost_is_the_h100_run():
+    from valve.simulate import traces
+
+    doc = result(H100_COLOCATION)
+    tpot = percentile(doc["variants"]["online-alone"]["tpot_ms"], 50)
+    service = doc["calibration"]["service_s"]
+    s = doc["settings"]
+    assert round(traces.DECODE_S_PER_TOKEN * 1e3, 2) == round(tpot, 2)
+    assert abs(traces.PREFILL_S_PER_TOKEN - (service - s["output_mean"] * traces.DECODE_S_PER_TOKEN)
+               / s["prompt_mean"]) < 1e-6
+    text = flat(section("docs/simulate.md", "## Traces"))
+    assert (f"prompt tokens × {traces.PREFILL_S_PER_TOKEN * 1e3:.3f} ms + output tokens × {tpot:.2f} ms (llama-1b "
+            f"alone on the H100: TPOT p50, and the rest of the measured {service:.3f} s per request)") in text

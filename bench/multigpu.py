@@ -1,4 +1,4 @@
-"""Multi-GPU node run (issue 10): one online/offline pair per GPU, all GPUs at once.
+"""Multi-GPU node run: one online/offline pair per GPU, all GPUs at once.
 
     python3 bench/multigpu.py [--gpus N] [--quick] [--out DIR]        real GPUs (NVML backend)
     python3 bench/multigpu.py --sim --gpus 8 [--quick] [--out DIR]    a simulated N-GPU node (CPU only)

@@ -86,7 +86,7 @@ class DecodeGraphs:
         tables = s[5 * bmax:].view(bmax, wmax)[:b, :w]
         rows = self.rows[:b]
         return PagedBatch(field[0], field[1], field[2], field[3], rows, dec_index=rows, dec_tables=tables,
-                          dec_lens=field[4])
+                          dec_lens=field[4], dec_all=True)
 
     def fits(self, plan) -> bool:
         if not plan or any(item.n_tokens != 1 or not item.samples for item in plan):

@@ -78,6 +78,8 @@ class PagedBatch:
     dec_index: torch.Tensor | None = None  # [B] rows of decode tokens (one new token per sequence)
     dec_tables: torch.Tensor | None = None  # [B, max_blocks] block tables, padded
     dec_lens: torch.Tensor | None = None  # [B] context length including the new token
+    dec_all: bool = False  # every row is a decode row, in order (no gather and scatter of the rows)
+    dec_mask: torch.Tensor | None = None  # [B, 1, 1, T] the padded context's valid keys (once per step)
 
 
 def _varlen_flash():
@@ -127,13 +129,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Pa
     b = batch.dec_index.shape[0]
     kc = kv[batch.dec_tables, layer, 0].flatten(1, 2).transpose(1, 2)  # [B, kvh, T, hd]
     vc = kv[batch.dec_tables, layer, 1].flatten(1, 2).transpose(1, 2)
-    t = kc.shape[2]
-    mask = (torch.arange(t, device=q.device)[None, :] < batch.dec_lens[:, None])[:, None, None, :]
+    if batch.dec_mask is None:  # a graph replays hundreds of tiny kernels: build the mask once, not per layer
+        t = kc.shape[2]
+        batch.dec_mask = (torch.arange(t, device=q.device)[None, :] < batch.dec_lens[:, None])[:, None, None, :]
     # one query position per sequence: fold the query heads of a KV group into the query-length axis
-    qd = q[batch.dec_index].view(b, kvh, h // kvh, hd)
-    od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask)
+    qd = (q if batch.dec_all else q[batch.dec_index]).reshape(b, kvh, h // kvh, hd)
+    od = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=batch.dec_mask).reshape(b, h, hd)
+    if batch.dec_all:
+        return od
     out = torch.empty_like(q)
-    out[batch.dec_index] = od.reshape(b, h, hd)
+    out[batch.dec_index] = od
     return out
 
 

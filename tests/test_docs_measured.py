@@ -452,3 +452,73 @@ def test_simulate_request_cost_is_the_h100_run():
     text = flat(section("docs/simulate.md", "## Traces"))
     assert (f"prompt tokens × {traces.PREFILL_S_PER_TOKEN * 1e3:.3f} ms + output tokens × {tpot:.2f} ms (llama-1b "
             f"alone on the H100: TPOT p50, and the rest of the measured {service:.3f} s per request)") in text
+
+
+ENGINE_RESULT = "engine_nvidia_h200.json"
+QUICK_RUNS = [("ours", "llama-1b", "colocation_h200_ours_llama-1b.json"),
+              ("ours", "llama-8b", "colocation_h200_ours_llama-8b.json"),
+              ("transformers", "llama-1b", "colocation_h200_transformers-llama_llama-1b.json")]
+
+
+def span(values, digits: int) -> str:
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+def test_engine_gpu_bound_table_and_figures():
+    from bench.engine import table_text
+
+    doc = result(ENGINE_RESULT)
+    text = section("docs/engine.md", "## Is the engine GPU-bound? (`bench/engine.py`)")
+    (table,) = tables(text)
+    assert table == tables(table_text(doc))[0]
+    assert (RESULTS / "engine_nvidia_h200.txt").read_text().strip() == table_text(doc).strip()
+    runs = doc["runs"]
+    util = [r["offline"]["gpu_util"] for r in runs]
+    ttft = [r["online"]["ttft_ms_p50"] / r["online"]["prefill_gpu_ms"] for r in runs]
+    tpot = [d["tpot_over_gpu"] for r in runs for d in r["online"]["decode"] if d["batch"] in (1, 32)]
+    window = [r["offline"]["mfu_measured_peak"] for r in runs]
+    prefill = [r["prefill"]["mfu_measured_peak"] for r in runs]
+    flat_text = flat(text)
+    assert f"utilisation {span(util, 0)}%" in flat_text
+    assert f"TTFT {span(ttft, 2)}x and TPOT {span(tpot, 2)}x of the GPU time" in flat_text
+    assert min(util) >= 85 and max(ttft) <= 1.5 and max(tpot) <= 1.3  # "every engine and shape meets the targets"
+    assert f"MFU is low ({span(window, 2)})" in flat_text and f"prefill steps alone reach {span(prefill, 2)}" in flat_text
+    assert f"bf16 GEMM rate: {doc['gemm_tflops_measured']:.0f} TFLOP/s" in flat_text
+    errs = [r["check"]["max_rel_err"] for r in runs]
+    assert f"relative error of the last logits {span(errs, 3)}" in flat_text
+    assert all(r["check"]["last_token_agrees"] for r in runs)
+    ours_1b = next(r for r in runs if (r["engine"], r["model"]) == ("ours", "llama-1b"))
+    http = result(QUICK_RUNS[0][2])["variants"]["online-alone"]["ttft_ms"]
+    assert (f"TTFT p50 of the same 1B shape was {percentile(http, 50):.1f} ms over HTTP against "
+            f"{ours_1b['online']['ttft_ms_p50']:.1f} ms here") in flat_text
+
+
+def test_engine_quick_colocation_runs():
+    text = section("docs/engine.md", "### Quick runs with the GPU-bound engine")
+    (table,) = tables(text)
+    want, by = [], {}
+    for engine, model, name in QUICK_RUNS:
+        doc = result(name)
+        assert (doc["settings"]["engine"], doc["settings"]["online_model"], doc["settings"]["seconds"]) == (
+            engine, model, 15.0)
+        t = doc["tenants"]
+        for variant in ("time-slicing", "mps", "valve"):
+            r = colocation_ratios(name, variant)
+            by.setdefault(variant, []).append(r)
+            want.append([engine, model, LABELS[variant], str(len(doc["variants"][variant]["ttft_ms"])),
+                         *(f"x{r[k]:.2f}" for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "offline")),
+                         f"{t['online']['gpu_util']:.0f}%, {t['online']['host_share']:.2f}",
+                         f"{t['offline']['gpu_util']:.0f}%, {t['offline']['host_share']:.2f}"])
+    assert table[1:] == want
+    flat_text = flat(text)
+    ts, mps, valve = by["time-slicing"], by["mps"], by["valve"]
+    assert (f"TTFT p50 x{span([r['ttft_p50'] for r in ts], 1)} and x{span([r['ttft_p50'] for r in mps], 1)}, "
+            f"TPOT p50 x{span([r['tpot_p50'] for r in ts], 1)} and x{span([r['tpot_p50'] for r in mps], 1)}") in flat_text
+    assert f"x{span([r[k] for r in valve for k in ('ttft_p50', 'tpot_p50')], 2)} of online-alone" in flat_text
+    assert f"x{span([r['offline'] for r in valve], 2)} of offline-alone" in flat_text
+    offline_util = [result(n)["tenants"]["offline"]["gpu_util"] for *_, n in QUICK_RUNS]
+    assert f"offline alone {span(offline_util, 0)}% GPU utilisation" in flat_text
+    busy = [100 * result(n)["tenants"]["online"]["busy_fraction"] for *_, n in QUICK_RUNS]
+    assert f"at {span(busy, 0)}% online busy" in flat_text
+    n = [len(result(name)["variants"]["valve"]["ttft_ms"]) for *_, name in QUICK_RUNS]
+    assert f"{min(n)} to {max(n)} online requests per variant" in flat_text

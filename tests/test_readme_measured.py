@@ -154,8 +154,28 @@ def measured_rows() -> dict[str, list[str]]:
     return rows
 
 
+def test_engine_row():
+    doc = result("engine_nvidia_h200.json")
+    st = doc["settings"]
+    parts = []
+    for r in doc["runs"]:
+        o, on = r["offline"], r["online"]
+        dec = {d["batch"]: d for d in on["decode"]}
+        parts.append(f"{r['engine']} {r['model']}: offline GPU util {o['gpu_util']:.0f}%, "
+                     f"TTFT {x(on['ttft_ms_p50'] / on['prefill_gpu_ms'])}, TPOT b1 {x(dec[1]['tpot_over_gpu'])}, "
+                     f"b32 {x(dec[32]['tpot_over_gpu'])}")
+    command = (f"`python3 bench/engine.py --models {','.join(st['models'])} --engines {','.join(st['engines'])} "
+               f"--seconds {st['seconds']:g} --warmup {st['warmup']:g} --reps {st['reps']}`")
+    rows = measured_rows()
+    assert rows["reference engine, GPU-bound ([docs/engine.md](docs/engine.md))"] == [
+        f"{doc['environment']['gpu']}, 1 run, {st['reps']} requests per figure, {st['seconds']:g} s offline window",
+        command, "offline-alone GPU utilisation; online TTFT and TPOT p50 in-process (no HTTP) as x the GPU time of the "
+        "same step (targets >= 85%, <= x1.5, <= x1.3): " + "; ".join(parts)]
+
+
 def test_every_row_is_checked():
     assert set(measured_rows()) == {
+        "reference engine, GPU-bound ([docs/engine.md](docs/engine.md))",
         "LLM colocation, llama-1b + llama-1b ([docs/engine.md](docs/engine.md))", "LLM colocation, smoke run",
         "compute gate ([docs/preemption.md](docs/preemption.md))", "compute gate, smoke run",
         "memory reclaim ([docs/memory.md](docs/memory.md))",

@@ -235,7 +235,7 @@ class LlamaModel(nn.Module):
         rows in ``batch.logits_index``."""
         cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
         x = self.embed(batch.tokens)
-        # not cuDNN: it builds a graph for every new shape, ~1.5 ms of host time per call with varying lengths
+        # not cuDNN: it builds a graph for every new shape, milliseconds of host time per call with varying lengths
         with sdpa_kernel(NO_CUDNN):
             for layer in self.layers:
                 x = layer(x, cos, sin, batch, kv)

@@ -159,6 +159,27 @@ def host_share(a: dict, b: dict) -> float | None:
     return 1 - (b.get("sync_seconds", 0.0) - a.get("sync_seconds", 0.0)) / steps if steps > 0 else None
 
 
+def join_timeline(results, path: Path) -> list[dict]:
+    """The server's timeline records of the window's requests, each with the client's TTFT and what it adds to
+    the server's (``client``: HTTP, the client's event loop). Milliseconds."""
+    recs = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        recs[r["rid"]] = r
+    out = []
+    for res in results:
+        r = recs.get(res.rid)
+        if r is None:
+            continue
+        row = {"rid": res.rid, "prompt_tokens": r["prompt_tokens"], "ttft": res.ttft * 1e3}
+        for k in report.SERVER_PARTS + ("server_ttft",):
+            row[k] = r[k] * 1e3 if r.get(k) is not None else None
+        row["client"] = row["ttft"] - row["server_ttft"]
+        row.update({k: r.get(k) for k in ("sm_mhz_arrival", "sm_mhz_mean", "power_w_arrival", "power_w_mean")})
+        out.append(row)
+    return out
+
+
 def http_json(url: str) -> dict:
     import urllib.request
 
@@ -211,8 +232,8 @@ def write_offline_prompts(path: Path, s: Settings, vocab: int) -> None:
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
-def server_cmd(s: Settings, port: int, ready: Path, valve: bool) -> list[str]:
-    return [sys.executable, "-m", "valve.engine.server", "--model", s.online_model, "--device", s.device,
+def server_cmd(s: Settings, port: int, ready: Path, valve: bool, timeline: Path | None = None) -> list[str]:
+    return [sys.executable, "-m", "valve.engine.server"] + (["--timeline", str(timeline)] if timeline else []) + [ "--model", s.online_model, "--device", s.device,
             "--engine", s.engine, "--arch", s.arch,
             "--port", str(port), "--num-blocks", str(s.online_blocks), "--block-size", str(s.block_size),
             "--max-batch-tokens", str(s.online_batch_tokens), "--max-seqs", str(s.online_max_seqs),
@@ -322,7 +343,9 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         url = None
         if online:
             port, ready = free_port(), wd / "server.ready"
-            children.append(Child("online server", server_cmd(s, port, ready, valve), cenv, wd / "server.log"))
+            timeline = wd / "timeline.jsonl"
+            children.append(Child("online server", server_cmd(s, port, ready, valve, timeline), cenv,
+                                  wd / "server.log"))
             url = f"http://127.0.0.1:{port}"
         progress = wd / "progress.jsonl"
         if offline:
@@ -375,6 +398,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
             out["busy_fraction"] = busy_fraction(ok, s.seconds)
             out["online_host_share"] = host_share(stats0, stats1)
+            out["timeline"] = join_timeline(ok, timeline)
         if valve:
             out["control"] = read_control(control_path(uuid, rdir))
         return out
@@ -479,6 +503,7 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
         "benchmark": "colocation", "env": env_info, "settings": asdict(s), "calibration": run.calibration,
         "seconds_total": time.time() - started, "variants": variants, "skipped": skipped,
         "rows": report.rows(variants), "pids": pids, "tenants": tenants(variants),
+        "breakdown": report.breakdown(variants),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = env_info["gpu"].lower().replace("nvidia ", "").replace(" ", "-") if s.device == "cuda" else "cpu"
@@ -491,6 +516,8 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     result["files"] = [str(stem) + ".json", str(stem) + ".png"]
     result["title"] = title
     output.write(out_dir, stem.name, result, table_text(result), lambda p: report.plot(variants, str(p), title))
+    report.plot_breakdown(result["breakdown"], str(stem) + "_breakdown.png", title)
+    result["files"].append(str(stem) + "_breakdown.png")
     return result
 
 
@@ -509,6 +536,9 @@ def table_text(result: dict) -> str:
     con.print(report.render_table(result["rows"], result.get("title", "colocation")))
     for k, v in result["skipped"].items():
         con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
+    for name, d in result.get("breakdown", {}).items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in d["mean_ms"].items() if v is not None and k != "ttft")
+        con.print(f"{name}: mean TTFT {d['mean_ms']['ttft']:.2f} ms = {parts}")
     for who, t in result.get("tenants", {}).items():
         util, host = t.get("gpu_util"), t.get("host_share")
         con.print(f"{who} alone: GPU util {'-' if util is None else f'{util:.0f}%'}, host share of step time "

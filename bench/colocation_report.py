@@ -101,3 +101,53 @@ def plot(variants: dict[str, dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# where the time to first token goes: the server's --timeline parts, then HTTP and the client (``client``)
+SERVER_PARTS = ("signal", "queue", "host_prep", "more_steps", "gpu_wait", "gpu", "sync", "deliver")
+PARTS = SERVER_PARTS + ("client",)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def breakdown(variants: dict[str, dict]) -> dict[str, dict]:
+    """Per variant with a timeline: mean and median of each part (ms; the means add up to the mean TTFT), the
+    mean extra over the same request in online-alone (paired by request id), and the SM clock and power."""
+    base = {r["rid"]: r for r in variants.get("online-alone", {}).get("timeline", [])}
+    out = {}
+    for name, v in variants.items():
+        rows = v.get("timeline")
+        if not rows:
+            continue
+        d = {"n": len(rows), "mean_ms": {}, "median_ms": {}, "extra_vs_alone_ms": {}}
+        for part in PARTS + ("ttft",):
+            xs = [r[part] for r in rows if r.get(part) is not None]
+            d["mean_ms"][part] = _mean(xs)
+            d["median_ms"][part] = percentile(xs, 50) if xs else None
+            pairs = [r[part] - base[r["rid"]][part] for r in rows
+                     if r["rid"] in base and r.get(part) is not None and base[r["rid"]].get(part) is not None]
+            d["extra_vs_alone_ms"][part] = _mean(pairs)
+        for key in ("sm_mhz_arrival", "sm_mhz_mean", "power_w_arrival", "power_w_mean"):
+            d[key] = _mean([r[key] for r in rows if r.get(key) is not None])
+        out[name] = d
+    return out
+
+
+def plot_breakdown(bd: dict[str, dict], path: str, title: str) -> None:
+    """Stacked bars: the mean of each part of the time to first token, per variant."""
+    plt = pyplot()
+    names = sorted(bd, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    bottom = [0.0] * len(names)
+    for part in PARTS:
+        vals = [bd[n]["mean_ms"].get(part) or 0.0 for n in names]
+        ax.bar(names, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_ylabel("mean time to first token (ms)")
+    ax.set_title(f"Where TTFT goes: {title}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -78,7 +78,21 @@ def test_bench_colocation_runs_end_to_end_on_cpu(tmp_path):
         t = res["tenants"][who]
         assert t["gpu_util"] is None and 0 < t["host_share"] <= 1, t
     assert "offline alone: GPU util -, host share of step time" in done.stdout
+    # where each request's time to first token went: the server's parts plus the client's add up to its TTFT
+    from bench.colocation_report import PARTS
 
+    for name in ("online-alone", "valve"):
+        rows = v[name]["timeline"]
+        assert len(rows) == len(v[name]["ttft_ms"]), name
+        for r in rows:
+            assert sum(r[k] for k in PARTS if r[k] is not None) == pytest.approx(r["ttft"], abs=1e-6)
+            assert r["queue"] >= 0 and r["client"] > 0 and r["gpu"] is None
+        bd = res["breakdown"][name]
+        assert bd["n"] == len(rows) and bd["mean_ms"]["ttft"] == pytest.approx(
+            sum(bd["mean_ms"][k] for k in PARTS if bd["mean_ms"][k] is not None))
+    assert res["breakdown"]["online-alone"]["extra_vs_alone_ms"]["queue"] == 0
+    assert (tmp_path / "colocation_cpu_breakdown.png").stat().st_size > 5_000
+    assert "valve: mean TTFT" in done.stdout
 
 @pytest.mark.parametrize("args, message", [
     (["--engine", "vllm"], "unknown engine 'vllm'"),

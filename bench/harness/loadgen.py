@@ -111,6 +111,7 @@ class RequestResult:
     e2e: float | None = None
     tokens: int = 0
     error: str | None = None
+    rid: str = ""  # the request's index in the trace (sent as X-Request-Id: the server's timeline names it)
     token_times: list[float] = field(default_factory=list, repr=False)
 
 
@@ -125,13 +126,13 @@ def parse_sse_line(line: bytes) -> dict | str | None:
     return json.loads(data)
 
 
-async def send_one(session, url: str, model: str, req: TraceRequest, start: float) -> RequestResult:
-    res = RequestResult(req.t, len(req.prompt), req.max_tokens)
+async def send_one(session, url: str, model: str, req: TraceRequest, start: float, rid: str = "") -> RequestResult:
+    res = RequestResult(req.t, len(req.prompt), req.max_tokens, rid=rid)
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True}
     t0 = time.perf_counter()
     res.t_send = t0 - start
     try:
-        async with session.post(url, json=body) as resp:
+        async with session.post(url, json=body, headers={"X-Request-Id": rid} if rid else None) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
@@ -165,16 +166,16 @@ async def run_trace(base_url: str, trace: list[TraceRequest], model: str = "mode
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         start = time.perf_counter()
 
-        async def fire(req: TraceRequest) -> RequestResult:
+        async def fire(i: int, req: TraceRequest) -> RequestResult:
             delay = req.t - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            r = await send_one(session, url, model, req, start)
+            r = await send_one(session, url, model, req, start, str(i))
             if on_done:
                 on_done(r)
             return r
 
-        return list(await asyncio.gather(*(fire(r) for r in trace)))
+        return list(await asyncio.gather(*(fire(i, r) for i, r in enumerate(trace))))
 
 
 def summarize(results: list[RequestResult]) -> dict:

@@ -19,6 +19,20 @@ class StepResult:
     finished: list[Sequence] = field(default_factory=list)
     n_tokens: int = 0  # tokens the model computed in this step (prefill + decode)
     spans: list = field(default_factory=list)  # what ran: (cached tokens before, new tokens) per sequence
+    timing: StepTiming | None = None  # with Engine.timing on
+    scheduled: list = field(default_factory=list)  # with Engine.timing on: the request ids of the step
+
+
+@dataclass
+class StepTiming:
+    """Host times (perf_counter seconds) of a step, and CUDA events around its GPU work (None off CUDA)."""
+
+    start: float  # step() entered
+    launch: float  # the forward's first launch
+    launched: float  # its last launch returned
+    done: float  # sampled tokens on the host
+    gpu_begin: object = None
+    gpu_end: object = None
 
 
 class Engine:
@@ -37,6 +51,7 @@ class Engine:
         self.prefill_graphs = None  # PrefillGraphs: a fresh prompt alone in its step
         self.sync_seconds = 0.0  # host time blocked on the GPU (sampling): the rest of a step is host work
         self.step_seconds = 0.0  # wall time inside step()
+        self.timing = False  # record StepTiming per step (the online server's --timeline)
         self._pinned = self._copied = None  # build_batch's host staging buffer and its last copy
 
     def enable_graphs(self, max_batch: int = 32, max_context: int = 4096, capture: bool = True,
@@ -146,18 +161,33 @@ class Engine:
         steps, synced = self.step_seconds - since[0], self.sync_seconds - since[1]
         return 1 - synced / steps if steps > 0 else None
 
+    def _mark(self):
+        """(host time, CUDA event recorded now) when ``timing`` is on: where a step's GPU work starts and ends."""
+        if not self.timing:
+            return None
+        ev = None
+        if self.model.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+        return time.perf_counter(), ev
+
     def _step(self) -> StepResult:
+        t_start = time.perf_counter()
         plan = self.scheduler.schedule()
         res = StepResult()
         if not plan:
             return res
         if self.graphs is not None and self.graphs.fits(plan):
+            begin = self._mark()
             logits, sampling = self.graphs.run(plan), [item.seq for item in plan]
         elif self.prefill_graphs is not None and self.prefill_graphs.fits(plan):
+            begin = self._mark()
             logits, sampling = self.prefill_graphs.run(plan), [plan[0].seq]
         else:
             batch, sampling = self.build_batch(plan)
+            begin = self._mark()
             logits = self.model.forward_paged(batch, self.cache.kv)
+        end = self._mark()
         sampled = {}
         res.spans = [(item.seq.computed, item.n_tokens) for item in plan]
         if sampling:
@@ -168,6 +198,9 @@ class Engine:
             if self.keep_logits:
                 for seq, row in zip(sampling, logits, strict=True):
                     self.last_logits[seq.req_id] = row.detach().cpu()
+        if self.timing:
+            res.scheduled = [item.seq.req_id for item in plan]
+            res.timing = StepTiming(t_start, begin[0], end[0], time.perf_counter(), begin[1], end[1])
         res.n_tokens = sum(item.n_tokens for item in plan)
         res.finished = self.scheduler.commit(plan, sampled)
         report = getattr(self.cache.allocator, "set_progress", None)

@@ -71,8 +71,9 @@ def _chunk(cid: str, model: str, created: int, text: str, finish: str | None) ->
 
 def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
                online_signal: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-               max_tokens_limit: int = 4096) -> Starlette:
+               max_tokens_limit: int = 4096, timeline=None) -> Starlette:
     async def completions(request: Request):
+        arrive = time.perf_counter()
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -115,10 +116,12 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
             })
 
         async def sse():
-            n, finished = 0, False
+            n, finished, sent = 0, False, None
             try:
                 async for tok in tokens():
                     n += 1
+                    if sent is None:
+                        sent = time.perf_counter()
                     yield _chunk(cid, model_name, created, tokenizer.decode([tok]), None)
                 finished = True
                 yield _chunk(cid, model_name, created, "", "length")
@@ -129,6 +132,8 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
                 if not finished:
                     worker.cancel(sub.req_id)
                 signal.close()
+                if timeline is not None and sent is not None:
+                    timeline.record(request.headers.get("x-request-id"), len(ids), arrive, sub, sent)
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -211,11 +216,13 @@ def main(
     warmup_max_prompt: int = 2048,
     engine: str = "ours",
     arch: str = "llama",
+    timeline: str | None = None,
 ) -> None:
     """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps and a prompt of up
     to --warmup-max-prompt tokens alone in its step replay CUDA graphs (``--no-graphs``: eager). --engine
     transformers serves transformers' own model classes (--arch llama or qwen) on the same scheduler, paged cache
-    and graphs (valve.engine.hf)."""
+    and graphs (valve.engine.hf). --timeline PATH writes where each streamed request's time to first token went
+    (one JSON line per request, valve.engine.timeline)."""
     import sys
 
     from valve.engine.choice import require_engine
@@ -233,8 +240,15 @@ def main(
     warmup(worker.engine, sweep=warmup_max_prompt)  # again through the graphs, and every prefill size
     g = worker.engine.graphs
     log.info("decode graphs: %s", f"{len(g.graphs)} captured in {g.capture_seconds:.1f} s" if g else "off")
+    tl = None
+    if timeline:  # where each request's time to first token goes (valve.engine.timeline)
+        from valve.engine.timeline import Timeline
+
+        tl = Timeline(timeline, worker.engine.model.device.type == "cuda")
+        worker.engine.timing = True
+        worker.on_idle = tl.idle
     worker.start()
-    app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal)
+    app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal, timeline=tl)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     if ready_file:
@@ -254,6 +268,8 @@ def main(
     else:
         server.run()
     worker.stop()
+    if tl is not None:
+        tl.close()
 
 
 if __name__ == "__main__":

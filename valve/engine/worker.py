@@ -7,6 +7,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("valve.engine")
@@ -21,6 +22,9 @@ class Submission:
     max_tokens: int
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    submitted: float = 0.0  # perf_counter at submit
+    admitted: object = None  # StepTiming of the step that first scheduled it (engine.timing on)
+    first: object = None  # StepTiming of the step that sampled its first token
 
 
 class EngineWorker:
@@ -35,6 +39,7 @@ class EngineWorker:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
+        self.on_idle = None  # called when the engine has nothing to do (e.g. to re-calibrate the device clock)
 
     def start(self) -> EngineWorker:
         self._thread.start()
@@ -50,7 +55,7 @@ class EngineWorker:
         if self.error is not None:
             raise RuntimeError(f"engine failed: {self.error}")
         sub = Submission(f"req-{next(self._ids)}", list(prompt), max_tokens, asyncio.get_running_loop(),
-                         asyncio.Queue())
+                         asyncio.Queue(), time.perf_counter())
         self._inbox.put(sub)
         return sub
 
@@ -94,11 +99,19 @@ class EngineWorker:
                         if seq.req_id == req_id:
                             eng.scheduler.finish(seq)
                 if not eng.has_work():
+                    if self.on_idle is not None:
+                        self.on_idle()
                     continue
                 res = eng.step()
+                for req_id in res.scheduled:
+                    sub = self._subs.get(req_id)
+                    if sub is not None and sub.admitted is None:
+                        sub.admitted = res.timing
                 for seq, tok in res.tokens:
                     sub = self._subs.get(seq.req_id)
                     if sub is not None:
+                        if sub.first is None:
+                            sub.first = res.timing
                         self._deliver(sub, tok)
                 for seq in res.finished:
                     sub = self._subs.pop(seq.req_id, None)

@@ -522,3 +522,38 @@ def test_engine_quick_colocation_runs():
     assert f"at {span(busy, 0)}% online busy" in flat_text
     n = [len(result(name)["variants"]["valve"]["ttft_ms"]) for *_, name in QUICK_RUNS]
     assert f"{min(n)} to {max(n)} online requests per variant" in flat_text
+
+
+BREAKDOWN = "breakdown_h200/colocation_h200_ours_llama-1b.json"
+
+
+def test_ttft_breakdown_table():
+    from bench.colocation_report import PARTS
+
+    doc = result(BREAKDOWN)
+    s, bd = doc["settings"], doc["breakdown"]
+    text = section("docs/engine.md", "### Where the time to first token goes")
+    assert (f"`python3 bench/colocation.py --quick --seconds {s['seconds']:g} --model {s['online_model']} "
+            f"--engine {s['engine']}`") in flat(text)
+    (table,) = tables(text)
+    assert table[0][3:-2] == list(PARTS)
+    want = []
+    for name in ("online-alone", "time-slicing", "mps", "valve"):
+        b = bd[name]
+        parts = [f"{b['mean_ms'][p]:.2f}" if name == "online-alone" else f"{b['extra_vs_alone_ms'][p]:+.2f}"
+                 for p in PARTS]
+        want.append([LABELS[name], str(b["n"]), f"{b['mean_ms']['ttft']:.2f}", *parts,
+                     f"{b['sm_mhz_arrival']:.0f}", f"{b['power_w_mean']:.0f}"])
+    assert table[1:] == want
+    text = flat(text)
+    assert f"+{bd['mps']['extra_vs_alone_ms']['gpu']:.1f} ms, and requests queue" in text
+    assert f"ones, +{bd['mps']['extra_vs_alone_ms']['queue']:.1f} ms) or with the offline" in text
+    assert f"time slices (+{bd['time-slicing']['extra_vs_alone_ms']['gpu']:.1f} ms)" in text
+    v = bd["valve"]["extra_vs_alone_ms"]
+    assert f"GPU part grew {v['gpu']:.2f} ms and entering the signal {v['signal']:.2f} ms" in text
+    mhz = {round(b["sm_mhz_arrival"]) for b in bd.values()} | {round(b["sm_mhz_mean"]) for b in bd.values()}
+    assert mhz == {doc["env"]["clocks_max_mhz"]["sm"]} and f"at its {mhz.pop()} MHz maximum" in text
+    assert (f"board power {bd['online-alone']['power_w_mean']:.0f} W alone, up to "
+            f"{max(b['power_w_mean'] for b in bd.values()):.0f} W with MPS") in text
+    assert f"{bd['valve']['n']} requests and one run" in text
+    assert min(bd[n]["mean_ms"]["gpu_wait"] for n in bd) > -0.1  # the clock mapping's error, as the page says

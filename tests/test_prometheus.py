@@ -204,7 +204,19 @@ def test_every_dashboard_query_returns_series(prom):
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             expr = target["expr"].replace("$__rate_interval", "1m")
+            for var in ("namespace", "pair", "node", "gpu"):  # Grafana's "All"
+                expr = expr.replace(f"${var}", ".*")
             assert_series(prom, expr, f"panel {panel['title']!r}")
+
+
+def test_dashboard_variables_find_their_values(prom):
+    import dashboard as gen
+
+    for name, _, query in gen.VARIABLES:
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", query)
+        selector = re.sub(r'\$\w+', ".*", m.group(1))
+        values = {s["metric"][m.group(2)] for s in prom.query(selector)}
+        assert values == {{"namespace": "team", "pair": "web", "node": "n1", "gpu": GPU}[name]}, name
 
 
 def test_scraped_labels_are_the_ones_the_views_use(prom):

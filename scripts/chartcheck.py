@@ -30,7 +30,9 @@ ALL_ON_VALUES = CHART / "ci" / "all-on-values.yaml"
 TOOLS_BIN = ROOT / ".tools" / "bin"
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.26", "latest")
-MONITOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor")
+MONITOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
+                "monitoring.coreos.com/v1/PrometheusRule")
+MONITOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
 
 
 # ---- helm ---------------------------------------------------------------------------------------------
@@ -140,11 +142,11 @@ def unknown_fields(model: type, data, path: str = "") -> list[str]:
 
 
 def validate_monitor(obj: dict) -> list[str]:
-    """Errors of a ServiceMonitor/PodMonitor against the Prometheus Operator's v1 models."""
+    """Errors of a ServiceMonitor/PodMonitor/PrometheusRule against the Prometheus Operator's v1 models."""
     from cloudcoil.models.prometheus_operator import v1
     from pydantic import ValidationError
 
-    model = {"ServiceMonitor": v1.ServiceMonitor, "PodMonitor": v1.PodMonitor}[obj["kind"]]
+    model = {k: getattr(v1, k) for k in MONITOR_KINDS}[obj["kind"]]
     try:
         model.model_validate(obj)
     except ValidationError as e:
@@ -246,7 +248,7 @@ def validate_rendered(objs: Iterable[dict]) -> list[str]:
     errors = []
     for obj in objs:
         name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        if obj.get("kind") in ("ServiceMonitor", "PodMonitor"):
+        if obj.get("kind") in MONITOR_KINDS:
             errs = validate_monitor(obj)
         else:
             errs = validate_k8s(obj)

@@ -30,6 +30,27 @@ def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99
     ]
 
 
+# the dashboard's variables: label selectors of the per-pair and per-GPU panels
+PAIR_SEL = 'namespace=~"$namespace", pair=~"$pair"'
+GPU_SEL = 'namespace=~"$namespace", pair=~"$pair", node=~"$node", gpu=~"$gpu"'
+VARIABLES = (  # name, label, the query its values come from (each narrowed by the ones before it)
+    ("namespace", "Namespace", "label_values(valve_online_inflight, namespace)"),
+    ("pair", "Pair", 'label_values(valve_online_inflight{namespace=~"$namespace"}, pair)'),
+    ("node", "Node", 'label_values(valve_online_inflight{namespace=~"$namespace", pair=~"$pair"}, node)'),
+    ("gpu", "GPU", f"label_values(valve_online_inflight{{{GPU_SEL.rsplit(', gpu', 1)[0]}}}, gpu)"),
+)
+
+
+def pair_p99(metric: str) -> list[tuple[str, str]]:
+    return [(f"histogram_quantile(0.99, sum by (le, namespace, pair) (rate({metric}_bucket{{{PAIR_SEL}}}[{RATE}])))",
+             "p99 {{namespace}}/{{pair}}")]
+
+
+def variable(name: str, label: str, query: str) -> dict:
+    return {"name": name, "label": label, "type": "query", "datasource": DS, "query": query, "definition": query,
+            "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "hide": 0, "sort": 1}
+
+
 def panel(title: str, desc: str, targets: list[tuple[str, str]], unit: str, kind: str = "timeseries") -> dict:
     p = {
         "type": kind,
@@ -55,6 +76,26 @@ def panel(title: str, desc: str, targets: list[tuple[str, str]], unit: str, kind
 
 
 ROWS: list[tuple[str, list[dict]]] = [
+    (
+        "Per pair and GPU ($namespace / $pair / $node / $gpu)",
+        [
+            panel("Online TTFT p99 per pair", "p99 time to first token of each pair (proxy), against its SLO alert "
+                  "(ValveOnlineTTFTHigh).", pair_p99("valve_online_ttft_seconds"), "s"),
+            panel("Online TPOT p99 per pair", "p99 time per output token of each pair (proxy), against its SLO alert "
+                  "(ValveOnlineTPOTHigh).", pair_p99("valve_online_tpot_seconds"), "s"),
+            panel("Gate forced opens", "Offline clients that opened the gate on a stale arbiter heartbeat: the arbiter "
+                  "was lost (ValveGateForcedOpen).",
+                  [(f"sum by (node, gpu) (increase(valve_gate_forced_opens_total{{{GPU_SEL}}}[{RATE}]))",
+                    "{{node}} gpu {{gpu}}")], "short"),
+            panel("Capped preemptions", "Online bursts that ran with the gate open because the preemption rate cap was "
+                  "reached (ValvePreemptionsCapped).",
+                  [(f"sum by (node, gpu) (rate(valve_preemptions_capped_total{{{GPU_SEL}}}[{RATE}]))",
+                    "{{node}} gpu {{gpu}}")], "ops"),
+            panel("Reserve shortfall", "Online memory reserve the offline pool cannot cover (ValveReserveShortfall).",
+                  [(f"max by (node, gpu) (valve_memory_reserve_shortfall_bytes{{{GPU_SEL}}})", "{{node}} gpu {{gpu}}")],
+                  "bytes"),
+        ],
+    ),
     (
         "Online latency",
         [
@@ -244,7 +285,8 @@ def dashboard() -> dict:
                     "current": {},
                     "hide": 0,
                     "refresh": 1,
-                }
+                },
+                *(variable(*v) for v in VARIABLES),
             ]
         },
         "panels": layout(ROWS),

@@ -149,9 +149,10 @@ def test_dashboard_uses_documented_names_with_their_types(dashboard):
     for expr in dashboard_exprs(dashboard):
         for name in NAME_RE.findall(expr):
             # rate()/increase() only on counters and histogram parts; histogram_quantile only on buckets.
+            rated = re.search(rf"rate\({name}(\{{[^}}]*\}})?\[", expr)
             if name.endswith("_bucket"):
-                assert expr.startswith("histogram_quantile(") and f"rate({name}[" in expr, expr
-            if f"rate({name}[" in expr:
+                assert expr.startswith("histogram_quantile(") and rated, expr
+            if rated:
                 assert name.endswith(("_total", "_bucket", "_sum", "_count")), expr
 
 
@@ -175,7 +176,7 @@ def test_dashboard_structure(dashboard):
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
     assert dashboard["uid"] and dashboard["title"]
-    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "namespace", "pair", "node", "gpu"]
     cells = set()
     for p in panels:
         g = p["gridPos"]

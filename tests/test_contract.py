@@ -12,7 +12,7 @@ from valve.api import contract as k
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "valve"
 # the contract's values that no other module should spell (the short, generic ones are common words)
-GENERIC = {"ONLINE", "OFFLINE", "GROUP", "CONTROL_FILE", "ONLINE_SLOTS_DIR", "KUBELET_SOCKET"}
+GENERIC = {"ONLINE", "OFFLINE", "GROUP", "CONTROL_FILE", "PAIR_FILE", "ONLINE_SLOTS_DIR", "KUBELET_SOCKET"}
 VALUES = {v for n, v in vars(k).items() if n.isupper() and isinstance(v, str) and n not in GENERIC} | {k.GROUP + "/"}
 
 

@@ -342,3 +342,28 @@ def test_extra_list_and_watch_streams_do_not_starve_allocate(node) -> None:
             it.cancel()
         channel.close()
     until(lambda: node.plugin.services["online"].streams == 1, "the cancelled streams to end")
+
+
+def test_registered_gauge_follows_the_kubelet(short_dir: Path) -> None:
+    (short_dir / "dp").mkdir()
+    plugin = DevicePlugin(make_config(short_dir), SimBackend(2))
+    plugin.start()
+    reg = plugin.metrics.registry
+
+    def registered() -> list[float | None]:
+        return [reg.get_sample_value("valve_device_plugin_registered", {"resource": r}) for r in (ONLINE, OFFLINE)]
+
+    kubelet = None
+    try:
+        assert registered() == [0, 0]  # no kubelet yet: the alert's condition
+        kubelet = FakeKubelet(short_dir / "dp").start()
+        plugin.wait_registrations(1)
+        assert registered() == [1, 1]
+        kubelet.stop()
+        kubelet = None
+        (short_dir / "dp" / "kubelet.sock").unlink(missing_ok=True)
+        until(lambda: registered() == [0, 0], "the gauge to drop with kubelet.sock")
+    finally:
+        plugin.stop()
+        if kubelet is not None:
+            kubelet.stop()

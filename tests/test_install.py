@@ -31,7 +31,8 @@ COMMAND_MODULES = {
     "device-plugin": ("valve.device_plugin.cli",),
     "runtime": ("valve.runtime.cli",),
     "crds": ("valve.api.cli",),
-    "demo": ("valve.demo",),
+    "demo": ("valve.demo", "valve.demo_node"),
+    "top": ("valve.top",),
     "simulate": ("valve.simulate.cli",),
 }
 # entry points that are not `valve` commands: `python -m ...` processes and libraries, by extra

@@ -322,6 +322,7 @@ def test_offline_killed_mid_reclaim_leaves_the_arbiter_consistent(tmp_path):
         now += 10 * MS
         ctl.step(now, cb)
     assert ctl.abandoned == 1 and f.offline_limit_bytes <= f.offline_pool_bytes
+    assert ctl.metrics.timeouts._value.get() == 1  # what the reclaim-failure alert counts
     assert ctl.outstanding is not None and ctl.outstanding.seq > req.seq  # asked again (rate-limited)
     # the driver frees the dead process's memory: the gap closes, the request is withdrawn
     info.free = 2 * GiB + 4 * CHUNK + 2 * GiB

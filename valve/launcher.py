@@ -21,6 +21,7 @@ COMMANDS = {
     "runtime": "node",
     "crds": "node",
     "demo": "demo",
+    "top": "demo",
     "simulate": "simulate",
 }
 

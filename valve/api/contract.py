@@ -34,6 +34,7 @@ ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod
 # into the GPU's containers, the operator mounts it into the sidecars; the runtime's default without ENV_RUNTIME_DIR.
 RUNTIME_DIR = "/var/run/valve"
 CONTROL_FILE = "control"  # <runtime dir>/<gpu-uuid>/control: the arbiter creates it, online and offline clients map it
+PAIR_FILE = "pair"  # <runtime dir>/<gpu-uuid>/pair: the arbiter writes its pair's name (ENV_PAIR); `valve top` reads
 ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.lock: online clients flock, arbiter reaps
 # libvalvegate.so (valve/preload) on the node, the image builds it into the same path: the operator mounts it
 # (hostPath) into the offline container of a pair with spec.offline.gate "preload" and names it in LD_PRELOAD.
@@ -45,6 +46,7 @@ PODINFO_FILE = f"{PODINFO_DIR}/annotations"  # kubelet writes (key="value" lines
 ENV_GPU_UUID = "VALVE_GPU_UUID"  # device plugin's Allocate sets it; engines' Gate/online_request and sidecars read it
 ENV_ROLE = "VALVE_ROLE"  # device plugin's Allocate and the operator (sidecars) set it; tells a container its role
 ENV_RUNTIME_DIR = "VALVE_RUNTIME_DIR"  # device plugin's Allocate and the operator (sidecars) set it; runtime reads it
+ENV_PAIR = "VALVE_PAIR"  # operator sets it on the arbiter sidecar (from the pod's pair label); the arbiter reads it
 ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidecar (RuntimeSpec JSON); the arbiter reads it
 ENV_GATE_CONTROL = "VALVE_GATE_CONTROL"  # people/benchmarks set it; libvalvegate reads it (else the two above)
 ENV_GATE_QUEUE_AHEAD = "VALVE_GATE_QUEUE_AHEAD"  # people set it (N or "published"); libvalvegate bounds launches

@@ -22,6 +22,8 @@ class PluginMetrics:
             "valve_allocations_total", "Container allocations answered by Allocate.", ["resource"], registry=r
         )
         self.utilization = Gauge("valve_gpu_utilization_ratio", "GPU busy fraction (NVML), 0..1.", ["gpu"], registry=r)
+        self.registered = Gauge("valve_device_plugin_registered", "1 while the resource is registered with the "
+                                "kubelet, else 0.", ["resource"], registry=r)
         self.memory_used = Gauge("valve_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], registry=r)
         self._server: Any = None
         self.port: int | None = None

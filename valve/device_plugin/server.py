@@ -122,6 +122,7 @@ class DevicePlugin:
             self.servers.append(PluginServer(svc, cfg.device_plugin_dir / plugin_socket(resource)))
             self.metrics.devices.labels(resource).set(len(gpus))
             self.metrics.allocations.labels(resource)  # export 0 before the first allocation
+            self.metrics.registered.labels(resource).set(0)
         self._publish_health()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
@@ -224,6 +225,7 @@ class DevicePlugin:
         if kid is None:
             if self._registered_to is not None:
                 log.warning("kubelet.sock is gone; waiting for the kubelet to come back")
+                self._set_registered(False)
                 self._registered_to = None
                 self._restart_needed = True
             return
@@ -247,12 +249,18 @@ class DevicePlugin:
             code = e.code() if hasattr(e, "code") else None
             log.warning("registration with the kubelet failed (%s): retrying in %.1fs", code, self.config.register_retry_s)
             self._registered_to = None
+            self._set_registered(False)
             self._next_try = time.monotonic() + self.config.register_retry_s
             return
         self._registered_to = kid
+        self._set_registered(True)
         with self._rounds:
             self.registrations += 1
             self._rounds.notify_all()
+
+    def _set_registered(self, on: bool) -> None:
+        for s in self.servers:
+            self.metrics.registered.labels(s.service.resource).set(1 if on else 0)
 
     def wait_registrations(self, rounds: int, timeout: float = 10.0) -> None:
         """Until `rounds` registration rounds have completed. The kubelet records a Register before the

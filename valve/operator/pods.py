@@ -15,6 +15,7 @@ from valve.api.contract import (
     ANN_NODE,
     ANN_ROLE,
     ANN_WANT_GPU,
+    ENV_PAIR,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
@@ -206,6 +207,8 @@ def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
         *_sidecar_env(OFFLINE),
         {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
         {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
+        # the pair's name, for `valve top` on the node (through the GPU folder)
+        {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},
     ]
     return side
 

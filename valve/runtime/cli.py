@@ -14,6 +14,7 @@ import typer
 from valve.api.contract import (
     ANN_GPU,
     ENV_GPU_UUID,
+    ENV_PAIR,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
     PODINFO_FILE,
@@ -106,13 +107,15 @@ def arbiter(
                                          f"or env:NAME (JSON in that variable; default: {ENV_RUNTIME_SPEC})."),
     period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Run the memory reserve controller."),
+    pair: str | None = typer.Option(None, "--pair", envvar=ENV_PAIR,
+                                    help="The pair's name, written next to the control block for `valve top`."),
 ) -> None:
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from valve.runtime.arbiter.loop import Arbiter
     from valve.runtime.arbiter.metrics import GateMetrics
-    from valve.runtime.control import ControlBlock, control_path
+    from valve.runtime.control import ControlBlock, control_path, write_pair
 
     gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
     try:
@@ -134,6 +137,8 @@ def arbiter(
         raise typer.Exit(code=2) from None
     if reason:
         log.warning("re-initialised the control block: %s", reason)
+    if pair:
+        write_pair(path.parent, pair)
     registry = CollectorRegistry()
     metrics = GateMetrics(registry, gpu)
     controller = None

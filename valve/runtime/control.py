@@ -16,7 +16,14 @@ import threading
 import time
 from pathlib import Path
 
-from valve.api.contract import CONTROL_FILE, ENV_GPU_UUID, ENV_RUNTIME_DIR, ONLINE_SLOTS_DIR, RUNTIME_DIR
+from valve.api.contract import (
+    CONTROL_FILE,
+    ENV_GPU_UUID,
+    ENV_RUNTIME_DIR,
+    ONLINE_SLOTS_DIR,
+    PAIR_FILE,
+    RUNTIME_DIR,
+)
 
 MAGIC = 0x564C5631  # "VLV1"
 VERSION = 1
@@ -180,6 +187,17 @@ def _mode(path: Path) -> str:
         return f"{st.st_mode & 0o7777:o} uid {st.st_uid}"
     except OSError:
         return "unknown"
+
+
+def write_pair(gpu_dir: Path, pair: str) -> None:
+    """Name the GPU's pair next to its control block (for `valve top`); a failure only costs that name."""
+    tmp = gpu_dir / f".{PAIR_FILE}.{os.getpid()}.new"
+    try:
+        tmp.write_text(pair + "\n")
+        set_mode(tmp, FILE_MODE)
+        os.rename(tmp, gpu_dir / PAIR_FILE)
+    except OSError as e:
+        log.warning("cannot write %s: %s", gpu_dir / PAIR_FILE, e)
 
 
 def runtime_dir() -> Path:

@@ -197,6 +197,7 @@ class MemoryController:
                         req.seq, self.ack_timeout_ns / SECOND)
             self.abandoned += 1
             self.metrics.abandoned.inc()
+            self.metrics.timeouts.inc()
             self.outstanding = None
 
     @staticmethod

@@ -29,6 +29,8 @@ class MemoryMetrics:
                                 ["gpu"], registry=r).labels(*g)
         self.abandoned = Counter("valve_reclaim_abandoned_total", "Reclaim requests withdrawn or timed out "
                                  "without an answer.", ["gpu"], registry=r).labels(*g)
+        self.timeouts = Counter("valve_reclaim_timeouts_total", "Reclaim requests the offline client did not "
+                                "answer within the ack timeout.", ["gpu"], registry=r).labels(*g)
         self.shortfall = Gauge("valve_memory_reserve_shortfall_bytes", "Reserve the offline pool cannot cover "
                                "(0 when the reserve is met or can be).", ["gpu"], registry=r).labels(*g)
         self.offline_limit = Gauge("valve_offline_memory_limit_bytes", "The most the offline pool may hold now.",

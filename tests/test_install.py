@@ -42,8 +42,9 @@ EXTRA_MODULES = {
     # bench/ runs from a checkout (it is not installed); the extra is what it needs
     "bench": ("bench.colocation", "bench.harness.loadgen"),
 }
-# GPU backends: imported inside functions only, from the `torch` and `cuda` extras the machine chooses
-GPU = {"torch", "cuda"}
+# GPU and model backends: imported inside functions only, from the `torch`, `cuda` and `transformers` extras the
+# machine chooses (--engine transformers checks for transformers and names the fix)
+GPU = {"torch", "cuda", "transformers"}
 
 
 def normalise(dist: str) -> str:

@@ -17,13 +17,15 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
 
 
-def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[tuple[str, str]]:
-    """histogram_quantile targets for each q, over the metric's buckets summed by `le` (+ `by`)."""
+def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99), sel: str = "") -> list[tuple[str, str]]:
+    """histogram_quantile targets for each q, over the metric's buckets (those ``sel`` selects) summed by `le`
+    (+ `by`)."""
     keys = "le" + (f", {by}" if by else "")
     suffix = "".join(f" {{{{{k.strip()}}}}}" for k in by.split(",")) if by else ""
+    sel = f"{{{sel}}}" if sel else ""
     return [
         (
-            f"histogram_quantile({q}, sum by ({keys}) (rate({metric}_bucket[{RATE}])))",
+            f"histogram_quantile({q}, sum by ({keys}) (rate({metric}_bucket{sel}[{RATE}])))",
             f"p{round(q * 100):d}{suffix}",
         )
         for q in qs
@@ -33,6 +35,7 @@ def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99
 # the dashboard's variables: label selectors of the per-pair and per-GPU panels
 PAIR_SEL = 'namespace=~"$namespace", pair=~"$pair"'
 GPU_SEL = 'namespace=~"$namespace", pair=~"$pair", node=~"$node", gpu=~"$gpu"'
+NODE_SEL = 'node=~"$node", gpu=~"$gpu"'  # the device plugin's series: a node's GPUs, no pair
 VARIABLES = (  # name, label, the query its values come from (each narrowed by the ones before it)
     ("namespace", "Namespace", "label_values(valve_online_inflight, namespace)"),
     ("pair", "Pair", 'label_values(valve_online_inflight{namespace=~"$namespace"}, pair)'),
@@ -102,21 +105,21 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Online TTFT",
                 "Time to first token of online requests, measured by the Valve proxy.",
-                quantiles("valve_online_ttft_seconds"),
+                quantiles("valve_online_ttft_seconds", sel=PAIR_SEL),
                 "s",
             ),
             panel(
                 "Online TPOT",
                 "Time per output token after the first, measured by the Valve proxy.",
-                quantiles("valve_online_tpot_seconds"),
+                quantiles("valve_online_tpot_seconds", sel=PAIR_SEL),
                 "s",
             ),
             panel(
                 "Online requests and in-flight",
                 "Online request rate (proxy) and requests in flight per GPU (arbiter).",
                 [
-                    (f"sum(rate(valve_online_requests_total[{RATE}]))", "requests/s"),
-                    ("sum by (node, gpu) (valve_online_inflight)", "in flight {{node}} gpu {{gpu}}"),
+                    (f"sum(rate(valve_online_requests_total{{{PAIR_SEL}}}[{RATE}]))", "requests/s"),
+                    (f"sum by (node, gpu) (valve_online_inflight{{{GPU_SEL}}})", "in flight {{{{node}}}} gpu {{{{gpu}}}}"),
                 ],
                 "short",
             ),
@@ -128,7 +131,7 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Preemptions",
                 "Gate closures per second: offline work stopped at a sub-layer boundary for online arrivals.",
-                [(f"sum by (node, gpu) (rate(valve_preemptions_total[{RATE}]))", "{{node}} gpu {{gpu}}")],
+                [(f"sum by (node, gpu) (rate(valve_preemptions_total{{{GPU_SEL}}}[{RATE}]))", "{{node}} gpu {{gpu}}")],
                 "ops",
             ),
             panel(
@@ -136,7 +139,7 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Fraction of time the offline gate was closed (seconds closed per second).",
                 [
                     (
-                        f"sum by (node, gpu) (rate(valve_gate_closed_seconds_total[{RATE}]))",
+                        f"sum by (node, gpu) (rate(valve_gate_closed_seconds_total{{{GPU_SEL}}}[{RATE}]))",
                         "{{node}} gpu {{gpu}}",
                     )
                 ],
@@ -145,7 +148,7 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Preemption latency",
                 "From an online arrival to the offline stream being idle.",
-                quantiles("valve_preemption_latency_seconds", qs=(0.5, 0.99)),
+                quantiles("valve_preemption_latency_seconds", qs=(0.5, 0.99), sel=GPU_SEL),
                 "s",
             ),
             panel(
@@ -153,7 +156,7 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Offline sub-layers passed per second (throughput of the batch job).",
                 [
                     (
-                        f"sum by (node, gpu) (rate(valve_offline_progress_total[{RATE}]))",
+                        f"sum by (node, gpu) (rate(valve_offline_progress_total{{{GPU_SEL}}}[{RATE}]))",
                         "{{node}} gpu {{gpu}}",
                     )
                 ],
@@ -167,21 +170,21 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "Reclaimed bytes",
                 "GPU memory taken back from the offline job for online bursts, per second.",
-                [(f"sum by (node, gpu) (rate(valve_reclaimed_bytes_total[{RATE}]))", "{{node}} gpu {{gpu}}")],
+                [(f"sum by (node, gpu) (rate(valve_reclaimed_bytes_total{{{GPU_SEL}}}[{RATE}]))", "{{node}} gpu {{gpu}}")],
                 "Bps",
             ),
             panel(
                 "Reclaim latency",
                 "From a reclaim request to the memory being free.",
-                quantiles("valve_reclaim_latency_seconds", qs=(0.5, 0.99)),
+                quantiles("valve_reclaim_latency_seconds", qs=(0.5, 0.99), sel=GPU_SEL),
                 "s",
             ),
             panel(
                 "Reserve and GPU memory used",
                 "Memory the arbiter keeps free for online bursts, and memory used on each GPU (NVML).",
                 [
-                    ("sum by (node, gpu) (valve_memory_reserve_bytes)", "reserve {{node}} gpu {{gpu}}"),
-                    ("sum by (node, gpu) (valve_gpu_memory_used_bytes)", "used {{node}} gpu {{gpu}}"),
+                    (f"sum by (node, gpu) (valve_memory_reserve_bytes{{{GPU_SEL}}})", "reserve {{{{node}}}} gpu {{{{gpu}}}}"),
+                    (f"sum by (node, gpu) (valve_gpu_memory_used_bytes{{{GPU_SEL}}})", "used {{{{node}}}} gpu {{{{gpu}}}}"),
                 ],
                 "bytes",
             ),
@@ -189,8 +192,8 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Evictions and recompute",
                 "Offline sequences evicted to free KV cache, and tokens recomputed after eviction, per second.",
                 [
-                    (f"sum(rate(valve_evicted_sequences_total[{RATE}]))", "evicted sequences/s"),
-                    (f"sum(rate(valve_recomputed_tokens_total[{RATE}]))", "recomputed tokens/s"),
+                    (f"sum(rate(valve_evicted_sequences_total{{{GPU_SEL}}}[{RATE}]))", "evicted sequences/s"),
+                    (f"sum(rate(valve_recomputed_tokens_total{{{GPU_SEL}}}[{RATE}]))", "recomputed tokens/s"),
                 ],
                 "short",
             ),
@@ -202,13 +205,13 @@ ROWS: list[tuple[str, list[dict]]] = [
             panel(
                 "GPU utilisation",
                 "Per-GPU utilisation read through NVML by the device plugin.",
-                [("max by (node, gpu) (valve_gpu_utilization_ratio)", "{{node}} gpu {{gpu}}")],
+                [(f"max by (node, gpu) (valve_gpu_utilization_ratio{{{NODE_SEL}}})", "{{{{node}}}} gpu {{{{gpu}}}}")],
                 "percentunit",
             ),
             panel(
                 "ColocationPairs by phase",
                 "Pairs the operator manages, by status phase.",
-                [("sum by (phase) (valve_pairs)", "{{phase}}")],
+                [('sum by (phase) (valve_pairs{namespace=~"$namespace"})', "{{phase}}")],
                 "short",
                 kind="stat",
             ),
@@ -216,10 +219,10 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Devices",
                 "Advertised and healthy Valve devices by resource, and allocations per second.",
                 [
-                    ("sum by (resource) (valve_devices)", "advertised {{resource}}"),
-                    ("sum by (resource) (valve_device_healthy)", "healthy {{resource}}"),
+                    ('sum by (resource) (valve_devices{node=~"$node"})', "advertised {{resource}}"),
+                    ('sum by (resource) (valve_device_healthy{node=~"$node"})', "healthy {{resource}}"),
                     (
-                        f"sum by (resource) (rate(valve_allocations_total[{RATE}]))",
+                        f'sum by (resource) (rate(valve_allocations_total{{node=~"$node"}}[{RATE}]))',
                         "allocations/s {{resource}}",
                     ),
                 ],

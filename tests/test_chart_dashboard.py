@@ -210,3 +210,21 @@ def test_dashboard_promql_parses(dashboard):
         assert sorted(selector_names(promql, ast_)) == sorted(set(NAME_RE.findall(expr))), expr
     with pytest.raises(ValueError):
         promql.parse("sum(rate(valve_preemptions_total[1m])")
+
+
+def test_every_panel_follows_the_variables(dashboard):
+    """Picking a namespace, pair, node or GPU narrows every panel that has those labels, not only the per-pair row:
+    each selector names the variables its component's series carry."""
+    operator_only = {"valve_placement_latency_seconds_bucket", "valve_reconcile_errors_total"}
+    for expr in dashboard_exprs(dashboard):
+        for name, labels in re.findall(r"(valve_[a-z0-9_]+)(\{[^}]*\})?", expr):
+            if name in operator_only:
+                continue
+            assert labels, f"{name} in {expr!r} ignores the dashboard's variables"
+            wanted = {"node"} if name.startswith(("valve_device", "valve_allocations")) else (
+                {"namespace"} if name == "valve_pairs" else
+                {"namespace", "pair"} if name.startswith(("valve_online_ttft", "valve_online_tpot",
+                                                           "valve_online_requests")) else
+                {"node", "gpu"} if name == "valve_gpu_utilization_ratio" else {"namespace", "pair", "node", "gpu"})
+            used = set(re.findall(r'(\w+)=~"\$(\w+)"', labels))
+            assert {(v, v) for v in wanted} <= used, f"{name} in {expr!r}: {labels}"

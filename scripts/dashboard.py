@@ -80,6 +80,24 @@ def panel(title: str, desc: str, targets: list[tuple[str, str]], unit: str, kind
 
 ROWS: list[tuple[str, list[dict]]] = [
     (
+        "Fleet (over the dashboard's time range)",
+        [
+            panel("Harvested GPU-hours", "GPU time the offline tenants had: the gate-open fraction of every GPU whose "
+                  "offline job made progress, over the time range.",
+                  [(f"sum((1 - rate(valve_gate_closed_seconds_total{{{GPU_SEL}}}[$__range])) and on (namespace, pair, "
+                    f"node, gpu) (rate(valve_offline_progress_total{{{GPU_SEL}}}[$__range]) > 0)) * $__range_s / 3600",
+                    "GPU-hours")], "h", kind="stat"),
+            panel("Online SLO attainment", "Share of online requests whose first token came within 0.5 s (a TTFT "
+                  "bucket boundary of the proxy's histogram), over the time range.",
+                  [(f'sum(rate(valve_online_ttft_seconds_bucket{{{PAIR_SEL}, le="0.5"}}[$__range])) / '
+                    f"sum(rate(valve_online_ttft_seconds_count{{{PAIR_SEL}}}[$__range]))", "TTFT <= 0.5 s")],
+                  "percentunit", kind="stat"),
+            panel("Offline work done", "Offline sub-layers passed over the time range (the batch jobs' progress).",
+                  [(f"sum(increase(valve_offline_progress_total{{{GPU_SEL}}}[$__range]))", "sub-layers")], "short",
+                  kind="stat"),
+        ],
+    ),
+    (
         "Per pair and GPU ($namespace / $pair / $node / $gpu)",
         [
             panel("Online TTFT p99 per pair", "p99 time to first token of each pair (proxy), against its SLO alert "

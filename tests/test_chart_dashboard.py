@@ -148,10 +148,12 @@ def test_dashboard_uses_documented_names_with_their_types(dashboard):
     assert used <= documented_series()
     for expr in dashboard_exprs(dashboard):
         for name in NAME_RE.findall(expr):
-            # rate()/increase() only on counters and histogram parts; histogram_quantile only on buckets.
+            # rate()/increase() only on counters and histogram parts; buckets through histogram_quantile, or one
+            # bucket (an `le` selector) over the count: the share of observations under that bound
             rated = re.search(rf"rate\({name}(\{{[^}}]*\}})?\[", expr)
             if name.endswith("_bucket"):
-                assert expr.startswith("histogram_quantile(") and rated, expr
+                one_bucket = re.search(rf'{name}\{{[^}}]*le="[0-9.]+"', expr) and f"{name[:-7]}_count" in expr
+                assert (expr.startswith("histogram_quantile(") or one_bucket) and rated, expr
             if rated:
                 assert name.endswith(("_total", "_bucket", "_sum", "_count")), expr
 
@@ -205,8 +207,8 @@ def selector_names(promql, tree) -> set[str]:
 def test_dashboard_promql_parses(dashboard):
     promql = pytest.importorskip("promql_parser")
     for expr in dashboard_exprs(dashboard):
-        # Grafana replaces $__rate_interval before the query reaches Prometheus.
-        ast_ = promql.parse(expr.replace("$__rate_interval", "1m"))
+        # Grafana replaces $__rate_interval and $__range(_s) before the query reaches Prometheus.
+        ast_ = promql.parse(expr.replace("$__rate_interval", "1m").replace("$__range_s", "300").replace("$__range", "5m"))
         assert sorted(selector_names(promql, ast_)) == sorted(set(NAME_RE.findall(expr))), expr
     with pytest.raises(ValueError):
         promql.parse("sum(rate(valve_preemptions_total[1m])")
@@ -228,3 +230,10 @@ def test_every_panel_follows_the_variables(dashboard):
                 {"node", "gpu"} if name == "valve_gpu_utilization_ratio" else {"namespace", "pair", "node", "gpu"})
             used = set(re.findall(r'(\w+)=~"\$(\w+)"', labels))
             assert {(v, v) for v in wanted} <= used, f"{name} in {expr!r}: {labels}"
+
+
+def test_slo_share_uses_a_real_bucket_bound(dashboard):
+    from valve.runtime.online.proxy import TTFT_BUCKETS
+
+    bounds = {float(b) for e in dashboard_exprs(dashboard) for b in re.findall(r'le="([0-9.]+)"', e)}
+    assert bounds and bounds <= set(TTFT_BUCKETS)

@@ -203,7 +203,7 @@ def test_every_dashboard_query_returns_series(prom):
     dashboard = json.loads(DASHBOARD.read_text())
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
-            expr = target["expr"].replace("$__rate_interval", "1m")
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$__range_s", "300").replace("$__range", "5m")
             for var in ("namespace", "pair", "node", "gpu"):  # Grafana's "All"
                 expr = expr.replace(f"${var}", ".*")
             assert_series(prom, expr, f"panel {panel['title']!r}")

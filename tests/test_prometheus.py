@@ -3,7 +3,9 @@ series and every dashboard query of the chart must return series with the labels
 
 The components: the arbiter (`valve runtime arbiter` on a simulated GPU, driven by a real online client and an
 offline client's progress in its control block), the device plugin (simulated GPUs, registered with a fake
-kubelet), the proxy's and the operator's metrics. Static scrape labels stand in for what the chart's
+kubelet), the proxy (`valve runtime proxy` in front of a small streaming engine, three real requests through it)
+and the operator's registry (no reconcile runs here: `valve_pairs` is the one series allowed to be empty). Static
+scrape labels stand in for what the chart's
 PodMonitor/ServiceMonitor relabelling adds in a cluster (namespace, pair, node).
 """
 
@@ -16,9 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,29 @@ GPU = "GPU-prom-0"
 EMPTY_HERE = {
     "valve_pairs": "the operator has seen no ColocationPair here",
 }
+
+
+class StreamingEngine(BaseHTTPRequestHandler):
+    """An engine's /v1/completions answering with three SSE tokens, a few ms apart (its service time)."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(3):
+            time.sleep(0.005)
+            self.wfile.write(f'data: {{"choices": [{{"text": "t{i}"}}]}}\n\n'.encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def free_port() -> int:
@@ -99,7 +126,6 @@ def prom(tmp_path_factory):
     from valve.device_plugin.fake_kubelet import FakeKubelet
     from valve.device_plugin.server import DevicePlugin
     from valve.operator import metrics as operator_metrics  # noqa: F401 - registers the operator's metrics
-    from valve.runtime.online.proxy import ProxyMetrics
 
     tmp = tmp_path_factory.mktemp("prom")
     short = Path(tempfile_short())
@@ -111,13 +137,24 @@ def prom(tmp_path_factory):
              "--metrics-port", str(arbiter_port), "--pair", "web"],
             env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         stops.append(lambda: (arbiter.send_signal(signal.SIGTERM), arbiter.communicate(timeout=30)))
-        proxy = ProxyMetrics()
-        for ttft, tpot in ((0.05, 0.01), (0.2, 0.02), (1.5, 0.04)):
-            proxy.requests.inc()
-            proxy.ttft.observe(ttft)
-            proxy.tpot.observe(tpot)
-        proxy_port, proxy_server = serve_registry(proxy.registry)
-        stops.append(proxy_server.shutdown)
+        upstream = ThreadingHTTPServer(("127.0.0.1", 0), StreamingEngine)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        stops.append(upstream.shutdown)
+        until((tmp / "run" / GPU / "control").exists, "the arbiter's control block", timeout=30)
+        proxy_listen, proxy_port = free_port(), free_port()
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "valve.cli", "runtime", "proxy", "--listen", f"127.0.0.1:{proxy_listen}",
+             "--upstream", f"http://127.0.0.1:{upstream.server_port}", "--gpu", GPU, "--runtime-dir",
+             str(tmp / "run"), "--metrics-port", str(proxy_port)],
+            env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stops.append(lambda: (proxy.send_signal(signal.SIGTERM), proxy.communicate(timeout=30)))
+        until(lambda: accepts(proxy_listen), "the proxy listening", timeout=60, poll=0.05)
+        for _ in range(3):  # real streamed requests through the proxy: its TTFT/TPOT histograms and the signal
+            body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 3, "stream": True}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{proxy_listen}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.read().endswith(b"data: [DONE]\n\n")
         operator_port, operator_server = serve_registry(REGISTRY)
         stops.append(operator_server.shutdown)
         kubelet = FakeKubelet(short / "dp").start()

@@ -73,6 +73,31 @@ def gpu_memory_info(uuid: str):
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
+def make_enforcement(mode: str, busy: str, gpu: str, grace_ms: float, threshold: float, period_ms: float,
+                     metrics):
+    """The arbiter's enforcement (None: off). ``busy``: where busy samples come from (``auto``: NVML when it
+    answers for this GPU, else none: gate marks only). Raises ValueError on a bad choice."""
+    from valve.runtime.arbiter.enforce import CpuTimeSampler, Enforcement, NvmlBusySampler
+    from valve.runtime.arbiter.policy import MS, EnforcePolicy
+
+    policy = EnforcePolicy(mode, grace_ns=int(grace_ms * MS), busy_threshold=threshold)
+    if mode == "off":
+        return None
+    if busy not in ("auto", "nvml", "cpu", "none"):
+        raise ValueError(f"--enforce-busy {busy!r}: expected auto, nvml, cpu or none")
+    sampler = None
+    if busy == "cpu":
+        sampler = CpuTimeSampler()
+    elif busy in ("auto", "nvml"):
+        try:
+            sampler = NvmlBusySampler(gpu)
+        except Exception as e:  # noqa: BLE001 - no pynvml, no driver, unknown GPU
+            if busy == "nvml":
+                raise ValueError(f"--enforce-busy nvml: NVML unavailable for {gpu}: {e}") from None
+            log.warning("enforcement: no NVML for %s (%s): gate marks only", gpu, e)
+    return Enforcement(policy, sampler, metrics=metrics, period_ns=int(period_ms * MS))
+
+
 GPU_FROM_HELP = (f"Downward-API annotations file (key=\"value\" lines, e.g. {PODINFO_FILE}): "
                  f"wait for {ANN_GPU} there when --gpu is not given.")
 
@@ -109,6 +134,16 @@ def arbiter(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Run the memory reserve controller."),
     pair: str | None = typer.Option(None, "--pair", envvar=ENV_PAIR,
                                     help="The pair's name, written next to the control block for `valve top`."),
+    enforce: str = typer.Option("report", "--enforce", help="Offline work behind a closed gate: off, report "
+                                "(metric, log, control block) or pause (also SIGSTOP until the gate opens)."),
+    enforce_busy: str = typer.Option("auto", "--enforce-busy", help="Busy samples of the offline process: auto "
+                                     "(NVML if available), nvml, cpu (/proc, for the host gate backend), none."),
+    enforce_grace_ms: float = typer.Option(50.0, "--enforce-grace-ms", min=0.0, max=60_000.0,
+                                           help="Time after a closure for queued offline work to drain."),
+    enforce_threshold: float = typer.Option(0.2, "--enforce-threshold", min=0.0, max=1.0,
+                                            help="Busy share of the offline process that counts as working."),
+    enforce_period_ms: float = typer.Option(20.0, "--enforce-period-ms", min=1.0, max=60_000.0,
+                                            help="How often a busy sample is taken."),
 ) -> None:
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -118,9 +153,13 @@ def arbiter(
     from valve.runtime.control import ControlBlock, control_path, write_pair
 
     gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
+    registry = CollectorRegistry()
+    metrics = GateMetrics(registry, gpu)
     try:
         spec = load_spec(spec_file)
         path = control_path(gpu, runtime_dir)
+        enforcement = make_enforcement(enforce, enforce_busy, gpu, enforce_grace_ms, enforce_threshold,
+                                       enforce_period_ms, metrics)
     except (ValueError, OSError) as e:
         typer.echo(f"valve runtime arbiter: {e}", err=True)
         raise typer.Exit(code=2) from None
@@ -139,8 +178,6 @@ def arbiter(
         log.warning("re-initialised the control block: %s", reason)
     if pair:
         write_pair(path.parent, pair)
-    registry = CollectorRegistry()
-    metrics = GateMetrics(registry, gpu)
     controller = None
     if memory:
         from valve.runtime.arbiter.memory_control import MemoryController
@@ -152,9 +189,9 @@ def arbiter(
     if metrics_port:
         start_http_server(metrics_port, registry=registry)
         log.info("metrics on :%d/metrics", metrics_port)
-    arb = Arbiter(cb, spec, memory=controller, metrics=metrics)
-    log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms", gpu, path,
-             spec.idle_hysteresis_ms, spec.max_preemptions_per_second, spec.heartbeat_lease_ms)
+    arb = Arbiter(cb, spec, memory=controller, metrics=metrics, enforce=enforcement)
+    log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms, enforce %s", gpu, path,
+             spec.idle_hysteresis_ms, spec.max_preemptions_per_second, spec.heartbeat_lease_ms, enforce)
     arb.run(stop, period_s=period_ms / 1000.0)
     log.info("arbiter stopped: gate left open")
 

@@ -93,7 +93,12 @@ class Layout(ctypes.Structure):
         ("preload_waits", ctypes.c_uint64),  # gate waits it enqueued before them
         ("preload_captured", ctypes.c_uint64),  # launches into a capturing stream (gated when the graph launches)
         ("preload_throttled", ctypes.c_uint64),  # times the host waited for queue room (queue_ahead bound)
-        ("reserved", ctypes.c_uint64 * 8),
+        # enforcement (taken from the reserved words: the offsets after them do not move)
+        ("offline_pid", ctypes.c_uint64),  # the offline client's pid (its Gate writes it; the arbiter pauses it)
+        ("violations", ctypes.c_uint64),  # arbiter: closed-gate periods in which offline worked anyway
+        ("violation_ns", ctypes.c_uint64),  # arbiter: monotonic time of the last one
+        ("paused_pid", ctypes.c_uint64),  # arbiter: the pid it stopped (SIGSTOP), 0 when none
+        ("reserved", ctypes.c_uint64 * 4),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate

@@ -8,7 +8,9 @@ Each :meth:`Arbiter.step` (a loop every ``period_s``, or a simulated clock in te
    closed while busy, reopen after the idle hysteresis) and writes the gate word,
 4. sets ``FLAG_CLOSE_ALLOWED`` while a closure would be within the cap, so online clients close the gate
    themselves at request start with no arbiter round trip,
-5. updates counters and metrics, and runs the memory controller (``memory.step``) every ``memory_ms``.
+5. updates counters and metrics, and runs the memory controller (``memory.step``) every ``memory_ms``,
+6. with ``enforce`` (``arbiter/enforce.py``): looks for offline work behind the closed gate, reports it and, in
+   ``pause`` mode, stops the offline process until the gate opens.
 
 Before each step it checks the block (:meth:`ControlBlock.healthy`): a truncated, replaced or re-versioned file is
 never touched; the arbiter re-attaches to a valid replacement or re-creates the file (clients follow the new inode).
@@ -50,9 +52,10 @@ assert SLOT.size == ctypes.sizeof(OnlineSlot) and [n for n, _ in OnlineSlot._fie
 
 class Arbiter:
     def __init__(self, control: ControlBlock, spec: RuntimeSpec | None = None, memory=None,
-                 metrics: GateMetrics | None = None, reap_ms: float = 100.0, memory_ms: float = 10.0) -> None:
+                 metrics: GateMetrics | None = None, reap_ms: float = 100.0, memory_ms: float = 10.0,
+                 enforce=None) -> None:
         self.cb, self.spec = control, spec or RuntimeSpec()
-        self.memory, self.metrics = memory, metrics
+        self.memory, self.metrics, self.enforce = memory, metrics, enforce
         self.policy = GatePolicy(int(self.spec.idle_hysteresis_ms * MS), self.spec.max_preemptions_per_second)
         self.lease_ns = int(self.spec.heartbeat_lease_ms * MS)
         self.eviction_code = EVICTION_CODES[str(getattr(self.spec.eviction_policy, "value", self.spec.eviction_policy))]
@@ -120,6 +123,8 @@ class Arbiter:
                 f.gate = GATE_CLOSED
                 f.last_close_ns = now
                 log.info("%d online request(s) in flight at start: closed the gate", inflight)
+            if self.enforce is not None:
+                self.enforce.start(f, now)
         f.heartbeat_ns = now
         f.lease_ns = self.lease_ns
         f.queue_ahead = self.spec.queue_ahead
@@ -136,6 +141,8 @@ class Arbiter:
         f.flags = FLAG_ARBITER | (FLAG_CLOSE_ALLOWED if p.gate_open and p.may_close(now) else 0)
         f.online_inflight = p.inflight
         self._account(f, p.closed_time(now))
+        if self.enforce is not None:
+            self.enforce.step(now, f, p)
         if self.memory is not None and now >= self._next_memory:
             self._next_memory = now + self.memory_ns
             self.memory.step(now, self.cb)
@@ -186,6 +193,8 @@ class Arbiter:
         if not self.cb.healthy():
             return
         f = self.cb.fields
+        if self.enforce is not None:
+            self.enforce.shutdown(f, time.monotonic_ns())
         f.flags = 0
         f.gate = GATE_OPEN
 

@@ -29,3 +29,7 @@ class GateMetrics:
                                  "or of another version, and re-created.", ["gpu"], registry=r).labels(*g)
         self.capped = Counter("valve_preemptions_capped_total", "Online bursts that ran with the gate open because "
                               "the preemption rate cap was reached.", ["gpu"], registry=r).labels(*g)
+        self.violations = Counter("valve_gate_violations_total", "Closed-gate periods in which the offline "
+                                  "tenant worked anyway (enforced gate).", ["gpu"], registry=r).labels(*g)
+        self.paused = Gauge("valve_offline_paused", "1 while the arbiter holds the offline process stopped "
+                            "(enforce pause).", ["gpu"], registry=r).labels(*g)

@@ -29,6 +29,7 @@ context). Nothing here imports torch or cuda at module import.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -156,6 +157,8 @@ class Gate:
         self._lock = threading.Lock()
         self._lease_lock = threading.Lock()  # the watchdog and the engine thread both check the lease
         self._generation = control.generation
+        if control.healthy():
+            self._publish_pid()
         self._stop = threading.Event()
         self.watchdog: threading.Thread | None = None
         if watchdog if watchdog is not None else self.backend.can_block:
@@ -175,7 +178,12 @@ class Gate:
             self._generation = self.cb.generation
             if hasattr(self.backend, "bind"):
                 self.backend.bind(self.cb)
+            self._publish_pid()
         return True
+
+    def _publish_pid(self) -> None:
+        # the arbiter's enforcement pauses this pid when it works behind a closed gate
+        self.cb.fields.offline_pid = os.getpid()
 
     # ---- hooks and state -----------------------------------------------------------------------------
     def on_boundary(self, fn: Callable[[], object]) -> Callable[[], object]:

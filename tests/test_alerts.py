@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "alerts"
 PROMTOOL = shutil.which("promtool")
 ALERTS = {
-    "ValveOnlineTTFTHigh", "ValveOnlineTPOTHigh", "ValveGateForcedOpen", "ValveReserveShortfall",
+    "ValveOnlineTTFTHigh", "ValveOnlineTPOTHigh", "ValveGateForcedOpen", "ValveGateViolation", "ValveReserveShortfall",
     "ValveReclaimTimeouts", "ValveReclaimSlow", "ValvePreemptionsCapped", "ValveGPUUnhealthy",
     "ValveOperatorReconcileErrors", "ValveDevicePluginNotRegistered",
 }

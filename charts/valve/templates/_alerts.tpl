@@ -44,6 +44,14 @@ groups:
           summary: The arbiter was lost; offline opened the gate itself
           description: {{`'GPU {{ $labels.gpu }} on {{ $labels.node }} (pair {{ $labels.namespace }}/{{ $labels.pair }}): {{ $value }} forced opens in 10m; online ran unprotected meanwhile.'`}}
           runbook_url: {{ $runbook }}#valvegateforcedopen
+      - alert: ValveGateViolation
+        expr: sum by (namespace, pair, node, gpu) (increase(valve_gate_violations_total[10m])) > 0
+        labels:
+          severity: {{ $a.severity.runtime }}
+        annotations:
+          summary: An offline tenant worked on the GPU while its gate was closed
+          description: {{`'GPU {{ $labels.gpu }} on {{ $labels.node }} (pair {{ $labels.namespace }}/{{ $labels.pair }}): {{ $value }} closed periods in 10m in which offline did not stop.'`}}
+          runbook_url: {{ $runbook }}#valvegateviolation
       - alert: ValveReserveShortfall
         expr: max by (namespace, pair, node, gpu) (valve_memory_reserve_shortfall_bytes) > 0
         for: {{ $a.reserveShortfallFor }}

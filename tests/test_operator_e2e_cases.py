@@ -125,7 +125,11 @@ async def test_no_capacity_waits_pending_then_places_when_a_node_appears(env):
     code, _ = await env.api.call("POST", "/api/v1/nodes", gpu_node("gpu-b", 1))
     assert code in (200, 201)
     await env.until(lambda: env.pod("chat-online"), "online pod on the new node")
-    assert (await env.api.get_pair("chat", NS))["status"]["node"] == "gpu-b"
+
+    async def placed():  # the status patch naming the node may land after the pod's create
+        pair = await env.api.get_pair("chat", NS)
+        return ((pair or {}).get("status") or {}).get("node")
+    assert await env.until(placed, "status.node set") == "gpu-b"
 
 
 async def test_two_pairs_never_share_a_gpu_slot(env):

@@ -4,13 +4,13 @@ series and every dashboard query of the chart must return series with the labels
 The components: the arbiter (`valve runtime arbiter` on a simulated GPU, driven by a real online client and an
 offline client's progress in its control block), the device plugin (simulated GPUs, registered with a fake
 kubelet), the proxy (`valve runtime proxy` in front of a small streaming engine, three real requests through it)
-and the operator's registry (no reconcile runs here: `valve_pairs` is the one series allowed to be empty). Static
-scrape labels stand in for what the chart's
-PodMonitor/ServiceMonitor relabelling adds in a cluster (namespace, pair, node).
+and the operator (kopf against the kmock emulator, placing one ColocationPair). Static scrape labels stand in for
+what the chart's PodMonitor/ServiceMonitor relabelling adds in a cluster (namespace, pair, node).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -36,11 +36,42 @@ PROMETHEUS = shutil.which("prometheus")
 pytestmark = [needs_helm, pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed "
                                              "(apt-get install prometheus)")]
 GPU = "GPU-prom-0"
-# series no component needs to produce in this test, and why (anything else empty is a failure); the operator's
-# registry is the process's, so earlier operator tests in the same run may have set them: then their labels count
-EMPTY_HERE = {
-    "valve_pairs": "the operator reconciles no ColocationPair here",
-}
+# series no component needs to produce in this test, and why (anything else empty is a failure)
+EMPTY_HERE: dict[str, str] = {}
+
+
+class OperatorWithAPair:
+    """The operator (kopf, in its own thread) against the kmock emulator, reconciling one ColocationPair on a GPU
+    node: its metrics land in the process's registry, which Prometheus scrapes with the rest."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._ready, self._stop, self.error = threading.Event(), None, None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), daemon=True)
+        self._thread.start()
+        until(lambda: self._ready.is_set() or self.error is not None, "the operator placing a pair", timeout=120)
+        if self.error is not None:
+            raise self.error
+
+    async def _main(self) -> None:
+        from operator_harness import emulated, pair_body
+
+        self._stop = asyncio.Event()
+        try:
+            async with emulated() as env:
+                env.add_node("gpu-a", 1)
+                await env.start_operator()
+                await env.api.create_pair(pair_body(), env.namespace)
+                await env.until(lambda: env.pod("chat-online"), "the pair's online pod", timeout=60)
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            self.error = e
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
 
 
 class StreamingEngine(BaseHTTPRequestHandler):
@@ -156,6 +187,7 @@ def prom(tmp_path_factory):
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=30) as r:
                 assert r.read().endswith(b"data: [DONE]\n\n")
+        stops.append(OperatorWithAPair().stop)
         operator_port, operator_server = serve_registry(REGISTRY)
         stops.append(operator_server.shutdown)
         kubelet = FakeKubelet(short / "dp").start()

@@ -153,3 +153,23 @@ async def _placed(env, names):
     return out if len(out) == 2 else None
 
 
+# ---- refused pairs, refused pod creates, pairs being deleted ------------------------------------------------
+
+
+def _cond(pair: dict, kind: str) -> dict:
+    (cond,) = [cd for cd in pair["status"]["conditions"] if cd["type"] == kind]
+    return cond
+
+
+async def test_a_pair_naming_an_image_the_operator_does_not_allow_takes_no_gpu(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    bad = pair_body("bad", NS)
+    bad["spec"]["offline"]["arbiter"] = {"image": "evil:latest"}
+    await env.api.create_pair(bad, NS)
+    pair = await env.until_phase("Failed", "bad")
+    placed = _cond(pair, "Placed")
+    assert placed["status"] == "False" and placed["reason"] == "ImageNotAllowed" and "evil:latest" in placed["message"]
+    assert ("Warning", "Failed") in [(e["type"], e["reason"]) for e in env.events()]
+    await env.run_pair("good")  # the node's one GPU was not claimed by the refused pair
+    assert sorted(env.pod_creations()) == ["good-offline", "good-online"]

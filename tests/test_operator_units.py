@@ -91,7 +91,10 @@ def test_sidecars_read_the_gpu_from_a_downward_api_volume(role):
     assert side["args"][i + 1] == PODINFO_FILE == "/etc/valve/podinfo/annotations"
     assert "--gpu" not in side["args"] and not any("VALVE_GPU_UUID" in a for a in side["args"])
     assert {"name": "VALVE_ROLE", "value": role} in side["env"]
-    assert not any(e["name"] == "VALVE_GPU_UUID" for e in side["env"])
+    # the GPU env only from the annotation (resolved at start, after the init container waited for it)
+    (gpu_env,) = [e for e in side["env"] if e["name"] == "VALVE_GPU_UUID"]
+    assert gpu_env == {"name": "VALVE_GPU_UUID",
+                       "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['valve.io/gpu-uuid']"}}}
     (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "valve-podinfo"]
     assert vol == {"name": "valve-podinfo", "downwardAPI": {"items": [
         {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}

@@ -24,7 +24,7 @@ from valve.operator.capacity import Claim, FreeSlots, NodeView, build_nodes, nod
 from valve.operator.kube import Kube
 from valve.operator.placement import NO_FIT, Node, PairRequest, place
 from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view, render_pod
-from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
+from valve.operator.reconcile import Create, action_event, node_of, not_allowed, parse_spec, plan
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -166,6 +166,8 @@ class Operator:
                 and key not in self.waiting.get(node or "", ()) and key not in self.unreported:
             return  # nothing it depends on changed since the last pass
         spec, _ = parse_spec(body)
+        if spec is not None and not_allowed(spec, self.cfg):
+            spec = None  # refused: take no GPU for it
         no_fit = NO_FIT
         if node is None and spec is not None:
             node, no_fit = await self.place(key, spec)

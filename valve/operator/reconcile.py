@@ -72,6 +72,15 @@ def parse_spec(pair: dict[str, Any]) -> tuple[c.ColocationPairSpec | None, str |
         return None, "; ".join(problems)
 
 
+def not_allowed(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> str | None:
+    """Sidecar images come from the operator's configuration: a pair may only pick one it allows."""
+    named = {"spec.online.proxy.image": spec.online.proxy.image, "spec.offline.arbiter.image": spec.offline.arbiter.image}
+    bad = [f"{where}: image {image!r} is not allowed" for where, image in named.items() if not cfg.image_allowed(image)]
+    if not bad:
+        return None
+    return "; ".join(bad) + f" (the operator allows {', '.join([cfg.sidecar_image, *cfg.allowed_images])})"
+
+
 def node_of(pair: dict[str, Any], pods: dict[str, PodView | None]) -> str | None:
     """The node the pair is placed on: its status, else where its existing pods are pinned."""
     node = (pair.get("status") or {}).get("node")
@@ -97,20 +106,23 @@ def plan(
     render: Callable[..., dict[str, Any]] = render_pod,
 ) -> Plan:
     spec, invalid = parse_spec(pair)
+    refused = "InvalidSpec"
+    if spec is not None and (bad := not_allowed(spec, cfg)):
+        invalid, refused = bad, "ImageNotAllowed"
     old = pair.get("status") or {}
     generation = int(pair["metadata"].get("generation") or 1)
     actions: list[Create | Delete] = []
     events: list[Event] = []
 
     if invalid is not None:
-        placed = st.Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)
+        placed = st.Cond(ConditionType.Placed, "False", refused, invalid)
     elif node is None:
         placed = st.Cond(ConditionType.Placed, "False", "NoCapacity", no_fit)
     else:
         placed = st.Cond(ConditionType.Placed, "True", "NodeSelected", f"placed on node {node}")
         actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
-    phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid)
+    phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid is not None)
     message = _message(phase, conds)
     status = {
         "phase": phase.value,

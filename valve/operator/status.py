@@ -51,12 +51,12 @@ def compute(
     node: str | None,
     pods: dict[str, PodView | None],
     placed: Cond,
-    invalid: str | None = None,
+    invalid: bool = False,
 ) -> tuple[Phase, list[Cond], str | None]:
-    """Phase, conditions and GPU of a pair."""
+    """Phase, conditions and GPU of a pair (`invalid`: the pair is refused, as `placed` says)."""
     online, offline = pods.get(ONLINE), pods.get(OFFLINE)
-    if invalid is not None:
-        return Phase.Failed, [Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)], None
+    if invalid:
+        return Phase.Failed, [placed], None
     conds = [placed, pod_ready(ONLINE, online), pod_ready(OFFLINE, offline), pairing(online, offline, node)]
     paired = conds[3]
     gpu = online.gpu if paired.status == "True" and online is not None else None

@@ -50,7 +50,7 @@ async def test_valid_pair_creates_two_pods_and_walks_placed_running(env):
     assert status["onlinePod"] == "chat-online" and status["offlinePod"] == "chat-offline"
     conds = {cd["type"]: cd for cd in status["conditions"]}
     assert {t: cd["status"] for t, cd in conds.items()} == {
-        "Placed": "True", "OnlineReady": "True", "OfflineReady": "True", "Paired": "True"}
+        "Placed": "True", "OnlineReady": "True", "OfflineReady": "True", "Paired": "True", "Ready": "True"}
     assert all(cd["observedGeneration"] == 1 for cd in conds.values())
 
     pods = {p["metadata"]["name"]: p for p in await env.api.pods(NS)}

@@ -124,9 +124,9 @@ def test_templates_may_not_use_what_valve_reserves(mutate, needle):
     b = body()
     mutate(b["spec"])
     out = plan(b, {ONLINE: None, OFFLINE: None}, node="n1", cfg=CFG, now=NOW)
-    (placed,) = out.status["conditions"]
+    placed, ready = out.status["conditions"]
     assert out.status["phase"] == "Failed" and out.actions == []
-    assert placed["reason"] == "InvalidSpec" and needle in placed["message"]
+    assert placed["reason"] == ready["reason"] == "InvalidSpec" and needle in placed["message"]
     assert [e.type for e in out.events] == ["Warning"]
 
 
@@ -151,7 +151,7 @@ def test_sidecar_images_are_the_operators_choice(where, image, allowed):
         (create,) = out.actions
         assert out.status["phase"] == "Placed" and create.pod["spec"]["containers"][1]["image"] == image
     else:
-        (placed,) = out.status["conditions"]
+        placed, ready = out.status["conditions"]
         assert out.status["phase"] == "Failed" and out.actions == [] and placed["reason"] == "ImageNotAllowed"
         assert image in placed["message"] and "valve:canary" in placed["message"]
 

@@ -282,3 +282,28 @@ def test_cli_refuses_bad_options(monkeypatch, args):
     monkeypatch.setattr(main, "run_operator", fake_run)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", *args])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("phase, conds, want", [
+    (c.Phase.Running, [], ("True", "Running")),
+    (c.Phase.Pending, [status.Cond(c.ConditionType.Placed, "False", "NoCapacity", "no node")], ("False", "NoCapacity")),
+    (c.Phase.Placed, [status.Cond(c.ConditionType.Placed, "True", "NodeSelected"),
+                      status.Cond(c.ConditionType.OnlineReady, "False", "PodPending", "pending")], ("False", "PodPending")),
+])
+def test_ready_summarises_the_first_condition_that_is_not_true(phase, conds, want):
+    ready = status.summary(phase, conds)
+    assert ready.type is c.ConditionType.Ready and (ready.status, ready.reason) == want
+
+
+def test_a_pair_being_deleted_gets_no_pods_and_a_refused_create_says_why():
+    deleting = pair()
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert plan(deleting, {ONLINE: None, OFFLINE: None}, node="n1", cfg=CFG, now=NOW).actions == []
+    p = plan(pair(), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW, create_failed="forbidden: x")
+    placed = {cd["type"]: cd for cd in p.status["conditions"]}["Placed"]
+    assert p.actions == [] and p.phase is c.Phase.Pending
+    assert (placed["status"], placed["reason"], placed["message"]) == ("False", "PodCreateFailed", "forbidden: x")
+    assert ("Warning", "PodCreateFailed") in [(e.type, e.reason) for e in p.events]
+    again = plan(pair(**p.status), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW,
+                 create_failed="forbidden: x")
+    assert again.events == []  # told once

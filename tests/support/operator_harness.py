@@ -143,6 +143,7 @@ class ValveKube(kmock.KubernetesEmulator):
         self._validator = crd_validator()
         self._live: dict[str, Any] = {}  # uid -> key of objects created through the API and not deleted
         self._owned: dict[str, set[Any]] = {}  # owner uid -> keys of its dependents
+        self.refuse: dict[str, tuple[int, str]] = {}  # pod name -> (code, message): admission refuses its create
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         res = kmock.resource(resource)
@@ -181,6 +182,9 @@ class ValveKube(kmock.KubernetesEmulator):
         meta = data.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.resource.plural == "pods" and meta.get("name") in self.refuse:
+            code, message = self.refuse[meta["name"]]
+            raise status_error(code, "Forbidden" if code == 403 else "Invalid", message)
         if request.resource.group == c.GROUP and self.validate_crs:
             errors = sorted(self._validator.iter_errors(data), key=lambda e: list(e.absolute_path))
             if errors:

@@ -197,6 +197,7 @@ class ConditionType(StrEnum):
     OnlineReady = "OnlineReady"
     OfflineReady = "OfflineReady"
     Paired = "Paired"
+    Ready = "Ready"  # summary: True exactly when the phase is Running (`kubectl wait --for=condition=Ready`)
 
 
 class Condition(BaseModel):

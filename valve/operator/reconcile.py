@@ -26,6 +26,7 @@ from valve.operator.placement import NO_FIT
 from valve.operator.pods import OperatorConfig, PodView, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
+CREATE_FAILED = "PodCreateFailed"
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ def plan(
     offline_gate: bool = True,
     repairs_left: int = 1,
     unwished: bool = False,
+    create_failed: str | None = None,
     render: Callable[..., dict[str, Any]] = render_pod,
 ) -> Plan:
+    """What to do now. `create_failed`: the API's message when it refused to create one of the pair's pods
+    (e.g. PodSecurity): no pods are created this time, and the pair says why."""
     spec, invalid = parse_spec(pair)
     refused = "InvalidSpec"
     if spec is not None and (bad := not_allowed(spec, cfg)):
@@ -116,11 +120,14 @@ def plan(
 
     if invalid is not None:
         placed = st.Cond(ConditionType.Placed, "False", refused, invalid)
+    elif create_failed is not None:
+        placed = st.Cond(ConditionType.Placed, "False", CREATE_FAILED, create_failed)
     elif node is None:
         placed = st.Cond(ConditionType.Placed, "False", "NoCapacity", no_fit)
     else:
         placed = st.Cond(ConditionType.Placed, "True", "NodeSelected", f"placed on node {node}")
-        actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
+        if not pair["metadata"].get("deletionTimestamp"):  # never create for a pair being deleted
+            actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
     phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid is not None)
     message = _message(phase, conds)
@@ -136,6 +143,9 @@ def plan(
     }
     status = {k: v for k, v in status.items() if v is not None}
 
+    was = next((cd for cd in old.get("conditions") or [] if cd.get("type") == ConditionType.Placed.value), {})
+    if placed.reason == CREATE_FAILED and (was.get("reason"), was.get("message")) != (CREATE_FAILED, create_failed):
+        events.append(Event("Warning", CREATE_FAILED, create_failed or ""))
     if old.get("phase") != phase.value:  # transitions only: detail changes are in the status
         kind = "Warning" if phase in (Phase.Failed, Phase.Degraded) or placed.reason == "NoCapacity" else "Normal"
         events.append(Event(kind, phase.value, message))

@@ -376,9 +376,9 @@ def test_crd_schema_check_rejects_bad_custom_resources():
     missing = copy.deepcopy(pair)
     del missing["spec"]["offline"]
     assert any("offline" in e for e in cc.validate_custom(missing, docs))
-    typo = copy.deepcopy(pair)  # pod specs are open in the CRD; the Pod schema still checks them
+    typo = copy.deepcopy(pair)  # the CRD's templates carry Kubernetes' own PodSpec schema
     typo["spec"]["offline"]["template"]["spec"]["containers"][0]["volumeMount"] = []
-    assert cc.validate_custom(typo, docs) == []
+    assert any("volumeMount" in e for e in cc.validate_custom(typo, docs))
     assert any("volumeMount" in e for e in cc.validate_example(typo, docs))
     wrong = copy.deepcopy(pair)
     wrong["apiVersion"] = "valve.io/v9"

@@ -39,15 +39,18 @@ from valve.api.crds import colocationpair_crd
 from valve.operator.pods import RESOURCE
 
 
-def openapi_to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
+def openapi_to_jsonschema(schema: dict[str, Any], strict: bool = True) -> dict[str, Any]:
     """A Draft 4 JSON schema with the same meaning (for validating objects without an API server).
 
-    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting.
+    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting. `strict`: unknown
+    fields are errors, as under fieldValidation=Strict (kubectl's default) rather than pruned.
     """
     out = copy.deepcopy(schema)
     stack = [out]
     while stack:
         node = stack.pop()
+        if strict and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
         if node.pop("nullable", False) and "type" in node:
             node["type"] = [node["type"], "null"]
             if "enum" in node:

@@ -257,3 +257,13 @@ def test_every_cel_rule_compiles_and_is_tested():
         r["rule"] for r in _spec_schema()["properties"]["online"]["properties"]["proxy"]["x-kubernetes-validations"]}
     key_bounds = {r for r in rules if r.startswith("self.all(k, size(k) <=")}  # test_label_keys_are_bounded_...
     assert set(rules) == tested | key_bounds
+
+
+def test_the_pod_spec_schema_file_is_kubernetes_own_and_fresh():
+    pytest.importorskip("kubernetes_validate")
+    import podspec_schema
+
+    from valve.api.podspec import SCHEMA_FILE
+
+    assert SCHEMA_FILE.read_text() == podspec_schema.render(podspec_schema.build()), \
+        "stale: run python scripts/podspec_schema.py, then valve crds generate"

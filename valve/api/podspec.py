@@ -1,9 +1,8 @@
-"""The real Kubernetes PodSpec schema for the CRD's pod templates, from kubernetes-validate's JSON schemas.
+"""The real Kubernetes PodSpec schema for the CRD's pod templates, and the CEL rules Valve adds to it.
 
-Made structural as CRDs require: `$ref`s inlined, `type: [X, null]` to X (the API server prunes nulls),
-IntOrString and Quantity to `x-kubernetes-int-or-string`, no `additionalProperties: false` (unknown fields are
-pruned, or refused under fieldValidation=Strict, kubectl's default), no descriptions (the CRD stays small).
-Generation needs the dev extra (kubernetes-validate); the generated CRD in crds/ does not.
+`podspec.json` is core/v1 PodSpec from kubernetes-validate's JSON schemas, made structural by
+`scripts/podspec_schema.py` (which needs the dev extra; tests/test_crds.py checks the file is fresh), so the CRD
+is generated without kubernetes-validate installed.
 """
 
 from __future__ import annotations
@@ -15,59 +14,18 @@ from typing import Any
 
 from valve.api.contract import GROUP, RESERVED_CONTAINERS, RESERVED_VOLUMES
 
-K8S_SCHEMA = "v1.37.0-local-strict"  # pinned: a newer kubernetes-validate must not change the CRD by itself
-INT_OR_STRING = ("io.k8s.apimachinery.pkg.util.intstr.IntOrString", "io.k8s.apimachinery.pkg.api.resource.Quantity")
 NAME_MAX = 63  # DNS labels; bounded so the CEL rules over them have a bounded cost
+SCHEMA_FILE = Path(__file__).with_name("podspec.json")
 
 
 @cache
-def _definitions() -> dict[str, Any]:
-    try:
-        import kubernetes_validate
-    except ImportError:
-        raise RuntimeError("generating the CRD needs kubernetes-validate (pip install -e '.[dev]')") from None
-    path = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / K8S_SCHEMA / "_definitions.json"
-    return json.loads(path.read_text())["$defs"]
+def _pod_spec() -> str:
+    return SCHEMA_FILE.read_text()
 
 
 def pod_spec_schema() -> dict[str, Any]:
-    """core/v1 PodSpec as a structural CRD schema."""
-    return _convert({"$ref": "#/$defs/io.k8s.api.core.v1.PodSpec"}, _definitions(), ())
-
-
-def _convert(node: dict[str, Any], defs: dict[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
-    if "$ref" in node:
-        name = node["$ref"].rsplit("/", 1)[-1]
-        if name in INT_OR_STRING:
-            return {"x-kubernetes-int-or-string": True}
-        if name in seen:
-            raise ValueError(f"recursive type {name} in the pod schema")
-        return _convert(defs[name], defs, (*seen, name))
-    out: dict[str, Any] = {}
-    kind = node.get("type")
-    if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
-        kind = kinds[0] if len(kinds) == 1 else None
-    if kind is not None:
-        out["type"] = kind
-    if "format" in node and node["format"] in ("int32", "int64", "double", "byte", "date-time"):
-        out["format"] = node["format"]
-    for key in ("enum", "required", "minimum", "maximum", "minItems", "maxItems", "minLength", "maxLength",
-                "pattern"):
-        if key in node:
-            out[key] = [v for v in node[key] if v is not None] if key == "enum" else node[key]
-    if "properties" in node:
-        out["properties"] = {k: _convert(v, defs, seen) for k, v in node["properties"].items()}
-        out.setdefault("type", "object")
-    elif isinstance(node.get("additionalProperties"), dict):
-        out["additionalProperties"] = _convert(node["additionalProperties"], defs, seen)
-    elif out.get("type") == "object":
-        out["x-kubernetes-preserve-unknown-fields"] = True  # a free-form object (e.g. FieldsV1)
-    if "items" in node:
-        out["items"] = _convert(node["items"], defs, seen)
-    if "type" not in out and "x-kubernetes-int-or-string" not in out:
-        raise ValueError(f"schema node without a type: {node}")
-    return out
+    """core/v1 PodSpec as a structural CRD schema (a fresh copy)."""
+    return json.loads(_pod_spec())
 
 
 def _cel_list(names: tuple[str, ...]) -> str:

@@ -167,6 +167,7 @@ def test_allowed_sidecar_images_reach_the_operator_config(monkeypatch):
         seen["cfg"] = cfg
 
     monkeypatch.setattr("valve.operator.main.run_operator", fake_run)
+    monkeypatch.setattr("valve.operator.kube.load_api_client", lambda: None)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", "--sidecar-image", "valve:1",
                                       "--allowed-sidecar-image", "valve:2", "--allowed-sidecar-image", "valve:3"])
     assert result.exit_code == 0, result.output

@@ -265,6 +265,7 @@ def test_cli_passes_options_to_the_operator(monkeypatch):
     async def fake_run(**kw):
         seen.update(kw)
     monkeypatch.setattr(main, "run_operator", fake_run)
+    monkeypatch.setattr("valve.operator.kube.load_api_client", lambda: None)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", "--health-port", "8081",
                                       "--log-level", "debug", "-n", "a", "-n", "b", "--sidecar-image", "img:1"])
     assert result.exit_code == 0, result.output
@@ -307,3 +308,28 @@ def test_a_pair_being_deleted_gets_no_pods_and_a_refused_create_says_why():
     again = plan(pair(**p.status), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW,
                  create_failed="forbidden: x")
     assert again.events == []  # told once
+
+
+def _valve(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "valve.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_valve_version_flag():
+    from valve import __version__
+
+    proc = _valve("--version")
+    assert proc.returncode == 0 and proc.stdout == f"valve {__version__}\n" and proc.stderr == ""
+
+
+def test_operator_without_kubeconfig_fails_in_one_line(tmp_path):
+    env = {"KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": "",
+           "KUBERNETES_SERVICE_PORT": ""}
+    proc = _valve("operator", "--metrics-port", "0", "--health-port", "0", env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("valve operator: no Kubernetes API access: ")

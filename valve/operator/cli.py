@@ -54,9 +54,17 @@ def register(app: typer.Typer) -> None:
 
             start_http_server(metrics_port)
         liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+        from valve.operator.kube import load_api_client
+
+        try:
+            api_client = load_api_client()
+        except Exception as e:  # no in-cluster config and no usable kubeconfig: one line, not a traceback
+            typer.echo(f"valve operator: no Kubernetes API access: {str(e).splitlines()[0] if str(e) else e!r}",
+                       err=True)
+            raise typer.Exit(code=2) from None
         cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port,
                              allowed_images=tuple(allowed_sidecar_image))
-        asyncio.run(run_operator(cfg=cfg, namespaces=namespace, resync_seconds=resync_seconds,
+        asyncio.run(run_operator(cfg=cfg, namespaces=namespace, api_client=api_client, resync_seconds=resync_seconds,
                                  liveness_endpoint=liveness, peering=peering))
 
     @app.command("pod-init")

@@ -58,7 +58,8 @@ def test_schema_is_structural():
     schema = crds.colocationpair_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for node in iter_nodes(schema["properties"]["spec"]):
         assert "$ref" not in node and "anyOf" not in node and "allOf" not in node
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), node
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields") \
+            or node.get("x-kubernetes-int-or-string"), node
         assert not ("properties" in node and "additionalProperties" in node), node
     spec = schema["properties"]["spec"]
     assert set(spec["required"]) == {"online", "offline"}
@@ -146,3 +147,123 @@ def test_schema_refuses_invalid_pairs(mutate, where):
     mutate(body["spec"])
     errors = list(crd_validator().iter_errors(body))
     assert errors and any(where in ".".join(map(str, e.absolute_path)) or where in e.message for e in errors)
+
+
+# ---- the templates' real PodSpec schema and the CEL rules -----------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda t: t["spec"]["containers"][0].update(resoruces={"limits": {"cpu": "1"}}), "resoruces"),
+    (lambda t: t["spec"].update(restartPolicy=42), "42"),
+    (lambda t: t["spec"]["containers"][0].update(ports=[{"containerPort": "http"}]), "http"),
+    (lambda t: t["spec"].update(containers=[]), "non-empty"),
+])
+def test_crd_refuses_a_misspelt_or_mistyped_pod_template_field(mutate, needle):
+    body = _example("colocationpair.yaml")
+    assert list(crd_validator().iter_errors(body)) == []
+    mutate(body["spec"]["online"]["template"])
+    errors = list(crd_validator().iter_errors(body))
+    assert errors and any(needle in e.message for e in errors), [e.message for e in errors]
+
+
+def test_crd_keeps_quantities_and_int_or_string_ports():
+    body = _example("colocationpair.yaml")
+    ct = body["spec"]["online"]["template"]["spec"]["containers"][0]
+    ct["resources"] = {"limits": {"cpu": 2, "memory": "4Gi"}}
+    ct["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"}}
+    assert list(crd_validator().iter_errors(body)) == []
+
+
+def _rules(schema: dict) -> list[tuple[dict, dict]]:
+    """(node, rule) for every CEL rule in the schema."""
+    from valve.api.schema import iter_nodes
+
+    return [(node, r) for node in iter_nodes(schema) for r in node.get("x-kubernetes-validations", [])]
+
+
+def _cel(rule: str, value) -> bool:
+    celpy = pytest.importorskip("celpy")
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    return bool(program.evaluate({"self": celpy.json_to_cel(value)}))
+
+
+def _spec_schema() -> dict:
+    return crds.colocationpair_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def _template_rules(part: str) -> list[str]:
+    node = _spec_schema()["properties"]["online"]["properties"]["template"]["properties"][part]
+    return [r["rule"] for r in node["x-kubernetes-validations"]]
+
+
+POD = {"containers": [{"name": "server", "image": "vllm:1", "volumeMounts": [{"name": "data", "mountPath": "/d"}]}],
+       "volumes": [{"name": "data", "emptyDir": {}}]}
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p["volumes"].append({"name": "valve-runtime", "emptyDir": {}}),
+    lambda p: p["containers"][0]["volumeMounts"].append({"name": "valve-links", "mountPath": "/x"}),
+    lambda p: p["containers"].append({"name": "valve-arbiter", "image": "x"}),
+    lambda p: p.update(initContainers=[{"name": "i", "image": "i",
+                                        "volumeMounts": [{"name": "valve-podinfo", "mountPath": "/p"}]}]),
+    lambda p: p.update(initContainers=[{"name": "valve-gpu-dir", "image": "i"}]),
+])
+def test_cel_rules_refuse_valves_reserved_names_as_the_model_does(mutate):
+    import copy
+
+    from pydantic import ValidationError
+
+    rules = _template_rules("spec")
+    assert all(_cel(r, POD) for r in rules)
+    pod = copy.deepcopy(POD)
+    mutate(pod)
+    assert not all(_cel(r, pod) for r in rules)
+    with pytest.raises(ValidationError, match="reserved"):
+        c.PodSpec.model_validate(pod)
+
+
+@pytest.mark.parametrize("annotations, ok", [({}, True), ({"app": "x"}, True), ({"valve.io/gpu-uuid": "GPU-1"}, False),
+                                             ({"example.com/valve.io": "x"}, True)])
+def test_cel_rule_refuses_valve_annotations_in_templates(annotations, ok):
+    (rule,) = _template_rules("metadata")
+    assert _cel(rule, {"annotations": annotations}) is ok and _cel(rule, {}) is True
+
+
+@pytest.mark.parametrize("proxy, ok", [
+    ({}, True), ({"port": 8000}, False), ({"upstreamPort": 9000}, False), ({"port": 8000, "upstreamPort": 8000}, False),
+    ({"port": 8000, "upstreamPort": 8000, "enabled": False}, True), ({"port": 9001, "upstreamPort": 8000}, True),
+])
+def test_cel_rule_refuses_a_proxy_forwarding_to_itself_as_the_model_does(proxy, ok):
+    from pydantic import ValidationError
+
+    (rule,) = [r["rule"] for r in _spec_schema()["properties"]["online"]["properties"]["proxy"]
+               ["x-kubernetes-validations"]]
+    assert _cel(rule, proxy) is ok
+    if ok:
+        c.ProxySidecar.model_validate(proxy)
+    else:
+        with pytest.raises(ValidationError, match="forward to itself"):
+            c.ProxySidecar.model_validate(proxy)
+
+
+def test_every_cel_rule_compiles_and_is_tested():
+    celpy = pytest.importorskip("celpy")
+    env = celpy.Environment()
+    rules = [r["rule"] for _, r in _rules(_spec_schema())]
+    for rule in rules:
+        env.compile(rule)
+    tested = set(_template_rules("spec")) | set(_template_rules("metadata")) | {
+        r["rule"] for r in _spec_schema()["properties"]["online"]["properties"]["proxy"]["x-kubernetes-validations"]}
+    key_bounds = {r for r in rules if r.startswith("self.all(k, size(k) <=")}  # test_label_keys_are_bounded_...
+    assert set(rules) == tested | key_bounds
+
+
+def test_the_pod_spec_schema_file_is_kubernetes_own_and_fresh():
+    pytest.importorskip("kubernetes_validate")
+    import podspec_schema
+
+    from valve.api.podspec import SCHEMA_FILE
+
+    assert SCHEMA_FILE.read_text() == podspec_schema.render(podspec_schema.build()), \
+        "stale: run python scripts/podspec_schema.py, then valve crds generate"

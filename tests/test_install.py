@@ -31,6 +31,7 @@ COMMAND_MODULES = {
     "device-plugin": ("valve.device_plugin.cli",),
     "runtime": ("valve.runtime.cli",),
     "crds": ("valve.api.cli",),
+    "pod-init": ("valve.operator.podinit",),
     "demo": ("valve.demo", "valve.demo_node"),
     "top": ("valve.top",),
     "simulate": ("valve.simulate.cli",),

@@ -50,7 +50,7 @@ async def test_valid_pair_creates_two_pods_and_walks_placed_running(env):
     assert status["onlinePod"] == "chat-online" and status["offlinePod"] == "chat-offline"
     conds = {cd["type"]: cd for cd in status["conditions"]}
     assert {t: cd["status"] for t, cd in conds.items()} == {
-        "Placed": "True", "OnlineReady": "True", "OfflineReady": "True", "Paired": "True"}
+        "Placed": "True", "OnlineReady": "True", "OfflineReady": "True", "Paired": "True", "Ready": "True"}
     assert all(cd["observedGeneration"] == 1 for cd in conds.values())
 
     pods = {p["metadata"]["name"]: p for p in await env.api.pods(NS)}
@@ -81,12 +81,14 @@ async def test_valid_pair_creates_two_pods_and_walks_placed_running(env):
     env_vars = {e["name"]: e for e in arbiter["env"]}
     spec = RuntimeSpec.model_validate_json(env_vars["VALVE_RUNTIME_SPEC"]["value"])
     assert spec.idle_hysteresis_ms == 7 and spec.eviction_policy == "fifo" and spec.reserve.min_bytes == 1024
-    assert "VALVE_GPU_UUID" not in env_vars  # a downward-API env would be fixed before the GPU is known
-    assert {v["name"] for v in off["volumes"]} == {"data", "valve-runtime", "valve-podinfo"}
+    # from the annotation, resolved at start: after the init container waited for it
+    assert env_vars["VALVE_GPU_UUID"]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{ANN_GPU}']"
+    assert [ct["name"] for ct in off["initContainers"]] == ["valve-gpu-dir"]
+    assert {v["name"] for v in off["volumes"]} == {"data", "valve-runtime", "valve-links", "valve-podinfo"}
     podinfo = next(v for v in off["volumes"] if v["name"] == "valve-podinfo")
     assert podinfo["downwardAPI"]["items"] == [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
     assert {m["name"]: m["mountPath"] for m in arbiter["volumeMounts"]} == {
-        "valve-runtime": "/var/run/valve", "valve-podinfo": "/etc/valve/podinfo"}
+        "valve-runtime": "/var/run/valve-gpu", "valve-links": "/var/run/valve", "valve-podinfo": "/etc/valve/podinfo"}
     # The GPU annotation, as the device plugin writes it.
     for name, role in (("chat-online", "online"), ("chat-offline", "offline")):
         ann = pods[name]["metadata"]["annotations"]

@@ -14,7 +14,7 @@ pytest.importorskip("kopf")
 pytest.importorskip("kmock")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
-from operator_harness import emulated, gpu_node, pair_body  # noqa: E402
+from operator_harness import emulated, gpu_node, operator_requests, pair_body  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 NS = "default"
@@ -157,3 +157,79 @@ async def _placed(env, names):
     return out if len(out) == 2 else None
 
 
+# ---- refused pairs, refused pod creates, pairs being deleted ------------------------------------------------
+
+
+def _cond(pair: dict, kind: str) -> dict:
+    (cond,) = [cd for cd in pair["status"]["conditions"] if cd["type"] == kind]
+    return cond
+
+
+async def test_a_pair_naming_an_image_the_operator_does_not_allow_takes_no_gpu(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    bad = pair_body("bad", NS)
+    bad["spec"]["offline"]["arbiter"] = {"image": "evil:latest"}
+    await env.api.create_pair(bad, NS)
+    pair = await env.until_phase("Failed", "bad")
+    placed = _cond(pair, "Placed")
+    assert placed["status"] == "False" and placed["reason"] == "ImageNotAllowed" and "evil:latest" in placed["message"]
+    assert ("Warning", "Failed") in [(e["type"], e["reason"]) for e in env.events()]
+    await env.run_pair("good")  # the node's one GPU was not claimed by the refused pair
+    assert sorted(env.pod_creations()) == ["good-offline", "good-online"]
+
+
+PSA = ('pods "bad-online" is forbidden: violates PodSecurity "baseline:latest": hostPath volumes '
+       '(volume "valve-runtime")')
+
+
+async def test_a_refused_pod_create_says_why_warns_once_and_releases_the_gpu(env):
+    env.add_node("gpu-a", 1)
+    env.kube.refuse["bad-online"] = (403, PSA)
+    await env.start_operator()
+    await env.api.create_pair(pair_body("bad", NS), NS)
+
+    async def refused():
+        pair = await env.api.get_pair("bad", NS)
+        conds = {cd["type"]: cd for cd in ((pair or {}).get("status") or {}).get("conditions") or []}
+        return pair if conds.get("Placed", {}).get("reason") == "PodCreateFailed" else None
+    pair = await env.until(refused, "Placed=False/PodCreateFailed")
+    placed, ready = _cond(pair, "Placed"), _cond(pair, "Ready")
+    assert placed["status"] == "False" and placed["message"] == PSA
+    assert ready["status"] == "False" and ready["reason"] == "PodCreateFailed"
+    assert pair["status"]["phase"] == "Pending" and "node" not in pair["status"]
+    await env.resyncs()  # retried on each resync pass: refused again, told once
+    assert [e["message"] for e in env.events() if e["reason"] == "PodCreateFailed"] == [PSA]
+    assert {e["type"] for e in env.events() if e["reason"] == "PodCreateFailed"} == {"Warning"}
+    await env.run_pair("good")  # the GPU was released
+    creates = [r for r in operator_requests(env.kube) if r.method.value == "POST" and r.resource is not None
+               and r.resource.plural == "pods"]
+    assert creates and all(r.params.get("fieldValidation") == "Strict" for r in creates)
+    assert _cond(await env.api.get_pair("good", NS), "Ready")["status"] == "True"
+
+
+async def test_a_pair_being_deleted_never_gets_pods_again(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    await env.run_pair()
+    # a finalizer (someone else's) holds the pair: deletionTimestamp set, the pair still there
+    path = f"/apis/valve.io/v1alpha1/namespaces/{NS}/colocationpairs/chat"
+    assert await env.api.patch(path, {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}) == 200
+    for name in ("chat-online", "chat-offline"):
+        await env.api.delete(f"{env.pods_path}/{name}")
+    await env.resyncs()
+    assert sorted(env.pod_creations()) == ["chat-offline", "chat-online"] and await env.api.pods(NS) == []
+
+
+async def test_pods_gone_before_the_pairs_deleted_event_are_not_recreated(env):
+    import kmock
+
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    await env.run_pair()
+    # the pair is gone from the API, its DELETED event not delivered yet; its pods' deletions arrive first
+    env.kube.objects[kmock.resource("valve.io/v1alpha1/colocationpairs"), NS, "chat"].delete()
+    for name in ("chat-online", "chat-offline"):
+        await env.api.delete(f"{env.pods_path}/{name}")
+    await env.resyncs()
+    assert sorted(env.pod_creations()) == ["chat-offline", "chat-online"] and await env.api.pods(NS) == []

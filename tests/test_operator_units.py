@@ -91,7 +91,10 @@ def test_sidecars_read_the_gpu_from_a_downward_api_volume(role):
     assert side["args"][i + 1] == PODINFO_FILE == "/etc/valve/podinfo/annotations"
     assert "--gpu" not in side["args"] and not any("VALVE_GPU_UUID" in a for a in side["args"])
     assert {"name": "VALVE_ROLE", "value": role} in side["env"]
-    assert not any(e["name"] == "VALVE_GPU_UUID" for e in side["env"])
+    # the GPU env only from the annotation (resolved at start, after the init container waited for it)
+    (gpu_env,) = [e for e in side["env"] if e["name"] == "VALVE_GPU_UUID"]
+    assert gpu_env == {"name": "VALVE_GPU_UUID",
+                       "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['valve.io/gpu-uuid']"}}}
     (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "valve-podinfo"]
     assert vol == {"name": "valve-podinfo", "downwardAPI": {"items": [
         {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}
@@ -262,6 +265,7 @@ def test_cli_passes_options_to_the_operator(monkeypatch):
     async def fake_run(**kw):
         seen.update(kw)
     monkeypatch.setattr(main, "run_operator", fake_run)
+    monkeypatch.setattr("valve.operator.kube.load_api_client", lambda: None)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", "--health-port", "8081",
                                       "--log-level", "debug", "-n", "a", "-n", "b", "--sidecar-image", "img:1"])
     assert result.exit_code == 0, result.output
@@ -279,3 +283,53 @@ def test_cli_refuses_bad_options(monkeypatch, args):
     monkeypatch.setattr(main, "run_operator", fake_run)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", *args])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("phase, conds, want", [
+    (c.Phase.Running, [], ("True", "Running")),
+    (c.Phase.Pending, [status.Cond(c.ConditionType.Placed, "False", "NoCapacity", "no node")], ("False", "NoCapacity")),
+    (c.Phase.Placed, [status.Cond(c.ConditionType.Placed, "True", "NodeSelected"),
+                      status.Cond(c.ConditionType.OnlineReady, "False", "PodPending", "pending")], ("False", "PodPending")),
+])
+def test_ready_summarises_the_first_condition_that_is_not_true(phase, conds, want):
+    ready = status.summary(phase, conds)
+    assert ready.type is c.ConditionType.Ready and (ready.status, ready.reason) == want
+
+
+def test_a_pair_being_deleted_gets_no_pods_and_a_refused_create_says_why():
+    deleting = pair()
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert plan(deleting, {ONLINE: None, OFFLINE: None}, node="n1", cfg=CFG, now=NOW).actions == []
+    p = plan(pair(), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW, create_failed="forbidden: x")
+    placed = {cd["type"]: cd for cd in p.status["conditions"]}["Placed"]
+    assert p.actions == [] and p.phase is c.Phase.Pending
+    assert (placed["status"], placed["reason"], placed["message"]) == ("False", "PodCreateFailed", "forbidden: x")
+    assert ("Warning", "PodCreateFailed") in [(e.type, e.reason) for e in p.events]
+    again = plan(pair(**p.status), {ONLINE: None, OFFLINE: None}, node=None, cfg=CFG, now=NOW,
+                 create_failed="forbidden: x")
+    assert again.events == []  # told once
+
+
+def _valve(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "valve.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_valve_version_flag():
+    from valve import __version__
+
+    proc = _valve("--version")
+    assert proc.returncode == 0 and proc.stdout == f"valve {__version__}\n" and proc.stderr == ""
+
+
+def test_operator_without_kubeconfig_fails_in_one_line(tmp_path):
+    env = {"KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": "",
+           "KUBERNETES_SERVICE_PORT": ""}
+    proc = _valve("operator", "--metrics-port", "0", "--health-port", "0", env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("valve operator: no Kubernetes API access: ")

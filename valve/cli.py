@@ -25,6 +25,18 @@ register_device_plugin(app)
 register_operator(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"valve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print Valve's version and exit.")) -> None:
+    """Colocate latency-critical online LLM inference with offline batch inference on one GPU."""
+
+
 @app.command()
 def version() -> None:
     """Print Valve's version."""

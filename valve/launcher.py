@@ -20,6 +20,7 @@ COMMANDS = {
     "device-plugin": "node",
     "runtime": "node",
     "crds": "node",
+    "pod-init": "node",
     "demo": "demo",
     "top": "demo",
     "simulate": "simulate",

@@ -39,15 +39,18 @@ from valve.api.crds import colocationpair_crd
 from valve.operator.pods import RESOURCE
 
 
-def openapi_to_jsonschema(schema: dict[str, Any]) -> dict[str, Any]:
+def openapi_to_jsonschema(schema: dict[str, Any], strict: bool = True) -> dict[str, Any]:
     """A Draft 4 JSON schema with the same meaning (for validating objects without an API server).
 
-    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting.
+    OpenAPI v3.0's boolean `exclusiveMinimum` is Draft 4's; only `nullable` needs rewriting. `strict`: unknown
+    fields are errors, as under fieldValidation=Strict (kubectl's default) rather than pruned.
     """
     out = copy.deepcopy(schema)
     stack = [out]
     while stack:
         node = stack.pop()
+        if strict and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
         if node.pop("nullable", False) and "type" in node:
             node["type"] = [node["type"], "null"]
             if "enum" in node:
@@ -143,6 +146,7 @@ class ValveKube(kmock.KubernetesEmulator):
         self._validator = crd_validator()
         self._live: dict[str, Any] = {}  # uid -> key of objects created through the API and not deleted
         self._owned: dict[str, set[Any]] = {}  # owner uid -> keys of its dependents
+        self.refuse: dict[str, tuple[int, str]] = {}  # pod name -> (code, message): admission refuses its create
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         res = kmock.resource(resource)
@@ -181,6 +185,9 @@ class ValveKube(kmock.KubernetesEmulator):
         meta = data.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.resource.plural == "pods" and meta.get("name") in self.refuse:
+            code, message = self.refuse[meta["name"]]
+            raise status_error(code, "Forbidden" if code == 403 else "Invalid", message)
         if request.resource.group == c.GROUP and self.validate_crs:
             errors = sorted(self._validator.iter_errors(data), key=lambda e: list(e.absolute_path))
             if errors:

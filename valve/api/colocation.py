@@ -9,10 +9,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from valve.api.contract import GROUP
+from valve.api.contract import GROUP, RESERVED_CONTAINERS, RESERVED_VOLUMES
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
 
 VERSION = "v1alpha1"
@@ -59,12 +59,40 @@ class PodSpec(BaseModel):
 
     containers: list[Container] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _no_reserved_names(self) -> PodSpec:
+        """The operator adds volumes and containers of these names: a template naming one could reach the
+        host's runtime folder (another GPU's control block) through them."""
+        extra = self.model_extra or {}
+        volumes = [v.get("name") for v in extra.get("volumes") or [] if isinstance(v, dict)]
+        containers = [*self.containers, *(extra.get("initContainers") or [])]
+        mounts = []
+        for ct in containers:
+            more = ct.model_extra if isinstance(ct, BaseModel) else ct
+            mounts += [m.get("name") for m in (more or {}).get("volumeMounts") or [] if isinstance(m, dict)]
+        names = [ct.name if isinstance(ct, BaseModel) else (ct or {}).get("name") for ct in containers]
+        used = sorted({n for n in volumes + mounts if n in RESERVED_VOLUMES}
+                      | {n for n in names if n in RESERVED_CONTAINERS})
+        if used:
+            raise ValueError(f"{', '.join(used)}: reserved for the containers and volumes Valve adds")
+        return self
+
 
 class TemplateMeta(BaseModel):
     model_config = _CAMEL
 
     labels: Labels = Field(default_factory=dict)
     annotations: Annotations = Field(default_factory=dict)
+
+    @field_validator("annotations")
+    @classmethod
+    def _no_valve_annotations(cls, value: dict[str, str]) -> dict[str, str]:
+        """valve.io/* annotations on a pod are written by the operator and the device plugin (the GPU one
+        picks the sidecars' GPU folder): a template may not set them."""
+        ours = sorted(k for k in value if k.startswith(f"{GROUP}/"))
+        if ours:
+            raise ValueError(f"{', '.join(ours)}: {GROUP}/ annotations are set by Valve, not by the template")
+        return value
 
 
 class PodTemplate(BaseModel):
@@ -83,9 +111,16 @@ class ProxySidecar(BaseModel):
 
     enabled: bool = Field(True, description="Add the proxy sidecar to the online pod.")
     image: str | None = Field(None, max_length=IMAGE_MAX,
-                              description="Sidecar image; the operator's --sidecar-image when unset.")
+                              description="Sidecar image; the operator's --sidecar-image when unset. Only an image "
+                              "the operator allows (--allowed-sidecar-image).")
     port: int = Field(9000, ge=1, le=65535, description="Port the proxy listens on.")
     upstream_port: int = Field(8000, ge=1, le=65535, description="Port of the online server in the pod.")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ProxySidecar:
+        if self.enabled and self.port == self.upstream_port:
+            raise ValueError(f"port and upstreamPort are both {self.port}: the proxy would forward to itself")
+        return self
 
 
 class ArbiterSidecar(BaseModel):
@@ -94,7 +129,8 @@ class ArbiterSidecar(BaseModel):
     model_config = _CAMEL
 
     image: str | None = Field(None, max_length=IMAGE_MAX,
-                              description="Sidecar image; the operator's --sidecar-image when unset.")
+                              description="Sidecar image; the operator's --sidecar-image when unset. Only an image "
+                              "the operator allows (--allowed-sidecar-image).")
 
 
 class OnlineRole(BaseModel):
@@ -161,6 +197,7 @@ class ConditionType(StrEnum):
     OnlineReady = "OnlineReady"
     OfflineReady = "OfflineReady"
     Paired = "Paired"
+    Ready = "Ready"  # summary: True exactly when the phase is Running (`kubectl wait --for=condition=Ready`)
 
 
 class Condition(BaseModel):

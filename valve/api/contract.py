@@ -41,6 +41,18 @@ ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.l
 PRELOAD_LIBRARY = "/opt/valve/lib/libvalvegate.so"
 PODINFO_DIR = "/etc/valve/podinfo"  # operator mounts the pod's downward-API annotations volume here
 PODINFO_FILE = f"{PODINFO_DIR}/annotations"  # kubelet writes (key="value" lines); sidecars read it (--gpu-from)
+# In a sidecar: the host folder of its own GPU only (<RUNTIME_DIR>/<gpu-uuid>, a hostPath subPathExpr mount), and
+# the folder the operator's init container fills with one link <gpu-uuid> -> SIDECAR_GPU_DIR (an emptyDir mounted
+# at the runtime dir), so the runtime finds <runtime dir>/<gpu-uuid>/control without seeing other GPUs' folders.
+SIDECAR_GPU_DIR = "/var/run/valve-gpu"
+
+# Volume and container names the operator adds to a pair's pods; a pair's templates may not use them.
+VOLUME_RUNTIME = "valve-runtime"  # hostPath RUNTIME_DIR, mounted only at the pod's own GPU folder
+VOLUME_LINKS = "valve-links"  # emptyDir at the runtime dir in the sidecars: the link to SIDECAR_GPU_DIR
+VOLUME_PODINFO = "valve-podinfo"  # downward API: the pod's annotations, updated live by the kubelet
+VOLUME_PRELOAD = "valve-gate-lib"  # hostPath PRELOAD_LIBRARY
+RESERVED_VOLUMES = (VOLUME_RUNTIME, VOLUME_LINKS, VOLUME_PODINFO, VOLUME_PRELOAD)
+RESERVED_CONTAINERS = ("valve-proxy", "valve-arbiter", "valve-gpu-dir")
 
 # ---- Environment variables -----------------------------------------------------------------------------------
 ENV_GPU_UUID = "VALVE_GPU_UUID"  # device plugin's Allocate sets it; engines' Gate/online_request and sidecars read it

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from valve.api.contract import ENV_IMAGE, RUNTIME_DIR
+from valve.api.contract import ENV_IMAGE, PODINFO_FILE, RUNTIME_DIR, SIDECAR_GPU_DIR
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +23,11 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
         sidecar_image: str = typer.Option(
             "valve:0.1.0", envvar=ENV_IMAGE, help="Image of the proxy and arbiter sidecars."
+        ),
+        allowed_sidecar_image: list[str] = typer.Option(
+            [], "--allowed-sidecar-image",
+            help="An image a pair may name for its sidecars besides --sidecar-image (repeatable); any other is "
+                 "refused (ImageNotAllowed).",
         ),
         sidecar_metrics_port: int = typer.Option(9400, min=1, max=65535, help="/metrics port of the sidecars."),
         runtime_dir: str = typer.Option(RUNTIME_DIR, help="Host folder of the per-GPU control blocks."),
@@ -47,6 +54,32 @@ def register(app: typer.Typer) -> None:
 
             start_http_server(metrics_port)
         liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
-        cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port)
-        asyncio.run(run_operator(cfg=cfg, namespaces=namespace, resync_seconds=resync_seconds,
+        from valve.operator.kube import load_api_client
+
+        try:
+            api_client = load_api_client()
+        except Exception as e:  # no in-cluster config and no usable kubeconfig: one line, not a traceback
+            typer.echo(f"valve operator: no Kubernetes API access: {str(e).splitlines()[0] if str(e) else e!r}",
+                       err=True)
+            raise typer.Exit(code=2) from None
+        cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port,
+                             allowed_images=tuple(allowed_sidecar_image))
+        asyncio.run(run_operator(cfg=cfg, namespaces=namespace, api_client=api_client, resync_seconds=resync_seconds,
                                  liveness_endpoint=liveness, peering=peering))
+
+    @app.command("pod-init")
+    def pod_init(
+        gpu_from: Path = typer.Option(Path(PODINFO_FILE), help="The pod's downward-API annotations file."),
+        links: Path = typer.Option(Path(RUNTIME_DIR), help="Folder to write the link <gpu-uuid> in."),
+        target: Path = typer.Option(Path(SIDECAR_GPU_DIR), help="Where the sidecars mount their GPU's folder."),
+        gpu_wait_seconds: float = typer.Option(300.0, min=0.0, help="How long to wait for the GPU annotation."),
+    ) -> None:
+        """Init container of a pair's pods: wait for the GPU annotation, link the sidecars' GPU folder."""
+        from valve.operator.podinit import run
+
+        try:
+            uuid = run(gpu_from, links, target, gpu_wait_seconds)
+        except (OSError, TimeoutError, ValueError) as e:
+            typer.echo(f"valve pod-init: {e}", err=True)
+            raise typer.Exit(code=2) from None
+        typer.echo(f"valve pod-init: {links / uuid} -> {target}")

@@ -21,10 +21,10 @@ from valve.api import colocation as c
 from valve.api.contract import OFFLINE, ONLINE, ROLES
 from valve.operator import metrics
 from valve.operator.capacity import Claim, FreeSlots, NodeView, build_nodes, node_view
-from valve.operator.kube import Kube
+from valve.operator.kube import CreateRefused, Kube
 from valve.operator.placement import NO_FIT, Node, PairRequest, place
 from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view, render_pod
-from valve.operator.reconcile import Create, action_event, node_of, parse_spec, plan
+from valve.operator.reconcile import Create, action_event, node_of, not_allowed, parse_spec, plan
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -62,6 +62,7 @@ class Operator:
     inflight: dict[str, tuple[Key, float]] = field(default_factory=dict)  # node -> (pair, until) creating offline
     fingerprints: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
     unreported: dict[Key, float] = field(default_factory=dict)  # online pod started, GPU not reported, since
+    refused: dict[Key, str] = field(default_factory=dict)  # a pod create the API refused: its message, until resync
     rendered: dict[Key, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     free: FreeSlots = field(default_factory=FreeSlots)
     free_ready: bool = False
@@ -153,6 +154,11 @@ class Operator:
                 raise
 
     async def _reconcile(self, key: Key, body: dict[str, Any], resync: bool) -> None:
+        if body["metadata"].get("deletionTimestamp"):
+            self.forget(key)  # being deleted: its pods go with it, nothing is created for it any more
+            return
+        if resync:
+            self.refused.pop(key, None)  # try the create again (e.g. the namespace's PodSecurity label changed)
         self.first_seen.setdefault(key, time.monotonic())
         self.written.setdefault(key, body.get("status") or {})
         if key in self.latest:
@@ -166,6 +172,8 @@ class Operator:
                 and key not in self.waiting.get(node or "", ()) and key not in self.unreported:
             return  # nothing it depends on changed since the last pass
         spec, _ = parse_spec(body)
+        if spec is not None and (not_allowed(spec, self.cfg) or key in self.refused):
+            spec = None  # refused: take no GPU for it
         no_fit = NO_FIT
         if node is None and spec is not None:
             node, no_fit = await self.place(key, spec)
@@ -186,7 +194,8 @@ class Operator:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit, offline_gate=gate,
                     repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
-                    unwished=unreported_s >= GPU_REPORT_GRACE_S, render=self.renderer(key))
+                    unwished=unreported_s >= GPU_REPORT_GRACE_S, create_failed=self.refused.get(key),
+                    render=self.renderer(key))
 
         if node is not None and any(isinstance(a, Create) and a.role == OFFLINE for a in todo.actions):
             # Taken before the create's await: another pair's reconcile must see the gate closed meanwhile.
@@ -195,7 +204,16 @@ class Operator:
         done = []
         for action in todo.actions:
             if isinstance(action, Create):
-                created = await self.kube.create_pod(action.pod)
+                if old.get(f"{action.role}Pod") and not await self.kube.pair_exists(
+                        *key, body["metadata"].get("uid")):
+                    self.forget(key)  # its DELETED event is still on the way: no orphan pod
+                    return
+                try:
+                    created = await self.kube.create_pod(action.pod)
+                except CreateRefused as e:
+                    log.warning("creating pod %s refused: %s", action.pod["metadata"]["name"], e)
+                    await self.refuse(key, body, node, e.message, pods, now)
+                    return
                 ok = created is not None
                 grace = CREATED_GRACE_S
                 if not ok:  # it exists: count it as there until the watch shows it, do not ask again
@@ -214,6 +232,24 @@ class Operator:
         self.set_phase(key, todo.status["phase"])
         self.fingerprints[key] = (body["metadata"].get("resourceVersion"), node, *self.pods_of(key).values(),
                                   self.repairs.get(key, 0))
+
+    async def refuse(self, key: Key, body: dict[str, Any], node: str | None, message: str,
+                     pods: dict[str, PodView | None], now: str) -> None:
+        """A pod create was refused: release the GPU claim (and the node's offline gate) and say why."""
+        self.refused[key] = message
+        self.claims.pop(key, None)
+        if node is not None and self.inflight.get(node, (None,))[0] == key:
+            del self.inflight[node]
+        if not any(p is not None and not p.deleting for p in pods.values()):
+            node = None
+            self.assign(key, None)
+        todo = plan(body, pods, node=node, cfg=self.cfg, now=now, create_failed=message)
+        await self.write_status(key, todo.status)
+        for event in todo.events:
+            await self.kube.post_event(body, event.type, event.reason, event.message)
+        self.set_phase(key, todo.status["phase"])
+        if node is not None:
+            await self.wake(node)
 
     async def write_status(self, key: Key, status: dict[str, Any], flush: bool = False) -> None:
         """Write at once what matters (phase, node); other changes once the pair has been quiet for
@@ -317,7 +353,7 @@ class Operator:
         if self.phases.get(key) is not None:
             metrics.PAIRS.labels(phase=self.phases[key]).dec()
         for d in (self.claims, self.first_seen, self.phases, self.locks, self.written, self.latest, self.dirty,
-                  self.repairs, self.fingerprints, self.unreported, self.rendered):
+                  self.repairs, self.fingerprints, self.unreported, self.rendered, self.refused):
             d.pop(key, None)
         for role in ROLES:
             self.created.pop((*key, role), None)
@@ -405,7 +441,7 @@ def build_registry(op: Operator, login: Callable[..., Any] | None = None) -> kop
     async def valve_pair_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
         op.indexed.set()
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        if event.get("type") == "DELETED":
+        if event.get("type") == "DELETED" or body["metadata"].get("deletionTimestamp"):
             op.forget(key)
             return
         snapshot = _snapshot(body)

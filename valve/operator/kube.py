@@ -22,6 +22,24 @@ def load_api_client(host: str | None = None):
     return kubeclient.load_api_client(host, USER_AGENT)
 
 
+class CreateRefused(Exception):
+    """The API server refused a pod create (403 from admission such as PodSecurity, 422 invalid, ...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+def api_message(e: Any) -> str:
+    """The Status message of an ApiException, else its reason."""
+    import json
+
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(e.reason)
+
+
 class Kube:
     """Pods, pair status and events. Blocking client calls run in threads."""
 
@@ -32,17 +50,37 @@ class Kube:
         self.custom = client.CustomObjectsApi(api_client)
 
     async def create_pod(self, pod: dict[str, Any]) -> dict[str, Any] | None:
-        """Create a pod and return it as stored; None if one with that name exists already."""
+        """Create a pod and return it as stored; None if one with that name exists already.
+
+        Strict field validation: a field the API server does not know fails the create instead of being
+        dropped. Other refusals raise `CreateRefused` with the API's message."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             created = await asyncio.to_thread(self.core.create_namespaced_pod, pod["metadata"]["namespace"],
-                                              pod, _content_type=JSON)
+                                              pod, field_validation="Strict", _content_type=JSON)
         except ApiException as e:
             if e.status == 409:
                 return None
+            if e.status is not None and 400 <= e.status < 500:
+                raise CreateRefused(e.status, api_message(e)) from None
             raise
         return self.core.api_client.sanitize_for_serialization(created)
+
+    async def pair_exists(self, namespace: str, name: str, uid: str | None) -> bool:
+        """Whether that pair (same uid) is still there and not being deleted: asked before recreating a pod,
+        since its pods' deletions may be seen before the pair's."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pair = await asyncio.to_thread(self.custom.get_namespaced_custom_object,
+                                           c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        meta = pair.get("metadata") or {}
+        return (uid is None or meta.get("uid") == uid) and not meta.get("deletionTimestamp")
 
     async def delete_pod(self, namespace: str, name: str, uid: str) -> bool:
         """Delete that pod only (uid precondition): a newer pod with the same name survives."""

@@ -15,10 +15,12 @@ from valve.api.contract import (
     ANN_NODE,
     ANN_ROLE,
     ANN_WANT_GPU,
+    ENV_GPU_UUID,
     ENV_PAIR,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
+    GROUP,
     LABEL_PAIR,
     LABEL_ROLE,
     METRICS_PORT_NAME,
@@ -30,6 +32,11 @@ from valve.api.contract import (
     PODINFO_FILE,
     PRELOAD_LIBRARY,
     RUNTIME_DIR,
+    SIDECAR_GPU_DIR,
+    VOLUME_LINKS,
+    VOLUME_PODINFO,
+    VOLUME_PRELOAD,
+    VOLUME_RUNTIME,
 )
 
 RESOURCE = {ONLINE: ONLINE_RESOURCE, OFFLINE: OFFLINE_RESOURCE}
@@ -37,9 +44,11 @@ RESOURCE = {ONLINE: ONLINE_RESOURCE, OFFLINE: OFFLINE_RESOURCE}
 MANAGED_BY = "valve-operator"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 
-RUNTIME_VOLUME = "valve-runtime"
-PODINFO_VOLUME = "valve-podinfo"  # downward API: the pod's annotations, updated live by the kubelet
-PRELOAD_VOLUME = "valve-gate-lib"
+RUNTIME_VOLUME = VOLUME_RUNTIME
+PODINFO_VOLUME = VOLUME_PODINFO
+PRELOAD_VOLUME = VOLUME_PRELOAD
+LINKS_VOLUME = VOLUME_LINKS
+INIT_CONTAINER = "valve-gpu-dir"
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,10 @@ class OperatorConfig:
     sidecar_cpu: str = "100m"
     sidecar_memory: str = "128Mi"
     metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
+    allowed_images: tuple[str, ...] = ()  # images a pair may name for its sidecars, besides sidecar_image
+
+    def image_allowed(self, image: str | None) -> bool:
+        return image is None or image == self.sidecar_image or image in self.allowed_images
 
 
 def pod_name(pair_name: str, role: str) -> str:
@@ -88,11 +101,13 @@ def render_pod(
     sidecar = _proxy(spec, cfg) if role == ONLINE else _arbiter(spec, cfg)
     if sidecar is not None:
         containers.append(sidecar)
+        body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg))
         volumes = body_spec.setdefault("volumes", [])
         volumes.append({
             "name": RUNTIME_VOLUME,
             "hostPath": {"path": cfg.runtime_dir, "type": "DirectoryOrCreate"},
         })
+        volumes.append({"name": LINKS_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
         volumes.append({
             "name": PODINFO_VOLUME,
             "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
@@ -100,7 +115,9 @@ def render_pod(
     body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
 
     labels = {**template.metadata.labels, LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_ROLE: role}
-    annotations = {**template.metadata.annotations, ANN_NODE: node}
+    # the models refuse valve.io/* template annotations; dropped here too, as the sidecars trust these
+    annotations = {k: v for k, v in template.metadata.annotations.items() if not k.startswith(f"{GROUP}/")}
+    annotations[ANN_NODE] = node
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -162,20 +179,46 @@ def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _sidecar_env(role: str) -> list[dict[str, Any]]:
-    # Not the GPU: it is known only after allocation, and a downward-API env is fixed at container start.
-    # The sidecars wait for it in the podinfo volume (`--gpu-from`), which the kubelet keeps up to date.
-    return [{"name": ENV_ROLE, "value": role}]
+    # The GPU from its annotation: a downward-API env is fixed at container start, which is after the init
+    # container has waited for the annotation; it names the one GPU folder the sidecar mounts (subPathExpr).
+    gpu = {"fieldRef": {"fieldPath": f"metadata.annotations['{ANN_GPU}']"}}
+    return [{"name": ENV_ROLE, "value": role}, {"name": ENV_GPU_UUID, "valueFrom": gpu}]
+
+
+def _security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+
+
+def _resources(cfg: OperatorConfig) -> dict[str, Any]:
+    return {"requests": {"cpu": cfg.sidecar_cpu, "memory": cfg.sidecar_memory},
+            "limits": {"memory": cfg.sidecar_memory}}
+
+
+def _pod_init(image: str, cfg: OperatorConfig) -> dict[str, Any]:
+    """Waits for the GPU annotation, then links <runtime dir>/<uuid> to the sidecars' GPU folder."""
+    return {
+        "name": INIT_CONTAINER,
+        "image": image,
+        "command": ["valve"],
+        "args": ["pod-init", "--gpu-from", PODINFO_FILE, "--links", cfg.runtime_dir, "--target", SIDECAR_GPU_DIR],
+        "resources": _resources(cfg),
+        "volumeMounts": [{"name": LINKS_VOLUME, "mountPath": cfg.runtime_dir},
+                         {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
+        "securityContext": _security(),
+    }
 
 
 def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
     return {
         "name": name,
         "image": image,
-        "resources": {"requests": {"cpu": cfg.sidecar_cpu, "memory": cfg.sidecar_memory},
-                      "limits": {"memory": cfg.sidecar_memory}},
-        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": cfg.runtime_dir},
+        "resources": _resources(cfg),
+        # Only this pod's GPU folder of the host (not the whole runtime root), reached through the init
+        # container's link at the runtime dir.
+        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": SIDECAR_GPU_DIR, "subPathExpr": f"$({ENV_GPU_UUID})"},
+                         {"name": LINKS_VOLUME, "mountPath": cfg.runtime_dir, "readOnly": True},
                          {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+        "securityContext": _security(),
     }
 
 

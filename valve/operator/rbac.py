@@ -12,7 +12,7 @@ from __future__ import annotations
 from valve.api import colocation as c
 
 RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": [c.GROUP], "resources": [c.PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [c.GROUP], "resources": [c.PLURAL], "verbs": ["list", "watch", "get"]},
     {"apiGroups": [c.GROUP], "resources": [f"{c.PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},

@@ -26,6 +26,7 @@ from valve.operator.placement import NO_FIT
 from valve.operator.pods import OperatorConfig, PodView, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
+CREATE_FAILED = "PodCreateFailed"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ def parse_spec(pair: dict[str, Any]) -> tuple[c.ColocationPairSpec | None, str |
         return None, "; ".join(problems)
 
 
+def not_allowed(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> str | None:
+    """Sidecar images come from the operator's configuration: a pair may only pick one it allows."""
+    named = {"spec.online.proxy.image": spec.online.proxy.image, "spec.offline.arbiter.image": spec.offline.arbiter.image}
+    bad = [f"{where}: image {image!r} is not allowed" for where, image in named.items() if not cfg.image_allowed(image)]
+    if not bad:
+        return None
+    return "; ".join(bad) + f" (the operator allows {', '.join([cfg.sidecar_image, *cfg.allowed_images])})"
+
+
 def node_of(pair: dict[str, Any], pods: dict[str, PodView | None]) -> str | None:
     """The node the pair is placed on: its status, else where its existing pods are pinned."""
     node = (pair.get("status") or {}).get("node")
@@ -94,23 +104,32 @@ def plan(
     offline_gate: bool = True,
     repairs_left: int = 1,
     unwished: bool = False,
+    create_failed: str | None = None,
     render: Callable[..., dict[str, Any]] = render_pod,
 ) -> Plan:
+    """What to do now. `create_failed`: the API's message when it refused to create one of the pair's pods
+    (e.g. PodSecurity): no pods are created this time, and the pair says why."""
     spec, invalid = parse_spec(pair)
+    refused = "InvalidSpec"
+    if spec is not None and (bad := not_allowed(spec, cfg)):
+        invalid, refused = bad, "ImageNotAllowed"
     old = pair.get("status") or {}
     generation = int(pair["metadata"].get("generation") or 1)
     actions: list[Create | Delete] = []
     events: list[Event] = []
 
     if invalid is not None:
-        placed = st.Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)
+        placed = st.Cond(ConditionType.Placed, "False", refused, invalid)
+    elif create_failed is not None:
+        placed = st.Cond(ConditionType.Placed, "False", CREATE_FAILED, create_failed)
     elif node is None:
         placed = st.Cond(ConditionType.Placed, "False", "NoCapacity", no_fit)
     else:
         placed = st.Cond(ConditionType.Placed, "True", "NodeSelected", f"placed on node {node}")
-        actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
+        if not pair["metadata"].get("deletionTimestamp"):  # never create for a pair being deleted
+            actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
-    phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid)
+    phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid is not None)
     message = _message(phase, conds)
     status = {
         "phase": phase.value,
@@ -124,6 +143,9 @@ def plan(
     }
     status = {k: v for k, v in status.items() if v is not None}
 
+    was = next((cd for cd in old.get("conditions") or [] if cd.get("type") == ConditionType.Placed.value), {})
+    if placed.reason == CREATE_FAILED and (was.get("reason"), was.get("message")) != (CREATE_FAILED, create_failed):
+        events.append(Event("Warning", CREATE_FAILED, create_failed or ""))
     if old.get("phase") != phase.value:  # transitions only: detail changes are in the status
         kind = "Warning" if phase in (Phase.Failed, Phase.Degraded) or placed.reason == "NoCapacity" else "Normal"
         events.append(Event(kind, phase.value, message))

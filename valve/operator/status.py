@@ -51,12 +51,12 @@ def compute(
     node: str | None,
     pods: dict[str, PodView | None],
     placed: Cond,
-    invalid: str | None = None,
+    invalid: bool = False,
 ) -> tuple[Phase, list[Cond], str | None]:
-    """Phase, conditions and GPU of a pair."""
+    """Phase, conditions and GPU of a pair (`invalid`: the pair is refused, as `placed` says)."""
     online, offline = pods.get(ONLINE), pods.get(OFFLINE)
-    if invalid is not None:
-        return Phase.Failed, [Cond(ConditionType.Placed, "False", "InvalidSpec", invalid)], None
+    if invalid:
+        return Phase.Failed, [placed, summary(Phase.Failed, [placed])], None
     conds = [placed, pod_ready(ONLINE, online), pod_ready(OFFLINE, offline), pairing(online, offline, node)]
     paired = conds[3]
     gpu = online.gpu if paired.status == "True" and online is not None else None
@@ -68,7 +68,17 @@ def compute(
         phase = Phase.Running
     else:
         phase = Phase.Placed
-    return phase, conds, gpu
+    return phase, [*conds, summary(phase, conds)], gpu
+
+
+def summary(phase: Phase, conds: list[Cond]) -> Cond:
+    """Ready: True when the pair runs; else False with the first condition that is not True."""
+    if phase == Phase.Running:
+        return Cond(ConditionType.Ready, "True", "Running", "both pods are ready")
+    first = next((cd for cd in conds if cd.status != "True"), None)
+    if first is None:
+        return Cond(ConditionType.Ready, "False", phase.value, f"phase {phase.value}")
+    return Cond(ConditionType.Ready, "False", first.reason, first.message)
 
 
 def merge_conditions(

@@ -88,7 +88,9 @@ def test_live_view_refreshes_in_place_in_a_terminal(demo_node):
     fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     proc = subprocess.Popen([*CLI, "top", "--runtime-dir", str(demo_node), "--interval", "0.1"],
                             env={**env(), "TERM": "xterm-256color", "COLUMNS": ""}, stdin=sub, stdout=sub,
-                            stderr=sub, start_new_session=True)
+                            stderr=sub, start_new_session=True,
+                            # a terminal's Ctrl-C: SIGINT as a shell leaves it, even if this test process ignores it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(sub)
     buf = bytearray()
     try:

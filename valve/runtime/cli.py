@@ -73,6 +73,15 @@ def gpu_memory_info(uuid: str):
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 
 
+def check_enforce(mode: str, busy: str) -> None:
+    """ValueError for an --enforce or --enforce-busy value that does not exist (before anything is created)."""
+    from valve.runtime.arbiter.policy import EnforcePolicy
+
+    EnforcePolicy(mode)
+    if busy not in ("auto", "nvml", "cpu", "none"):
+        raise ValueError(f"--enforce-busy {busy!r}: expected auto, nvml, cpu or none")
+
+
 def make_enforcement(mode: str, busy: str, gpu: str, grace_ms: float, threshold: float, period_ms: float,
                      metrics):
     """The arbiter's enforcement (None: off). ``busy``: where busy samples come from (``auto``: NVML when it
@@ -158,8 +167,7 @@ def arbiter(
     try:
         spec = load_spec(spec_file)
         path = control_path(gpu, runtime_dir)
-        enforcement = make_enforcement(enforce, enforce_busy, gpu, enforce_grace_ms, enforce_threshold,
-                                       enforce_period_ms, metrics)
+        check_enforce(enforce, enforce_busy)
     except (ValueError, OSError) as e:
         typer.echo(f"valve runtime arbiter: {e}", err=True)
         raise typer.Exit(code=2) from None
@@ -176,6 +184,12 @@ def arbiter(
         raise typer.Exit(code=2) from None
     if reason:
         log.warning("re-initialised the control block: %s", reason)
+    try:  # after the block: a bad runtime directory is the one line a failed start prints
+        enforcement = make_enforcement(enforce, enforce_busy, gpu, enforce_grace_ms, enforce_threshold,
+                                       enforce_period_ms, metrics)
+    except ValueError as e:
+        typer.echo(f"valve runtime arbiter: {e}", err=True)
+        raise typer.Exit(code=2) from None
     if pair:
         write_pair(path.parent, pair)
     controller = None

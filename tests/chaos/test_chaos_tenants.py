@@ -168,7 +168,8 @@ def test_online_requests_through_the_proxy_while_the_arbiter_dies(tmp_path, figu
         for t in threads + late:
             t.join(60)
         assert proxy.poll() is None
-        assert cb.inflight() == 0  # every request ended in the proxy's slot
+        # every request ends in the proxy's slot; the last may end just after its client read the last byte
+        until(lambda: cb.inflight() == 0, "the proxy's in-flight count back to 0", timeout=30)
     finally:
         proxy.terminate()
         proxy.wait(20)

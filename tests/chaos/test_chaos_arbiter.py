@@ -93,7 +93,7 @@ def test_control_file_damaged_under_a_running_arbiter_and_clients(running, figur
     arb, cb, off, sig = running
     sig.begin()
     sig.end()
-    generation, ino = cb.generation, arb.path.stat().st_ino
+    generation, ino, sig_generation = cb.generation, arb.path.stat().st_ino, sig.cb.generation
     damaged = time.monotonic_ns()
     damage(arb.path)
     fresh = until(lambda: (b := valid(arb.path)) and arb.path.stat().st_ino != ino and b, "a re-created file")
@@ -102,6 +102,8 @@ def test_control_file_damaged_under_a_running_arbiter_and_clients(running, figur
     reattached = time.monotonic_ns()
     n = off.count()
     until(lambda: off.count() > n + 10, "offline running on the new file")
+    # the online client sees a replaced file at its next path check (every RECHECK_NS), not at once
+    until(lambda: sig.cb.healthy() and sig.cb.generation > sig_generation, "the online client re-attached")
     assert sig.begin() and not gate_open(fresh), "online closes the gate in the new file"
     until(off.parked, "offline parked at the new file's closed gate")
     sig.end()

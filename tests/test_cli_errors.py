@@ -136,3 +136,11 @@ def test_idle_plugin_reports_its_init_error_as_a_metric() -> None:
         stop.set()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_device_plugin_with_only_mig_gpus_is_one_line(short_dir: Path) -> None:
+    proc = _run(["-m", "valve.device_plugin", "--backend", "sim", "--sim-gpus", "2", "--sim-mig", "0,1",
+                 "--device-plugin-dir", str(short_dir / "dp"), "--runtime-root", str(short_dir / "run"),
+                 "--state-dir", str(short_dir / "state"), "--metrics-port", "0", "--pod-resources-socket", "none",
+                 "--log-level", "error"])
+    _one_line(proc, "valve device-plugin: the sim backend found no GPUs to advertise (2 skipped: mig); ")

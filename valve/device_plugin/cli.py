@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         backend: BackendName = typer.Option(BackendName.nvml, help="GPU discovery: NVML, or simulated GPUs."),
         sim_gpus: int = typer.Option(4, min=1, max=64, help="Virtual GPUs of the sim backend."),
         sim_node: str = typer.Option("sim-node", help="Seed of the sim backend's stable UUIDs."),
+        sim_mig: str = typer.Option("", help="Sim backend: indexes of GPUs in MIG mode (skipped), e.g. 0,2."),
         device_plugin_dir: Path = typer.Option(
             Path(DEVICE_PLUGIN_DIR), help="Where kubelet.sock is and our sockets go."
         ),
@@ -135,7 +136,11 @@ def register(app: typer.Typer) -> None:
         if backend is BackendName.sim:
             from valve.device_plugin.backend import SimBackend
 
-            gpu_backend = SimBackend(count=sim_gpus, node=sim_node)
+            try:
+                gpu_backend = SimBackend(count=sim_gpus, node=sim_node,
+                                         mig=[int(i) for i in sim_mig.split(",") if i.strip()])
+            except ValueError as e:
+                fail(f"--sim-mig {sim_mig!r}: {e}")
         else:
             try:
                 from valve.device_plugin.nvml import NvmlBackend

@@ -36,6 +36,10 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
+SKIP_REASONS = {"mig": "MIG mode is enabled (its instances need MIG-aware allocation; disable MIG to use it "
+                       "with Valve)"}
+
+
 class InitError(RuntimeError):
     """Nothing to advertise (no GPU found, or every GPU skipped): `--fail-on-init-error` decides what follows."""
 
@@ -119,11 +123,13 @@ class DevicePlugin:
         cfg = self.config
         gpus = self.backend.discover()
         skipped: dict[str, str] = dict(getattr(self.backend, "skipped", {}))
+        for uuid, reason in skipped.items():
+            log.warning("GPU %s not advertised: %s", uuid, SKIP_REASONS.get(reason, reason))
         for reason in {"mig", *skipped.values()}:
             self.metrics.skipped.labels(reason).set(sum(r == reason for r in skipped.values()))
         self.metrics.init_error.set(0)
         if not gpus:
-            also = f" to advertise ({len(skipped)} skipped: MIG mode enabled)" if skipped else ""
+            also = f" to advertise ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values())))})" if skipped else ""
             raise InitError(f"the {self.backend.name} backend found no GPUs{also}")
         self.table = DeviceTable(gpus)
         for g in gpus:

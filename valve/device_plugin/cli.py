@@ -68,6 +68,11 @@ def register(app: typer.Typer) -> None:
         ),
         annotate_interval: float = typer.Option(2.0, min=0.1, help="Seconds between pod annotation passes."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
+        allow_nvidia_plugin: bool | None = typer.Option(
+            None, "--allow-nvidia-plugin/--refuse-nvidia-plugin",
+            help="Start even if this Node already advertises nvidia.com/gpu (NVIDIA's device plugin serves it). "
+                 "Default: refuse inside a cluster (reads the Node NODE_NAME; needs get on nodes), allow outside.",
+        ),
         fail_on_init_error: bool = typer.Option(
             True, "--fail-on-init-error/--no-fail-on-init-error",
             help="No NVML or no GPU to advertise: exit 2 with the reason (default), or keep running without "
@@ -117,6 +122,13 @@ def register(app: typer.Typer) -> None:
             node_name=node_name or None,
             annotate_interval_s=annotate_interval,
         )
+        if not (allow_nvidia_plugin if allow_nvidia_plugin is not None else not annotate_by_default(None)):
+            from valve.device_plugin.annotate import PodClient
+            from valve.device_plugin.coexist import nvidia_plugin_conflict
+
+            conflict = nvidia_plugin_conflict(PodClient(), node_name)
+            if conflict:
+                fail(conflict)
         stop = threading.Event()
 
         def on_signal(signum, frame) -> None:

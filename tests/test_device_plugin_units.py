@@ -162,9 +162,9 @@ class FakeNvml:
     NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
 
     def __init__(self, n: int = 2, events_supported: bool = True, mig: tuple[int, ...] = (),
-                 mig_supported: bool = True) -> None:
+                 mig_error: int | None = None) -> None:
         self.mig = mig
-        self.mig_supported = mig_supported
+        self.mig_error = mig_error
         self.uuids = [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(n)]
         self.events: list[SimpleNamespace] = []
         self.lost: set[int] = set()
@@ -191,8 +191,8 @@ class FakeNvml:
         return SimpleNamespace(total=80 * 2**30, used=3 * 2**30)
 
     def nvmlDeviceGetMigMode(self, h):
-        if not self.mig_supported:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if self.mig_error is not None:
+            raise pynvml.NVMLError(self.mig_error)
         return [int(h in self.mig), 0]
 
     def nvmlDeviceGetUtilizationRates(self, h): return SimpleNamespace(gpu=42, memory=10)
@@ -247,8 +247,9 @@ def test_nvml_backend_skips_mig_gpus() -> None:
     be = NvmlBackend(nvml=fake)
     assert [g.uuid for g in be.discover()] == [fake.uuids[1]]
     assert be.skipped == {fake.uuids[0]: "mig", fake.uuids[2]: "mig"}
-    no_mig = NvmlBackend(nvml=FakeNvml(2, mig_supported=False))  # GPUs without MIG answer NOT_SUPPORTED
-    assert len(no_mig.discover()) == 2 and no_mig.skipped == {}
+    for error in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_UNKNOWN):  # no MIG; unreadable: not skipped
+        no_mig = NvmlBackend(nvml=FakeNvml(2, mig_error=error))
+        assert len(no_mig.discover()) == 2 and no_mig.skipped == {}
 
 
 def test_nvml_backend_reports_xids_and_loss() -> None:

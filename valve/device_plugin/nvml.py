@@ -80,9 +80,9 @@ class NvmlBackend:
         except AttributeError:  # bindings older than MIG
             return False
         except nv.NVMLError as e:
-            if getattr(e, "value", None) == nv.NVML_ERROR_NOT_SUPPORTED:  # a GPU without MIG
-                return False
-            raise
+            if getattr(e, "value", None) != nv.NVML_ERROR_NOT_SUPPORTED:  # NOT_SUPPORTED: a GPU without MIG
+                log.warning("MIG mode of a GPU unreadable (%s): taken as disabled", e)
+            return False
         return int(current) == int(getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1))
 
     def _numa_node(self, handle: Any, bus_id: str) -> int | None:

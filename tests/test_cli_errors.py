@@ -144,3 +144,8 @@ def test_device_plugin_with_only_mig_gpus_is_one_line(short_dir: Path) -> None:
                  "--state-dir", str(short_dir / "state"), "--metrics-port", "0", "--pod-resources-socket", "none",
                  "--log-level", "error"])
     _one_line(proc, "valve device-plugin: the sim backend found no GPUs to advertise (2 skipped: mig); ")
+
+
+def test_operator_metrics_port_in_use_is_one_line(busy_port: int) -> None:
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", str(busy_port), "--health-port", "0"])
+    _one_line(proc, f"valve operator: --metrics-port: cannot listen on :{busy_port}: ")

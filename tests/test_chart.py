@@ -15,7 +15,7 @@ import chartcheck as cc
 import pytest
 import yaml
 
-from valve.api.contract import PRELOAD_LIBRARY
+from valve.api.contract import LABEL_NODE_ENABLED, PRELOAD_LIBRARY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,7 +189,8 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
     pod = ds["spec"]["template"]["spec"]
     dp = DEFAULTS["devicePlugin"]
     assert pod["priorityClassName"] == "system-node-critical"
-    assert "nodeSelector" not in pod and pod["affinity"] == dp["affinity"]
+    # opt-in per node (never next to NVIDIA's plugin by default), and a GPU node as well
+    assert pod["nodeSelector"] == {LABEL_NODE_ENABLED: "true"} and pod["affinity"] == dp["affinity"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"
     ]
@@ -222,6 +223,15 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["port"] == port
+
+
+@helms
+def test_device_plugin_opt_in_label_can_be_dropped_or_changed(helm):
+    def selector(*sets):
+        return one(render(helm, (), sets), "DaemonSet", "device-plugin")["spec"]["template"]["spec"].get("nodeSelector")
+
+    assert selector("devicePlugin.nodeSelector.valve\\.io/enabled=null") is None
+    assert selector("devicePlugin.nodeSelector.pool=gpu-a") == {LABEL_NODE_ENABLED: "true", "pool": "gpu-a"}
 
 
 @helms
@@ -264,7 +274,9 @@ def test_every_scheduling_and_image_value_is_overridable(helm):
         component = w["metadata"]["labels"]["app.kubernetes.io/component"]
         vals = ALL_ON["operator" if component == "operator" else "devicePlugin"]
         pod = w["spec"]["template"]["spec"]
-        assert pod["nodeSelector"] == vals["nodeSelector"]
+        # Helm merges maps: the device plugin keeps its opt-in label next to the extra ones
+        opt_in = {LABEL_NODE_ENABLED: "true"} if component != "operator" else {}
+        assert pod["nodeSelector"] == {**opt_in, **vals["nodeSelector"]}
         assert pod["affinity"] == vals["affinity"]
         assert pod["tolerations"] == vals["tolerations"]
         assert pod["imagePullSecrets"] == ALL_ON["imagePullSecrets"]

@@ -237,3 +237,34 @@ def test_slo_share_uses_a_real_bucket_bound(dashboard):
 
     bounds = {float(b) for e in dashboard_exprs(dashboard) for b in re.findall(r'le="([0-9.]+)"', e)}
     assert bounds and bounds <= set(TTFT_BUCKETS)
+
+
+def _labels_in_source(source: str) -> dict[str, list[str]]:
+    """Metric name -> label names, for metrics constructed with a literal list of labels."""
+    out = {}
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+            continue
+        labels = node.args[2] if len(node.args) > 2 else {k.arg: k.value for k in node.keywords}.get("labelnames")
+        if isinstance(node.args[0].value, str) and isinstance(labels, ast.List | ast.Tuple):
+            out[node.args[0].value] = [e.value for e in labels.elts if isinstance(e, ast.Constant)]
+    return out
+
+
+def test_every_metric_the_code_exports_is_documented_with_its_type_and_labels():
+    rows = re.findall(r"^\| `(valve_[a-z0-9_]+)` \| (\w+) \| ([^|]+) \|", (ROOT / "docs" / "metrics.md").read_text(),
+                      re.M)
+    def key(name: str, kind: str) -> str:  # prometheus_client adds a counter's _total
+        return name.removesuffix("_total") if kind == "counter" else name
+
+    docs = {key(name, kind): (kind, [x.strip() for x in labels.split(",") if x.strip() not in ("", "-")])
+            for name, kind, labels in rows}
+    for path in sorted((ROOT / "valve").rglob("*.py")):
+        source = path.read_text()
+        labels = _labels_in_source(source)
+        for full, kind in metrics_in_source(source):
+            name = key(full, kind)
+            assert name in docs, f"{name} ({path.relative_to(ROOT)}) is not listed in docs/metrics.md"
+            assert docs[name][0] == kind, f"{name}: docs/metrics.md says {docs[name][0]}, the code makes a {kind}"
+            if full in labels:
+                assert docs[name][1] == labels[full], f"{name}: labels {labels[full]} in the code"

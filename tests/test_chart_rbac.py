@@ -119,10 +119,21 @@ def test_api_access_only_where_the_code_needs_it():
         assert sa.get("automountServiceAccountToken") is False
 
 
-def test_device_plugin_without_annotation_has_no_api_access():
-    objs = cc.template(HELMS[0], sets=["devicePlugin.annotate=false"])
-    ds = next(o for o in objs if o["kind"] == "DaemonSet")
-    assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    assert "--no-annotate" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
-    account = account_of(objs, "DaemonSet")
-    assert granted_to(objs, account) == set()
+def test_device_plugin_api_access_follows_its_options():
+    def access(*sets):
+        objs = cc.template(HELMS[0], sets=list(sets))
+        pod = next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+        return pod["automountServiceAccountToken"], pod["containers"][0]["args"], granted_to(objs, account_of(
+            objs, "DaemonSet"))
+
+    # No annotation: only its own Node, read once to refuse a node NVIDIA's plugin serves.
+    token, args, granted = access("devicePlugin.annotate=false")
+    assert token is True and "--no-annotate" in args and "--refuse-nvidia-plugin" in args
+    assert granted == {("", "nodes", "get")}
+    # Neither: no API access at all.
+    token, args, granted = access("devicePlugin.annotate=false", "devicePlugin.allowNvidiaPlugin=true")
+    assert token is False and "--allow-nvidia-plugin" in args and granted == set()
+    token, args, granted = access("devicePlugin.allowNvidiaPlugin=true")
+    assert token is True and granted == {("", "pods", v) for v in ("get", "list", "patch")}
+    assert "--fail-on-init-error" in args
+    assert "--no-fail-on-init-error" in access("devicePlugin.failOnInitError=false")[1]

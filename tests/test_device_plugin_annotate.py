@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 from waiting import until
 
@@ -283,15 +287,41 @@ def test_cli_annotate_needs_pod_resources():
     assert "--annotate" in res.output and "NODE_NAME" in res.output
 
 
+class Nodes:
+    def __init__(self, capacity=None, error: Exception | None = None) -> None:
+        self.capacity, self.error, self.read = capacity or {}, error, []
+
+    def node_capacity(self, node: str) -> dict:
+        self.read.append(node)
+        if self.error is not None:
+            raise self.error
+        return self.capacity
+
+
+def test_nvidia_plugin_conflict_only_when_the_node_has_nvidia_gpus(caplog) -> None:
+    from valve.device_plugin.coexist import nvidia_plugin_conflict
+
+    assert "nvidia.com/gpu=4" in nvidia_plugin_conflict(Nodes({"nvidia.com/gpu": "4"}), "n1")
+    assert nvidia_plugin_conflict(Nodes({"nvidia.com/gpu": "0", "valve.io/online-gpu": "4"}), "n1") is None
+    nodes = Nodes({"nvidia.com/gpu": "4"})
+    with caplog.at_level("WARNING"):
+        assert nvidia_plugin_conflict(nodes, None) is None and nodes.read == []  # no NODE_NAME: cannot tell
+        assert nvidia_plugin_conflict(Nodes(error=RuntimeError("403 Forbidden\nbody")), "n1") is None
+    assert [r.getMessage() for r in caplog.records][-1].endswith("(403 Forbidden): going on")
+
+
 # Against an API server (kmock): the requests it makes are exactly what rbac.RULES grants.
 
-def test_annotator_against_kmock_uses_exactly_the_rbac_verbs(kubelet_pods):
+def test_annotator_against_kmock_uses_exactly_the_rbac_verbs(kubelet_pods, tmp_path):
     pytest.importorskip("kopf")
     kmock = pytest.importorskip("kmock")
     from operator_harness import Api, ValveKube, permission
 
     from valve.device_plugin.annotate import PodClient
+    from valve.device_plugin.coexist import nvidia_plugin_conflict
     from valve.operator.rbac import allows
+
+    kubeconfig = tmp_path / "kubeconfig"
 
     async def scenario():
         async with ValveKube() as kube, kmock.Server(kube):
@@ -323,6 +353,29 @@ def test_annotator_against_kmock_uses_exactly_the_rbac_verbs(kubelet_pods):
             assert stale is not None and stale.node == "n1"
             listed = await asyncio.to_thread(client.list_node, "n1")
             assert sorted(p["metadata"]["name"] for p in listed) == ["p-offline", "p-online"]
+            # Its own Node, read once at start: NVIDIA's plugin already serving it is a refusal.
+            for node, capacity in (("n1", {"nvidia.com/gpu": "8", "cpu": "64"}), ("n2", {"cpu": "64"})):
+                code, _ = await api.call("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
+                                                                    "metadata": {"name": node},
+                                                                    "status": {"capacity": capacity}})
+                assert code in (200, 201)
+            refused = await asyncio.to_thread(nvidia_plugin_conflict, client, "n1")
+            assert refused and refused.startswith("Node n1 already advertises nvidia.com/gpu=8: ")
+            assert await asyncio.to_thread(nvidia_plugin_conflict, client, "n2") is None
+            kubeconfig.write_text(yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "k",
+                "clusters": [{"name": "k", "cluster": {"server": host}}], "users": [{"name": "u", "user": {}}],
+                "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}]}))
+            proc = await asyncio.to_thread(subprocess.run, [
+                sys.executable, "-m", "valve.device_plugin", "--backend", "sim", "--node-name", "n1",
+                "--device-plugin-dir", str(kubeconfig.parent / "dp"), "--pod-resources-socket", "none",
+                "--metrics-port", "0"], capture_output=True, text=True, timeout=60,
+                env={**os.environ, "KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "in-a-cluster",
+                     "KUBERNETES_SERVICE_PORT": "443"})
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+            assert lines[0].startswith("valve device-plugin: Node n1 already advertises nvidia.com/gpu=8: ")
+            assert "--allow-nvidia-plugin" in lines[0] and not (kubeconfig.parent / "dp").exists()
             mine = [req for req in kube._requests if req.headers.get("User-Agent", "").startswith("valve-device-plugin/")]
             return {permission(req) for req in mine} - {None}
 

@@ -15,10 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from waiting import until
 
 from valve.device_plugin.api import pb
-from valve.device_plugin.backend import SimBackend
+from valve.device_plugin.backend import SimBackend, sim_uuid
 from valve.device_plugin.config import PluginConfig
 from valve.device_plugin.fake_kubelet import FakeKubelet, FakePodResources
-from valve.device_plugin.server import DevicePlugin
+from valve.device_plugin.server import DevicePlugin, InitError
 
 ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 
@@ -317,6 +317,38 @@ def test_metrics_endpoint(short_dir: Path) -> None:
     assert samples[("valve_gpu_utilization_ratio", (("gpu", g1),))] == 0.25
     assert samples[("valve_gpu_memory_used_bytes", (("gpu", g1),))] == 7 * 2**30
     assert samples[("valve_gpu_utilization_ratio", (("gpu", g0),))] == 0
+
+
+def test_mig_gpus_are_skipped_with_a_log_line_and_a_metric(short_dir: Path, caplog) -> None:
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    backend = SimBackend(3, mig=[1])
+    mig_uuid = sim_uuid("sim-node", 1)
+    plugin = DevicePlugin(make_config(short_dir), backend)
+    with caplog.at_level("WARNING", logger="valve.device_plugin.server"):
+        plugin.start()
+    try:
+        plugin.wait_registrations(1)
+        listed = kubelet.wait_list(ONLINE, lambda r: len(r.devices) == 2)
+        assert mig_uuid not in {d.ID for d in listed.devices} and backend.uuids == [sim_uuid("sim-node", i)
+                                                                                    for i in (0, 2)]
+        lines = [r.getMessage() for r in caplog.records if mig_uuid in r.getMessage()]
+        assert len(lines) == 1 and "MIG mode is enabled" in lines[0]
+        assert plugin.metrics.registry.get_sample_value("valve_devices_skipped", {"reason": "mig"}) == 1
+        assert plugin.metrics.registry.get_sample_value("valve_devices", {"resource": ONLINE}) == 2
+        assert not (short_dir / "run" / mig_uuid).exists()
+    finally:
+        plugin.stop()
+        kubelet.stop()
+
+
+def test_only_mig_gpus_is_an_init_error(short_dir: Path) -> None:
+    plugin = DevicePlugin(make_config(short_dir), SimBackend(2, mig=[0, 1]))
+    with pytest.raises(InitError, match=r"found no GPUs to advertise \(2 skipped: mig\)"):
+        plugin.start()
+    plugin.stop()
+    assert plugin.metrics.registry.get_sample_value("valve_devices_skipped", {"reason": "mig"}) == 2
+    with pytest.raises(ValueError, match="out of 0..1"):
+        SimBackend(2, mig=[2])
 
 
 def test_extra_list_and_watch_streams_do_not_starve_allocate(node) -> None:

@@ -159,7 +159,12 @@ class FakeNvml:
     NVML_ERROR_NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
     nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
 
-    def __init__(self, n: int = 2, events_supported: bool = True) -> None:
+    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def __init__(self, n: int = 2, events_supported: bool = True, mig: tuple[int, ...] = (),
+                 mig_error: int | None = None) -> None:
+        self.mig = mig
+        self.mig_error = mig_error
         self.uuids = [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(n)]
         self.events: list[SimpleNamespace] = []
         self.lost: set[int] = set()
@@ -184,6 +189,11 @@ class FakeNvml:
         if h in self.lost:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         return SimpleNamespace(total=80 * 2**30, used=3 * 2**30)
+
+    def nvmlDeviceGetMigMode(self, h):
+        if self.mig_error is not None:
+            raise pynvml.NVMLError(self.mig_error)
+        return [int(h in self.mig), 0]
 
     def nvmlDeviceGetUtilizationRates(self, h): return SimpleNamespace(gpu=42, memory=10)
     def nvmlEventSetCreate(self): return "set"
@@ -230,6 +240,16 @@ def test_nvml_backend_discovery_and_usage(monkeypatch: pytest.MonkeyPatch) -> No
     assert u is not None and u.utilization_ratio == pytest.approx(0.42) and u.memory_used_bytes == 3 * 2**30
     be.close()
     assert fake.shutdown
+
+
+def test_nvml_backend_skips_mig_gpus() -> None:
+    fake = FakeNvml(3, mig=(0, 2))
+    be = NvmlBackend(nvml=fake)
+    assert [g.uuid for g in be.discover()] == [fake.uuids[1]]
+    assert be.skipped == {fake.uuids[0]: "mig", fake.uuids[2]: "mig"}
+    for error in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_UNKNOWN):  # no MIG; unreadable: not skipped
+        no_mig = NvmlBackend(nvml=FakeNvml(2, mig_error=error))
+        assert len(no_mig.discover()) == 2 and no_mig.skipped == {}
 
 
 def test_nvml_backend_reports_xids_and_loss() -> None:

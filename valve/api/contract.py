@@ -21,6 +21,7 @@ ROLES = (ONLINE, OFFLINE)
 
 # ---- Pod labels and annotations ------------------------------------------------------------------------------
 LABEL_PAIR = f"{GROUP}/pair"  # operator writes (the pair's name) and selects its pods by it; the chart's PodMonitor too
+LABEL_NODE_ENABLED = f"{GROUP}/enabled"  # the admin sets "true" on a node; the chart's device-plugin nodeSelector
 LABEL_ROLE = f"{GROUP}/role"  # operator writes (a role); operator reads
 ANN_GPU = f"{GROUP}/gpu-uuid"  # device plugin's annotator writes (UUIDs, comma-separated); operator and sidecars read
 ANN_ROLE = f"{GROUP}/role"  # device plugin's annotator writes (roles, comma-separated); operator reads

@@ -140,6 +140,11 @@ class PodClient:
         items = json.loads(resp.data).get("items") or []
         return [p for p in items if (p.get("spec") or {}).get("nodeName") == node]
 
+    def node_capacity(self, node: str) -> dict[str, str]:
+        """The Node's status.capacity (resource name -> quantity); ApiException if it cannot be read."""
+        resp = self._api().read_node(node, _preload_content=False, _request_timeout=self.timeout_s)
+        return dict((json.loads(resp.data).get("status") or {}).get("capacity") or {})
+
     def patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
         self._api().patch_namespaced_pod(name, namespace, body, _content_type=MERGE_PATCH,
                                          _preload_content=False, _request_timeout=self.timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,9 +68,13 @@ class SimBackend:
         memory_bytes: int = 80 * 1024**3,
         numa_nodes: int = 2,
         gpu_name: str = "Valve Simulated GPU",
+        mig: Iterable[int] = (),
     ) -> None:
         if count < 1:
             raise ValueError("the simulated backend needs at least one GPU")
+        mig = set(mig)
+        if not mig <= set(range(count)):
+            raise ValueError(f"MIG GPU indexes {sorted(mig - set(range(count)))} out of 0..{count - 1}")
         per_numa = max(1, -(-count // max(1, numa_nodes)))
         self._gpus = [
             GpuInfo(
@@ -83,6 +87,9 @@ class SimBackend:
             )
             for i in range(count)
         ]
+        # MIG-enabled GPUs are found and skipped, as the NVML backend does.
+        self.skipped = {g.uuid: "mig" for g in self._gpus if g.index in mig}
+        self._gpus = [g for g in self._gpus if g.uuid not in self.skipped]
         self._events: queue.Queue[DeviceEvent] = queue.Queue()
         self._usage: dict[str, GpuUsage] = {g.uuid: GpuUsage(0.0, 0) for g in self._gpus}
 

@@ -25,6 +25,10 @@ class PluginMetrics:
         self.registered = Gauge("valve_device_plugin_registered", "1 while the resource is registered with the "
                                 "kubelet, else 0.", ["resource"], registry=r)
         self.memory_used = Gauge("valve_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], registry=r)
+        self.skipped = Gauge("valve_devices_skipped", "GPUs found but not advertised (mig: MIG mode enabled).",
+                             ["reason"], registry=r)
+        self.init_error = Gauge("valve_device_plugin_init_error", "1 while the plugin runs without advertising "
+                                "anything: it could not initialise (--no-fail-on-init-error).", registry=r)
         self._server: Any = None
         self.port: int | None = None
 

@@ -46,6 +46,7 @@ class NvmlBackend:
         self.wait_ms = wait_ms
         self.nv.nvmlInit()
         self._handles: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}  # uuid -> reason, for GPUs found but not advertised
 
     def discover(self) -> list[GpuInfo]:
         nv = self.nv
@@ -53,6 +54,11 @@ class NvmlBackend:
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
             uuid = _text(nv.nvmlDeviceGetUUID(h))
+            if self._mig_enabled(h):
+                # A MIG GPU's work runs in its instances, which need MIG-aware allocation: advertising the
+                # whole GPU would hand tenants a device they cannot use as one.
+                self.skipped[uuid] = "mig"  # the plugin logs it
+                continue
             bus_id = _text(nv.nvmlDeviceGetPciInfo(h).busId)
             self._handles[uuid] = h
             gpus.append(
@@ -66,6 +72,18 @@ class NvmlBackend:
                 )
             )
         return gpus
+
+    def _mig_enabled(self, handle: Any) -> bool:
+        nv = self.nv
+        try:
+            current, _pending = nv.nvmlDeviceGetMigMode(handle)
+        except AttributeError:  # bindings older than MIG
+            return False
+        except nv.NVMLError as e:
+            if getattr(e, "value", None) != nv.NVML_ERROR_NOT_SUPPORTED:  # NOT_SUPPORTED: a GPU without MIG
+                log.warning("MIG mode of a GPU unreadable (%s): taken as disabled", e)
+            return False
+        return int(current) == int(getattr(nv, "NVML_DEVICE_MIG_ENABLE", 1))
 
     def _numa_node(self, handle: Any, bus_id: str) -> int | None:
         try:

@@ -36,6 +36,28 @@ def file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
+SKIP_REASONS = {"mig": "MIG mode is enabled (its instances need MIG-aware allocation; disable MIG to use it "
+                       "with Valve)"}
+
+
+class InitError(RuntimeError):
+    """Nothing to advertise (no GPU found, or every GPU skipped): `--fail-on-init-error` decides what follows."""
+
+
+def run_idle(config: PluginConfig, reason: str, stop: threading.Event, metrics: PluginMetrics | None = None) -> None:
+    """`--no-fail-on-init-error`: stay up without registering (a DaemonSet pod that exits would crash-loop)
+    and say why, in the log and a metric, until stopped."""
+    metrics = metrics or PluginMetrics()
+    metrics.init_error.set(1)
+    log.error("not advertising any GPU: %s", reason)
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port, config.metrics_addr)
+    try:
+        stop.wait()
+    finally:
+        metrics.close()
+
+
 class PluginServer:
     """One resource's gRPC server on `<device_plugin_dir>/<endpoint>`."""
 
@@ -100,8 +122,15 @@ class DevicePlugin:
     def start(self) -> None:
         cfg = self.config
         gpus = self.backend.discover()
+        skipped: dict[str, str] = dict(getattr(self.backend, "skipped", {}))
+        for uuid, reason in skipped.items():
+            log.warning("GPU %s not advertised: %s", uuid, SKIP_REASONS.get(reason, reason))
+        for reason in {"mig", *skipped.values()}:
+            self.metrics.skipped.labels(reason).set(sum(r == reason for r in skipped.values()))
+        self.metrics.init_error.set(0)
         if not gpus:
-            raise RuntimeError(f"the {self.backend.name} backend found no GPUs")
+            also = f" to advertise ({len(skipped)} skipped: {', '.join(sorted(set(skipped.values())))})" if skipped else ""
+            raise InitError(f"the {self.backend.name} backend found no GPUs{also}")
         self.table = DeviceTable(gpus)
         for g in gpus:
             ensure_runtime_dir(cfg.runtime_root, g.uuid, cfg.runtime_dir_mode)

@@ -52,7 +52,12 @@ def register(app: typer.Typer) -> None:
         if metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(metrics_port)
+            try:
+                start_http_server(metrics_port)
+            except OSError as e:
+                typer.echo(f"valve operator: --metrics-port: cannot listen on :{metrics_port}: {e.strerror or e}",
+                           err=True)
+                raise typer.Exit(code=2) from None
         liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
         from valve.operator.kube import load_api_client
 

@@ -136,7 +136,8 @@ def arbiter(
                                            help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR,
                                            help=f"Runtime directory (default {RUNTIME_DIR})."),
-    metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus port (0: no metrics server)."),
+    metrics_port: int = typer.Option(9400, "--metrics-port", min=0, max=65535,
+                                     help="Prometheus port (0: no metrics server)."),
     spec_file: str | None = typer.Option(None, "--spec", "--config", help="RuntimeSpec as a JSON or YAML file, "
                                          f"or env:NAME (JSON in that variable; default: {ENV_RUNTIME_SPEC})."),
     period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
@@ -201,7 +202,12 @@ def arbiter(
         controller = MemoryController(spec, info, MemoryMetrics(registry, gpu))
         log.info("memory reserve controller on (%s)", kind)
     if metrics_port:
-        start_http_server(metrics_port, registry=registry)
+        try:
+            start_http_server(metrics_port, registry=registry)
+        except OSError as e:
+            typer.echo(f"valve runtime arbiter: --metrics-port: cannot listen on :{metrics_port}: "
+                       f"{e.strerror or e}", err=True)
+            raise typer.Exit(code=2) from None
         log.info("metrics on :%d/metrics", metrics_port)
     arb = Arbiter(cb, spec, memory=controller, metrics=metrics, enforce=enforcement)
     log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms, enforce %s", gpu, path,
@@ -219,7 +225,7 @@ def proxy(
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR),
-    metrics_port: int = typer.Option(9401, "--metrics-port", help="Prometheus port (0: none)."),
+    metrics_port: int = typer.Option(9401, "--metrics-port", min=0, max=65535, help="Prometheus port (0: none)."),
     upstream_connections: int = typer.Option(0, "--upstream-connections", min=0,
                                              help="Most concurrent upstream connections (0: no cap)."),
     upstream_read_timeout: float = typer.Option(600.0, "--upstream-read-timeout", min=0.0,
@@ -227,11 +233,20 @@ def proxy(
                                                 "body chunks) before the request fails (0: wait forever)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
-    from valve.runtime.online.proxy import proxy_command
+    from valve.runtime.online.proxy import ListenError, check_upstream, parse_listen, proxy_command
 
+    try:  # before waiting for the GPU: a bad address is the one line a failed start prints
+        parse_listen(listen)
+        check_upstream(upstream)
+    except ValueError as e:
+        typer.echo(f"valve runtime proxy: {e}", err=True)
+        raise typer.Exit(code=2) from None
     if gpu_from and not gpu:
         gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)
-
-    proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
-                  metrics_port=metrics_port or None, max_connections=upstream_connections,
-                  read_timeout=upstream_read_timeout)
+    try:
+        proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
+                      metrics_port=metrics_port or None, max_connections=upstream_connections,
+                      read_timeout=upstream_read_timeout)
+    except ListenError as e:
+        typer.echo(f"valve runtime proxy: {e}", err=True)
+        raise typer.Exit(code=2) from None

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
 from valve.api.contract import ENV_GPU_UUID
+from valve.netaddr import parse_listen  # noqa: F401  (re-exported: the proxy's tests and callers)
 
 log = logging.getLogger("valve.proxy")
 
@@ -56,13 +57,16 @@ def forward_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]
     return [(k, v) for k, v in headers if k.lower() not in drop]
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``:9000`` -> (0.0.0.0, 9000); ``127.0.0.1:9000``; ``[::1]:9000``."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen {listen!r}: expected [HOST]:PORT, e.g. :9000")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+def check_upstream(upstream: str) -> URL:
+    try:
+        url = URL(upstream)
+        ok = url.scheme in ("http", "https") and bool(url.host)
+        url.port  # noqa: B018  (a bad port raises here, not at the first request)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--upstream {upstream!r}: expected http://HOST:PORT")
+    return url
 
 
 class SSEEvents:
@@ -153,9 +157,7 @@ class Proxy:
                  signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS,
                  connect_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  max_connections: int = 0, read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
-        self.upstream = URL(upstream)
-        if self.upstream.scheme not in ("http", "https") or not self.upstream.host:
-            raise ValueError(f"--upstream {upstream!r}: expected http://HOST:PORT")
+        self.upstream = check_upstream(upstream)
         self.base = str(self.upstream).rstrip("/")  # a path prefix in --upstream is kept
         self.signal = signal or NullSignal()
         self.metrics = metrics or ProxyMetrics()
@@ -272,28 +274,39 @@ def make_signal(gpu: str | None, runtime_dir: str | None = None):
     return OnlineSignal(path)  # opened lazily: works before the arbiter starts
 
 
+class ListenError(Exception):
+    """A port the proxy could not bind (in use, no such address): the one line a failed start prints."""
+
+
+async def _bind(site: web.TCPSite, option: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as e:
+        raise ListenError(f"{option}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the proxy (and the metrics endpoint) until `stop` is set (forever if None)."""
     runner = web.AppRunner(proxy.app(), handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
     mrunner = None
-    if metrics_port is not None:
-        try:
-            from prometheus_client.aiohttp import make_aiohttp_handler
-        except ImportError:  # prometheus-client < 0.21: its own HTTP server thread
-            from prometheus_client import start_http_server
+    try:  # a failed bind cleans up too (the client session closes with the app)
+        await _bind(web.TCPSite(runner, host, port), "--listen", host, port)
+        if metrics_port is not None:
+            try:
+                from prometheus_client.aiohttp import make_aiohttp_handler
+            except ImportError:  # prometheus-client < 0.21: its own HTTP server thread
+                from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, host, registry=proxy.metrics.registry)
-        else:
-            mapp = web.Application()
-            mapp.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
-            mrunner = web.AppRunner(mapp)
-            await mrunner.setup()
-            await web.TCPSite(mrunner, host, metrics_port).start()
-    log.info("valve proxy on %s:%s -> %s", host, port, proxy.upstream)
-    try:
+                start_http_server(metrics_port, host, registry=proxy.metrics.registry)
+            else:
+                mapp = web.Application()
+                mapp.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
+                mrunner = web.AppRunner(mapp)
+                await mrunner.setup()
+                await _bind(web.TCPSite(mrunner, host, metrics_port), "--metrics-port", host, metrics_port)
+        log.info("valve proxy on %s:%s -> %s", host, port, proxy.upstream)
         await (stop or asyncio.Event()).wait()
     finally:
         if mrunner is not None:
@@ -305,7 +318,8 @@ def proxy_command(listen: str = ":9000", upstream: str = "http://127.0.0.1:8000"
                   runtime_dir: str | None = None, metrics_port: int | None = 9401,
                   signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS, max_connections: int = 0,
                   read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
-    """Entry point for `valve runtime proxy` (the CLI module wires its options to this)."""
+    """Entry point for `valve runtime proxy` (the CLI module checks its options and wires them to this).
+    ValueError: a bad option; ListenError: a port it could not bind."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host, port = parse_listen(listen)
     proxy = Proxy(upstream, signal=make_signal(gpu, runtime_dir), signal_methods=signal_methods,

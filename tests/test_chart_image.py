@@ -72,7 +72,7 @@ def cli_options(argv: list[str]) -> set[str]:
         if word.startswith("-"):
             break
         command = command.commands[word]
-    return {opt for p in command.params for opt in p.opts if opt.startswith("--")}
+    return {opt for p in command.params for opt in (*p.opts, *getattr(p, "secondary_opts", ())) if opt.startswith("--")}
 
 
 @needs_helm

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from valve.api.contract import LABEL_NODE_ENABLED
+
 log = logging.getLogger(__name__)
 
 NVIDIA_RESOURCE = "nvidia.com/gpu"
@@ -27,5 +29,5 @@ def nvidia_plugin_conflict(pods: Any, node: str | None) -> str | None:
     if count in ("", "0"):
         return None
     return (f"Node {node} already advertises {NVIDIA_RESOURCE}={count}: NVIDIA's device plugin serves its GPUs. "
-            "Remove it from this node (or its valve.io/enabled=true label), or pass --allow-nvidia-plugin "
+            f"Remove it from this node (or its {LABEL_NODE_ENABLED}=true label), or pass --allow-nvidia-plugin "
             "(chart: devicePlugin.allowNvidiaPlugin=true) if you know the GPUs are split between the two")

@@ -167,8 +167,9 @@ def prom(tmp_path_factory):
         arbiter = subprocess.Popen(
             [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", GPU, "--runtime-dir", str(tmp / "run"),
              "--metrics-port", str(arbiter_port), "--pair", "web"],
-            env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stops.append(lambda: (arbiter.send_signal(signal.SIGTERM), arbiter.communicate(timeout=30)))
+            env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL,
+            stderr=(tmp / "arbiter.log").open("w"))  # files, not pipes: a full pipe nobody reads blocks a writer
+        stops.append(lambda: (arbiter.send_signal(signal.SIGTERM), arbiter.wait(timeout=30)))
         upstream = ThreadingHTTPServer(("127.0.0.1", 0), StreamingEngine)
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         stops.append(upstream.shutdown)
@@ -178,8 +179,8 @@ def prom(tmp_path_factory):
             [sys.executable, "-m", "valve.cli", "runtime", "proxy", "--listen", f"127.0.0.1:{proxy_listen}",
              "--upstream", f"http://127.0.0.1:{upstream.server_port}", "--gpu", GPU, "--runtime-dir",
              str(tmp / "run"), "--metrics-port", str(proxy_port)],
-            env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stops.append(lambda: (proxy.send_signal(signal.SIGTERM), proxy.communicate(timeout=30)))
+            env={"PYTHONPATH": str(ROOT), "PATH": ""}, stdout=subprocess.DEVNULL, stderr=(tmp / "proxy.log").open("w"))
+        stops.append(lambda: (proxy.send_signal(signal.SIGTERM), proxy.wait(timeout=30)))
         until(lambda: accepts(proxy_listen), "the proxy listening", timeout=60, poll=0.05)
         for _ in range(3):  # real streamed requests through the proxy: its TTFT/TPOT histograms and the signal
             body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 3, "stream": True}).encode()
@@ -220,8 +221,9 @@ def prom(tmp_path_factory):
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         server = subprocess.Popen(
             [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        stops.append(lambda: (server.terminate(), server.communicate(timeout=30)))
+             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+            stderr=(tmp / "prometheus.log").open("w"))
+        stops.append(lambda: (server.terminate(), server.wait(timeout=30)))
         p = Prom(port)
         until(p.targets_up, "Prometheus to scrape every target", timeout=60, poll=0.2)
         control = tmp / "run" / GPU / "control"

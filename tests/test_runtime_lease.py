@@ -77,6 +77,27 @@ def test_restarted_arbiter_closes_the_gate_for_requests_already_in_flight():
     assert cb.fields.gate == GATE_OPEN
 
 
+def test_restarted_arbiter_closes_again_after_a_stale_lease_opened_the_gate():
+    """The offline client read the dead arbiter's heartbeat just before the new one wrote its own, saw the gate
+    closed and opened it on the lease: with the request still in flight the arbiter closes it again."""
+    cb = ControlBlock.anonymous()
+    sig = OnlineSignal(cb)
+    sig.begin()
+    now = time.monotonic_ns()
+    cb.fields.heartbeat_ns = now - 5_000 * MS  # the dead arbiter's
+    arb = Arbiter(cb, RuntimeSpec(idle_hysteresis_ms=1))
+    arb.step(now)
+    assert cb.fields.gate == GATE_CLOSED and cb.fields.heartbeat_ns == now  # the beat came with the closure
+    cb.fields.gate = GATE_OPEN  # the offline client's forced open
+    cb.fields.forced_opens += 1
+    arb.step(now + 1 * MS)
+    assert cb.fields.gate == GATE_CLOSED and cb.fields.preemptions == 2
+    sig.end()
+    arb.step(now + 10 * MS)
+    arb.step(now + 20 * MS)
+    assert cb.fields.gate == GATE_OPEN
+
+
 def test_resume_respects_the_rate_cap():
     p = GatePolicy(max_preemptions_per_second=1)
     p.adopt_close(0)

@@ -56,12 +56,12 @@ def test_offline_runner_killed_and_restarted_resumes_without_duplicates_or_gaps(
         return len(out.read_text().splitlines()) if out.exists() else 0
 
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        log = tmp_path / "offline-1.log"  # a file, not a pipe: a pipe nobody reads blocks the runner once full
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
         until(lambda: proc.poll() is None and records() >= 3 or proc.poll() is not None, "records", timeout=120)
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert proc.poll() is None, log.read_text()
         proc.kill()
         proc.wait(10)
-        proc.stderr.close()
         before, passed = records(), int(cb.fields.offline_progress)
         restarted = time.monotonic_ns()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -132,7 +132,7 @@ def test_online_requests_through_the_proxy_while_the_arbiter_dies(tmp_path, figu
         [sys.executable, "-m", "valve.cli", "runtime", "proxy", "--listen", f"127.0.0.1:{port}", "--upstream",
          f"http://127.0.0.1:{up.server_address[1]}", "--gpu", GPU, "--runtime-dir", str(tmp_path),
          "--metrics-port", "0", "--upstream-read-timeout", "10"], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+        stderr=(tmp_path / "proxy.log").open("w"), text=True)
     results: dict[int, tuple[str, float, int]] = {}  # outcome, latency (s), monotonic ns it ended
 
     def post(i: int) -> None:
@@ -173,7 +173,6 @@ def test_online_requests_through_the_proxy_while_the_arbiter_dies(tmp_path, figu
     finally:
         proxy.terminate()
         proxy.wait(20)
-        proxy.stderr.close()
         up.shutdown()
         arb.stop()
     outcomes = [r[0] for r in results.values()]

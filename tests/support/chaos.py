@@ -58,6 +58,7 @@ class ArbiterProc:
         self.spec.write_text(json.dumps({"heartbeat_lease_ms": lease_ms}))
         self.extra = extra
         self.proc: subprocess.Popen | None = None
+        self.log = root / "arbiter.log"  # a file, not a pipe: a pipe nobody reads blocks the arbiter once full
 
     def start(self) -> int:
         """Start it; returns the monotonic ns it was started at."""
@@ -65,7 +66,7 @@ class ArbiterProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", GPU, "--runtime-dir", str(self.root),
              "--metrics-port", "0", "--no-memory", "--spec", str(self.spec), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=self.log.open("a"), text=True)
         return t0
 
     def wait_ready(self, after_ns: int = 0) -> ControlBlock:
@@ -81,9 +82,11 @@ class ArbiterProc:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise AssertionError(f"the arbiter ignored SIGTERM; its log ends: {self.log.read_text()[-2000:]}") from None
 
 
 class OfflineLoop:

@@ -104,6 +104,10 @@ class Arbiter:
         elif not p.gate_open and f.gate == GATE_OPEN:  # an offline client opened it on a stale heartbeat
             log.warning("the gate was opened behind the arbiter's back (heartbeat lease); following it")
             p.adopt_open(now)
+            if p.resume(now, True, inflight):  # requests still in flight: they need it closed (our beat is fresh)
+                f.gate = GATE_CLOSED
+                f.last_close_ns = now
+                log.info("%d online request(s) in flight: closed the gate again", inflight)
         if p.observe(now, arrivals, inflight, last_end):
             f.gate = GATE_CLOSED
             f.last_close_ns = now
@@ -114,6 +118,10 @@ class Arbiter:
         """Run one decision at monotonic time ``now`` (ns). Returns when the gate is due to reopen, if it is."""
         self._ensure_block()
         f, p = self.cb.fields, self.policy
+        # the heartbeat first: an offline client that sees the gate closed beside a dead arbiter's stale heartbeat
+        # opens it again on the lease
+        f.heartbeat_ns = now
+        f.lease_ns = self.lease_ns
         if not self._started:
             self._started = True
             for i in self.cb.reap_dead_slots():
@@ -125,8 +133,6 @@ class Arbiter:
                 log.info("%d online request(s) in flight at start: closed the gate", inflight)
             if self.enforce is not None:
                 self.enforce.start(f, now)
-        f.heartbeat_ns = now
-        f.lease_ns = self.lease_ns
         f.queue_ahead = self.spec.queue_ahead
         f.eviction_policy = self.eviction_code
         if now >= self._next_reap:

@@ -174,7 +174,9 @@ async def test_a_pair_naming_an_image_the_operator_does_not_allow_takes_no_gpu(e
     pair = await env.until_phase("Failed", "bad")
     placed = _cond(pair, "Placed")
     assert placed["status"] == "False" and placed["reason"] == "ImageNotAllowed" and "evil:latest" in placed["message"]
-    assert ("Warning", "Failed") in [(e["type"], e["reason"]) for e in env.events()]
+    async def warned():  # the event is posted beside the status write, not before it
+        return ("Warning", "Failed") in [(e["type"], e["reason"]) for e in env.events()]
+    assert await env.until(warned, "a Warning event")
     await env.run_pair("good")  # the node's one GPU was not claimed by the refused pair
     assert sorted(env.pod_creations()) == ["good-offline", "good-online"]
 

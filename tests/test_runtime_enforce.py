@@ -273,10 +273,11 @@ def test_arbiter_pauses_a_real_process_that_ignores_the_gate_and_resumes_it(tmp_
         runner.start()
         sig.begin()
         until(lambda: cb.fields.paused_pid == proc.pid, "the pause", timeout=20)
-        assert _state(proc.pid) == "T" and cb.fields.violations == 1
+        until(lambda: _state(proc.pid) == "T", "the stop")  # a signal is delivered after kill() returns
+        assert cb.fields.violations == 1
         sig.end()
         until(lambda: cb.fields.paused_pid == 0, "the resume", timeout=20)
-        assert _state(proc.pid) != "T"
+        until(lambda: _state(proc.pid) != "T", "the process running again")
     finally:
         stop.set()
         runner.join(5)

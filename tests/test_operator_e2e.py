@@ -97,6 +97,9 @@ async def test_valid_pair_creates_two_pods_and_walks_placed_running(env):
     assert pods["chat-offline"]["metadata"]["annotations"]["valve.io/want-gpu"] == gpu
     assert "valve.io/want-gpu" not in pods["chat-online"]["metadata"]["annotations"]
     # Events on phase transitions only (first pod creations are told by them): 2 requests.
+    async def told():  # the Running event is posted beside the status write, not before it
+        return "Running" in [e["reason"] for e in env.events()]
+    await env.until(told, "the Running event")
     assert sorted(e["reason"] for e in env.events()) == ["Placed", "Running"]
 
 

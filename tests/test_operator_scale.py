@@ -76,13 +76,19 @@ def assert_paired(env, pairs):
     assert len(per_gpu) == len(set(per_gpu))  # no GPU holds two pairs
 
 
-async def test_forty_pairs_at_once_land_each_on_one_gpu_whatever_the_admission_order(env):
-    for i in range(6):
+async def create_at_once(env, nodes: int, pairs: int) -> list[str]:
+    """`nodes` nodes of 8 GPUs, the operator, then `pairs` pairs created all at once; returns their names."""
+    for i in range(nodes):
         env.add_node(f"n{i}", 8)
     # Resync every 30 s: progress must come from watch events, not from the safety net.
     await env.start_operator(resync_seconds=30)
-    names = [f"p{i:02d}" for i in range(40)]
+    names = [f"p{i:02d}" for i in range(pairs)]
     await asyncio.gather(*(env.api.create_pair(pair_body(n, NS), NS) for n in names))
+    return names
+
+
+async def test_forty_pairs_at_once_land_each_on_one_gpu_whatever_the_admission_order(env):
+    names = await create_at_once(env, nodes=6, pairs=40)
     pairs = await run_until_done(env, Kubelets(env, seed=7), names)
     assert_paired(env, pairs)
     creates = env.pod_creations()
@@ -93,11 +99,7 @@ async def test_forty_pairs_at_once_land_each_on_one_gpu_whatever_the_admission_o
 
 
 async def test_operator_restart_mid_batch_finishes_without_conflicts(env):
-    for i in range(4):
-        env.add_node(f"n{i}", 8)
-    await env.start_operator(resync_seconds=30)
-    names = [f"p{i:02d}" for i in range(30)]
-    await asyncio.gather(*(env.api.create_pair(pair_body(n, NS), NS) for n in names))
+    names = await create_at_once(env, nodes=4, pairs=30)
     kubelets = Kubelets(env, seed=3)
 
     async def some_running():

@@ -56,7 +56,9 @@ class Settings:
     offline_model: str = "llama-1b"
     engine: str = "ours"  # ours or transformers (both tenants)
     arch: str = "llama"  # transformers' architecture: llama or qwen
-    seconds: float = 45.0  # load window per variant
+    seconds: float = 45.0  # load window per variant (unless ``requests`` sets it)
+    requests: int | None = None  # online requests per variant: the window becomes requests / rate
+    repeats: int = 1  # every variant again, in the same order, with a new trace each time (interleaved repeats)
     busy: float = 0.4  # target online busy fraction (used when rate is None)
     rate: float | None = None  # online requests/s
     arrival: str = "poisson"
@@ -283,6 +285,12 @@ class Run:
     rate: float | None = None
     calibration: dict = field(default_factory=dict)
     pids: list[int] = field(default_factory=list)
+    vocab: int = 0
+    window: float | None = None  # seconds of load per variant, once the trace is made
+    repeat: int = 0
+
+    def seconds(self) -> float:
+        return self.window if self.window is not None else self.s.seconds
 
 
 def http_complete(url: str, prompt: list[int], max_tokens: int, timeout: float) -> float:
@@ -308,15 +316,32 @@ def calibrate(run: Run, url: str, vocab: int) -> None:
     service = times[1]
     run.rate = s.rate if s.rate else s.busy / service
     run.calibration = {"service_s": service, "rate_per_s": run.rate, "target_busy": s.busy if not s.rate else None}
+    run.vocab = vocab
+    new_trace(run, s.seed)
+
+
+def new_trace(run: Run, seed: int) -> None:
+    """The online trace of one repeat at the calibrated rate: ``seconds`` long, or the first ``requests``
+    arrivals (the window then ends at the last one)."""
+    s = run.s
     arr = Arrivals(s.arrival, run.rate, s.cv)
-    run.trace = make_trace(arr, s.seconds, LengthDist(s.prompt_mean, s.prompt_cv, 1, s.prompt_max),
-                           LengthDist(s.output_mean, s.output_cv, 1, s.output_max), vocab, s.seed)
+    prompt, output = LengthDist(s.prompt_mean, s.prompt_cv, 1, s.prompt_max), LengthDist(
+        s.output_mean, s.output_cv, 1, s.output_max)
+    if not s.requests:
+        run.trace = make_trace(arr, s.seconds, prompt, output, run.vocab, seed)
+        return
+    span = 1.25 * s.requests / run.rate
+    while len(trace := make_trace(arr, span, prompt, output, run.vocab, seed)) < s.requests:
+        span *= 1.5
+    run.trace = trace[:s.requests]
+    run.window = max(run.trace[-1].t, 0.5)
 
 
 def run_variant(run: Run, name: str, tick=None) -> dict:
     from valve.engine.config import get_config
 
-    s, wd = run.s, run.workdir / name
+    # a directory per repeat: the last repeat's ready file, timeline and progress must not be read as this one's
+    s, wd = run.s, run.workdir / f"repeat{run.repeat + 1}" / name
     wd.mkdir(parents=True, exist_ok=True)
     online, offline = name != "offline-alone", name != "online-alone"
     valve = name == "valve"
@@ -374,7 +399,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             stats0 = http_json(url + "/stats")
             results = asyncio.run(run_trace(url, run.trace, s.online_model))
             stats1 = http_json(url + "/stats")
-        t1 = t0 + s.seconds
+        t1 = t0 + run.seconds()
         while time.time() < t1:
             for c in children:
                 c.check()
@@ -383,7 +408,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         out: dict = {"gpu_util": gpu_util}
         if offline:
             wait_for("offline progress past the window",
-                     lambda: any(r["time"] >= t1 for r in read_progress(progress)), 60 + s.seconds, children)
+                     lambda: any(r["time"] >= t1 for r in read_progress(progress)), 60 + run.seconds(), children)
             recs = read_progress(progress)
             out["offline_tokens_per_s"] = offline_rate(recs, t0, t1)
             out["offline_progress"] = [[round(r["time"] - t0, 3), r["generated_tokens"]] for r in recs
@@ -396,7 +421,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["tpot_ms"] = [r.tpot * 1e3 for r in ok if r.tpot is not None]
             out["errors"] = len(results) - len(ok)
             out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
-            out["busy_fraction"] = busy_fraction(ok, s.seconds)
+            out["busy_fraction"] = busy_fraction(ok, run.seconds())
             out["online_host_share"] = host_share(stats0, stats1)
             out["timeline"] = join_timeline(ok, timeline)
         if valve:
@@ -453,8 +478,9 @@ def read_control(path: Path) -> dict:
 
 # ---- the whole benchmark ----------------------------------------------------------------------------------------
 def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> dict:
-    """Every variant in order; writes ``colocation_<gpu>.json`` and ``.png`` under ``out_dir``; returns the
-    result (``variants``, ``rows``, ``skipped``, ``files``)."""
+    """Every variant in order, ``repeats`` times (interleaved); writes ``colocation_<gpu>.json``, ``.txt`` and
+    ``.png`` under ``out_dir`` after each repeat (a run cut short keeps its finished repeats); returns the result
+    (``rows``, ``skipped``, ``files``; ``variants`` for one repeat, ``repeats`` and ``repeat_rows`` for more)."""
     from valve.engine.config import get_config
 
     env_info = environment(s.device)
@@ -470,52 +496,77 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
         else:
             todo.append(v)
     todo.sort(key=VARIANTS.index)  # online-alone first (calibration), mps last
-    variants: dict[str, dict] = {}
+    reps: list[dict[str, dict]] = []
     started = time.time()
+    steps = len(todo) * s.repeats
+    result: dict = {}
     # in shared memory: the control block must be (cuMemHostRegister refuses file-backed pages on disk)
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="valve-colocation-", dir=shm) as tmp:
         run = Run(s, Path(tmp), env_info)
         write_offline_prompts(run.workdir / "offline_prompts.jsonl", s, get_config(s.offline_model).vocab)
-        for i, name in enumerate(todo):
-            def tick(frac, i=i, name=name):
-                if progress:
-                    progress(name, (i + frac) / len(todo))
+        for r in range(s.repeats):
+            if r and run.rate:  # the same rate, a new trace: repeats sample different request mixes
+                new_trace(run, s.seed + r)
+            variants: dict[str, dict] = {}
+            run.repeat = r
+            for i, name in enumerate(todo):
+                def tick(frac, k=r * len(todo) + i, name=name, r=r):
+                    if progress:
+                        progress(name + (f" (repeat {r + 1}/{s.repeats})" if s.repeats > 1 else ""),
+                                 (k + frac) / steps)
 
-            tick(0.0)
-            t_var = time.time()
-            try:
-                variants[name] = run_variant(run, name, tick)
-                variants[name]["wall_s"] = time.time() - t_var
-            except ChildFailed as e:
-                if name in ("online-alone", "offline-alone"):
-                    raise
-                skipped[name] = f"failed: {clip(str(e))}"
-                if console:
-                    console.print(f"[red]{name} failed[/red]: {clip(str(e))}")
-        pids = list(run.pids)
+                tick(0.0)
+                t_var = time.time()
+                try:
+                    variants[name] = run_variant(run, name, tick)
+                    variants[name]["wall_s"] = time.time() - t_var
+                except ChildFailed as e:
+                    if name in ("online-alone", "offline-alone"):
+                        raise
+                    key = name if s.repeats == 1 else f"{name} (repeat {r + 1})"
+                    skipped[key] = f"failed: {clip(str(e))}"
+                    if console:
+                        console.print(f"[red]{key} failed[/red]: {clip(str(e))}")
+            reps.append(variants)
+            result = write_result(s, run, env_info, reps, skipped, time.time() - started, out_dir)
         if s.keep_logs:
-            for log in Path(tmp).glob("*/*.log"):
-                dst = out_dir / "colocation_logs" / log.parent.name / log.name
+            for log in Path(tmp).glob("*/*/*.log"):
+                dst = out_dir / "colocation_logs" / log.relative_to(tmp)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(log, dst)
+    return result
+
+
+def write_result(s: Settings, run: Run, env_info: dict, reps: list[dict[str, dict]], skipped: dict,
+                 seconds_total: float, out_dir: Path) -> dict:
+    """The JSON, table and plots of the repeats so far. One repeat keeps the single-run layout (``variants``);
+    more keep every repeat's raw data under ``repeats`` and summarise them in ``rows`` (median of the repeats,
+    with the spread)."""
+    pooled = report.pool(reps)
     result = {
         "benchmark": "colocation", "env": env_info, "settings": asdict(s), "calibration": run.calibration,
-        "seconds_total": time.time() - started, "variants": variants, "skipped": skipped,
-        "rows": report.rows(variants), "pids": pids, "tenants": tenants(variants),
-        "breakdown": report.breakdown(variants),
+        "window_s": run.seconds(), "seconds_total": seconds_total, "skipped": dict(skipped),
+        "pids": list(run.pids), "tenants": tenants(pooled),
     }
+    if len(reps) == 1:
+        result.update(variants=reps[0], rows=report.rows(reps[0]), breakdown=report.breakdown(reps[0]))
+    else:
+        repeat_rows = [report.rows(v) for v in reps]
+        result.update(repeats=reps, repeat_rows=repeat_rows, rows=report.summarize(repeat_rows),
+                      breakdown=report.mean_breakdown([report.breakdown(v) for v in reps]))
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = env_info["gpu"].lower().replace("nvidia ", "").replace(" ", "-") if s.device == "cuda" else "cpu"
     if s.device == "cuda":  # one file per engine and shape: runs of a session sit side by side
         slug += f"_{s.engine}" + (f"-{s.arch}" if s.engine != "ours" else "") + f"_{s.online_model}"
         slug += f"_{s.offline_model}" if s.offline_model != s.online_model else ""
+        slug += f"_{s.repeats}x" if s.repeats > 1 else ""
     stem = out_dir / f"colocation_{slug}"
     title = (f"{s.online_model} online + {s.offline_model} offline on {env_info['gpu']}, "
-             f"{run.rate or 0:.2f} req/s {s.arrival}")
+             f"{run.rate or 0:.2f} req/s {s.arrival}" + (f", {len(reps)} repeats" if len(reps) > 1 else ""))
     result["files"] = [str(stem) + ".json", str(stem) + ".png"]
     result["title"] = title
-    output.write(out_dir, stem.name, result, table_text(result), lambda p: report.plot(variants, str(p), title))
+    output.write(out_dir, stem.name, result, table_text(result), lambda p: report.plot(pooled, str(p), title))
     report.plot_breakdown(result["breakdown"], str(stem) + "_breakdown.png", title)
     result["files"].append(str(stem) + "_breakdown.png")
     return result
@@ -532,7 +583,7 @@ def tenants(variants: dict) -> dict:
 def table_text(result: dict) -> str:
     from rich.console import Console
 
-    con = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    con = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     con.print(report.render_table(result["rows"], result.get("title", "colocation")))
     for k, v in result["skipped"].items():
         con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
@@ -563,6 +614,10 @@ def colocation(
     online_model: str | None = typer.Option(None, help="Online model shape (llama-1b on GPU, tiny on CPU)."),
     offline_model: str | None = typer.Option(None, help="Offline model shape."),
     seconds: float | None = typer.Option(None, min=0.5, help="Load window per variant, seconds."),
+    requests: int | None = typer.Option(None, min=1, help="Online requests per variant (sets the window from "
+                                                            "the calibrated rate; overrides --seconds)."),
+    repeats: int | None = typer.Option(None, min=1, help="Run every variant this many times, interleaved "
+                                                         "(a new trace each time); the table shows the median."),
     busy: float | None = typer.Option(None, min=0.01, max=0.95, help="Target online busy fraction."),
     rate: float | None = typer.Option(None, min=0.01, help="Online requests/s (skips calibration)."),
     arrival: str | None = typer.Option(None, help="poisson, gamma or onoff."),
@@ -582,7 +637,7 @@ def colocation(
 
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
     s = settings_from(device, quick, online_model=online_model or model, offline_model=offline_model or model,
-                      engine=engine, arch=arch, seconds=seconds,
+                      engine=engine, arch=arch, seconds=seconds, requests=requests, repeats=repeats,
                       busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed,
                       output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
                       graphs=graphs, keep_logs=keep_logs or None)

@@ -33,6 +33,10 @@ def rows(variants: dict[str, dict]) -> list[dict]:
         tps = v.get("offline_tokens_per_s")
         row["offline_tokens_per_s"] = tps
         row["offline_ratio"] = ratio(tps, off.get("offline_tokens_per_s") if off else None) if tps else float("nan")
+        # against the ideal: what offline alone would make in the time online leaves idle
+        idle = 1 - base["busy_fraction"] if base and base.get("busy_fraction") is not None else None
+        row["harvest"] = row["offline_ratio"] / idle if idle and row["offline_ratio"] == row["offline_ratio"] \
+            and name != "offline-alone" else float("nan")
         row["gpu_util"] = v.get("gpu_util")
         row["busy_fraction"] = v.get("busy_fraction")
         row["requests"] = len(v.get("ttft_ms") or [])
@@ -41,27 +45,112 @@ def rows(variants: dict[str, dict]) -> list[dict]:
     return out
 
 
+SUMMARY_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "ttft_p50_ratio", "ttft_p99_ratio",
+                "tpot_p50_ratio", "tpot_p99_ratio", "offline_tokens_per_s", "offline_ratio", "harvest", "gpu_util",
+                "busy_fraction")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(x for x in xs if x is not None and x == x)
+    if not xs:
+        return float("nan")
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def summarize(repeat_rows: list[list[dict]]) -> list[dict]:
+    """One row per variant over the repeats: the median of each figure, its spread (min, max) and the number
+    of repeats; ``requests`` is the total over the repeats. Ratios are taken within a repeat first (against that
+    repeat's solo runs), then summarised."""
+    by: dict[str, list[dict]] = {}
+    for rows_ in repeat_rows:
+        for row in rows_:
+            by.setdefault(row["variant"], []).append(row)
+    out = []
+    for name, rs in by.items():
+        row = {"variant": name, "repeats": len(rs), "requests": sum(r["requests"] for r in rs),
+               "errors": sum(r["errors"] for r in rs), "spread": {}}
+        for k in SUMMARY_KEYS:
+            xs = [r.get(k) for r in rs]
+            row[k] = _median(xs)
+            ok = [x for x in xs if x is not None and x == x]
+            row["spread"][k] = [min(ok), max(ok)] if ok else None
+        out.append(row)
+    return out
+
+
+def pool(reps: list[dict[str, dict]]) -> dict[str, dict]:
+    """The repeats' samples side by side (latency CDFs, tenants): lists joined, scalars their median."""
+    out: dict[str, dict] = {}
+    for variants in reps:
+        for name, v in variants.items():
+            d = out.setdefault(name, {})
+            for k, val in v.items():
+                if isinstance(val, list):
+                    d.setdefault(k, []).extend(val)
+                elif isinstance(val, (int, float)) and not isinstance(val, bool):
+                    d.setdefault("_" + k, []).append(val)
+    for d in out.values():
+        for k in [k for k in d if k.startswith("_")]:
+            d[k[1:]] = _median(d.pop(k))
+    return out
+
+
+def mean_breakdown(bds: list[dict[str, dict]]) -> dict[str, dict]:
+    """The repeats' breakdowns (each paired within its repeat) averaged, weighted by their request counts."""
+    out: dict[str, dict] = {}
+    for name in {n for bd in bds for n in bd}:
+        parts = [bd[name] for bd in bds if name in bd]
+        n = sum(p["n"] for p in parts)
+        d: dict = {"n": n, "repeats": len(parts)}
+        for key in ("mean_ms", "extra_vs_alone_ms"):  # a mean of medians would not be a median: left out
+            d[key] = {}
+            for part in parts[0][key]:
+                xs = [(p[key][part], p["n"]) for p in parts if p[key].get(part) is not None]
+                w = sum(c for _, c in xs)
+                d[key][part] = sum(x * c for x, c in xs) / w if w else None
+        for key in ("sm_mhz_arrival", "sm_mhz_mean", "power_w_arrival", "power_w_mean"):
+            xs = [(p[key], p["n"]) for p in parts if p.get(key) is not None]
+            w = sum(c for _, c in xs)
+            d[key] = sum(x * c for x, c in xs) / w if w else None
+        out[name] = d
+    return out
+
+
+def num(row: dict, key: str) -> float | None:
+    """A figure of a row, None when missing or NaN (NaN is written to JSON as null)."""
+    v = row.get(key)
+    return None if v is None or v != v else v
+
+
 def render_table(table_rows: list[dict], title: str):
+    """Figures with their ratio; over repeats, the median with the spread of the ratio (min-max)."""
     from rich.table import Table
 
     t = Table(title=title)
     for col in ("variant", "req", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "offline tok/s",
-                "GPU util", "online busy"):
+                "harvest", "GPU util", "online busy"):
         t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
 
+    def spread(row, key, fmt):
+        s = (row.get("spread") or {}).get(key)
+        return f" [{fmt.format(s[0])}-{fmt.format(s[1])}]" if s and s[0] != s[1] and row.get("repeats", 1) > 1 else ""
+
     def lat(row, key):
-        v, r = row[f"{key}_ms"], row[f"{key}_ratio"]
-        if v != v:
+        v, r = num(row, f"{key}_ms"), num(row, f"{key}_ratio")
+        if v is None:
             return "-"
-        return f"{v:.2f} (x{r:.3f})" if r == r else f"{v:.2f}"
+        return f"{v:.2f} (x{r:.3f}{spread(row, key + '_ratio', '{:.2f}')})" if r is not None else f"{v:.2f}"
 
     for row in table_rows:
-        tps, util, busy = row["offline_tokens_per_s"], row["gpu_util"], row["busy_fraction"]
+        tps, ratio, harvest = num(row, "offline_tokens_per_s"), num(row, "offline_ratio"), num(row, "harvest")
+        util, busy = num(row, "gpu_util"), num(row, "busy_fraction")
         t.add_row(
             row["variant"], str(row["requests"]) + (f" ({row['errors']} err)" if row["errors"] else ""),
             lat(row, "ttft_p50"), lat(row, "ttft_p99"), lat(row, "tpot_p50"), lat(row, "tpot_p99"),
-            "-" if not tps else (f"{tps:,.0f}" + (f" (x{row['offline_ratio']:.2f})"
-                                                  if row["offline_ratio"] == row["offline_ratio"] else "")),
+            "-" if not tps else f"{tps:,.0f}" + (
+                f" (x{ratio:.2f}{spread(row, 'offline_ratio', '{:.2f}')})" if ratio is not None else ""),
+            "-" if harvest is None else f"{harvest:.0%}" + spread(row, "harvest", "{:.0%}"),
             "-" if util is None else f"{util:.0f}%",
             "-" if busy is None else f"{busy:.0%}",
         )

@@ -115,3 +115,74 @@ def test_colocation_memory_check_names_the_fix():
     check_settings(s, 141 * 2**30)  # two 8B models and their caches fit an H200
     with pytest.raises(ValueError, match="pick a smaller --model"):
         check_settings(s, 40 * 2**30)
+
+
+def test_summary_is_the_median_of_the_repeats_with_their_spread():
+    from bench.colocation_report import summarize
+
+    def row(name, ttft, ratio, tps, n=300):
+        return {"variant": name, "requests": n, "errors": 0, "ttft_p50_ms": ttft, "ttft_p50_ratio": ratio,
+                "offline_tokens_per_s": tps, "harvest": float("nan")}
+
+    reps = [[row("valve", 6.0, 1.02, 100.0)], [row("valve", 9.0, 1.10, 90.0)], [row("valve", 7.0, 1.01, None)]]
+    (s,) = summarize(reps)
+    assert s["repeats"] == 3 and s["requests"] == 900
+    assert s["ttft_p50_ms"] == 7.0 and s["spread"]["ttft_p50_ms"] == [6.0, 9.0]
+    assert s["ttft_p50_ratio"] == 1.02 and s["spread"]["ttft_p50_ratio"] == [1.01, 1.10]
+    assert s["offline_tokens_per_s"] == 95.0  # the median of the repeats that measured it (even count: the mean)
+    assert s["harvest"] != s["harvest"] and s["spread"]["harvest"] is None
+
+
+def test_pooled_repeats_join_samples_and_take_the_median_of_scalars():
+    from bench.colocation_report import mean_breakdown, pool
+
+    reps = [{"valve": {"ttft_ms": [1.0, 2.0], "gpu_util": 80.0}},
+            {"valve": {"ttft_ms": [3.0], "gpu_util": 90.0}},
+            {"valve": {"ttft_ms": [4.0], "gpu_util": 70.0}}]
+    assert pool(reps) == {"valve": {"ttft_ms": [1.0, 2.0, 3.0, 4.0], "gpu_util": 80.0}}
+    bd = mean_breakdown([{"valve": {"n": 3, "mean_ms": {"gpu": 2.0}, "extra_vs_alone_ms": {"gpu": 1.0},
+                                    "sm_mhz_arrival": 1000.0}},
+                         {"valve": {"n": 1, "mean_ms": {"gpu": 6.0}, "extra_vs_alone_ms": {"gpu": None},
+                                    "sm_mhz_arrival": None}}])
+    assert bd["valve"]["n"] == 4 and bd["valve"]["mean_ms"]["gpu"] == 3.0  # weighted by requests
+    assert bd["valve"]["extra_vs_alone_ms"]["gpu"] == 1.0 and bd["valve"]["sm_mhz_arrival"] == 1000.0
+
+
+def test_a_requests_count_sets_the_trace_and_the_window():
+    from bench.colocation import Run, Settings, new_trace
+
+    run = Run(Settings(requests=300, seed=3), ROOT, {}, rate=12.0, vocab=1000)
+    new_trace(run, 3)
+    assert len(run.trace) == 300 and run.seconds() == run.trace[-1].t
+    assert 300 / 12.0 * 0.7 < run.seconds() < 300 / 12.0 * 1.3  # about requests / rate
+    first = [r.prompt for r in run.trace[:5]]
+    new_trace(run, 4)  # the next repeat: as many requests, another mix
+    assert len(run.trace) == 300 and [r.prompt for r in run.trace[:5]] != first
+    plain = Run(Settings(seconds=7.0), ROOT, {}, rate=12.0, vocab=1000)
+    new_trace(plain, 0)
+    assert plain.seconds() == 7.0 and all(r.t < 7.0 for r in plain.trace)
+
+
+@pytest.mark.timeout(240)
+def test_bench_colocation_repeats_interleave_every_variant_on_cpu(tmp_path):
+    pytest.importorskip("torch")
+    cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu", "--requests", "5",
+           "--repeats", "2", "--out", str(tmp_path), "--variants", "online-alone,valve"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((tmp_path / "colocation_cpu.json").read_text())
+    assert "variants" not in res and len(res["repeats"]) == len(res["repeat_rows"]) == 2
+    for rep in res["repeats"]:  # each repeat ran both variants on its own trace, in order
+        assert list(rep) == ["online-alone", "valve"]
+        assert all(len(v["ttft_ms"]) == 5 and v["errors"] == 0 for v in rep.values())
+        assert rep["valve"]["control"]["online_requests"] >= 5
+    lengths = [[r["prompt_tokens"] for r in rep["online-alone"]["timeline"]] for rep in res["repeats"]]
+    assert lengths[0] != lengths[1]
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["valve"]["repeats"] == 2 and rows["valve"]["requests"] == 10
+    ratios = sorted(rr["ttft_p99_ratio"] for rows_ in res["repeat_rows"] for rr in rows_ if rr["variant"] == "valve")
+    assert rows["valve"]["ttft_p99_ratio"] == pytest.approx(sum(ratios) / 2)
+    assert rows["valve"]["spread"]["ttft_p99_ratio"] == pytest.approx(ratios)
+    assert res["breakdown"]["valve"]["n"] == 10 and res["breakdown"]["valve"]["repeats"] == 2
+    assert "2 repeats" in done.stdout and res["skipped"] == {}

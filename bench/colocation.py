@@ -477,10 +477,12 @@ def read_control(path: Path) -> dict:
 
 
 # ---- the whole benchmark ----------------------------------------------------------------------------------------
-def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> dict:
+def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None, resume: dict | None = None) -> dict:
     """Every variant in order, ``repeats`` times (interleaved); writes ``colocation_<gpu>.json``, ``.txt`` and
     ``.png`` under ``out_dir`` after each repeat (a run cut short keeps its finished repeats); returns the result
-    (``rows``, ``skipped``, ``files``; ``variants`` for one repeat, ``repeats`` and ``repeat_rows`` for more)."""
+    (``rows``, ``skipped``, ``files``; ``variants`` for one repeat, ``repeats`` and ``repeat_rows`` for more).
+    ``resume``: the result of a run of the same settings cut short; its repeats are kept, its rate reused, and the
+    run goes on with the repeats it lacks."""
     from valve.engine.config import get_config
 
     env_info = environment(s.device)
@@ -497,7 +499,11 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
             todo.append(v)
     todo.sort(key=VARIANTS.index)  # online-alone first (calibration), mps last
     reps: list[dict[str, dict]] = []
-    started = time.time()
+    started, earlier = time.time(), 0.0
+    if resume:
+        reps = [dict(v) for v in resume.get("repeats") or [resume["variants"]]]
+        skipped.update(resume.get("skipped", {}))
+        earlier = resume.get("seconds_total", 0.0)
     steps = len(todo) * s.repeats
     result: dict = {}
     # in shared memory: the control block must be (cuMemHostRegister refuses file-backed pages on disk)
@@ -505,8 +511,11 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
     with tempfile.TemporaryDirectory(prefix="valve-colocation-", dir=shm) as tmp:
         run = Run(s, Path(tmp), env_info)
         write_offline_prompts(run.workdir / "offline_prompts.jsonl", s, get_config(s.offline_model).vocab)
-        for r in range(s.repeats):
-            if r and run.rate:  # the same rate, a new trace: repeats sample different request mixes
+        if resume and resume.get("calibration"):
+            run.calibration = resume["calibration"]
+            run.rate, run.vocab = run.calibration["rate_per_s"], get_config(s.online_model).vocab
+        for r in range(len(reps), s.repeats):
+            if run.rate:  # the same rate, a new trace: repeats sample different request mixes
                 new_trace(run, s.seed + r)
             variants: dict[str, dict] = {}
             run.repeat = r
@@ -529,7 +538,7 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None) -> di
                     if console:
                         console.print(f"[red]{key} failed[/red]: {clip(str(e))}")
             reps.append(variants)
-            result = write_result(s, run, env_info, reps, skipped, time.time() - started, out_dir)
+            result = write_result(s, run, env_info, reps, skipped, earlier + time.time() - started, out_dir)
         if s.keep_logs:
             for log in Path(tmp).glob("*/*/*.log"):
                 dst = out_dir / "colocation_logs" / log.relative_to(tmp)
@@ -597,6 +606,25 @@ def table_text(result: dict) -> str:
     return con.export_text()
 
 
+def load_resume(path: Path, s: Settings) -> dict:
+    """The result to resume, checked: a run of these settings (the repeat count aside) with repeats left."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read --resume {path}: {e}") from None
+    if doc.get("benchmark") != "colocation":
+        raise ValueError(f"--resume {path} is not a colocation result")
+    ours = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in ("repeats", "keep_logs")}
+    theirs = doc.get("settings", {})
+    diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if diff:
+        raise ValueError(f"--resume {path} ran other settings ({', '.join(diff)}): pass the same options")
+    done = len(doc.get("repeats") or [doc.get("variants")])
+    if done >= s.repeats:
+        raise ValueError(f"--resume {path} already has {done} repeats: ask for more with --repeats")
+    return doc
+
+
 def settings_from(device: str | None, quick: bool, **overrides) -> Settings:
     dev = device or detect_device()
     s = preset(dev, quick)
@@ -630,6 +658,8 @@ def colocation(
     offline_warmup: float | None = typer.Option(None, help="Offline seconds before each window."),
     graphs: bool | None = typer.Option(None, "--graphs/--no-graphs", help="Online decode through CUDA graphs."),
     keep_logs: bool = typer.Option(False, "--keep-logs", help="Copy the children's logs under --out."),
+    resume: Path | None = typer.Option(None, "--resume", help="A result JSON of a run cut short: keep its "
+                                                              "repeats, run the ones it lacks (same settings)."),
 ) -> None:
     """Online + offline LLM inference on one device: alone, time-slicing, Valve, MPS; TTFT/TPOT and tokens/s."""
     from rich.console import Console
@@ -643,6 +673,7 @@ def colocation(
                       graphs=graphs, keep_logs=keep_logs or None)
     try:
         check_settings(s, environment(s.device).get("gpu_total_bytes"))
+        earlier = load_resume(resume, s) if resume else None
     except ValueError as e:  # one line, before any child process starts
         typer.echo(f"colocation: {e}", err=True)
         raise typer.Exit(2) from None
@@ -655,7 +686,7 @@ def colocation(
             bar.update(task, completed=frac, description=f"colocation: {name}")
 
         try:
-            result = run_benchmark(s, out, progress, console)
+            result = run_benchmark(s, out, progress, console, earlier)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
     typer.echo(table_text(result), nl=False)

@@ -166,12 +166,19 @@ def test_a_requests_count_sets_the_trace_and_the_window():
 @pytest.mark.timeout(240)
 def test_bench_colocation_repeats_interleave_every_variant_on_cpu(tmp_path):
     pytest.importorskip("torch")
+    # a run cut short after its first repeat, then resumed: the first repeat is kept, the second one is run
     cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu", "--requests", "5",
-           "--repeats", "2", "--out", str(tmp_path), "--variants", "online-alone,valve"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
-                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+           "--out", str(tmp_path), "--variants", "online-alone,valve"]
+    first = tmp_path / "first.json"
+    for extra in (["--repeats", "1"], ["--repeats", "2", "--resume", str(first)]):
+        done = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=110,
+                              env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if not first.exists():
+            (tmp_path / "colocation_cpu.json").rename(first)
     res = json.loads((tmp_path / "colocation_cpu.json").read_text())
+    assert res["repeats"][0] == json.loads(first.read_text())["variants"]
+    assert res["calibration"] == json.loads(first.read_text())["calibration"]
     assert "variants" not in res and len(res["repeats"]) == len(res["repeat_rows"]) == 2
     for rep in res["repeats"]:  # each repeat ran both variants on its own trace, in order
         assert list(rep) == ["online-alone", "valve"]
@@ -186,3 +193,21 @@ def test_bench_colocation_repeats_interleave_every_variant_on_cpu(tmp_path):
     assert rows["valve"]["spread"]["ttft_p99_ratio"] == pytest.approx(ratios)
     assert res["breakdown"]["valve"]["n"] == 10 and res["breakdown"]["valve"]["repeats"] == 2
     assert "2 repeats" in done.stdout and res["skipped"] == {}
+
+
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path):
+    from dataclasses import asdict
+
+    from bench.colocation import Settings, load_resume
+
+    s = Settings(requests=300, repeats=3)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmark": "colocation", "settings": {**asdict(s), "repeats": 2},
+                                "repeats": [{}, {}]}))
+    assert len(load_resume(path, s)["repeats"]) == 2
+    with pytest.raises(ValueError, match=r"ran other settings \(busy, requests\)"):
+        load_resume(path, Settings(requests=100, repeats=3, busy=0.5))
+    with pytest.raises(ValueError, match="already has 2 repeats"):
+        load_resume(path, Settings(requests=300, repeats=2))
+    with pytest.raises(ValueError, match="cannot read --resume"):
+        load_resume(tmp_path / "missing.json", s)

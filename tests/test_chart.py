@@ -163,7 +163,7 @@ def test_least_privilege_security_contexts(helm):
     objs = render(helm)
     for w in workloads(objs):
         pod = w["spec"]["template"]["spec"]
-        for c in pod["containers"]:
+        for c in pod["containers"] + pod.get("initContainers", []):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, w["metadata"]["name"]
             assert sc["readOnlyRootFilesystem"] is True, w["metadata"]["name"]
@@ -174,6 +174,10 @@ def test_least_privilege_security_contexts(helm):
     operator = one(objs, "Deployment", "operator")["spec"]["template"]["spec"]
     assert operator["securityContext"]["runAsNonRoot"] is True
     assert operator["securityContext"]["runAsUser"] != 0
+    # the one root pod: the device plugin (kubelet's root-owned socket folder; docs/install.md "Security")
+    root = [w["metadata"]["name"] for w in workloads(objs)
+            if w["spec"]["template"]["spec"]["securityContext"].get("runAsUser", 0) == 0]
+    assert root == [one(objs, "DaemonSet", "device-plugin")["metadata"]["name"]]
     # The operator's API access is its own ServiceAccount's, bound to the ClusterRole.
     binding = one(objs, "ClusterRoleBinding", "operator")
     assert binding["subjects"] == [

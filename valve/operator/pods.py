@@ -49,6 +49,9 @@ PODINFO_VOLUME = VOLUME_PODINFO
 PRELOAD_VOLUME = VOLUME_PRELOAD
 LINKS_VOLUME = VOLUME_LINKS
 INIT_CONTAINER = "valve-gpu-dir"
+# The Valve image's USER (Dockerfile). Set on the sidecars explicitly: a pair's pod-level securityContext (or
+# another sidecar image) must not make them root, and runAsNonRoot needs a numeric uid to check.
+SIDECAR_UID = 65532
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,20 @@ def _sidecar_env(role: str) -> list[dict[str, Any]]:
 
 
 def _security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+    """Valve's containers in a pair's pods (the init container and the sidecars): non-root, no capabilities,
+    RuntimeDefault seccomp, read-only root. Container-level only: the pair's own containers keep theirs. They need
+    no more: the GPU folder is world-writable with the sticky bit (devicePlugin.runtimeDirMode), the link
+    folder is an emptyDir, and the default ports (proxy 9000, metrics 9400) are above 1023 (a proxy port below 1024
+    binds only where the container runtime sets net.ipv4.ip_unprivileged_port_start=0)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": SIDECAR_UID,
+        "runAsGroup": SIDECAR_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _resources(cfg: OperatorConfig) -> dict[str, Any]:

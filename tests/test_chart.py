@@ -15,7 +15,7 @@ import chartcheck as cc
 import pytest
 import yaml
 
-from valve.api.contract import LABEL_NODE_ENABLED, PRELOAD_LIBRARY
+from valve.api.contract import ENV_METRICS_ADDR, LABEL_NODE_ENABLED, PRELOAD_LIBRARY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,6 +227,27 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["port"] == port
+
+
+@helms
+def test_metrics_bind_to_the_pod_ip_unless_told_otherwise(helm):
+    def envs_and_args(*sets):
+        objs = render(helm, (), sets)
+        out = {}
+        for w in workloads(objs):
+            c = w["spec"]["template"]["spec"]["containers"][0]
+            out[w["metadata"]["labels"]["app.kubernetes.io/component"]] = (
+                {e["name"]: e for e in c["env"]}, c["args"])
+        return out
+
+    pod_ip = {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    for component, (env, args) in envs_and_args().items():
+        assert env[ENV_METRICS_ADDR] == pod_ip, component
+        assert not [a for a in args if "metrics-addr" in a]  # the sidecars: the operator's default, the pod IP
+    for component, (env, args) in envs_and_args("metrics.bindAddress=0.0.0.0").items():
+        assert env[ENV_METRICS_ADDR] == {"name": ENV_METRICS_ADDR, "value": "0.0.0.0"}, component
+        assert [a for a in args if "metrics-addr" in a] == (
+            ["--sidecar-metrics-addr=0.0.0.0"] if component == "operator" else [])
 
 
 @helms

@@ -94,7 +94,7 @@ def test_arbiter_metrics_port_in_use_ends_with_one_line(busy_port: int, tmp_path
                  "--metrics-port", str(busy_port), "--no-memory", "--enforce", "off"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"valve runtime arbiter: --metrics-port: cannot listen on :{busy_port}: Address already in use")
+        f"valve runtime arbiter: --metrics-port: cannot listen on 0.0.0.0:{busy_port}: Address already in use")
 
 
 @pytest.mark.parametrize("addr", ["0.0.0.0:9402", "host:port:x"])
@@ -151,4 +151,4 @@ def test_device_plugin_with_only_mig_gpus_is_one_line(short_dir: Path) -> None:
 
 def test_operator_metrics_port_in_use_is_one_line(busy_port: int) -> None:
     proc = _run(["-m", "valve.cli", "operator", "--metrics-port", str(busy_port), "--health-port", "0"])
-    _one_line(proc, f"valve operator: --metrics-port: cannot listen on :{busy_port}: ")
+    _one_line(proc, f"valve operator: --metrics-port: cannot listen on 0.0.0.0:{busy_port}: ")

@@ -38,3 +38,8 @@ def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
         return check_host(host, option), int(port)
     except ValueError:
         raise bad from None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or an error message writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

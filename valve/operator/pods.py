@@ -16,6 +16,7 @@ from valve.api.contract import (
     ANN_ROLE,
     ANN_WANT_GPU,
     ENV_GPU_UUID,
+    ENV_METRICS_ADDR,
     ENV_PAIR,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
@@ -61,6 +62,7 @@ class OperatorConfig:
     sidecar_cpu: str = "100m"
     sidecar_memory: str = "128Mi"
     metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
+    metrics_addr: str = ""  # their bind address; empty: the pod's IP (downward API), not every interface
     allowed_images: tuple[str, ...] = ()  # images a pair may name for its sidecars, besides sidecar_image
 
     def image_allowed(self, image: str | None) -> bool:
@@ -242,6 +244,13 @@ def _metrics_port(cfg: OperatorConfig) -> dict[str, Any]:
     return {"name": METRICS_PORT_NAME, "containerPort": cfg.metrics_port}
 
 
+def _metrics_addr(cfg: OperatorConfig) -> dict[str, Any]:
+    """The sidecars' --metrics-addr, through its env: Prometheus scrapes the pod IP, so nothing else needs it."""
+    if cfg.metrics_addr:
+        return {"name": ENV_METRICS_ADDR, "value": cfg.metrics_addr}
+    return {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
 def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | None:
     proxy = spec.online.proxy
     if not proxy.enabled:
@@ -251,7 +260,7 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
                     "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--gpu-from", PODINFO_FILE,
                     "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
-    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}]
+    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}, _metrics_addr(cfg)]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
     return side
 
@@ -265,6 +274,7 @@ def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
     side["env"] = [
         *_sidecar_env(OFFLINE),
         {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
+        _metrics_addr(cfg),
         {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
         # the pair's name, for `valve top` on the node (through the GPU folder)
         {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},

@@ -145,7 +145,10 @@ def register(app: typer.Typer) -> None:
             if fail_on_init_error:
                 fail(f"{reason}; --backend sim runs without a GPU, --no-fail-on-init-error keeps the plugin up "
                      "advertising nothing")
-            run_idle(config, reason, stop, metrics)
+            try:
+                run_idle(config, reason, stop, metrics)
+            except OSError as e:  # its metrics port in use
+                fail(f"cannot start: {first_line(e)}")
             raise typer.Exit(0)
 
         if backend is BackendName.sim:

@@ -76,6 +76,15 @@ def register(app: typer.Typer) -> None:
                            f"{e.strerror or e}", err=True)
                 raise typer.Exit(code=2) from None
         liveness = f"http://{host_port(health_addr, health_port)}/healthz" if health_port else None
+        if health_port:
+            from valve.netaddr import check_bindable
+
+            try:
+                check_bindable(health_addr, health_port)
+            except OSError as e:
+                typer.echo(f"valve operator: --health-port: cannot listen on {host_port(health_addr, health_port)}: "
+                           f"{e.strerror or e}", err=True)
+                raise typer.Exit(code=2) from None
         from valve.operator.kube import load_api_client
 
         try:

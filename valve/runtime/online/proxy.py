@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -282,7 +283,9 @@ async def _bind(site: web.TCPSite, option: str, host: str, port: int) -> None:
     try:
         await site.start()
     except OSError as e:
-        raise ListenError(f"{option}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        # the errno's own text: aiohttp's strerror repeats the address
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ListenError(f"{option}: cannot listen on {host}:{port}: {reason}") from None
 
 
 async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = None,
@@ -301,7 +304,11 @@ async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = N
             except ImportError:  # prometheus-client < 0.21: its own HTTP server thread
                 from prometheus_client import start_http_server
 
-                start_http_server(metrics_port, metrics_host, registry=proxy.metrics.registry)
+                try:
+                    start_http_server(metrics_port, metrics_host, registry=proxy.metrics.registry)
+                except OSError as e:
+                    raise ListenError(f"--metrics-port: cannot listen on {metrics_host}:{metrics_port}: "
+                                      f"{e.strerror or e}") from None
             else:
                 mapp = web.Application()
                 mapp.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))

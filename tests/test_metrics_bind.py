@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 from waiting import until
 
 from valve.api.contract import ENV_METRICS_ADDR
@@ -98,18 +97,13 @@ def test_device_plugin_binds_metrics_to_the_given_address(short_dir: Path) -> No
 def test_operator_binds_metrics_and_health_to_the_given_address(tmp_path: Path) -> None:
     pytest.importorskip("kopf")
     kmock = pytest.importorskip("kmock")
-    from operator_harness import ValveKube
+    from operator_harness import ValveKube, write_kubeconfig
 
     metrics, health = free_port(), free_port()
-    kubeconfig = tmp_path / "kubeconfig"
 
     async def scenario() -> None:
         async with ValveKube() as kube, kmock.Server(kube):
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "k",
-                "clusters": [{"name": "k", "cluster": {"server": str(kube.url).rstrip("/")}}],
-                "users": [{"name": "u", "user": {}}],
-                "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}]}))
+            kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kube.url))
             args = ["-m", "valve.cli", "operator", "--metrics-port", str(metrics), "--health-port", str(health)]
             env = {**ENV, "KUBECONFIG": str(kubeconfig), ENV_METRICS_ADDR: ADDR}
             with running(args, tmp_path / "log", env) as proc:

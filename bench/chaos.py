@@ -40,7 +40,7 @@ def run(out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    print(run(ap.parse_args().out))
+    print(run(output.checked_out(ap, ap.parse_args().out)))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from bench.harness.gpu import UtilSampler  # noqa: E402
 from bench.harness.loadgen import Arrivals, LengthDist, make_trace, run_trace  # noqa: E402
 from bench.harness.procs import Child, ChildFailed, child_env, free_port, wait_for  # noqa: E402
 from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR  # noqa: E402
+from valve.outpath import check_dir  # noqa: E402
 
 VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "mps")
 
@@ -672,6 +673,7 @@ def colocation(
                       output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
                       graphs=graphs, keep_logs=keep_logs or None)
     try:
+        check_dir(out)
         check_settings(s, environment(s.device).get("gpu_total_bytes"))
         earlier = load_resume(resume, s) if resume else None
     except ValueError as e:  # one line, before any child process starts

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/compile_gate")
     args = ap.parse_args(argv)
+    from bench.harness.output import checked_out
+
+    checked_out(ap, args.out)
     preflight()
     import torch
     import transformers

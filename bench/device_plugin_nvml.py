@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="shorter CUDA probe")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
+    output.checked_out(ap, args.out)
     if args.probe_seconds is None:
         args.probe_seconds = 2.0 if args.quick else 4.0
     args.out.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/results/gate_reattach")
     args = ap.parse_args(argv)
+    from bench.harness.output import checked_out
+
+    checked_out(ap, args.out)
     import torch
 
     from valve.runtime.gate.cuda import CudaGateBackend

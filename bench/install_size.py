@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extras", default=",".join(EXTRAS), help="comma-separated; base = no extra")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args(argv)
+    output.checked_out(ap, a.out)
     with tempfile.TemporaryDirectory(prefix="valve-install-size-") as tmp:
         work = Path(tmp)
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work), str(ROOT)],

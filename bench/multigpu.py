@@ -857,7 +857,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--check-control", action="store_true")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: the GPU path's steps on CPU torch with the sim plugin backend (a dry run)")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.role == "main":
+        output.checked_out(ap, a.out)
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:

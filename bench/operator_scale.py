@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = ap.parse_args(argv)
+    from bench.harness.output import checked_out
+
+    checked_out(ap, args.out, file=True)
 
     sizes = [(n, False) for n in args.pairs] + ([(max(args.pairs), True)] if args.restart else [])
     runs: list[dict[str, Any]] = []

@@ -844,6 +844,7 @@ def main(argv=None) -> int:
     if a.role:
         {"online": online_worker, "offline": offline_worker, "arbiter": arbiter_worker}[a.role](json.loads(a.cfg))
         return 0
+    output.checked_out(ap, a.out)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup (workers, MPS) when killed
     res = orchestrate(a)
     out = Path(a.out)

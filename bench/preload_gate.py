@@ -341,6 +341,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown program(s) {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     args.seconds = args.seconds or (8.0 if args.quick else 20.0)
+    sys.path.insert(0, str(ROOT))
+    from bench.harness.output import checked_out
+
+    checked_out(ap, args.out)
     preflight(args.programs)
     res = orchestrate(args)
     out = Path(args.out)

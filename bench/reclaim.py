@@ -635,6 +635,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=6, help="processes for the policy traces (run before CUDA)")
     ap.add_argument("--trace-seconds", type=float, default=None, help="default 300 (quick 40)")
     a = ap.parse_args(argv)
+    output.checked_out(ap, a.out)
     device = a.device
     if device is None:
         try:

@@ -15,7 +15,7 @@ import chartcheck as cc
 import pytest
 import yaml
 
-from valve.api.contract import LABEL_NODE_ENABLED, PRELOAD_LIBRARY
+from valve.api.contract import ENV_METRICS_ADDR, LABEL_NODE_ENABLED, PRELOAD_LIBRARY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def test_least_privilege_security_contexts(helm):
     objs = render(helm)
     for w in workloads(objs):
         pod = w["spec"]["template"]["spec"]
-        for c in pod["containers"]:
+        for c in pod["containers"] + pod.get("initContainers", []):
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, w["metadata"]["name"]
             assert sc["readOnlyRootFilesystem"] is True, w["metadata"]["name"]
@@ -174,6 +174,10 @@ def test_least_privilege_security_contexts(helm):
     operator = one(objs, "Deployment", "operator")["spec"]["template"]["spec"]
     assert operator["securityContext"]["runAsNonRoot"] is True
     assert operator["securityContext"]["runAsUser"] != 0
+    # the one root pod: the device plugin (kubelet's root-owned socket folder; docs/install.md "Security")
+    root = [w["metadata"]["name"] for w in workloads(objs)
+            if w["spec"]["template"]["spec"]["securityContext"].get("runAsUser", 0) == 0]
+    assert root == [one(objs, "DaemonSet", "device-plugin")["metadata"]["name"]]
     # The operator's API access is its own ServiceAccount's, bound to the ClusterRole.
     binding = one(objs, "ClusterRoleBinding", "operator")
     assert binding["subjects"] == [
@@ -223,6 +227,27 @@ def test_device_plugin_daemonset_on_gpu_nodes(helm):
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["port"] == port
+
+
+@helms
+def test_metrics_bind_to_the_pod_ip_unless_told_otherwise(helm):
+    def envs_and_args(*sets):
+        objs = render(helm, (), sets)
+        out = {}
+        for w in workloads(objs):
+            c = w["spec"]["template"]["spec"]["containers"][0]
+            out[w["metadata"]["labels"]["app.kubernetes.io/component"]] = (
+                {e["name"]: e for e in c["env"]}, c["args"])
+        return out
+
+    pod_ip = {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    for component, (env, args) in envs_and_args().items():
+        assert env[ENV_METRICS_ADDR] == pod_ip, component
+        assert not [a for a in args if "metrics-addr" in a]  # the sidecars: the operator's default, the pod IP
+    for component, (env, args) in envs_and_args("metrics.bindAddress=0.0.0.0").items():
+        assert env[ENV_METRICS_ADDR] == {"name": ENV_METRICS_ADDR, "value": "0.0.0.0"}, component
+        assert [a for a in args if "metrics-addr" in a] == (
+            ["--sidecar-metrics-addr=0.0.0.0"] if component == "operator" else [])
 
 
 @helms

@@ -94,7 +94,7 @@ def test_arbiter_metrics_port_in_use_ends_with_one_line(busy_port: int, tmp_path
                  "--metrics-port", str(busy_port), "--no-memory", "--enforce", "off"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"valve runtime arbiter: --metrics-port: cannot listen on :{busy_port}: Address already in use")
+        f"valve runtime arbiter: --metrics-port: cannot listen on 0.0.0.0:{busy_port}: Address already in use")
 
 
 @pytest.mark.parametrize("addr", ["0.0.0.0:9402", "host:port:x"])
@@ -151,4 +151,35 @@ def test_device_plugin_with_only_mig_gpus_is_one_line(short_dir: Path) -> None:
 
 def test_operator_metrics_port_in_use_is_one_line(busy_port: int) -> None:
     proc = _run(["-m", "valve.cli", "operator", "--metrics-port", str(busy_port), "--health-port", "0"])
-    _one_line(proc, f"valve operator: --metrics-port: cannot listen on :{busy_port}: ")
+    _one_line(proc, f"valve operator: --metrics-port: cannot listen on 0.0.0.0:{busy_port}: ")
+
+
+def test_operator_health_port_in_use_is_one_line(busy_port: int) -> None:
+    # checked before the API client: kopf would start its liveness endpoint only later, in a task of its own
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", str(busy_port)])
+    _one_line(proc, f"valve operator: --health-port: cannot listen on 0.0.0.0:{busy_port}: Address already in use")
+
+
+def test_operator_health_port_on_an_address_not_of_this_machine_is_one_line() -> None:
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", "8080",
+                 "--health-addr", "192.0.2.1"])  # TEST-NET-1: never a local address
+    _one_line(proc, "valve operator: --health-port: cannot listen on 192.0.2.1:8080: ")
+
+
+def test_proxy_metrics_port_in_use_is_one_line(busy_port: int) -> None:
+    proc = _run(["-m", "valve.cli", "runtime", "proxy", "--listen", "127.0.0.1:0", "--metrics-port", str(busy_port)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"valve runtime proxy: --metrics-port: cannot listen on 127.0.0.1:{busy_port}: Address already in use")
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["serving", "no-nvml"])
+def test_device_plugin_metrics_port_in_use_is_one_line(busy_port: int, short_dir: Path, idle: bool) -> None:
+    common = ["--device-plugin-dir", str(short_dir / "dp"), "--runtime-root", str(short_dir / "run"),
+              "--state-dir", str(short_dir / "state"), "--pod-resources-socket", "none",
+              "--metrics-addr", "127.0.0.1", "--metrics-port", str(busy_port), "--log-level", "critical"]
+    args = ["-c", NO_NVML, "--no-fail-on-init-error", *common] if idle else \
+        ["-m", "valve.device_plugin", "--backend", "sim", *common]
+    proc = _run(args)
+    _one_line(proc, f"valve device-plugin: cannot start: --metrics-port: cannot listen on 127.0.0.1:{busy_port}: "
+                    "Address already in use")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 import urllib.request
@@ -18,7 +19,7 @@ from valve.device_plugin.api import pb
 from valve.device_plugin.backend import SimBackend, sim_uuid
 from valve.device_plugin.config import PluginConfig
 from valve.device_plugin.fake_kubelet import FakeKubelet, FakePodResources
-from valve.device_plugin.server import DevicePlugin, InitError
+from valve.device_plugin.server import SOCKET_MODE, DevicePlugin, InitError
 
 ONLINE, OFFLINE = "valve.io/online-gpu", "valve.io/offline-gpu"
 
@@ -294,6 +295,30 @@ def test_stop_removes_sockets_and_ends_streams(short_dir: Path) -> None:
         next(stream)
     channel.close()
     kubelet.stop()
+
+
+def test_sockets_and_state_are_the_owners_alone(short_dir: Path) -> None:
+    """The kubelet (root) is the plugin sockets' one client; the allocation record is root's. The modes are the
+    plugin's own, not the umask's: under umask 0 a socket would otherwise be 0777, open to every local user."""
+    (short_dir / "state").mkdir(mode=0o755)  # as the chart's hostPath DirectoryOrCreate leaves it
+    os.chmod(short_dir / "state", 0o755)
+    old = os.umask(0)
+    kubelet = FakeKubelet(short_dir / "dp").start()
+    backend = SimBackend(2)
+    plugin = DevicePlugin(make_config(short_dir), backend)
+    try:
+        plugin.start()
+        plugin.wait_registrations(1)
+        socks = [s.socket_path for s in plugin.servers]
+        assert len(socks) == 2 and all(stat.S_ISSOCK(p.stat().st_mode) for p in socks)
+        assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in socks} == {oct(SOCKET_MODE)} == {"0o600"}
+        allocate(kubelet, OFFLINE, [backend.uuids[0]])
+        assert stat.S_IMODE((short_dir / "state").stat().st_mode) == 0o700
+        assert stat.S_IMODE((short_dir / "run").stat().st_mode) == 0o755  # made here: traversable, not 0777
+    finally:
+        os.umask(old)
+        plugin.stop()
+        kubelet.stop()
 
 
 def test_metrics_endpoint(short_dir: Path) -> None:

@@ -22,7 +22,7 @@ def test_reliability_table_is_the_result_file():
 def test_every_chaos_test_recorded_figures():
     names = set()
     for path in (ROOT / "tests" / "chaos").glob("test_*.py"):
-        names |= set(re.findall(r"^def (test_\w+)\(", path.read_text(), re.M))
+        names |= set(re.findall(r"^(?:async )?def (test_\w+)\(", path.read_text(), re.M))
     recorded = {re.sub(r"\[.*\]$", "", t) for t in result("chaos.json")["tests"]}
     assert recorded == names
 

@@ -7,16 +7,26 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from operator_harness import pair_body
 
 from valve.api import colocation as c
-from valve.api.contract import ANN_GPU, ENV_GPU_UUID, OFFLINE, ONLINE, PODINFO_FILE, SIDECAR_GPU_DIR
-from valve.operator.pods import OperatorConfig, render_pod
+from valve.api.contract import (
+    ANN_GPU,
+    ENV_GPU_UUID,
+    ENV_METRICS_ADDR,
+    OFFLINE,
+    ONLINE,
+    PODINFO_FILE,
+    SIDECAR_GPU_DIR,
+)
+from valve.operator.pods import SIDECAR_UID, OperatorConfig, render_pod
 from valve.operator.reconcile import plan
 from valve.runtime.control import control_path
 
+ROOT = Path(__file__).resolve().parent.parent
 CFG = OperatorConfig(sidecar_image="valve:t", allowed_images=("valve:canary",))
 NOW = "2026-01-01T00:00:00Z"
 
@@ -60,6 +70,51 @@ def test_rendered_pods_validate_against_the_kubernetes_pod_schema(role):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     pod = rendered(role)
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("role", [ONLINE, OFFLINE])
+def test_valves_containers_run_non_root_without_capabilities(role):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    b = body()
+    # a pair whose pod runs as root, with a capability on its own container: Valve's containers stay locked down
+    tmpl = b["spec"][role]["template"]["spec"]
+    tmpl["securityContext"] = {"runAsUser": 0, "runAsNonRoot": False}
+    tmpl["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_PTRACE"]}}
+    pod = render_pod(b, c.ColocationPairSpec.model_validate(b["spec"]), role, "n1", CFG)
+    spec = pod["spec"]
+    valve_containers = spec["containers"][1:] + spec["initContainers"]
+    assert sorted(ct["name"] for ct in valve_containers) == sorted(
+        ["valve-gpu-dir", "valve-proxy" if role == ONLINE else "valve-arbiter"])
+    for ct in valve_containers:
+        sc = ct["securityContext"]
+        # container-level settings win over the pod's runAsUser 0
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == SIDECAR_UID != 0, ct["name"]
+        assert sc["runAsGroup"] == SIDECAR_UID and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert sc["readOnlyRootFilesystem"] is True and not sc.get("privileged")
+    # the pair's own settings are its own
+    assert spec["securityContext"] == {"runAsUser": 0, "runAsNonRoot": False}
+    assert spec["containers"][0]["securityContext"] == {"capabilities": {"add": ["SYS_PTRACE"]}}
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("role", [ONLINE, OFFLINE])
+def test_sidecars_bind_metrics_to_the_pod_ip_unless_configured(role):
+    def addr_env(cfg):
+        b = body()
+        pod = render_pod(b, c.ColocationPairSpec.model_validate(b["spec"]), role, "n1", cfg)
+        (side,) = pod["spec"]["containers"][1:]
+        return [e for e in side["env"] if e["name"] == ENV_METRICS_ADDR]
+
+    assert addr_env(CFG) == [{"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    assert addr_env(OperatorConfig(sidecar_image="valve:t", metrics_addr="0.0.0.0")) == \
+        [{"name": ENV_METRICS_ADDR, "value": "0.0.0.0"}]
+
+
+def test_sidecar_uid_is_the_images_user():
+    dockerfile = pytest.importorskip("dockerfile")
+    users = [cmd.value[0] for cmd in dockerfile.parse_file(str(ROOT / "Dockerfile")) if cmd.cmd.upper() == "USER"]
+    assert users[-1] == f"{SIDECAR_UID}:{SIDECAR_UID}"
 
 
 def _pod_init(tmp_path, annotations: str, *extra: str):
@@ -169,7 +224,9 @@ def test_allowed_sidecar_images_reach_the_operator_config(monkeypatch):
     monkeypatch.setattr("valve.operator.main.run_operator", fake_run)
     monkeypatch.setattr("valve.operator.kube.load_api_client", lambda: None)
     result = CliRunner().invoke(app, ["operator", "--metrics-port", "0", "--sidecar-image", "valve:1",
-                                      "--allowed-sidecar-image", "valve:2", "--allowed-sidecar-image", "valve:3"])
+                                      "--allowed-sidecar-image", "valve:2", "--allowed-sidecar-image", "valve:3",
+                                      "--sidecar-metrics-addr", "[::]"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].sidecar_image == "valve:1" and seen["cfg"].allowed_images == ("valve:2", "valve:3")
+    assert seen["cfg"].metrics_addr == "::"  # checked and unbracketed
     assert json.dumps(seen["cfg"].image_allowed("valve:4")) == "false"

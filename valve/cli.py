@@ -59,6 +59,14 @@ def demo(
     if serve:
         serve_node(runtime_dir, gpus, rate, seed)
         return
+    if json_out:
+        from valve.outpath import check_file
+
+        try:
+            check_file(json_out, "--json")
+        except ValueError as e:
+            typer.echo(f"valve demo: {e}", err=True)
+            raise typer.Exit(code=2) from None
     from valve.demo import run_demo
 
     run_demo(seconds=seconds, seed=seed, gpus=gpus, json_out=json_out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -38,3 +39,18 @@ def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
         return check_host(host, option), int(port)
     except ValueError:
         raise bad from None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or an error message writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_bindable(host: str, port: int) -> None:
+    """OSError when ``host:port`` cannot be bound now (in use, not an address of this machine), for a server that
+    starts later where its failure would be a traceback (kopf's liveness endpoint, in one of kopf's tasks).
+    SO_REUSEADDR as aiohttp sets it: a port left in TIME_WAIT by a previous run is not "in use"."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)

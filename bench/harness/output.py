@@ -56,3 +56,14 @@ def write(out: Path, stem: str, doc: dict, table: str | None = None, plot: Calla
         (out / f"{stem}.txt").write_text(table if table.endswith("\n") else table + "\n")
         files.append(out / f"{stem}.txt")
     return files
+
+
+def checked_out(ap, path, file: bool = False, option: str = "--out") -> Path:
+    """`path` (an --out folder, or a file with ``file``) checked before the run: the parser's exit 2 with one
+    line when it cannot be written (valve.outpath)."""
+    from valve.outpath import check_dir, check_file
+
+    try:
+        return (check_file if file else check_dir)(path, option)
+    except ValueError as e:
+        ap.exit(2, f"{ap.prog}: {e}\n")

@@ -19,11 +19,13 @@ import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
 import jsonschema
 import kmock
+import yaml
 
 from valve.api import colocation as c
 from valve.api.contract import (
@@ -441,6 +443,15 @@ class FakeNodes:
         the shape `valve.device_plugin.fake_kubelet.FakePodResources.assigned` takes."""
         return [(RESOURCE[role], [gpu], ns, name)
                 for n, ns, name, role, gpu in self.placed.values() if n == node]
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for `server` (the emulator's URL, no credentials), for a `valve operator` run as a process."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "k",
+        "clusters": [{"name": "k", "cluster": {"server": server.rstrip("/")}}], "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}]}))
+    return path
 
 
 def operator_requests(kube: kmock.KubernetesEmulator) -> list[kmock.Request]:

@@ -20,6 +20,13 @@ def generate(
         for name in stale:
             typer.echo(f"stale: {out / name} (run `valve crds generate`)", err=True)
         raise typer.Exit(code=1 if stale else 0)
+    from valve.outpath import check_dir
+
+    try:
+        check_dir(out)
+    except ValueError as e:
+        typer.echo(f"valve crds generate: {e}", err=True)
+        raise typer.Exit(code=2) from None
     for path in crds.generate(out):
         typer.echo(f"wrote {path}")
 

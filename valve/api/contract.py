@@ -64,6 +64,8 @@ ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidec
 ENV_GATE_CONTROL = "VALVE_GATE_CONTROL"  # people/benchmarks set it; libvalvegate reads it (else the two above)
 ENV_GATE_QUEUE_AHEAD = "VALVE_GATE_QUEUE_AHEAD"  # people set it (N or "published"); libvalvegate bounds launches
 ENV_IMAGE = "VALVE_IMAGE"  # the chart sets it on the operator; the operator reads it (its sidecars' image)
+ENV_METRICS_ADDR = "VALVE_METRICS_ADDR"  # the chart and the operator (sidecars) set it, to the pod IP by default;
+# every component's --metrics-addr reads it (the operator's --health-addr too)
 
 EVENT_COMPONENT = f"{GROUP}/operator"  # operator writes it as its Events' reportingComponent; people read it
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,8 @@ from typing import Any
 import grpc
 
 from valve.api.contract import ANN_WANT_GPU, OFFLINE, ONLINE, ROLES
+
+STATE_DIR_MODE = 0o700
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,10 @@ class AllocationRecord:
             log.warning("ignoring unreadable allocation record %s: %s", self.path, e)
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # root's alone (which pod holds which GPU): 0700 even when the chart's hostPath made it 0755
+        self.path.parent.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        if stat.S_IMODE(self.path.parent.stat().st_mode) != STATE_DIR_MODE:
+            os.chmod(self.path.parent, STATE_DIR_MODE)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"version": 1, **self._slots}, indent=1, sort_keys=True))
         os.replace(tmp, self.path)

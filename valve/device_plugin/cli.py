@@ -12,6 +12,7 @@ from valve.api.contract import (
     ANN_GPU,
     ANN_ROLE,
     DEVICE_PLUGIN_DIR,
+    ENV_METRICS_ADDR,
     OFFLINE_RESOURCE,
     ONLINE_RESOURCE,
     POD_RESOURCES_SOCKET,
@@ -56,7 +57,9 @@ def register(app: typer.Typer) -> None:
             help="XIDs that always mark a GPU unhealthy, even if ignored by default ('all': every XID).",
         ),
         metrics_port: int = typer.Option(9402, min=0, max=65535, help="Prometheus port; 0 disables metrics."),
-        metrics_addr: str = typer.Option("0.0.0.0", help="Prometheus bind address (an IP address or host name)."),
+        metrics_addr: str = typer.Option("0.0.0.0", envvar=ENV_METRICS_ADDR,
+                                         help="Prometheus bind address (an IP address or host name; the chart: "
+                                              "the pod IP)."),
         metrics_interval: float = typer.Option(5.0, min=0.1, help="Seconds between NVML usage samples."),
         annotate: bool | None = typer.Option(
             None, "--annotate/--no-annotate",
@@ -142,7 +145,10 @@ def register(app: typer.Typer) -> None:
             if fail_on_init_error:
                 fail(f"{reason}; --backend sim runs without a GPU, --no-fail-on-init-error keeps the plugin up "
                      "advertising nothing")
-            run_idle(config, reason, stop, metrics)
+            try:
+                run_idle(config, reason, stop, metrics)
+            except OSError as e:  # its metrics port in use
+                fail(f"cannot start: {first_line(e)}")
             raise typer.Exit(0)
 
         if backend is BackendName.sim:

@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from valve.netaddr import host_port
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,10 @@ class PluginMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose /metrics over HTTP; port 0 picks a free one. Returns the bound port."""
-        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:  # one line for the command's error, naming the option
+            raise OSError(f"--metrics-port: cannot listen on {host_port(addr, port)}: {e.strerror or e}") from None
         self.port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", addr, self.port)
         return self.port

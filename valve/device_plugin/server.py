@@ -3,6 +3,7 @@ kubelet restart (kubelet.sock recreated) or the loss of our sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -58,6 +59,25 @@ def run_idle(config: PluginConfig, reason: str, stop: threading.Event, metrics: 
         metrics.close()
 
 
+# The kubelet (root, like the plugin) is the sockets' one client: no other user of the node may call Allocate or
+# watch the devices. Owner read/write only (a socket's x bits mean nothing: this is 0700's equivalent).
+SOCKET_MODE = 0o600
+_UMASK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _owner_only_files():
+    """umask 077 while gRPC creates a socket, so it is never open to others, not even until the chmod after it.
+    The umask is the process's: the lock keeps two servers from restoring each other's; any other file made
+    meanwhile is only narrower, and those the plugin shares (the runtime dirs) get explicit modes."""
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+
 class PluginServer:
     """One resource's gRPC server on `<device_plugin_dir>/<endpoint>`."""
 
@@ -74,9 +94,11 @@ class PluginServer:
         workers = MAX_STREAMS + UNARY_WORKERS  # streams are capped at MAX_STREAMS: unary calls always get a thread
         server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dp-{self.service.role}"))
         pb_grpc.add_DevicePluginServicer_to_server(self.service, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
-        server.start()
+        with _owner_only_files():
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            server.start()
         self._server = server
+        os.chmod(self.socket_path, SOCKET_MODE)  # whatever gRPC did with the umask
         log.info("serving %s on %s", self.service.resource, self.socket_path)
 
     def stop(self, grace: float = 0.2) -> None:

@@ -33,7 +33,9 @@ class UnhealthyError(RuntimeError):
 
 def ensure_runtime_dir(root: Path, uuid: str, mode: int = 0o700) -> Path:
     """Create `<root>/<uuid>` with `mode` (whatever the umask); the root itself stays world-traversable."""
-    root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not root.is_dir():  # one made here is 0755 whatever the umask; an existing one keeps the admin's mode
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(root, 0o755)
     path = root / uuid
     path.mkdir(mode=mode, exist_ok=True)
     os.chmod(path, mode)

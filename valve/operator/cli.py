@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from valve.api.contract import ENV_IMAGE, PODINFO_FILE, RUNTIME_DIR, SIDECAR_GPU_DIR
+from valve.api.contract import ENV_IMAGE, ENV_METRICS_ADDR, PODINFO_FILE, RUNTIME_DIR, SIDECAR_GPU_DIR
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +20,11 @@ def register(app: typer.Typer) -> None:
         ),
         metrics_port: int = typer.Option(9090, min=0, max=65535, help="Prometheus /metrics port (0: off)."),
         health_port: int = typer.Option(8080, min=0, max=65535, help="Liveness /healthz port (0: off)."),
+        metrics_addr: str = typer.Option("0.0.0.0", envvar=ENV_METRICS_ADDR,
+                                         help="Bind address of /metrics (an IP address or host name; the chart: "
+                                              "the pod IP)."),
+        health_addr: str | None = typer.Option(None, envvar=ENV_METRICS_ADDR,
+                                               help="Bind address of /healthz (default: --metrics-addr)."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
         sidecar_image: str = typer.Option(
             "valve:0.1.0", envvar=ENV_IMAGE, help="Image of the proxy and arbiter sidecars."
@@ -30,6 +35,8 @@ def register(app: typer.Typer) -> None:
                  "refused (ImageNotAllowed).",
         ),
         sidecar_metrics_port: int = typer.Option(9400, min=1, max=65535, help="/metrics port of the sidecars."),
+        sidecar_metrics_addr: str = typer.Option(
+            "", help="Bind address of the sidecars' /metrics (empty: each pod's IP, from the downward API)."),
         runtime_dir: str = typer.Option(RUNTIME_DIR, help="Host folder of the per-GPU control blocks."),
         resync_seconds: float = typer.Option(30.0, min=0.1, help="Reconcile every pair this often."),
         peering: str | None = typer.Option(
@@ -48,17 +55,36 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
         if all_namespaces and namespace:
             raise typer.BadParameter("use either --namespace or --all-namespaces", param_hint="--namespace")
+        from valve.netaddr import check_host, host_port
+
+        try:
+            metrics_addr = check_host(metrics_addr, "--metrics-addr")
+            health_addr = check_host(health_addr, "--health-addr") if health_addr else metrics_addr
+            sidecar_metrics_addr = check_host(sidecar_metrics_addr, "--sidecar-metrics-addr") \
+                if sidecar_metrics_addr else ""
+        except ValueError as e:
+            typer.echo(f"valve operator: {e}", err=True)
+            raise typer.Exit(code=2) from None
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if metrics_port:
             from prometheus_client import start_http_server
 
             try:
-                start_http_server(metrics_port)
+                start_http_server(metrics_port, addr=metrics_addr)
             except OSError as e:
-                typer.echo(f"valve operator: --metrics-port: cannot listen on :{metrics_port}: {e.strerror or e}",
-                           err=True)
+                typer.echo(f"valve operator: --metrics-port: cannot listen on {host_port(metrics_addr, metrics_port)}: "
+                           f"{e.strerror or e}", err=True)
                 raise typer.Exit(code=2) from None
-        liveness = f"http://0.0.0.0:{health_port}/healthz" if health_port else None
+        liveness = f"http://{host_port(health_addr, health_port)}/healthz" if health_port else None
+        if health_port:
+            from valve.netaddr import check_bindable
+
+            try:
+                check_bindable(health_addr, health_port)
+            except OSError as e:
+                typer.echo(f"valve operator: --health-port: cannot listen on {host_port(health_addr, health_port)}: "
+                           f"{e.strerror or e}", err=True)
+                raise typer.Exit(code=2) from None
         from valve.operator.kube import load_api_client
 
         try:
@@ -68,7 +94,7 @@ def register(app: typer.Typer) -> None:
                        err=True)
             raise typer.Exit(code=2) from None
         cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port,
-                             allowed_images=tuple(allowed_sidecar_image))
+                             metrics_addr=sidecar_metrics_addr, allowed_images=tuple(allowed_sidecar_image))
         asyncio.run(run_operator(cfg=cfg, namespaces=namespace, api_client=api_client, resync_seconds=resync_seconds,
                                  liveness_endpoint=liveness, peering=peering))
 

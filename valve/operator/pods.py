@@ -16,6 +16,7 @@ from valve.api.contract import (
     ANN_ROLE,
     ANN_WANT_GPU,
     ENV_GPU_UUID,
+    ENV_METRICS_ADDR,
     ENV_PAIR,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
@@ -49,6 +50,9 @@ PODINFO_VOLUME = VOLUME_PODINFO
 PRELOAD_VOLUME = VOLUME_PRELOAD
 LINKS_VOLUME = VOLUME_LINKS
 INIT_CONTAINER = "valve-gpu-dir"
+# The Valve image's USER (Dockerfile). Set on the sidecars explicitly: a pair's pod-level securityContext (or
+# another sidecar image) must not make them root, and runAsNonRoot needs a numeric uid to check.
+SIDECAR_UID = 65532
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class OperatorConfig:
     sidecar_cpu: str = "100m"
     sidecar_memory: str = "128Mi"
     metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
+    metrics_addr: str = ""  # their bind address; empty: the pod's IP (downward API), not every interface
     allowed_images: tuple[str, ...] = ()  # images a pair may name for its sidecars, besides sidecar_image
 
     def image_allowed(self, image: str | None) -> bool:
@@ -186,7 +191,20 @@ def _sidecar_env(role: str) -> list[dict[str, Any]]:
 
 
 def _security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+    """Valve's containers in a pair's pods (the init container and the sidecars): non-root, no capabilities,
+    RuntimeDefault seccomp, read-only root. Container-level only: the pair's own containers keep theirs. They need
+    no more: the GPU folder is world-writable with the sticky bit (devicePlugin.runtimeDirMode), the link
+    folder is an emptyDir, and the default ports (proxy 9000, metrics 9400) are above 1023 (a proxy port below 1024
+    binds only where the container runtime sets net.ipv4.ip_unprivileged_port_start=0)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": SIDECAR_UID,
+        "runAsGroup": SIDECAR_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _resources(cfg: OperatorConfig) -> dict[str, Any]:
@@ -226,6 +244,13 @@ def _metrics_port(cfg: OperatorConfig) -> dict[str, Any]:
     return {"name": METRICS_PORT_NAME, "containerPort": cfg.metrics_port}
 
 
+def _metrics_addr(cfg: OperatorConfig) -> dict[str, Any]:
+    """The sidecars' --metrics-addr, through its env: Prometheus scrapes the pod IP, so nothing else needs it."""
+    if cfg.metrics_addr:
+        return {"name": ENV_METRICS_ADDR, "value": cfg.metrics_addr}
+    return {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
 def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | None:
     proxy = spec.online.proxy
     if not proxy.enabled:
@@ -235,7 +260,7 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
                     "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--gpu-from", PODINFO_FILE,
                     "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
-    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}]
+    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}, _metrics_addr(cfg)]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
     return side
 
@@ -249,6 +274,7 @@ def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
     side["env"] = [
         *_sidecar_env(OFFLINE),
         {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
+        _metrics_addr(cfg),
         {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
         # the pair's name, for `valve top` on the node (through the GPU folder)
         {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},

@@ -14,6 +14,7 @@ import typer
 from valve.api.contract import (
     ANN_GPU,
     ENV_GPU_UUID,
+    ENV_METRICS_ADDR,
     ENV_PAIR,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
@@ -23,6 +24,8 @@ from valve.api.contract import (
 
 app = typer.Typer(help="The in-pod runtime: per-GPU arbiter and online proxy.", no_args_is_help=True)
 log = logging.getLogger("valve.runtime")
+METRICS_ADDR_HELP = (f"Bind address of /metrics, an IP address or host name (the operator's sidecars: the pod IP, "
+                     f"through {ENV_METRICS_ADDR}).")
 
 
 def load_spec(path: str | None, env: str | None = None):
@@ -138,6 +141,7 @@ def arbiter(
                                            help=f"Runtime directory (default {RUNTIME_DIR})."),
     metrics_port: int = typer.Option(9400, "--metrics-port", min=0, max=65535,
                                      help="Prometheus port (0: no metrics server)."),
+    metrics_addr: str = typer.Option("0.0.0.0", "--metrics-addr", envvar=ENV_METRICS_ADDR, help=METRICS_ADDR_HELP),
     spec_file: str | None = typer.Option(None, "--spec", "--config", help="RuntimeSpec as a JSON or YAML file, "
                                          f"or env:NAME (JSON in that variable; default: {ENV_RUNTIME_SPEC})."),
     period_ms: float = typer.Option(1.0, "--period-ms", min=0.05, max=1000.0, help="Decision loop period."),
@@ -158,10 +162,16 @@ def arbiter(
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from valve.netaddr import check_host, host_port
     from valve.runtime.arbiter.loop import Arbiter
     from valve.runtime.arbiter.metrics import GateMetrics
     from valve.runtime.control import ControlBlock, control_path, write_pair
 
+    try:  # before waiting for the GPU: a bad address is the one line a failed start prints
+        metrics_addr = check_host(metrics_addr)
+    except ValueError as e:
+        typer.echo(f"valve runtime arbiter: {e}", err=True)
+        raise typer.Exit(code=2) from None
     gpu = gpu_or_exit("arbiter", gpu, gpu_from, gpu_wait_seconds, required=True, single=True)
     registry = CollectorRegistry()
     metrics = GateMetrics(registry, gpu)
@@ -203,12 +213,12 @@ def arbiter(
         log.info("memory reserve controller on (%s)", kind)
     if metrics_port:
         try:
-            start_http_server(metrics_port, registry=registry)
+            start_http_server(metrics_port, addr=metrics_addr, registry=registry)
         except OSError as e:
-            typer.echo(f"valve runtime arbiter: --metrics-port: cannot listen on :{metrics_port}: "
+            typer.echo(f"valve runtime arbiter: --metrics-port: cannot listen on {host_port(metrics_addr, metrics_port)}: "
                        f"{e.strerror or e}", err=True)
             raise typer.Exit(code=2) from None
-        log.info("metrics on :%d/metrics", metrics_port)
+        log.info("metrics on %s/metrics", host_port(metrics_addr, metrics_port))
     arb = Arbiter(cb, spec, memory=controller, metrics=metrics, enforce=enforcement)
     log.info("arbiter for %s on %s: hysteresis %.1f ms, cap %g/s, lease %.0f ms, enforce %s", gpu, path,
              spec.idle_hysteresis_ms, spec.max_preemptions_per_second, spec.heartbeat_lease_ms, enforce)
@@ -226,6 +236,8 @@ def proxy(
                                            help="How long --gpu-from waits for the annotation."),
     runtime_dir: str | None = typer.Option(None, "--runtime-dir", envvar=ENV_RUNTIME_DIR),
     metrics_port: int = typer.Option(9401, "--metrics-port", min=0, max=65535, help="Prometheus port (0: none)."),
+    metrics_addr: str | None = typer.Option(None, "--metrics-addr", envvar=ENV_METRICS_ADDR,
+                                            help=METRICS_ADDR_HELP + " Default: --listen's host."),
     upstream_connections: int = typer.Option(0, "--upstream-connections", min=0,
                                              help="Most concurrent upstream connections (0: no cap)."),
     upstream_read_timeout: float = typer.Option(600.0, "--upstream-read-timeout", min=0.0,
@@ -233,11 +245,13 @@ def proxy(
                                                 "body chunks) before the request fails (0: wait forever)."),
 ) -> None:
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
+    from valve.netaddr import check_host
     from valve.runtime.online.proxy import ListenError, check_upstream, parse_listen, proxy_command
 
     try:  # before waiting for the GPU: a bad address is the one line a failed start prints
         parse_listen(listen)
         check_upstream(upstream)
+        metrics_addr = check_host(metrics_addr) if metrics_addr else None
     except ValueError as e:
         typer.echo(f"valve runtime proxy: {e}", err=True)
         raise typer.Exit(code=2) from None
@@ -245,7 +259,8 @@ def proxy(
         gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)
     try:
         proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
-                      metrics_port=metrics_port or None, max_connections=upstream_connections,
+                      metrics_port=metrics_port or None, metrics_addr=metrics_addr,
+                      max_connections=upstream_connections,
                       read_timeout=upstream_read_timeout)
     except ListenError as e:
         typer.echo(f"valve runtime proxy: {e}", err=True)

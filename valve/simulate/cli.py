@@ -44,6 +44,14 @@ def cluster(
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     import time
 
+    from valve.outpath import check_dir
+
+    try:  # before the run: a long simulation must not end on an unwritable folder
+        check_dir(out)
+    except ValueError as e:
+        typer.echo(f"valve simulate cluster: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -91,3 +91,16 @@ prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
+
+{{/* The metrics bind address (valve/api/contract.py ENV_METRICS_ADDR, read by --metrics-addr): metrics.bindAddress,
+or else the pod's own IP, so the endpoints are not on every interface. An env entry of a container. */}}
+{{- define "valve.metricsAddrEnv" -}}
+- name: VALVE_METRICS_ADDR
+  {{- if .Values.metrics.bindAddress }}
+  value: {{ .Values.metrics.bindAddress | quote }}
+  {{- else }}
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+  {{- end }}
+{{- end }}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -282,12 +283,16 @@ async def _bind(site: web.TCPSite, option: str, host: str, port: int) -> None:
     try:
         await site.start()
     except OSError as e:
-        raise ListenError(f"{option}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        # the errno's own text: aiohttp's strerror repeats the address
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ListenError(f"{option}: cannot listen on {host}:{port}: {reason}") from None
 
 
 async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Run the proxy (and the metrics endpoint) until `stop` is set (forever if None)."""
+                stop: asyncio.Event | None = None, metrics_host: str | None = None) -> None:
+    """Run the proxy (and the metrics endpoint, on `metrics_host`, default `host`) until `stop` is set (forever
+    if None)."""
+    metrics_host = metrics_host or host
     runner = web.AppRunner(proxy.app(), handler_cancellation=True)
     await runner.setup()
     mrunner = None
@@ -299,13 +304,18 @@ async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = N
             except ImportError:  # prometheus-client < 0.21: its own HTTP server thread
                 from prometheus_client import start_http_server
 
-                start_http_server(metrics_port, host, registry=proxy.metrics.registry)
+                try:
+                    start_http_server(metrics_port, metrics_host, registry=proxy.metrics.registry)
+                except OSError as e:
+                    raise ListenError(f"--metrics-port: cannot listen on {metrics_host}:{metrics_port}: "
+                                      f"{e.strerror or e}") from None
             else:
                 mapp = web.Application()
                 mapp.router.add_get("/metrics", make_aiohttp_handler(proxy.metrics.registry))
                 mrunner = web.AppRunner(mapp)
                 await mrunner.setup()
-                await _bind(web.TCPSite(mrunner, host, metrics_port), "--metrics-port", host, metrics_port)
+                await _bind(web.TCPSite(mrunner, metrics_host, metrics_port), "--metrics-port", metrics_host,
+                            metrics_port)
         log.info("valve proxy on %s:%s -> %s", host, port, proxy.upstream)
         await (stop or asyncio.Event()).wait()
     finally:
@@ -315,7 +325,7 @@ async def serve(proxy: Proxy, host: str, port: int, metrics_port: int | None = N
 
 
 def proxy_command(listen: str = ":9000", upstream: str = "http://127.0.0.1:8000", gpu: str | None = None,
-                  runtime_dir: str | None = None, metrics_port: int | None = 9401,
+                  runtime_dir: str | None = None, metrics_port: int | None = 9401, metrics_addr: str | None = None,
                   signal_methods: Iterable[str] = DEFAULT_SIGNAL_METHODS, max_connections: int = 0,
                   read_timeout: float | None = DEFAULT_READ_TIMEOUT_S) -> None:
     """Entry point for `valve runtime proxy` (the CLI module checks its options and wires them to this).
@@ -325,6 +335,6 @@ def proxy_command(listen: str = ":9000", upstream: str = "http://127.0.0.1:8000"
     proxy = Proxy(upstream, signal=make_signal(gpu, runtime_dir), signal_methods=signal_methods,
                   max_connections=max_connections, read_timeout=read_timeout)
     try:
-        asyncio.run(serve(proxy, host, port, metrics_port))
+        asyncio.run(serve(proxy, host, port, metrics_port, metrics_host=metrics_addr))
     except KeyboardInterrupt:
         pass

@@ -43,8 +43,8 @@ class ClaimConfig(BaseModel):
 
     model_config = _CAMEL
 
-    api_version: Literal["valve.io/v1alpha1"] = Field(CONFIG_API_VERSION, alias="apiVersion")
-    kind: Literal["ColocationConfig"] = CONFIG_KIND
+    api_version: Literal[CONFIG_API_VERSION] = Field(CONFIG_API_VERSION, alias="apiVersion")  # type: ignore[valid-type]
+    kind: Literal[CONFIG_KIND] = CONFIG_KIND  # type: ignore[valid-type]
     gate: GateMode = Field("hooks", description="The offline request's gate: preload puts libvalvegate.so in its "
                            "LD_PRELOAD (and mounts it from the node); hooks and none add nothing.")
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

@@ -8,6 +8,7 @@ from valve import __version__
 from valve.api.cli import app as crds_app
 from valve.api.contract import ENV_RUNTIME_DIR, RUNTIME_DIR
 from valve.device_plugin.cli import register as register_device_plugin
+from valve.dra.cli import register as register_dra_driver
 from valve.operator.cli import register as register_operator
 from valve.runtime.cli import app as runtime_app
 from valve.simulate.cli import app as simulate_app
@@ -22,6 +23,7 @@ app.add_typer(runtime_app, name="runtime")
 app.add_typer(crds_app, name="crds")
 app.add_typer(simulate_app, name="simulate")
 register_device_plugin(app)
+register_dra_driver(app)
 register_operator(app)
 
 

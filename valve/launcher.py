@@ -18,6 +18,7 @@ EXTRAS = {
 COMMANDS = {
     "operator": "node",
     "device-plugin": "node",
+    "dra-driver": "node",
     "runtime": "node",
     "crds": "node",
     "pod-init": "node",

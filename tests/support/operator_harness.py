@@ -160,6 +160,8 @@ class ValveKube(kmock.KubernetesEmulator):
         if res is not None and res.plural is not None:
             if request.method == "POST" and request.subresource == "binding":
                 return await self._bind(request)
+            if request.method == "PUT" and request.name is not None and request.subresource is None:
+                return await self._replace(request)  # kmock serves no PUT
             if request.action == kmock.action.CREATE:
                 self._on_create(request)
             elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
@@ -232,6 +234,33 @@ class ValveKube(kmock.KubernetesEmulator):
         wanted = ((request.data or {}).get("preconditions") or {}).get("uid") if isinstance(request.data, dict) else None
         if current is not None and wanted and current["metadata"].get("uid") != wanted:
             raise status_error(409, "Conflict", f"precondition failed: uid {wanted} does not match")
+
+    async def _replace(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """PUT: replace the object (an unconditional update without metadata.resourceVersion); uid and
+        creation time stay, status stays where it is a subresource, the generation moves with the spec."""
+        current = self._stored(request)
+        if current is None:
+            raise status_error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
+        data = copy.deepcopy(request.data)
+        meta = data.setdefault("metadata", {})
+        wanted = meta.get("resourceVersion")
+        if wanted and wanted != current["metadata"].get("resourceVersion"):
+            raise status_error(409, "Conflict", f"the object has been modified (resourceVersion {wanted})")
+        old = current["metadata"]
+        meta.update(name=request.name, uid=old.get("uid"), creationTimestamp=old.get("creationTimestamp"),
+                    resourceVersion=str(next(self._versions)),
+                    generation=old.get("generation", 1) + (data.get("spec") != current.get("spec")))
+        if request.namespace:
+            meta["namespace"] = request.namespace
+        if "status" in self.resources[request.resource].subresources:
+            data.pop("status", None)
+            if "status" in current:
+                data["status"] = current["status"]
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            self.objects[key].create(data)  # a new version: the whole object, not a merge
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": self.objects[key].raw})
+        return aiohttp.web.json_response(data, status=200)
 
     async def _bind(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         current = self._stored(request)

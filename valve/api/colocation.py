@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from valve.api.contract import GROUP, RESERVED_CONTAINERS, RESERVED_VOLUMES
+from valve.api.contract import GROUP, OFFLINE_RESOURCE, ONLINE_RESOURCE, RESERVED_CONTAINERS, RESERVED_VOLUMES
 from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
 
 VERSION = "v1alpha1"
@@ -182,6 +182,13 @@ class ColocationPairSpec(BaseModel):
     node_selector: Labels = Field(
         default_factory=dict, description="Only nodes with these labels are considered for placement."
     )
+    placement: Literal["devicePlugin", "dra"] = Field(
+        "devicePlugin",
+        description=f"devicePlugin: the operator picks the node and the pods request Valve's extended resources "
+        f"({ONLINE_RESOURCE}, {OFFLINE_RESOURCE}). dra: the operator creates one ResourceClaim (DeviceClass "
+        f"gpu.{GROUP}, requests online and offline on one GPU) that both pods reference; the scheduler places "
+        "them (Kubernetes 1.34+, the Valve DRA driver).",
+    )
 
 
 class Phase(StrEnum):
@@ -221,6 +228,8 @@ class ColocationPairStatus(BaseModel):
     gpu_uuid: str | None = Field(None, alias="gpuUUID", max_length=128,
                                  description="GPU both pods share, once confirmed.")
     online_pod: str | None = Field(None, max_length=253)
+    resource_claim: str | None = Field(None, max_length=253,
+                                       description="placement dra: the ResourceClaim both pods share.")
     offline_pod: str | None = Field(None, max_length=253)
     message: str | None = Field(None, max_length=32768)
     observed_generation: int | None = Field(None, ge=0)

@@ -96,6 +96,9 @@ class SimBackend:
     def discover(self) -> list[GpuInfo]:
         return list(self._gpus)
 
+    def driver_version(self) -> str | None:
+        return "sim"
+
     @property
     def uuids(self) -> list[str]:
         return [g.uuid for g in self._gpus]

@@ -73,6 +73,13 @@ class NvmlBackend:
             )
         return gpus
 
+    def driver_version(self) -> str | None:
+        """The NVIDIA driver's version (e.g. 580.159.04), for the DRA driver's device attributes."""
+        try:
+            return _text(self.nv.nvmlSystemGetDriverVersion())
+        except Exception:  # an attribute, not a reason to fail
+            return None
+
     def _mig_enabled(self, handle: Any) -> bool:
         nv = self.nv
         try:

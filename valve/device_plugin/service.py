@@ -58,16 +58,21 @@ def check_known(ids: Sequence[str], table: DeviceTable, resource: str, what: str
         )
 
 
-def container_allocation(role: str, uuids: Sequence[str], runtime_root: Path) -> pb.ContainerAllocateResponse:
-    """Env and mounts for a container given these GPUs in this role."""
+def allocation_env(role: str, uuids: Sequence[str], runtime_root: Path) -> dict[str, str]:
+    """The env a container of this role gets with these GPUs (the DRA driver's CDI specs set the same)."""
     joined = ",".join(uuids)
-    envs = {
+    return {
         "NVIDIA_VISIBLE_DEVICES": joined,
         "CUDA_VISIBLE_DEVICES": joined,
         ENV_GPU_UUID: joined,
         ENV_ROLE: role,
         ENV_RUNTIME_DIR: str(runtime_root),
     }
+
+
+def container_allocation(role: str, uuids: Sequence[str], runtime_root: Path) -> pb.ContainerAllocateResponse:
+    """Env and mounts for a container given these GPUs in this role."""
+    envs = allocation_env(role, uuids, runtime_root)
     mounts = [pb.Mount(container_path=str(runtime_root / u), host_path=str(runtime_root / u)) for u in uuids]
     return pb.ContainerAllocateResponse(envs=envs, mounts=mounts)
 

@@ -23,8 +23,25 @@ from valve.operator import metrics
 from valve.operator.capacity import Claim, FreeSlots, NodeView, build_nodes, node_view
 from valve.operator.kube import CreateRefused, Kube
 from valve.operator.placement import NO_FIT, Node, PairRequest, place
-from valve.operator.pods import LABEL_MANAGED, MANAGED_BY, OperatorConfig, PodView, pod_view, render_pod
-from valve.operator.reconcile import Create, action_event, node_of, not_allowed, parse_spec, plan
+from valve.operator.pods import (
+    LABEL_MANAGED,
+    MANAGED_BY,
+    OperatorConfig,
+    PodView,
+    claim_name,
+    pod_view,
+    render_pod,
+)
+from valve.operator.reconcile import (
+    Create,
+    CreateClaim,
+    action_event,
+    node_of,
+    not_allowed,
+    parse_spec,
+    plan,
+    plan_dra,
+)
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
@@ -172,30 +189,17 @@ class Operator:
                 and key not in self.waiting.get(node or "", ()) and key not in self.unreported:
             return  # nothing it depends on changed since the last pass
         spec, _ = parse_spec(body)
-        if spec is not None and (not_allowed(spec, self.cfg) or key in self.refused):
-            spec = None  # refused: take no GPU for it
-        no_fit = NO_FIT
-        if node is None and spec is not None:
-            node, no_fit = await self.place(key, spec)
-        self.assign(key, node)
-        gate = True
-        if node is not None and pods[OFFLINE] is None:
-            gate = self.offline_gate(key, node, pods)
-            if gate:
-                self.waiting.get(node, set()).discard(key)
-            else:
-                self.waiting.setdefault(node, set()).add(key)
-        online = pods[ONLINE]
-        if online is not None and online.started and online.gpu is None:
-            unreported_s = time.monotonic() - self.unreported.setdefault(key, time.monotonic())
-        else:
-            unreported_s = 0.0
-            self.unreported.pop(key, None)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit, offline_gate=gate,
-                    repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
-                    unwished=unreported_s >= GPU_REPORT_GRACE_S, create_failed=self.refused.get(key),
-                    render=self.renderer(key))
+        dra_claim = None  # placement dra: (the pair's ResourceClaim or None)
+        if spec is not None and spec.placement == "dra":
+            # The scheduler places the pods by the pair's ResourceClaim: no node, slots or offline gate here.
+            claim = await self.kube.get_claim(key[0], claim_name(key[1]))
+            dra_claim = (claim,)
+            todo = plan_dra(body, pods, claim, cfg=self.cfg, now=now, create_failed=self.refused.get(key),
+                            render=self.renderer(key))
+            node = todo.status.get("node")
+        else:
+            todo, node = await self._plan_device_plugin(key, body, spec, pods, node, now)
 
         if node is not None and any(isinstance(a, Create) and a.role == OFFLINE for a in todo.actions):
             # Taken before the create's await: another pair's reconcile must see the gate closed meanwhile.
@@ -203,6 +207,14 @@ class Operator:
         old = body.get("status") or {}
         done = []
         for action in todo.actions:
+            if isinstance(action, CreateClaim):
+                try:
+                    await self.kube.create_claim(action.claim)
+                except CreateRefused as e:
+                    log.warning("creating ResourceClaim %s refused: %s", action.claim["metadata"]["name"], e)
+                    await self.refuse(key, body, node, e.message, pods, now, dra_claim)
+                    return
+                continue
             if isinstance(action, Create):
                 if old.get(f"{action.role}Pod") and not await self.kube.pair_exists(
                         *key, body["metadata"].get("uid")):
@@ -212,7 +224,7 @@ class Operator:
                     created = await self.kube.create_pod(action.pod)
                 except CreateRefused as e:
                     log.warning("creating pod %s refused: %s", action.pod["metadata"]["name"], e)
-                    await self.refuse(key, body, node, e.message, pods, now)
+                    await self.refuse(key, body, node, e.message, pods, now, dra_claim)
                     return
                 ok = created is not None
                 grace = CREATED_GRACE_S
@@ -233,10 +245,46 @@ class Operator:
         self.fingerprints[key] = (body["metadata"].get("resourceVersion"), node, *self.pods_of(key).values(),
                                   self.repairs.get(key, 0))
 
+    async def _plan_device_plugin(self, key: Key, body: dict[str, Any], spec: c.ColocationPairSpec | None,
+                                  pods: dict[str, PodView | None], node: str | None, now: str) -> tuple[Any, str | None]:
+        """placement devicePlugin: pick a node, follow the offline gate and the online pod's GPU report."""
+        if spec is not None and (not_allowed(spec, self.cfg) or key in self.refused):
+            spec = None  # refused: take no GPU for it
+        no_fit = NO_FIT
+        if node is None and spec is not None:
+            node, no_fit = await self.place(key, spec)
+        self.assign(key, node)
+        gate = True
+        if node is not None and pods[OFFLINE] is None:
+            gate = self.offline_gate(key, node, pods)
+            if gate:
+                self.waiting.get(node, set()).discard(key)
+            else:
+                self.waiting.setdefault(node, set()).add(key)
+        online = pods[ONLINE]
+        if online is not None and online.started and online.gpu is None:
+            unreported_s = time.monotonic() - self.unreported.setdefault(key, time.monotonic())
+        else:
+            unreported_s = 0.0
+            self.unreported.pop(key, None)
+        todo = plan(body, pods, node=node, cfg=self.cfg, now=now, no_fit=no_fit, offline_gate=gate,
+                    repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
+                    unwished=unreported_s >= GPU_REPORT_GRACE_S, create_failed=self.refused.get(key),
+                    render=self.renderer(key))
+        return todo, node
+
     async def refuse(self, key: Key, body: dict[str, Any], node: str | None, message: str,
-                     pods: dict[str, PodView | None], now: str) -> None:
-        """A pod create was refused: release the GPU claim (and the node's offline gate) and say why."""
+                     pods: dict[str, PodView | None], now: str, dra_claim: tuple[Any] | None = None) -> None:
+        """A pod create was refused: release the GPU claim (and the node's offline gate) and say why.
+        `dra_claim`: placement dra, with the pair's ResourceClaim (nothing of the node ledger to release)."""
         self.refused[key] = message
+        if dra_claim is not None:
+            todo = plan_dra(body, pods, dra_claim[0], cfg=self.cfg, now=now, create_failed=message)
+            await self.write_status(key, todo.status)
+            for event in todo.events:
+                await self.kube.post_event(body, event.type, event.reason, event.message)
+            self.set_phase(key, todo.status["phase"])
+            return
         self.claims.pop(key, None)
         if node is not None and self.inflight.get(node, (None,))[0] == key:
             del self.inflight[node]
@@ -322,6 +370,8 @@ class Operator:
         """Once per process: every placed pair's node (status or pods), then every node's free slots."""
         for key, store in self.indices["valve_pairs"].items():
             for body in store:
+                if (body.get("spec") or {}).get("placement") == "dra":
+                    continue  # its GPU is no extended-resource slot
                 node = self.claims.get(key) or node_of(body, self.pods_of(key))
                 if node:
                     self.pair_node[key] = node

@@ -9,6 +9,7 @@ from typing import Any
 
 from valve import __version__, kubeclient
 from valve.api import colocation as c
+from valve.api import dra
 from valve.api.contract import EVENT_COMPONENT
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,33 @@ class Kube:
                 raise CreateRefused(e.status, api_message(e)) from None
             raise
         return self.core.api_client.sanitize_for_serialization(created)
+
+    async def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """placement dra: the pair's ResourceClaim, None if there is none."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return await asyncio.to_thread(self.custom.get_namespaced_custom_object, dra.RESOURCE_GROUP,
+                                           dra.RESOURCE_VERSION, namespace, "resourceclaims", name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def create_claim(self, claim: dict[str, Any]) -> None:
+        """placement dra: create the pair's ResourceClaim (one that exists already is fine); other refusals
+        raise `CreateRefused` with the API's message (e.g. a cluster without resource.k8s.io/v1)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            await asyncio.to_thread(self.custom.create_namespaced_custom_object, dra.RESOURCE_GROUP,
+                                    dra.RESOURCE_VERSION, claim["metadata"]["namespace"], "resourceclaims", claim)
+        except ApiException as e:
+            if e.status == 409:
+                return
+            if e.status is not None and 400 <= e.status < 500:
+                raise CreateRefused(e.status, api_message(e)) from None
+            raise
 
     async def pair_exists(self, namespace: str, name: str, uid: str | None) -> bool:
         """Whether that pair (same uid) is still there and not being deleted: asked before recreating a pod,

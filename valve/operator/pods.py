@@ -53,6 +53,12 @@ INIT_CONTAINER = "valve-gpu-dir"
 # The Valve image's USER (Dockerfile). Set on the sidecars explicitly: a pair's pod-level securityContext (or
 # another sidecar image) must not make them root, and runAsNonRoot needs a numeric uid to check.
 SIDECAR_UID = 65532
+CLAIM_REF = "valve-gpu"  # placement dra: the pod's name for the pair's ResourceClaim
+
+
+def claim_name(pair_name: str) -> str:
+    """placement dra: the ResourceClaim of a pair (both pods reference it)."""
+    return f"{pair_name}-gpu"
 
 
 @dataclass(frozen=True)
@@ -92,19 +98,32 @@ def render_pod(
     """The pod for one role of a pair, pinned to `node`, with the Valve sidecar and device request.
 
     `want_gpu`: the GPU the device plugin should give it (the offline pod: its online partner's GPU).
+    placement dra: no node (the scheduler places the pod by the pair's ResourceClaim) and no extended resource;
+    the first container and the sidecar reference the claim's request named after the role, and the DRA
+    driver's CDI spec gives them the GPU, VALVE_GPU_UUID, VALVE_ROLE, the GPU's runtime folder and (gate
+    preload) LD_PRELOAD, so no init container, host folder or annotation volume is added.
     """
     role_spec = spec.online if role == ONLINE else spec.offline
     template = role_spec.template
     meta = pair["metadata"]
+    dra = spec.placement == "dra"
     body_spec = template.spec.model_dump(by_alias=True, exclude_unset=True)
     body_spec = copy.deepcopy(body_spec)
     containers = body_spec["containers"]
-    _request_gpu(containers[0], RESOURCE[role])
-    if role == OFFLINE and spec.offline.gate == "preload":
+    if dra:
+        _claim_gpu(containers[0], role)
+        body_spec.setdefault("resourceClaims", []).append({"name": CLAIM_REF,
+                                                           "resourceClaimName": claim_name(meta["name"])})
+    else:
+        _request_gpu(containers[0], RESOURCE[role])
+    if role == OFFLINE and spec.offline.gate == "preload" and not dra:
         _preload(containers[0], body_spec)
 
     sidecar = _proxy(spec, cfg) if role == ONLINE else _arbiter(spec, cfg)
-    if sidecar is not None:
+    if sidecar is not None and dra:
+        containers.append(sidecar)
+        _claim_gpu(sidecar, role)
+    elif sidecar is not None:
         containers.append(sidecar)
         body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg))
         volumes = body_spec.setdefault("volumes", [])
@@ -117,12 +136,17 @@ def render_pod(
             "name": PODINFO_VOLUME,
             "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
         })
-    body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
+    if dra:
+        if spec.node_selector:
+            body_spec["nodeSelector"] = {**body_spec.get("nodeSelector", {}), **spec.node_selector}
+    else:
+        body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
 
     labels = {**template.metadata.labels, LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_ROLE: role}
     # the models refuse valve.io/* template annotations; dropped here too, as the sidecars trust these
     annotations = {k: v for k, v in template.metadata.annotations.items() if not k.startswith(f"{GROUP}/")}
-    annotations[ANN_NODE] = node
+    if node:
+        annotations[ANN_NODE] = node
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -155,6 +179,10 @@ def _request_gpu(container: dict[str, Any], resource: str) -> None:
         res.setdefault(kind, {})[resource] = "1"
 
 
+def _claim_gpu(container: dict[str, Any], role: str) -> None:
+    container.setdefault("resources", {}).setdefault("claims", []).append({"name": CLAIM_REF, "request": role})
+
+
 def _preload(container: dict[str, Any], body_spec: dict[str, Any]) -> None:
     """LD_PRELOAD libvalvegate.so from the node. Set here, not by the device plugin: Allocate is not told which
     pod (so which pair's gate mode) it serves. hostPath type File: a node without the library fails the pod's
@@ -183,7 +211,13 @@ def _pin_to(node: str, affinity: dict[str, Any] | None) -> dict[str, Any]:
     return affinity
 
 
-def _sidecar_env(role: str) -> list[dict[str, Any]]:
+def _gpu_from(dra: bool) -> list[str]:
+    return [] if dra else ["--gpu-from", PODINFO_FILE]
+
+
+def _sidecar_env(role: str, dra: bool = False) -> list[dict[str, Any]]:
+    if dra:
+        return [{"name": ENV_ROLE, "value": role}]  # VALVE_GPU_UUID: from the CDI spec
     # The GPU from its annotation: a downward-API env is fixed at container start, which is after the init
     # container has waited for the annotation; it names the one GPU folder the sidecar mounts (subPathExpr).
     gpu = {"fieldRef": {"fieldPath": f"metadata.annotations['{ANN_GPU}']"}}
@@ -226,7 +260,9 @@ def _pod_init(image: str, cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def _sidecar_base(name: str, image: str, cfg: OperatorConfig) -> dict[str, Any]:
+def _sidecar_base(name: str, image: str, cfg: OperatorConfig, dra: bool = False) -> dict[str, Any]:
+    if dra:  # the GPU, its folder and VALVE_GPU_UUID come from the claim's CDI spec
+        return {"name": name, "image": image, "resources": _resources(cfg), "securityContext": _security()}
     return {
         "name": name,
         "image": image,
@@ -255,30 +291,35 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
     proxy = spec.online.proxy
     if not proxy.enabled:
         return None
-    side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg)
+    dra = spec.placement == "dra"
+    side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg, dra)
     side["args"] = ["runtime", "proxy", "--listen", f":{proxy.port}",
-                    "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", "--gpu-from", PODINFO_FILE,
+                    "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", *_gpu_from(dra),
                     "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
-    side["env"] = [*_sidecar_env(ONLINE), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir}, _metrics_addr(cfg)]
+    side["env"] = [*_sidecar_env(ONLINE, dra), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
+                   _metrics_addr(cfg)]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
     return side
 
 
 def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
-    side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg)
+    dra = spec.placement == "dra"
+    side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg, dra)
     side["command"] = ["valve"]
     # The arbiter reads its RuntimeSpec from ENV_RUNTIME_SPEC.
-    side["args"] = ["runtime", "arbiter", "--gpu-from", PODINFO_FILE, "--metrics-port", str(cfg.metrics_port)]
+    side["args"] = ["runtime", "arbiter", *_gpu_from(dra), "--metrics-port", str(cfg.metrics_port)]
     side["ports"] = [_metrics_port(cfg)]
     side["env"] = [
-        *_sidecar_env(OFFLINE),
+        *_sidecar_env(OFFLINE, dra),
         {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
         _metrics_addr(cfg),
         {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
         # the pair's name, for `valve top` on the node (through the GPU folder)
         {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},
     ]
+    if dra:  # one source: the claim's configuration, which the DRA driver's CDI spec sets as this env
+        side["env"] = [e for e in side["env"] if e["name"] != ENV_RUNTIME_SPEC]
     return side
 
 

@@ -42,6 +42,13 @@ def request_verb(method: str, name: str | None, params: dict[str, str]) -> str:
     raise ValueError(f"no RBAC verb for {method}")
 
 
+# Only where pairs use `spec.placement: dra` (the chart grants it with dra.enabled): the pair's ResourceClaim is
+# read on each reconcile (its allocation: node, GPU) and created once. The pair owns it, so the garbage
+# collector deletes it with the pair: no delete.
+DRA_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["resource.k8s.io"], "resources": ["resourceclaims"], "verbs": ["get", "create"]},
+]
+
 # Only with `valve operator --peering NAME` (several replicas): kopf's peering objects (kopf's own CRDs,
 # https://kopf.readthedocs.io/en/stable/peering/) — the namespaced kind with --namespace, else the cluster one.
 PEERING_RULES: list[dict[str, list[str]]] = [

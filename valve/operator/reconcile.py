@@ -19,11 +19,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from valve.api import colocation as c
+from valve.api import dra
 from valve.api.colocation import ConditionType, Phase
-from valve.api.contract import ANN_HASH, OFFLINE, ONLINE
+from valve.api.contract import ANN_HASH, LABEL_PAIR, OFFLINE, ONLINE, ROLES
 from valve.operator import status as st
 from valve.operator.placement import NO_FIT
-from valve.operator.pods import OperatorConfig, PodView, render_pod
+from valve.operator.pods import OperatorConfig, PodView, claim_name, owner_reference, render_pod
 
 MAX_NAME = 63  # the pair name is a label value on its pods
 CREATE_FAILED = "PodCreateFailed"
@@ -44,6 +45,13 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class CreateClaim:
+    """placement dra: the pair's ResourceClaim."""
+
+    claim: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Event:
     type: str  # Normal | Warning
     reason: str
@@ -53,7 +61,7 @@ class Event:
 @dataclass
 class Plan:
     status: dict[str, Any]
-    actions: list[Create | Delete] = field(default_factory=list)
+    actions: list[Create | Delete | CreateClaim] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
     @property
@@ -113,10 +121,7 @@ def plan(
     refused = "InvalidSpec"
     if spec is not None and (bad := not_allowed(spec, cfg)):
         invalid, refused = bad, "ImageNotAllowed"
-    old = pair.get("status") or {}
-    generation = int(pair["metadata"].get("generation") or 1)
-    actions: list[Create | Delete] = []
-    events: list[Event] = []
+    actions: list[Create | Delete | CreateClaim] = []
 
     if invalid is not None:
         placed = st.Cond(ConditionType.Placed, "False", refused, invalid)
@@ -130,6 +135,17 @@ def plan(
             actions = _pod_actions(pair, spec, pods, node, cfg, offline_gate, repairs_left, unwished, render)
 
     phase, conds, gpu = st.compute(node=node, pods=pods, placed=placed, invalid=invalid is not None)
+    return _finish(pair, pods, phase, conds, node=node, gpu=gpu, now=now, create_failed=create_failed,
+                   actions=actions)
+
+
+def _finish(pair: dict[str, Any], pods: dict[str, PodView | None], phase: Phase, conds: list[st.Cond], *,
+            node: str | None, gpu: str | None, now: str, create_failed: str | None,
+            actions: list[Create | Delete | CreateClaim], extra: dict[str, Any] | None = None) -> Plan:
+    """The status and the events of a plan (both placements)."""
+    old = pair.get("status") or {}
+    generation = int(pair["metadata"].get("generation") or 1)
+    placed = conds[0]
     message = _message(phase, conds)
     status = {
         "phase": phase.value,
@@ -137,12 +153,14 @@ def plan(
         "gpuUUID": gpu,
         "onlinePod": pods[ONLINE].name if pods.get(ONLINE) else None,
         "offlinePod": pods[OFFLINE].name if pods.get(OFFLINE) else None,
+        **(extra or {}),
         "message": message,
         "observedGeneration": generation,
         "conditions": st.merge_conditions(old.get("conditions") or [], conds, generation, now),
     }
     status = {k: v for k, v in status.items() if v is not None}
 
+    events: list[Event] = []
     was = next((cd for cd in old.get("conditions") or [] if cd.get("type") == ConditionType.Placed.value), {})
     if placed.reason == CREATE_FAILED and (was.get("reason"), was.get("message")) != (CREATE_FAILED, create_failed):
         events.append(Event("Warning", CREATE_FAILED, create_failed or ""))
@@ -150,6 +168,49 @@ def plan(
         kind = "Warning" if phase in (Phase.Failed, Phase.Degraded) or placed.reason == "NoCapacity" else "Normal"
         events.append(Event(kind, phase.value, message))
     return Plan(status=status, actions=actions, events=events)
+
+
+def plan_dra(
+    pair: dict[str, Any],
+    pods: dict[str, PodView | None],
+    claim: dict[str, Any] | None,
+    *,
+    cfg: OperatorConfig,
+    now: str,
+    create_failed: str | None = None,
+    render: Callable[..., dict[str, Any]] = render_pod,
+) -> Plan:
+    """placement dra: the pair's ResourceClaim (created once, from the spec's gate and runtime settings), both
+    pods at once (the shared claim puts them on one GPU: no order, no node, no GPU wish), a pod recreated when
+    its spec changed or it ended; status from the claim's allocation and the pods."""
+    spec, invalid = parse_spec(pair)
+    refused = "InvalidSpec"
+    if spec is not None and (bad := not_allowed(spec, cfg)):
+        invalid, refused = bad, "ImageNotAllowed"
+    meta = pair["metadata"]
+    name = claim_name(meta["name"])
+    actions: list[Create | Delete | CreateClaim] = []
+    stop = None
+    if invalid is not None:
+        stop = st.Cond(ConditionType.Placed, "False", refused, invalid)
+    elif create_failed is not None:
+        stop = st.Cond(ConditionType.Placed, "False", CREATE_FAILED, create_failed)
+    elif not meta.get("deletionTimestamp"):
+        if claim is None:
+            config = dra.claim_config(spec.offline.gate, spec.runtime)
+            actions.append(CreateClaim(dra.pair_claim(name, meta["namespace"], config, owner_reference(pair),
+                                                      {LABEL_PAIR: meta["name"]})))
+        for role in ROLES:
+            desired = render(pair, spec, role, None, cfg)
+            pod = pods.get(role)
+            if pod is None:
+                actions.append(Create(role, desired))
+            elif why := _replace_reason(pod, desired):
+                actions.append(Delete(role, pod.name, pod.uid, why))
+    phase, conds, node, gpu = st.compute_dra(claim=name, allocation=dra.allocation(claim), pods=pods,
+                                             refused=stop, invalid=invalid is not None)
+    return _finish(pair, pods, phase, conds, node=node, gpu=gpu, now=now, create_failed=create_failed,
+                   actions=actions, extra={"resourceClaim": name if invalid is None else None})
 
 
 def action_event(action: Create | Delete, old_status: dict[str, Any], node: str | None) -> Event | None:

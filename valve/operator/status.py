@@ -99,3 +99,49 @@ def merge_conditions(
             "message": cond.message,
         })
     return out
+
+
+def compute_dra(
+    *,
+    claim: str,
+    allocation: dict[str, Any],
+    pods: dict[str, PodView | None],
+    refused: Cond | None = None,
+    invalid: bool = False,
+) -> tuple[Phase, list[Cond], str | None, str | None]:
+    """placement dra: phase, conditions, node and GPU from the pair's ResourceClaim and pods.
+
+    Placed once the scheduler has allocated the claim; Paired when both requests got one device (the claim's
+    constraint guarantees it: a claim with two GPUs would be a scheduler bug, and is said so). `refused`: the
+    Placed condition when the pair is refused (`invalid`: for good, Failed) or a create was refused (Pending)."""
+    if refused is not None and invalid:
+        return Phase.Failed, [refused, summary(Phase.Failed, [refused])], None, None
+    gpus = allocation.get("gpus") or {}
+    node = allocation.get("node")
+    if refused is not None:
+        placed = refused
+    elif not allocation:
+        placed = Cond(ConditionType.Placed, "False", "ClaimPending",
+                      f"waiting for the scheduler to allocate ResourceClaim {claim}")
+    else:
+        placed = Cond(ConditionType.Placed, "True", "ClaimAllocated",
+                      f"ResourceClaim {claim} allocated on node {node}")
+    if set(gpus) != {ONLINE, OFFLINE}:
+        paired = Cond(ConditionType.Paired, "Unknown", "ClaimPending", f"ResourceClaim {claim} is not allocated")
+    elif gpus[ONLINE] != gpus[OFFLINE]:
+        paired = Cond(ConditionType.Paired, "False", "GPUMismatch",
+                      f"ResourceClaim {claim} gave online {gpus[ONLINE]} and offline {gpus[OFFLINE]}")
+    else:
+        paired = Cond(ConditionType.Paired, "True", "SharedClaim",
+                      f"both pods share GPU {gpus[ONLINE]} through ResourceClaim {claim}")
+    conds = [placed, pod_ready(ONLINE, pods.get(ONLINE)), pod_ready(OFFLINE, pods.get(OFFLINE)), paired]
+    if placed.status != "True":
+        phase = Phase.Pending
+    elif paired.status == "False":
+        phase = Phase.Degraded
+    elif conds[1].status == "True" and conds[2].status == "True" and paired.status == "True":
+        phase = Phase.Running
+    else:
+        phase = Phase.Placed
+    gpu = gpus[ONLINE] if paired.status == "True" else None
+    return phase, [*conds, summary(phase, conds)], node, gpu

@@ -152,3 +152,11 @@ def test_device_plugin_with_only_mig_gpus_is_one_line(short_dir: Path) -> None:
 def test_operator_metrics_port_in_use_is_one_line(busy_port: int) -> None:
     proc = _run(["-m", "valve.cli", "operator", "--metrics-port", str(busy_port), "--health-port", "0"])
     _one_line(proc, f"valve operator: --metrics-port: cannot listen on :{busy_port}: ")
+
+
+def test_operator_webhook_without_its_certificate_is_one_line(tmp_path) -> None:
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", "0",
+                 "--webhook-port", "9443", "--webhook-cert-dir", str(tmp_path)])
+    assert "tls.crt" in _one_line(proc, "valve operator: --webhook-cert-dir: no ")
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", "0", "--webhook-port", "9443"])
+    _one_line(proc, "valve operator: --webhook-cert-dir: the webhook needs --webhook-cert-dir")

@@ -208,7 +208,7 @@ def add_policy_handlers(registry: kopf.OperatorRegistry, op: Any, webhook: bool 
     if not webhook:
         return pc
 
-    @kopf.on.mutate("v1", "pods", operation="CREATE", id=WEBHOOK_ID, registry=registry)
+    @kopf.on.mutate("v1", "pods", operations={"CREATE"}, id=WEBHOOK_ID, registry=registry)
     def valve_inject(body: kopf.Body, patch: kopf.Patch, warnings: list[str], **kwargs: Any) -> None:
         # Fail open: whatever goes wrong here, the pod is admitted as it came (online never waits on Valve).
         try:

@@ -33,6 +33,7 @@ K8S_VERSIONS = ("1.26", "latest")
 MONITOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
                 "monitoring.coreos.com/v1/PrometheusRule")
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+CERT_MANAGER_KINDS = ("Certificate", "Issuer")  # cert-manager.io/v1: the webhook's certificate (webhook.certManager)
 
 
 # ---- helm ---------------------------------------------------------------------------------------------
@@ -144,14 +145,25 @@ def unknown_fields(model: type, data, path: str = "") -> list[str]:
 def validate_monitor(obj: dict) -> list[str]:
     """Errors of a ServiceMonitor/PodMonitor/PrometheusRule against the Prometheus Operator's v1 models."""
     from cloudcoil.models.prometheus_operator import v1
+
+    return _model_errors({k: getattr(v1, k) for k in MONITOR_KINDS}[obj["kind"]], obj)
+
+
+def _model_errors(model: type, obj: dict) -> list[str]:
     from pydantic import ValidationError
 
-    model = {k: getattr(v1, k) for k in MONITOR_KINDS}[obj["kind"]]
     try:
         model.model_validate(obj)
     except ValidationError as e:
         return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
     return unknown_fields(model, obj)
+
+
+def validate_cert_manager(obj: dict) -> list[str]:
+    """Errors of a cert-manager Certificate/Issuer against cert-manager's v1 models."""
+    from cloudcoil.models.cert_manager import v1
+
+    return _model_errors(getattr(v1, obj["kind"]), obj)
 
 
 # ---- custom resources against their CRD -----------------------------------------------------------------
@@ -250,6 +262,8 @@ def validate_rendered(objs: Iterable[dict]) -> list[str]:
         name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
         if obj.get("kind") in MONITOR_KINDS:
             errs = validate_monitor(obj)
+        elif obj.get("kind") in CERT_MANAGER_KINDS and obj.get("apiVersion", "").startswith("cert-manager.io/"):
+            errs = validate_cert_manager(obj)
         else:
             errs = validate_k8s(obj)
         errors += [f"{name}: {e}" for e in errs]

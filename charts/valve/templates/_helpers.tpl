@@ -91,3 +91,8 @@ prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
+
+{{/* The Secret with the webhook's certificate (tls.crt, tls.key; ca.crt): the chart's or cert-manager's. */}}
+{{- define "valve.webhookSecretName" -}}
+{{- include "valve.componentName" (dict "root" . "component" "webhook-tls") }}
+{{- end }}

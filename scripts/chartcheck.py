@@ -236,15 +236,63 @@ def pair_pods(pair: dict) -> list[dict]:
     return pods
 
 
+def policy_pods(policy: dict) -> list[dict]:
+    """The offline pod template of a ColocationPolicy as a Pod (when it has one rather than a Job reference)."""
+    template = policy.get("spec", {}).get("offline", {}).get("template")
+    if template is None:
+        return []
+    meta = {"name": f"{policy['metadata']['name']}-offline-0", **template.get("metadata", {})}
+    return [{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template.get("spec", {})}]
+
+
+# Kueue's objects (kueue.x-k8s.io/v1beta1) as far as Valve's examples use them: Kueue's CRDs are not available
+# here, so these are the fields of its v1beta1 API the examples set, strict (a misspelt field is an error).
+_QUANTITY = {"type": ["integer", "string"]}
+_STRICT = {"additionalProperties": False, "type": "object"}
+KUEUE_SCHEMAS = {
+    "ResourceFlavor": {**_STRICT, "properties": {"nodeLabels": {"type": "object"}, "nodeTaints": {"type": "array"},
+                                                  "tolerations": {"type": "array"}}},
+    "LocalQueue": {**_STRICT, "required": ["clusterQueue"], "properties": {
+        "clusterQueue": {"type": "string"}, "stopPolicy": {"enum": ["None", "Hold", "HoldAndDrain"]}}},
+    "ClusterQueue": {**_STRICT, "properties": {
+        "namespaceSelector": {"type": "object"}, "cohort": {"type": "string"},
+        "queueingStrategy": {"enum": ["StrictFIFO", "BestEffortFIFO"]},
+        "resourceGroups": {"type": "array", "items": {**_STRICT, "required": ["coveredResources", "flavors"],
+                                                      "properties": {
+            "coveredResources": {"type": "array", "items": {"type": "string"}},
+            "flavors": {"type": "array", "items": {**_STRICT, "required": ["name", "resources"], "properties": {
+                "name": {"type": "string"},
+                "resources": {"type": "array", "items": {**_STRICT, "required": ["name", "nominalQuota"],
+                                                         "properties": {
+                    "name": {"type": "string"}, "nominalQuota": _QUANTITY, "borrowingLimit": _QUANTITY,
+                    "lendingLimit": _QUANTITY}}}}}}}}}}},
+}
+
+
+def validate_kueue(obj: dict) -> list[str]:
+    """Errors of a Kueue object's spec against KUEUE_SCHEMAS (not Kueue's own schema)."""
+    import jsonschema
+
+    if obj.get("apiVersion") != "kueue.x-k8s.io/v1beta1" or obj.get("kind") not in KUEUE_SCHEMAS:
+        return [f"not checked: {obj.get('apiVersion')} {obj.get('kind')}"]
+    validator = jsonschema.Draft7Validator(KUEUE_SCHEMAS[obj["kind"]])
+    return [f"spec.{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(obj.get("spec", {}))]
+
+
 def validate_example(obj: dict, crds: Iterable[dict]) -> list[str]:
-    """Errors of one example object: custom resources by their CRD (and pair pod templates by the Pod
-    schema), built-in objects by the Kubernetes schema."""
-    if obj.get("apiVersion", "").split("/")[0].endswith("valve.io"):
+    """Errors of one example object: custom resources by their CRD (and pair and policy pod templates by the
+    Pod schema), built-in objects by the Kubernetes schema, Kueue's by KUEUE_SCHEMAS."""
+    group = obj.get("apiVersion", "").split("/")[0]
+    if group.endswith("valve.io"):
         errors = validate_custom(obj, crds)
-        if obj.get("kind") == "ColocationPair" and not errors:
-            for pod in pair_pods(obj):
+        pods = pair_pods(obj) if obj.get("kind") == "ColocationPair" else policy_pods(obj)
+        if not errors:
+            for pod in pods:
                 errors += [f"{pod['metadata']['name']} pod template: {e}" for e in validate_k8s(pod)]
         return errors
+    if group == "kueue.x-k8s.io":
+        return validate_kueue(obj)
     return validate_k8s(obj)
 
 

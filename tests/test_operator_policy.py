@@ -311,3 +311,24 @@ async def test_api_requests_of_pairs_and_policies_are_exactly_the_rbac_rules(env
                for res in rule["resources"] for v in rule["verbs"]}
     assert used - granted == set(), "requests not covered by rbac.RULES"
     assert granted - used == set(), "rbac.RULES grants more than the operator uses"
+
+
+async def test_a_refused_offline_pod_says_why_and_is_tried_again_on_resync(env):
+    env.add_node("gpu-a", 2)
+    await env.start_operator(cfg=CFG)
+    env.kube.refuse["chat-offline-0"] = (403, 'pods "chat-offline-0" is forbidden: violates PodSecurity "restricted"')
+    await create_policy(env, policy_body())
+    await add_replica(env, "gpu-a")
+
+    async def refused():
+        status = (await get_policy(env)).get("status") or {}
+        cond = next((cd for cd in status.get("conditions", []) if cd["type"] == "OfflineWorkload"), {})
+        return cond if cond.get("reason") == "PodCreateFailed" else None
+    cond = await env.until(refused, "OfflineWorkload=False/PodCreateFailed")
+    assert cond["status"] == "False" and "PodSecurity" in cond["message"]
+    await env.until(lambda: _events(env, "PodCreateFailed"), "a PodCreateFailed event")
+    assert await offline_pods(env) == {}
+
+    del env.kube.refuse["chat-offline-0"]  # e.g. the namespace's PodSecurity label changed
+    await env.until(lambda: _count(env, 1), "the offline pod, created on a resync")
+    await status_is(env, offlinePods=1)

@@ -17,6 +17,7 @@ from valve.api import policy as pol
 from valve.operator import metrics
 from valve.operator.handlers import _snapshot
 from valve.operator.kube import CreateRefused
+from valve.operator.pods import render_policy_offline_pod
 from valve.operator.policy import (
     Create,
     JobView,
@@ -46,6 +47,7 @@ class PolicyController:
     jobs: dict[Key, tuple[float, JobView | None]] = field(default_factory=dict)
     repairs: dict[Key, int] = field(default_factory=dict)
     waiting: dict[str, set[Key]] = field(default_factory=dict)  # node -> policies held by its offline gate
+    rendered: dict[Key, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
 
     def policies_in(self, namespace: str) -> list[dict[str, Any]]:
         return list(self.op.indices["valve_policies"].get(namespace) or ())
@@ -101,7 +103,8 @@ class PolicyController:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         todo = plan_policy(body, pods, cfg=self.op.cfg, now=now, job=job, busy_nodes=busy,
                            warned=frozenset(self.warned.get(key, ())), create_failed=self.refused.get(key),
-                           repairs_left=MAX_REPAIRS - self.repairs.get(key, 0))
+                           repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
+                           render=self.renderer(key, body, self.jobs.get(key, (None,))[0]))
         for node in busy:
             self.waiting.setdefault(node, set()).add(key)
         done = []
@@ -133,6 +136,21 @@ class PolicyController:
         for event in [*todo.events, *done]:
             await self.op.kube.post_event(body, event.type, event.reason, event.message)
 
+    def renderer(self, key: Key, body: dict[str, Any], job_seen: float | None) -> Any:
+        """render_policy_offline_pod, remembered per policy: plan_policy renders each offline pod on every pass
+        (to compare spec hashes), and its inputs change only with the policy's generation or its Job."""
+        cache = self.rendered.setdefault(key, {})
+        meta = body["metadata"]
+
+        def render(policy: dict[str, Any], offline: Any, runtime: Any, template: Any, **kw: Any) -> dict[str, Any]:
+            sig = (meta.get("uid"), meta.get("generation"), job_seen, *sorted(kw.items(), key=lambda i: i[0]))
+            if sig not in cache:
+                if len(cache) > 4096:
+                    cache.clear()
+                cache[sig] = render_policy_offline_pod(policy, offline, runtime, template, **kw)
+            return cache[sig]
+        return render
+
     async def namespace_changed(self, namespace: str) -> None:
         for body in self.policies_in(namespace):
             await self.reconcile(body)
@@ -144,7 +162,8 @@ class PolicyController:
                 await self.reconcile(body)
 
     def forget(self, key: Key) -> None:
-        for d in (self.locks, self.written, self.warned, self.created, self.refused, self.jobs, self.repairs):
+        for d in (self.locks, self.written, self.warned, self.created, self.refused, self.jobs, self.repairs,
+                  self.rendered):
             d.pop(key, None)
 
     async def resync(self) -> None:

@@ -33,6 +33,7 @@ K8S_VERSIONS = ("1.26", "latest")
 MONITOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
                 "monitoring.coreos.com/v1/PrometheusRule")
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+CERT_MANAGER_KINDS = ("Certificate", "Issuer")  # cert-manager.io/v1: the webhook's certificate (webhook.certManager)
 
 
 # ---- helm ---------------------------------------------------------------------------------------------
@@ -144,14 +145,25 @@ def unknown_fields(model: type, data, path: str = "") -> list[str]:
 def validate_monitor(obj: dict) -> list[str]:
     """Errors of a ServiceMonitor/PodMonitor/PrometheusRule against the Prometheus Operator's v1 models."""
     from cloudcoil.models.prometheus_operator import v1
+
+    return _model_errors({k: getattr(v1, k) for k in MONITOR_KINDS}[obj["kind"]], obj)
+
+
+def _model_errors(model: type, obj: dict) -> list[str]:
     from pydantic import ValidationError
 
-    model = {k: getattr(v1, k) for k in MONITOR_KINDS}[obj["kind"]]
     try:
         model.model_validate(obj)
     except ValidationError as e:
         return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
     return unknown_fields(model, obj)
+
+
+def validate_cert_manager(obj: dict) -> list[str]:
+    """Errors of a cert-manager Certificate/Issuer against cert-manager's v1 models."""
+    from cloudcoil.models.cert_manager import v1
+
+    return _model_errors(getattr(v1, obj["kind"]), obj)
 
 
 # ---- custom resources against their CRD -----------------------------------------------------------------
@@ -224,15 +236,63 @@ def pair_pods(pair: dict) -> list[dict]:
     return pods
 
 
+def policy_pods(policy: dict) -> list[dict]:
+    """The offline pod template of a ColocationPolicy as a Pod (when it has one rather than a Job reference)."""
+    template = policy.get("spec", {}).get("offline", {}).get("template")
+    if template is None:
+        return []
+    meta = {"name": f"{policy['metadata']['name']}-offline-0", **template.get("metadata", {})}
+    return [{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template.get("spec", {})}]
+
+
+# Kueue's objects (kueue.x-k8s.io/v1beta1) as far as Valve's examples use them: Kueue's CRDs are not available
+# here, so these are the fields of its v1beta1 API the examples set, strict (a misspelt field is an error).
+_QUANTITY = {"type": ["integer", "string"]}
+_STRICT = {"additionalProperties": False, "type": "object"}
+KUEUE_SCHEMAS = {
+    "ResourceFlavor": {**_STRICT, "properties": {"nodeLabels": {"type": "object"}, "nodeTaints": {"type": "array"},
+                                                  "tolerations": {"type": "array"}}},
+    "LocalQueue": {**_STRICT, "required": ["clusterQueue"], "properties": {
+        "clusterQueue": {"type": "string"}, "stopPolicy": {"enum": ["None", "Hold", "HoldAndDrain"]}}},
+    "ClusterQueue": {**_STRICT, "properties": {
+        "namespaceSelector": {"type": "object"}, "cohort": {"type": "string"},
+        "queueingStrategy": {"enum": ["StrictFIFO", "BestEffortFIFO"]},
+        "resourceGroups": {"type": "array", "items": {**_STRICT, "required": ["coveredResources", "flavors"],
+                                                      "properties": {
+            "coveredResources": {"type": "array", "items": {"type": "string"}},
+            "flavors": {"type": "array", "items": {**_STRICT, "required": ["name", "resources"], "properties": {
+                "name": {"type": "string"},
+                "resources": {"type": "array", "items": {**_STRICT, "required": ["name", "nominalQuota"],
+                                                         "properties": {
+                    "name": {"type": "string"}, "nominalQuota": _QUANTITY, "borrowingLimit": _QUANTITY,
+                    "lendingLimit": _QUANTITY}}}}}}}}}}},
+}
+
+
+def validate_kueue(obj: dict) -> list[str]:
+    """Errors of a Kueue object's spec against KUEUE_SCHEMAS (not Kueue's own schema)."""
+    import jsonschema
+
+    if obj.get("apiVersion") != "kueue.x-k8s.io/v1beta1" or obj.get("kind") not in KUEUE_SCHEMAS:
+        return [f"not checked: {obj.get('apiVersion')} {obj.get('kind')}"]
+    validator = jsonschema.Draft7Validator(KUEUE_SCHEMAS[obj["kind"]])
+    return [f"spec.{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(obj.get("spec", {}))]
+
+
 def validate_example(obj: dict, crds: Iterable[dict]) -> list[str]:
-    """Errors of one example object: custom resources by their CRD (and pair pod templates by the Pod
-    schema), built-in objects by the Kubernetes schema."""
-    if obj.get("apiVersion", "").split("/")[0].endswith("valve.io"):
+    """Errors of one example object: custom resources by their CRD (and pair and policy pod templates by the
+    Pod schema), built-in objects by the Kubernetes schema, Kueue's by KUEUE_SCHEMAS."""
+    group = obj.get("apiVersion", "").split("/")[0]
+    if group.endswith("valve.io"):
         errors = validate_custom(obj, crds)
-        if obj.get("kind") == "ColocationPair" and not errors:
-            for pod in pair_pods(obj):
+        pods = pair_pods(obj) if obj.get("kind") == "ColocationPair" else policy_pods(obj)
+        if not errors:
+            for pod in pods:
                 errors += [f"{pod['metadata']['name']} pod template: {e}" for e in validate_k8s(pod)]
         return errors
+    if group == "kueue.x-k8s.io":
+        return validate_kueue(obj)
     return validate_k8s(obj)
 
 
@@ -250,6 +310,8 @@ def validate_rendered(objs: Iterable[dict]) -> list[str]:
         name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
         if obj.get("kind") in MONITOR_KINDS:
             errs = validate_monitor(obj)
+        elif obj.get("kind") in CERT_MANAGER_KINDS and obj.get("apiVersion", "").startswith("cert-manager.io/"):
+            errs = validate_cert_manager(obj)
         else:
             errs = validate_k8s(obj)
         errors += [f"{name}: {e}" for e in errs]

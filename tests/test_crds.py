@@ -39,7 +39,8 @@ def test_check_flag_detects_a_stale_file(tmp_path):
 def test_show_prints_the_crd():
     result = CliRunner().invoke(app, ["crds", "show"])
     assert result.exit_code == 0
-    assert yaml.safe_load(result.output)["metadata"]["name"] == "colocationpairs.valve.io"
+    names = [d["metadata"]["name"] for d in yaml.safe_load_all(result.output)]
+    assert names == ["colocationpairs.valve.io", "colocationpolicies.valve.io"]
 
 
 def test_crd_names_columns_and_status_subresource():

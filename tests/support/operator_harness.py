@@ -28,6 +28,7 @@ import kmock
 import yaml
 
 from valve.api import colocation as c
+from valve.api import policy as pol
 from valve.api.contract import (
     ANN_GPU,
     ANN_NODE,
@@ -37,7 +38,7 @@ from valve.api.contract import (
     ONLINE,
     ONLINE_RESOURCE,
 )
-from valve.api.crds import colocationpair_crd
+from valve.api.crds import colocationpair_crd, colocationpolicy_crd
 from valve.operator.pods import RESOURCE
 
 
@@ -80,6 +81,8 @@ RESOURCES = {
     "v1/namespaces": dict(namespaced=False, kind="Namespace"),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(namespaced=False, kind="CustomResourceDefinition"),
     f"{c.API_VERSION}/{c.PLURAL}": dict(namespaced=True, kind=c.KIND, subresources={"status"}),
+    f"{pol.API_VERSION}/{pol.PLURAL}": dict(namespaced=True, kind=pol.KIND, subresources={"status"}),
+    "batch/v1/jobs": dict(namespaced=True, kind="Job", subresources={"status"}),
 }
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
@@ -145,7 +148,7 @@ class ValveKube(kmock.KubernetesEmulator):
             self.resources[name] = kmock.ResourceInfo(verbs=VERBS, **info)
         self.validate_crs = True
         self._versions = itertools.count(1)
-        self._validator = crd_validator()
+        self._validators = {c.PLURAL: crd_validator(), pol.PLURAL: crd_validator(colocationpolicy_crd())}
         self._live: dict[str, Any] = {}  # uid -> key of objects created through the API and not deleted
         self._owned: dict[str, set[Any]] = {}  # owner uid -> keys of its dependents
         self.refuse: dict[str, tuple[int, str]] = {}  # pod name -> (code, message): admission refuses its create
@@ -193,10 +196,12 @@ class ValveKube(kmock.KubernetesEmulator):
             code, message = self.refuse[meta["name"]]
             raise status_error(code, "Forbidden" if code == 403 else "Invalid", message)
         if request.resource.group == c.GROUP and self.validate_crs:
-            errors = sorted(self._validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+            validator = self._validators[request.resource.plural]
+            errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
             if errors:
                 text = "; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
-                raise status_error(422, "Invalid", f"{c.KIND}.{c.GROUP} {meta.get('name')!r} is invalid: {text}")
+                raise status_error(422, "Invalid", f"{data.get('kind')}.{c.GROUP} {meta.get('name')!r} is invalid: "
+                                   f"{text}")
         if request.namespace:
             meta["namespace"] = request.namespace
         meta["uid"] = str(uuid.uuid4())
@@ -425,9 +430,10 @@ class FakeNodes:
         wanted = pending_wishes(self.bound.get(node, {}).values(), RESOURCE[role])
         return preferred_allocation(role, free, [], 1, taken, gpus, wanted)[0]
 
-    async def bind(self, pod: dict[str, Any]) -> None:
+    async def bind(self, pod: dict[str, Any], node: str | None = None) -> None:
+        """`node`: for a pod the operator did not pin (a workload's own pod, which its scheduler places)."""
         meta = pod["metadata"]
-        node = meta["annotations"][ANN_NODE]
+        node = node or meta["annotations"][ANN_NODE]
         if meta["uid"] in self.bound.get(node, {}):
             return
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
@@ -436,11 +442,12 @@ class FakeNodes:
         await self.api.call("POST", path + "/binding", binding)
         self.bound.setdefault(node, {})[meta["uid"]] = pod
 
-    async def start(self, pod: dict[str, Any], ready: bool = True) -> str:
+    async def start(self, pod: dict[str, Any], ready: bool = True, node: str | None = None,
+                    role: str | None = None) -> str:
         meta = pod["metadata"]
-        node = meta["annotations"][ANN_NODE]
-        role = meta["labels"][LABEL_ROLE]
-        await self.bind(pod)
+        node = node or meta["annotations"][ANN_NODE]
+        role = role or meta["labels"][LABEL_ROLE]
+        await self.bind(pod, node)
         gpu = self.force_gpu.get(meta["name"]) or self.pick(node, role)
         self.bound[node].pop(meta["uid"], None)
         self.taken[(gpu, role)] = meta["uid"]

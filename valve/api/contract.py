@@ -23,11 +23,14 @@ ROLES = (ONLINE, OFFLINE)
 LABEL_PAIR = f"{GROUP}/pair"  # operator writes (the pair's name) and selects its pods by it; the chart's PodMonitor too
 LABEL_NODE_ENABLED = f"{GROUP}/enabled"  # the admin sets "true" on a node; the chart's device-plugin nodeSelector
 LABEL_ROLE = f"{GROUP}/role"  # operator writes (a role); operator reads
+# operator's webhook writes on the online pods it injects, the operator on a policy's offline pods (the policy's name)
+LABEL_POLICY = f"{GROUP}/policy"
 ANN_GPU = f"{GROUP}/gpu-uuid"  # device plugin's annotator writes (UUIDs, comma-separated); operator and sidecars read
 ANN_ROLE = f"{GROUP}/role"  # device plugin's annotator writes (roles, comma-separated); operator reads
 ANN_NODE = f"{GROUP}/node"  # operator writes (the node it placed the pod on); operator reads
 # operator writes on an offline pod (the GPU its online partner got); the device plugin's preferred allocation reads
 ANN_WANT_GPU = f"{GROUP}/want-gpu"
+ANN_ONLINE_POD = f"{GROUP}/online-pod"  # operator writes on a policy's offline pod (the online pod's uid); reads
 ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod); operator reads: a change recreates
 
 # ---- Files on the node and in the pods -----------------------------------------------------------------------
@@ -63,6 +66,10 @@ ENV_PAIR = "VALVE_PAIR"  # operator sets it on the arbiter sidecar (from the pod
 ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidecar (RuntimeSpec JSON); the arbiter reads it
 ENV_GATE_CONTROL = "VALVE_GATE_CONTROL"  # people/benchmarks set it; libvalvegate reads it (else the two above)
 ENV_GATE_QUEUE_AHEAD = "VALVE_GATE_QUEUE_AHEAD"  # people set it (N or "published"); libvalvegate bounds launches
+# Kubernetes' own name for an indexed Job pod's index (env and annotation); the operator sets both on a policy's
+# offline pods, a checkpointed runner reads the env to resume its index's work.
+ENV_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
+ANN_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 ENV_IMAGE = "VALVE_IMAGE"  # the chart sets it on the operator; the operator reads it (its sidecars' image)
 ENV_METRICS_ADDR = "VALVE_METRICS_ADDR"  # the chart and the operator (sidecars) set it, to the pod IP by default;
 # every component's --metrics-addr reads it (the operator's --health-addr too)

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from valve.api import colocation as c
+from valve.api import policy as pol
 from valve.api.podspec import PROXY_RULES, TEMPLATE_META_RULES, template_pod_spec
 from valve.api.schema import structural_schema
 
@@ -45,24 +46,69 @@ def colocationpair_crd() -> dict[str, Any]:
         {"name": "GPU", "type": "string", "jsonPath": ".status.gpuUUID"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
+    return _crd(c, columns, schema)
+
+
+def policy_spec_schema() -> dict[str, Any]:
+    """spec from the models, with Kubernetes' own PodSpec in the offline template (as in the pair)."""
+    spec = structural_schema(pol.ColocationPolicySpec)
+    template = spec["properties"]["offline"]["properties"]["template"]
+    template["properties"]["spec"] = template_pod_spec(c.IMAGE_MAX)
+    template["properties"]["metadata"]["x-kubernetes-validations"] = TEMPLATE_META_RULES
+    spec["properties"]["online"]["properties"]["proxy"]["x-kubernetes-validations"] = PROXY_RULES
+    spec["properties"]["offline"]["x-kubernetes-validations"] = [
+        {"rule": "has(self.template) != has(self.jobRef)", "message": "set exactly one of template and jobRef"}]
+    spec["properties"]["selector"]["x-kubernetes-validations"] = [
+        {"rule": "(has(self.matchLabels) && size(self.matchLabels) > 0) || "
+                 "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+         "message": "an empty selector would select every pod of the namespace"}]
+    return spec
+
+
+def colocationpolicy_crd() -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "description": "Colocate offline work on the GPUs of the online pods a label selector picks.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": policy_spec_schema(),
+            "status": structural_schema(pol.ColocationPolicyStatus),
+        },
+        "required": ["spec"],
+    }
+    ready = '.status.conditions[?(@.type=="Ready")].status'
+    columns = [
+        {"name": "Online", "type": "integer", "jsonPath": ".status.onlinePods"},
+        {"name": "Harvested", "type": "integer", "jsonPath": ".status.harvestedGPUs"},
+        {"name": "Offline", "type": "integer", "jsonPath": ".status.offlineRunning"},
+        {"name": "Ready", "type": "string", "jsonPath": ready},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd(pol, columns, schema)
+
+
+def _crd(m: Any, columns: list[dict[str, Any]], schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{c.PLURAL}.{c.GROUP}", "labels": {"app.kubernetes.io/part-of": "valve"}},
+        "metadata": {"name": f"{m.PLURAL}.{c.GROUP}",
+                     "labels": {"app.kubernetes.io/part-of": "valve"}},
         "spec": {
             "group": c.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": c.KIND,
-                "listKind": f"{c.KIND}List",
-                "plural": c.PLURAL,
-                "singular": c.SINGULAR,
-                "shortNames": list(c.SHORT_NAMES),
-                "categories": list(c.CATEGORIES),
+                "kind": m.KIND,
+                "listKind": f"{m.KIND}List",
+                "plural": m.PLURAL,
+                "singular": m.SINGULAR,
+                "shortNames": list(m.SHORT_NAMES),
+                "categories": list(m.CATEGORIES),
             },
             "versions": [
                 {
-                    "name": c.VERSION,
+                    "name": m.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
@@ -76,8 +122,7 @@ def colocationpair_crd() -> dict[str, Any]:
 
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name -> CRD."""
-    crd = colocationpair_crd()
-    return {f"{crd['metadata']['name']}.yaml": crd}
+    return {f"{crd['metadata']['name']}.yaml": crd for crd in (colocationpair_crd(), colocationpolicy_crd())}
 
 
 def render(crd: dict[str, Any]) -> str:

@@ -42,6 +42,13 @@ def register(app: typer.Typer) -> None:
         peering: str | None = typer.Option(
             None, help="kopf peering name for several replicas (needs kopf's peering CRDs). Default: standalone."
         ),
+        webhook_port: int = typer.Option(
+            0, min=0, max=65535,
+            help="Serve the pod-injection admission webhook for ColocationPolicies over HTTPS on this port (0: off).",
+        ),
+        webhook_cert_dir: str | None = typer.Option(
+            None, help="Folder with the webhook's tls.crt and tls.key (re-read when they change)."
+        ),
     ) -> None:
         """Run the colocation operator (kopf): places ColocationPairs, creates their pods, writes status."""
         import asyncio
@@ -85,6 +92,15 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"valve operator: --health-port: cannot listen on {host_port(health_addr, health_port)}: "
                            f"{e.strerror or e}", err=True)
                 raise typer.Exit(code=2) from None
+        webhook = None
+        if webhook_port:
+            from valve.operator.main import webhook_server
+
+            try:
+                webhook = webhook_server(webhook_port, webhook_cert_dir)
+            except ValueError as e:
+                typer.echo(f"valve operator: --webhook-cert-dir: {e}", err=True)
+                raise typer.Exit(code=2) from None
         from valve.operator.kube import load_api_client
 
         try:
@@ -96,7 +112,7 @@ def register(app: typer.Typer) -> None:
         cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port,
                              metrics_addr=sidecar_metrics_addr, allowed_images=tuple(allowed_sidecar_image))
         asyncio.run(run_operator(cfg=cfg, namespaces=namespace, api_client=api_client, resync_seconds=resync_seconds,
-                                 liveness_endpoint=liveness, peering=peering))
+                                 liveness_endpoint=liveness, peering=peering, webhook=webhook))
 
     @app.command("pod-init")
     def pod_init(

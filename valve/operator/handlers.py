@@ -49,6 +49,7 @@ CREATED_GRACE_S = 30.0  # how long a created pod counts as there before the watc
 CONFLICT_GRACE_S = 300.0  # how long a create refused with 409 (the pod exists) counts as there
 GPU_REPORT_GRACE_S = 5.0  # an online pod started this long without a reported GPU: offline pod without a wish
 MAX_REPAIRS = 3  # offline pods recreated for a GPU mismatch, per pair and process, before the pair stays Degraded
+POLICY_GATE = "policy:"  # prefix of a policy's key in `inflight` (no namespace name has a colon)
 URGENT = ("phase", "node")  # status fields written at once; other changes once the pair is quiet
 
 
@@ -149,15 +150,28 @@ class Operator:
     def offline_gate(self, key: Key, node: str, pods: dict[str, PodView | None]) -> bool:
         """True when no other offline pod on the node waits for admission (so the plugin knows whose wish to follow)."""
         own = pods[OFFLINE].uid if pods[OFFLINE] is not None else None
+        return not self.node_busy(node, key, own)
+
+    def inflight_pod(self, key: Key, node: str) -> PodView | None:
+        """The offline pod whose create took the node's gate: a pair's (by pair key) or a policy's (by
+        (POLICY_GATE + namespace, pod name), looked up among the node's pods)."""
+        if key[0].startswith(POLICY_GATE):
+            return next((p for p in self.node_pods(node) if p.name == key[1] and p.offline), None)
+        return self.pods_of(key)[OFFLINE]
+
+    def node_busy(self, node: str, key: Key, own: str | None = None) -> bool:
+        """Whether an offline pod other than `key`'s (pod uid `own`) waits for admission on the node, or is
+        being created."""
         if any(p.offline and p.admitting and p.uid != own for p in self.node_pods(node)):
-            return False
+            return True
         entry = self.inflight.get(node)
-        if entry is not None and entry[0] != key:
-            pod = self.pods_of(entry[0])[OFFLINE]
-            if (pod is None and time.monotonic() < entry[1]) or (pod is not None and pod.admitting):
-                return False  # its create is on its way, or its pod waits for admission
-            del self.inflight[node]
-        return True
+        if entry is None or entry[0] == key:
+            return False
+        pod = self.inflight_pod(entry[0], node)
+        if (pod is None and time.monotonic() < entry[1]) or (pod is not None and pod.admitting):
+            return True  # its create is on its way, or its pod waits for admission
+        del self.inflight[node]
+        return False
 
     # --- reconciliation --------------------------------------------------------------------------
     async def reconcile(self, body: dict[str, Any], resync: bool = False) -> None:
@@ -450,7 +464,8 @@ def _owner(body: kopf.Body) -> str | None:
     return None
 
 
-def build_registry(op: Operator, login: Callable[..., Any] | None = None) -> kopf.OperatorRegistry:
+def build_registry(op: Operator, login: Callable[..., Any] | None = None,
+                   webhook: bool = False) -> kopf.OperatorRegistry:
     """All handlers of the operator, in a registry of their own."""
     registry = kopf.OperatorRegistry()
     pairs = dict(group=c.GROUP, version=c.VERSION, plural=c.PLURAL, registry=registry)
@@ -515,6 +530,9 @@ def build_registry(op: Operator, login: Callable[..., Any] | None = None) -> kop
     async def valve_node_event(name: str, **_: Any) -> None:
         op.refresh(name)
 
+    from valve.operator.policy_handlers import add_policy_handlers
+
+    add_policy_handlers(registry, op, webhook=webhook)
     return registry
 
 

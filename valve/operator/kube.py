@@ -124,13 +124,27 @@ class Kube:
                 raise
             return False
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any], plural: str = c.PLURAL) -> None:
         """Merge-patch the status subresource (None values remove fields)."""
         await asyncio.to_thread(
             self.custom.patch_namespaced_custom_object_status,
-            c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status},
+            c.GROUP, c.VERSION, namespace, plural, name, {"status": status},
             _content_type=MERGE_PATCH,
         )
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Job (a policy's offline workload), None if there is none."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        batch = client.BatchV1Api(self.core.api_client)
+        try:
+            job = await asyncio.to_thread(batch.read_namespaced_job, name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return self.core.api_client.sanitize_for_serialization(job)
 
     async def post_event(self, pair: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the pair; failures are logged, never raised."""
@@ -140,7 +154,8 @@ class Kube:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": meta["name"],
+            "involvedObject": {"apiVersion": pair.get("apiVersion") or c.API_VERSION,
+                               "kind": pair.get("kind") or c.KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta.get("uid")},
             "type": type,
             "reason": reason,

@@ -45,6 +45,7 @@ async def run_operator(
     peering: str | None = None,
     stop_flag: asyncio.Event | None = None,
     ready_flag: asyncio.Event | None = None,
+    webhook: Any = None,
 ) -> None:
     """Run until stop_flag is set (or a signal arrives). All namespaces unless `namespaces` is given.
 
@@ -59,8 +60,9 @@ async def run_operator(
     api_client = api_client or load_api_client()
     op = Operator(Kube(api_client), cfg or OperatorConfig(), resync_seconds)
     settings = make_settings(peering)
+    settings.admission.server = webhook
     await kopf.operator(
-        registry=build_registry(op, login or login_from_client(api_client)),
+        registry=build_registry(op, login or login_from_client(api_client), webhook=webhook is not None),
         settings=settings,
         standalone=peering is None,
         peering_name=peering,
@@ -70,3 +72,20 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def webhook_server(port: int, cert_dir: str | None, addr: str = "0.0.0.0") -> Any:
+    """The admission webhook's HTTPS server: the certificate and key from `cert_dir` (tls.crt, tls.key: the
+    Secret cert-manager or the chart writes; kopf re-reads them when they change). kopf does not manage the
+    MutatingWebhookConfiguration (the chart does), so the operator needs no RBAC on it."""
+    import os
+
+    import kopf
+
+    if cert_dir is None:
+        raise ValueError("the webhook needs --webhook-cert-dir (tls.crt and tls.key)")
+    cert, key = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ValueError(f"no {path}")
+    return kopf.WebhookServer(addr=addr, port=port, certfile=cert, pkeyfile=key)

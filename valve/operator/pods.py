@@ -10,11 +10,14 @@ from typing import Any
 
 from valve.api import colocation as c
 from valve.api.contract import (
+    ANN_COMPLETION_INDEX,
     ANN_GPU,
     ANN_HASH,
     ANN_NODE,
+    ANN_ONLINE_POD,
     ANN_ROLE,
     ANN_WANT_GPU,
+    ENV_COMPLETION_INDEX,
     ENV_GPU_UUID,
     ENV_METRICS_ADDR,
     ENV_PAIR,
@@ -23,6 +26,7 @@ from valve.api.contract import (
     ENV_RUNTIME_SPEC,
     GROUP,
     LABEL_PAIR,
+    LABEL_POLICY,
     LABEL_ROLE,
     METRICS_PORT_NAME,
     OFFLINE,
@@ -119,23 +123,15 @@ def render_pod(
     if role == OFFLINE and spec.offline.gate == "preload" and not dra:
         _preload(containers[0], body_spec)
 
-    sidecar = _proxy(spec, cfg) if role == ONLINE else _arbiter(spec, cfg)
+    if role == ONLINE:
+        sidecar = proxy_sidecar(spec.online.proxy, cfg, dra)
+    else:
+        sidecar = arbiter_sidecar(spec.offline.arbiter.image, spec.runtime, cfg, dra)
     if sidecar is not None and dra:
         containers.append(sidecar)
         _claim_gpu(sidecar, role)
     elif sidecar is not None:
-        containers.append(sidecar)
-        body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg))
-        volumes = body_spec.setdefault("volumes", [])
-        volumes.append({
-            "name": RUNTIME_VOLUME,
-            "hostPath": {"path": cfg.runtime_dir, "type": "DirectoryOrCreate"},
-        })
-        volumes.append({"name": LINKS_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
-        volumes.append({
-            "name": PODINFO_VOLUME,
-            "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
-        })
+        add_sidecar(body_spec, sidecar, cfg)
     if dra:
         if spec.node_selector:
             body_spec["nodeSelector"] = {**body_spec.get("nodeSelector", {}), **spec.node_selector}
@@ -163,6 +159,91 @@ def render_pod(
     if want_gpu:
         pod["metadata"]["annotations"][ANN_WANT_GPU] = want_gpu
     return pod
+
+
+def add_sidecar(body_spec: dict[str, Any], sidecar: dict[str, Any], cfg: OperatorConfig) -> None:
+    """A Valve sidecar in a pod spec (changed in place), with the init container that links its GPU's folder and
+    the three volumes it mounts (the host's runtime root, the links emptyDir, the downward-API annotations)."""
+    body_spec["containers"].append(sidecar)
+    body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg))
+    volumes = body_spec.setdefault("volumes", [])
+    volumes.append({
+        "name": RUNTIME_VOLUME,
+        "hostPath": {"path": cfg.runtime_dir, "type": "DirectoryOrCreate"},
+    })
+    volumes.append({"name": LINKS_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+    volumes.append({
+        "name": PODINFO_VOLUME,
+        "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
+    })
+
+
+# Labels the API server puts on a Job's pod template: copied onto pods Valve owns, they would make the Job
+# controller count them as its own.
+JOB_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid", "batch.kubernetes.io/job-name", "job-name")
+
+
+def policy_owner_reference(policy: dict[str, Any]) -> dict[str, Any]:
+    from valve.api import policy as pol
+
+    meta = policy["metadata"]
+    return {"apiVersion": pol.API_VERSION, "kind": pol.KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def policy_pod_name(policy_name: str, index: int) -> str:
+    return f"{policy_name}-offline-{index}"
+
+
+def render_policy_offline_pod(
+    policy: dict[str, Any], offline: Any, runtime: c.RuntimeSettings, template: c.PodTemplate, *, node: str,
+    gpu: str, online_uid: str, index: int, cfg: OperatorConfig,
+) -> dict[str, Any]:
+    """The offline pod of a policy for one harvested GPU: the template (the policy's or its Job's) with the
+    offline-gpu request, the arbiter sidecar and its volumes (as a pair's offline pod), pinned to the online
+    pod's node and asking the device plugin for the online pod's GPU; its index in env and annotation."""
+    meta = policy["metadata"]
+    body_spec = copy.deepcopy(template.spec.model_dump(by_alias=True, exclude_unset=True))
+    containers = body_spec["containers"]
+    _request_gpu(containers[0], OFFLINE_RESOURCE)
+    if offline.gate == "preload":
+        _preload(containers[0], body_spec)
+    for container in containers:
+        env = [e for e in container.get("env") or [] if e.get("name") != ENV_COMPLETION_INDEX]
+        container["env"] = [*env, {"name": ENV_COMPLETION_INDEX, "value": str(index)}]
+    add_sidecar(body_spec, arbiter_sidecar(offline.arbiter.image, runtime, cfg), cfg)
+    body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
+    labels = {k: v for k, v in template.metadata.labels.items() if k not in JOB_LABELS}
+    labels.update({LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_POLICY: meta["name"],
+                   LABEL_ROLE: OFFLINE})
+    annotations = {k: v for k, v in template.metadata.annotations.items() if not k.startswith(f"{GROUP}/")}
+    annotations.update({ANN_NODE: node, ANN_COMPLETION_INDEX: str(index)})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": policy_pod_name(meta["name"], index), "namespace": meta["namespace"],
+                     "labels": labels, "annotations": annotations,
+                     "ownerReferences": [policy_owner_reference(policy)]},
+        "spec": body_spec,
+    }
+    # the hash covers what the policy decides (template, sidecar, node, index), not which online pod it serves
+    annotations[ANN_HASH] = spec_hash(pod)
+    annotations[ANN_WANT_GPU] = gpu
+    annotations[ANN_ONLINE_POD] = online_uid
+    return pod
+
+
+def inject_online(pod: dict[str, Any], policy_name: str, proxy: c.ProxySidecar, cfg: OperatorConfig) -> dict[str, Any]:
+    """An online pod of a policy as the webhook admits it (a new dict): the proxy sidecar, its init container and
+    volumes, exactly as a pair's online pod has them, and the policy's labels. Resources and node are the
+    workload's own (its scheduler and the device plugin place it)."""
+    out = copy.deepcopy(pod)
+    sidecar = proxy_sidecar(proxy, cfg)
+    if sidecar is not None:
+        add_sidecar(out.setdefault("spec", {}), sidecar, cfg)
+    labels = out.setdefault("metadata", {}).setdefault("labels", {})
+    labels.update({LABEL_POLICY: policy_name, LABEL_PAIR: policy_name})
+    return out
 
 
 def spec_hash(pod: dict[str, Any]) -> str:
@@ -287,11 +368,10 @@ def _metrics_addr(cfg: OperatorConfig) -> dict[str, Any]:
     return {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
-def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | None:
-    proxy = spec.online.proxy
+def proxy_sidecar(proxy: c.ProxySidecar, cfg: OperatorConfig, dra: bool = False) -> dict[str, Any] | None:
+    """The proxy in front of the online server (None when the proxy is disabled)."""
     if not proxy.enabled:
         return None
-    dra = spec.placement == "dra"
     side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg, dra)
     side["args"] = ["runtime", "proxy", "--listen", f":{proxy.port}",
                     "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", *_gpu_from(dra),
@@ -303,9 +383,10 @@ def _proxy(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any] | 
     return side
 
 
-def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
-    dra = spec.placement == "dra"
-    side = _sidecar_base("valve-arbiter", spec.offline.arbiter.image or cfg.sidecar_image, cfg, dra)
+def arbiter_sidecar(image: str | None, runtime: c.RuntimeSettings, cfg: OperatorConfig,
+                    dra: bool = False) -> dict[str, Any]:
+    """The GPU's arbiter, next to the offline worker; ENV_PAIR comes from the pod's LABEL_PAIR."""
+    side = _sidecar_base("valve-arbiter", image or cfg.sidecar_image, cfg, dra)
     side["command"] = ["valve"]
     # The arbiter reads its RuntimeSpec from ENV_RUNTIME_SPEC.
     side["args"] = ["runtime", "arbiter", *_gpu_from(dra), "--metrics-port", str(cfg.metrics_port)]
@@ -314,7 +395,7 @@ def _arbiter(spec: c.ColocationPairSpec, cfg: OperatorConfig) -> dict[str, Any]:
         *_sidecar_env(OFFLINE, dra),
         {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
         _metrics_addr(cfg),
-        {"name": ENV_RUNTIME_SPEC, "value": spec.runtime.runtime_spec().model_dump_json()},
+        {"name": ENV_RUNTIME_SPEC, "value": runtime.runtime_spec().model_dump_json()},
         # the pair's name, for `valve top` on the node (through the GPU folder)
         {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},
     ]

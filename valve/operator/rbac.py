@@ -1,8 +1,9 @@
 """The API access the operator needs: Kubernetes PolicyRules for the Helm chart's ClusterRole.
 
 Exactly what the code uses (the end-to-end tests record every request and check both directions):
-kopf watches pairs, pods and nodes (list, watch); the handlers create and delete pods, patch the pairs'
-status and create events. kopf runs standalone: no peering (no kopf CRDs, no leases), no CRD or namespace
+kopf watches pairs, policies, pods and nodes (list, watch); the handlers create and delete pods, patch the
+pairs' and policies' status, read a policy's Job and create events. The admission webhook needs no API access
+(kopf does not manage its configuration: the chart does). kopf runs standalone: no peering (no kopf CRDs, no leases), no CRD or namespace
 scanning, no annotations or finalizers on the pairs. API discovery (/api, /apis) is granted to every
 authenticated user by the default `system:discovery` ClusterRole.
 """
@@ -10,6 +11,7 @@ authenticated user by the default `system:discovery` ClusterRole.
 from __future__ import annotations
 
 from valve.api import colocation as c
+from valve.api import policy as pol
 
 RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [c.GROUP], "resources": [c.PLURAL], "verbs": ["list", "watch", "get"]},
@@ -17,7 +19,14 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # ColocationPolicies: kopf lists and watches them; the operator writes their status and reads the Job a
+    # policy names as its offline workload (get only: never changes it).
+    {"apiGroups": [pol.GROUP], "resources": [pol.PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [pol.GROUP], "resources": [f"{pol.PLURAL}/status"], "verbs": ["patch"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
 ]
+# Used only once a policy exists (its status) or names a Job: a run with pairs alone does not use them.
+POLICY_ONLY = {(pol.GROUP, f"{pol.PLURAL}/status", "patch"), ("batch", "jobs", "get")}
 
 
 def allows(rules: list[dict[str, list[str]]], group: str, resource: str, verb: str) -> bool:

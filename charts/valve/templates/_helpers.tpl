@@ -104,3 +104,8 @@ or else the pod's own IP, so the endpoints are not on every interface. An env en
       fieldPath: status.podIP
   {{- end }}
 {{- end }}
+
+{{/* The Secret with the webhook's certificate (tls.crt, tls.key; ca.crt): the chart's or cert-manager's. */}}
+{{- define "valve.webhookSecretName" -}}
+{{- include "valve.componentName" (dict "root" . "component" "webhook-tls") }}
+{{- end }}

@@ -1,0 +1,182 @@
+"""The workload examples (examples/vllm-deployment-policy.yaml, examples/kueue-offline-quota.yaml) hold together
+with what the operator and its webhook do to them, and plan_policy's rules on their own (pure, no API server).
+
+No cluster and no Kueue here: the Kueue objects are checked against the fields of Kueue's v1beta1 API the example
+uses (scripts/chartcheck.py KUEUE_SCHEMAS), and against what Kueue needs of Valve's pods (every requested resource
+covered by the ClusterQueue).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import chartcheck as cc
+import pytest
+import yaml
+
+from valve.api import colocation as c
+from valve.api import policy as pol
+from valve.api.contract import ANN_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE
+from valve.operator.pods import OperatorConfig, render_policy_offline_pod
+from valve.operator.policy import Create, Delete, job_view, offline_template, plan_policy, workload_pod
+from valve.operator.webhook import admit, gpu_request
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = OperatorConfig(sidecar_image="valve:t")
+
+
+def docs(name: str) -> dict[str, dict]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d
+            for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d}
+
+
+def as_created(policy: dict, namespace: str = "llm") -> dict:
+    return {**policy, "metadata": {**policy["metadata"], "namespace": namespace, "uid": "p-uid"}}
+
+
+def validate_pod(pod: dict) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_vllm_deployment_example_goes_through_the_proxy_and_runs_the_job_by_index():
+    objs = docs("vllm-deployment-policy.yaml")
+    deployment, service = objs["Deployment/chat"], objs["Service/chat"]
+    policy, job = as_created(objs["ColocationPolicy/chat"]), objs["Job/chat-batch"]
+    spec = pol.ColocationPolicySpec.model_validate(policy["spec"])
+
+    # A replica as its ReplicaSet creates it: selected, one GPU, gets the proxy the Service targets.
+    template = deployment["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "chat-5c7d-x", "namespace": "llm",
+                                                          **template["metadata"]}, "spec": template["spec"]}
+    assert spec.selector.matches(pod["metadata"]["labels"]) and gpu_request(pod) == 1
+    injected, warnings = admit(pod, [policy], CFG)
+    assert warnings == [] and injected is not None
+    validate_pod(injected)
+    proxy = next(ct for ct in injected["spec"]["containers"] if ct["name"] == "valve-proxy")
+    assert {"name": "valve-proxy", "containerPort": service["spec"]["ports"][0]["targetPort"]} in proxy["ports"]
+    vllm_port = next(a.split("=")[1] for a in template["spec"]["containers"][0]["args"] if a.startswith("--port="))
+    assert f"http://127.0.0.1:{vllm_port}" in proxy["args"]
+
+    # The Job: suspended and Indexed; its template, run by index next to the replica's GPU.
+    view = job_view(job)
+    assert view.suspended and view.completions == 8
+    tmpl, completions, problem = offline_template(spec, view)
+    assert problem is None and completions == 8
+    off = render_policy_offline_pod(policy, spec.offline, spec.runtime, tmpl, node="gpu-1", gpu="GPU-1",
+                                    online_uid="u-1", index=3, cfg=CFG)
+    off["metadata"]["ownerReferences"][0]["uid"] = "p-uid"
+    validate_pod(off)
+    batch = off["spec"]["containers"][0]
+    assert {"name": "JOB_COMPLETION_INDEX", "value": "3"} in batch["env"]
+    assert "--output=/data/out/shard-$(JOB_COMPLETION_INDEX).jsonl" in batch["args"]  # expanded by the kubelet
+    assert batch["resources"]["limits"][OFFLINE_RESOURCE] == "1"
+
+
+def test_the_kueue_example_covers_every_resource_valves_offline_pods_request():
+    objs = docs("kueue-offline-quota.yaml")
+    cq, lq = objs["ClusterQueue/valve-offline"], objs["LocalQueue/batch"]
+    for obj in objs.values():
+        if obj["apiVersion"].startswith("kueue.x-k8s.io/"):
+            assert cc.validate_kueue(obj) == [], obj["kind"]
+    assert lq["spec"]["clusterQueue"] == cq["metadata"]["name"]
+    (group,) = cq["spec"]["resourceGroups"]
+    flavors = {f["name"]: {r["name"]: r["nominalQuota"] for r in f["resources"]} for f in group["flavors"]}
+    assert set(flavors) <= {o["metadata"]["name"] for o in objs.values() if o["kind"] == "ResourceFlavor"}
+    assert flavors["valve-harvested"][OFFLINE_RESOURCE] == 16
+
+    policy = as_created(objs["ColocationPolicy/chat-queued"])
+    spec = pol.ColocationPolicySpec.model_validate(policy["spec"])
+    pod = render_policy_offline_pod(policy, spec.offline, spec.runtime, spec.offline.template, node="n", gpu="G",
+                                    online_uid="u", index=0, cfg=CFG)
+    validate_pod(pod)
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == lq["metadata"]["name"]
+    requested = {name for ct in pod["spec"]["containers"] + pod["spec"]["initContainers"]
+                 for kind in ("requests", "limits") for name in (ct.get("resources", {}).get(kind) or {})}
+    assert OFFLINE_RESOURCE in requested
+    assert requested <= set(group["coveredResources"]), requested - set(group["coveredResources"])
+
+
+def test_the_kueue_check_fails_on_a_misspelt_field():
+    cq = docs("kueue-offline-quota.yaml")["ClusterQueue/valve-offline"]
+    bad = {**cq, "spec": {**cq["spec"], "resourceGroup": []}}
+    assert any("resourceGroup" in e for e in cc.validate_kueue(bad))
+    assert cc.validate_kueue({"apiVersion": "kueue.x-k8s.io/v1beta9", "kind": "ClusterQueue"})
+
+
+# ---- plan_policy on its own -------------------------------------------------------------------------------------
+
+
+def _policy(**offline) -> dict:
+    offline = offline or {"template": {"spec": {"containers": [{"name": "b", "image": "b:1"}]}}}
+    return {"apiVersion": pol.API_VERSION, "kind": pol.KIND,
+            "metadata": {"name": "p", "namespace": "ns", "uid": "p-uid", "generation": 1},
+            "spec": {"selector": {"matchLabels": {"app": "chat"}}, "offline": offline}}
+
+
+def _online(name: str, node: str = "n1", gpu: str | None = "G1", injected: bool = True, gpus: int = 1) -> dict:
+    containers = [{"name": "vllm", "image": "v", "resources": {"limits": {ONLINE_RESOURCE: str(gpus)}}}]
+    if injected:
+        containers.append({"name": "valve-proxy", "image": "valve:t"})
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "labels": {"app": "chat"},
+                         "annotations": {ANN_GPU: gpu} if gpu else {}},
+            "spec": {"nodeName": node, "containers": containers}, "status": {"phase": "Running"}}
+
+
+def _plan(pods: list[dict], **kw):
+    return plan_policy(kw.pop("policy", _policy()), [workload_pod(p) for p in pods], cfg=CFG,
+                       now="2026-01-01T00:00:00Z", **kw)
+
+
+def test_one_create_per_node_and_none_on_a_busy_node():
+    pods = [_online("a", "n1", "G1"), _online("b", "n1", "G2"), _online("c", "n2", "G3")]
+    todo = _plan(pods)
+    creates = [a for a in todo.actions if isinstance(a, Create)]
+    assert sorted(a.node for a in creates) == ["n1", "n2"]  # one pending offline pod per node
+    assert sorted(a.pod["metadata"]["name"] for a in creates) == ["p-offline-0", "p-offline-1"]
+    assert [a.node for a in _plan(pods, busy_nodes=frozenset({"n1"})).actions] == ["n2"]
+
+
+def test_an_index_held_by_a_terminating_pod_is_not_reused():
+    a, b = _online("a", "n1", "G1"), _online("b", "n2", "G2")
+    old = render_policy_offline_pod(_policy(), pol.ColocationPolicySpec.model_validate(_policy()["spec"]).offline,
+                                    c.RuntimeSettings(), c.PodTemplate.model_validate(
+                                        {"spec": {"containers": [{"name": "b", "image": "b:1"}]}}),
+                                    node="n9", gpu="G9", online_uid="uid-gone", index=0, cfg=CFG)
+    old["metadata"].update(uid="old", deletionTimestamp="2026-01-01T00:00:00Z")
+    todo = _plan([a, b, old])
+    names = sorted(x.pod["metadata"]["name"] for x in todo.actions if isinstance(x, Create))
+    assert names == ["p-offline-1", "p-offline-2"]  # 0 waits until its pod is gone
+    assert not [x for x in todo.actions if isinstance(x, Delete)]  # already terminating
+
+
+def test_bad_input_creates_nothing_and_warns_once_per_pod():
+    pods = [_online("a", injected=False), _online("b", gpus=2), _online("c", gpu=None)]
+    todo = _plan(pods)
+    assert todo.actions == []
+    reasons = sorted(e.reason for e in todo.events if e.type == "Warning")
+    assert reasons == ["MultiGPUNotHarvested", "NoGPU", "NotInjected"]
+    again = _plan(pods, warned=frozenset(todo.warned), policy={**_policy(), "status": todo.status})
+    assert again.events == []  # nothing new: no event
+    assert todo.status["onlinePods"] == 3 and todo.status["harvestedGPUs"] == 0
+
+    invalid = _policy()
+    invalid["spec"]["offline"]["jobRef"] = {"name": "j"}  # both template and jobRef
+    refused = _plan([_online("a")], policy=invalid)
+    assert refused.actions == []
+    cond = next(cd for cd in refused.status["conditions"] if cd["type"] == "OfflineWorkload")
+    assert cond["reason"] == "InvalidSpec" and "exactly one of template and jobRef" in cond["message"]
+
+
+def test_completions_bound_the_indexes():
+    pods = [_online(n, f"n{i}", f"G{i}") for i, n in enumerate("abc")]
+    policy = _policy()
+    policy["spec"]["offline"]["completions"] = 2
+    policy["status"] = {"completedIndexes": [0]}
+    todo = _plan(pods, policy=policy)
+    assert [x.pod["metadata"]["name"] for x in todo.actions if isinstance(x, Create)] == ["p-offline-1"]
+    policy["status"] = {"completedIndexes": [0, 1]}
+    done = _plan(pods, policy=policy)
+    assert done.actions == []
+    cond = next(cd for cd in done.status["conditions"] if cd["type"] == "Harvesting")
+    assert (cond["status"], cond["reason"]) == ("True", "Complete")

@@ -176,6 +176,7 @@ def test_engine_row():
 def test_every_row_is_checked():
     assert set(measured_rows()) == {
         "reference engine, GPU-bound ([docs/engine.md](docs/engine.md))",
+        "LLM colocation of record, GPU-bound engine ([docs/engine.md](docs/engine.md))",
         "LLM colocation, llama-1b + llama-1b ([docs/engine.md](docs/engine.md))", "LLM colocation, smoke run",
         "compute gate ([docs/preemption.md](docs/preemption.md))", "compute gate, smoke run",
         "memory reclaim ([docs/memory.md](docs/memory.md))",
@@ -211,3 +212,30 @@ def test_install_table():
 
     assert f"most of it is shared anyway: {dist('node', 'kubernetes')}" in text
     assert f"so `node` carries {dist('node', 'numpy')}" in text
+
+
+def test_colocation_runs_of_record_row():
+    from tests.test_docs_measured import RECORD_RUNS, record_rows
+
+    parts = []
+    for name in RECORD_RUNS:
+        by = record_rows(name)
+        model = result(name)["settings"]["online_model"]
+        on, off = by["online-alone"], by["offline-alone"]
+        cells = [f"online-alone TTFT {on['ttft_p50_ms']:.1f}/{on['ttft_p99_ms']:.1f} ms, TPOT "
+                 f"{on['tpot_p50_ms']:.2f}/{on['tpot_p99_ms']:.2f} ms, busy {on['busy_fraction'] * 100:.0f}%; "
+                 f"offline-alone {off['offline_tokens_per_s']:,.0f} tok/s"]
+        for v, label in NAMES.items():
+            r = by[v]
+            cells.append(f"{label} TTFT {x(r['ttft_p50_ratio'])}/{x(r['ttft_p99_ratio'])}, TPOT "
+                         f"{x(r['tpot_p50_ratio'])}/{x(r['tpot_p99_ratio'])}, offline {x(r['offline_ratio'])} "
+                         f"(harvest {r['harvest'] * 100:.0f}%)")
+        parts.append(f"{model}: " + "; ".join(cells))
+    small, large = (record_rows(n)["valve"] for n in RECORD_RUNS)
+    assert measured_rows()["LLM colocation of record, GPU-bound engine ([docs/engine.md](docs/engine.md))"] == [
+        f"NVIDIA H200; llama-1b: 3 interleaved repeats, {small['requests'] // 3} requests per variant and repeat; "
+        f"llama-8b: 1 repeat (of 3 planned), {large['requests']} requests per variant",
+        "`python3 bench/colocation.py --model llama-1b --requests 310 --repeats 3 --output-mean 16 --busy 0.75 "
+        "--offline-warmup 3` (llama-8b: `--model llama-8b --requests 300 --output-mean 8 --busy 0.6`)",
+        "p50/p99, the median of the repeats (x online-alone; offline x offline-alone; harvest: of offline-alone x "
+        "the idle fraction): " + ". ".join(parts)]

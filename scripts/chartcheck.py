@@ -30,6 +30,8 @@ ALL_ON_VALUES = CHART / "ci" / "all-on-values.yaml"
 TOOLS_BIN = ROOT / ".tools" / "bin"
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.26", "latest")
+# Objects that use Dynamic Resource Allocation (resource.k8s.io/v1, pods with resourceClaims): 1.34 made it GA.
+DRA_K8S_VERSIONS = ("1.34", "latest")
 MONITOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PodMonitor",
                 "monitoring.coreos.com/v1/PrometheusRule")
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
@@ -293,7 +295,13 @@ def validate_example(obj: dict, crds: Iterable[dict]) -> list[str]:
         return errors
     if group == "kueue.x-k8s.io":
         return validate_kueue(obj)
-    return validate_k8s(obj)
+    return validate_k8s(obj, k8s_versions(obj))
+
+
+def k8s_versions(obj: dict) -> tuple[str, ...]:
+    """The Kubernetes versions an example object is checked for: from 1.34 if it uses DRA, else K8S_VERSIONS."""
+    uses_dra = obj.get("apiVersion", "").startswith("resource.k8s.io/") or "'resourceClaims'" in repr(obj)
+    return DRA_K8S_VERSIONS if uses_dra else K8S_VERSIONS
 
 
 # ---- everything ---------------------------------------------------------------------------------------

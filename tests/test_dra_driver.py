@@ -254,3 +254,41 @@ def test_an_unreadable_checkpoint_stops_the_start_instead_of_forgetting_claims(s
     (short_dir / "state" / "checkpoint.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="checkpoint .* is unreadable"):
         make_driver(short_dir, SimBackend(1).discover(), Claims())
+
+
+# ---- sockets lost while running ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lost", [DRA_SOCKET, REGISTRATION_SOCKET])
+def test_a_socket_deleted_under_the_running_driver_is_served_again_and_registered_again(short_dir, lost) -> None:
+    gpus = SimBackend(2, node=NODE).discover()
+    claims = Claims()
+    ref = claims.add(allocated("chat-gpu", "uid-5", device_name(gpus[0].uuid)))
+    plugin = DraPlugin(make_driver(short_dir, gpus, claims), short_dir / "plugin", short_dir / "registry",
+                       watch_interval_s=0.02)
+    registration = short_dir / "registry" / REGISTRATION_SOCKET
+    path = {DRA_SOCKET: short_dir / "plugin" / DRA_SOCKET, REGISTRATION_SOCKET: registration}[lost]
+    kubelet = FakeDraKubelet(short_dir / "registry")
+    plugin.start()
+    try:
+        kubelet.watch(REGISTRATION_SOCKET)  # registers as the kubelet's plugin watcher does, again on a new file
+        kubelet.wait_until(lambda: kubelet.registered == plugin.served(registration))
+        assert kubelet.prepare(ref)["uid-5"].error == ""
+        before = plugin.served(registration)
+
+        path.unlink()  # a node clean-up, or the plugin folder recreated
+        # A fresh registration, through the registration socket's new file (the plugin made a new one).
+        kubelet.wait_until(lambda: plugin.served(registration) not in (None, before)
+                           and kubelet.registered == plugin.served(registration))
+        assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert plugin.restarts == 1 and kubelet.registrations >= 2
+        assert plugin.registration.statuses[-1] == (True, "")
+        # NodePrepareResources works again, on a fresh connection to the DRA socket (answered from the checkpoint).
+        again = kubelet.prepare(ref)
+        assert again["uid-5"].error == "" and {d.device_name for d in again["uid-5"].devices} == \
+            {device_name(gpus[0].uuid)}
+        assert kubelet.unprepare(ref)["uid-5"].error == "" and plugin.driver.prepared() == []
+    finally:
+        kubelet.close()
+        plugin.stop()
+    assert not registration.exists() and not (short_dir / "plugin" / DRA_SOCKET).exists()

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,32 @@ def _owner_only_files():
             os.umask(old)
 
 
+def serve_unix(socket_path: Path, add: Callable[[grpc.Server], None], workers: int, name: str) -> grpc.Server:
+    """A started gRPC server on a fresh unix socket at `socket_path` (one left by an earlier run is replaced),
+    readable and writable by its owner only. `add` puts the services on the server."""
+    if len(str(socket_path).encode()) > UNIX_PATH_MAX:
+        raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {socket_path}")
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name))
+    add(server)
+    with _owner_only_files():
+        server.add_insecure_port(f"unix://{socket_path}")
+        server.start()
+    os.chmod(socket_path, SOCKET_MODE)  # whatever gRPC did with the umask
+    return server
+
+
+def supervise(stop: threading.Event, interval_s: float, step: Callable[[], None], what: str) -> None:
+    """Run `step` every `interval_s` until `stop`; a step that fails is logged and the next one still runs."""
+    while not stop.is_set():
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", what)
+        stop.wait(interval_s)
+
+
 class PluginServer:
     """One resource's gRPC server on `<device_plugin_dir>/<endpoint>`."""
 
@@ -89,16 +116,9 @@ class PluginServer:
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)
         workers = MAX_STREAMS + UNARY_WORKERS  # streams are capped at MAX_STREAMS: unary calls always get a thread
-        server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"dp-{self.service.role}"))
-        pb_grpc.add_DevicePluginServicer_to_server(self.service, server)
-        with _owner_only_files():
-            server.add_insecure_port(f"unix://{self.socket_path}")
-            server.start()
-        self._server = server
-        os.chmod(self.socket_path, SOCKET_MODE)  # whatever gRPC did with the umask
+        self._server = serve_unix(self.socket_path, lambda s: pb_grpc.add_DevicePluginServicer_to_server(
+            self.service, s), workers, f"dp-{self.service.role}")
         log.info("serving %s on %s", self.service.resource, self.socket_path)
 
     def stop(self, grace: float = 0.2) -> None:
@@ -263,12 +283,7 @@ class DevicePlugin:
 
     # Registration.
     def _supervise(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("kubelet watch step failed")
-            self._stop.wait(self.config.watch_interval_s)
+        supervise(self._stop, self.config.watch_interval_s, self.tick, "kubelet watch step")
 
     def tick(self) -> None:
         """One step: (re)start servers and (re)register if kubelet.sock is new or our sockets vanished."""

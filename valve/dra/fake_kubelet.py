@@ -2,18 +2,23 @@
 
 Like the kubelet's plugin watcher, `register()` dials a registration socket in the registry folder, calls
 GetInfo, checks the plugin's type and versions, picks the newest DRA service version both sides speak, and
-answers NotifyRegistrationStatus. `prepare()` / `unprepare()` then call the DRA service as the kubelet does
-before a pod's containers start and after its last pod is gone.
+answers NotifyRegistrationStatus; `watch()` does it again whenever a new socket file appears there, as the
+plugin watcher does for a socket it sees created (it follows the folder with inotify; this polls). `prepare()` /
+`unprepare()` then call the DRA service as the kubelet does before a pod's containers start and after its last
+pod is gone.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import grpc
 
+from valve.device_plugin.server import file_identity, supervise
 from valve.dra.proto import pluginregistration_pb2 as reg_pb
 from valve.dra.proto import pluginregistration_pb2_grpc as reg_grpc
 from valve.dra.server import APIS, PLUGIN_TYPE
@@ -31,7 +36,37 @@ class FakeDraKubelet:
     versions: tuple[str, ...] = KUBELET_VERSIONS
     info: reg_pb.PluginInfo | None = None
     version: str | None = None
+    registrations: int = 0  # successful registrations by watch()
+    registered: tuple[int, int, int] | None = None  # the socket file watch() last registered through
     _channels: list[grpc.Channel] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def watch(self, socket_name: str, interval_s: float = 0.01) -> None:
+        """Register through `<registry_dir>/<socket_name>` now and whenever a different file is there (deleted
+        and created again), in a thread until close()."""
+        path = self.registry_dir / socket_name
+
+        def step() -> None:
+            seen = file_identity(path)
+            if seen is None or seen == self.registered:
+                return
+            self.register(socket_name)  # raises while it cannot: the next step tries again
+            with self._cond:
+                self.registered = file_identity(path)
+                self.registrations += 1
+                self._cond.notify_all()
+
+        self._watcher = threading.Thread(target=supervise, args=(self._stop, interval_s, step, "plugin watch step"),
+                                         name="fake-kubelet-watch", daemon=True)
+        self._watcher.start()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Until `predicate` holds, checked after each registration by watch(); TimeoutError after `timeout`."""
+        with self._cond:
+            if not self._cond.wait_for(predicate, timeout):
+                raise TimeoutError(f"not true within {timeout}s ({self.registrations} registrations)")
 
     def register(self, socket_name: str, refuse: str | None = None, timeout: float = 5.0) -> str:
         """Register the plugin behind `<registry_dir>/<socket_name>`; returns the service version chosen.
@@ -74,6 +109,10 @@ class FakeDraKubelet:
         return stub.NodeUnprepareResources(req, timeout=timeout).claims
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(10)
+            self._watcher = None
         for c in self._channels:
             c.close()
         self._channels = []

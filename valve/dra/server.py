@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from valve.api.dra import DRIVER
-from valve.device_plugin.api import UNIX_PATH_MAX
+from valve.device_plugin.server import file_identity, serve_unix, supervise
 from valve.dra.driver import ClaimError, ClaimRef, Driver, first_line
 from valve.dra.proto import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
 from valve.dra.proto import pluginregistration_pb2 as reg_pb
@@ -98,43 +98,79 @@ class Registration(reg_grpc.RegistrationServicer):
             return self.statuses[-1]
 
 
-def _serve(socket_path: Path, add: Any, name: str) -> grpc.Server:
-    if len(str(socket_path).encode()) > UNIX_PATH_MAX:
-        raise ValueError(f"socket path longer than {UNIX_PATH_MAX} bytes: {socket_path}")
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)  # a socket left by an earlier run
-    server = grpc.server(ThreadPoolExecutor(max_workers=8, thread_name_prefix=name))
-    add(server)
-    server.add_insecure_port(f"unix://{socket_path}")
-    server.start()
-    return server
-
-
 class DraPlugin:
-    """Both sockets: the DRA service first (the kubelet dials it right after GetInfo), then registration."""
+    """Both sockets: the DRA service first (the kubelet dials it right after GetInfo), then registration. While it
+    runs, a socket deleted or replaced under it (a node clean-up, the plugin folders recreated) is served again:
+    the DRA socket and then the registration socket, whose new file makes the kubelet's plugin watcher register
+    the driver again; a lost registration socket alone is recreated alone."""
 
-    def __init__(self, driver: Driver, plugin_dir: Path, registry_dir: Path) -> None:
+    def __init__(self, driver: Driver, plugin_dir: Path, registry_dir: Path, watch_interval_s: float = 1.0) -> None:
         self.driver = driver
         self.dra_socket = plugin_dir / DRA_SOCKET
         self.registration_socket = registry_dir / REGISTRATION_SOCKET
         self.registration = Registration(self.dra_socket)
-        self._servers: list[grpc.Server] = []
+        self.watch_interval_s = watch_interval_s
+        self.restarts = 0  # sockets served again after they went
+        self._servers: dict[Path, grpc.Server] = {}
+        self._served: dict[Path, tuple[int, int, int] | None] = {}  # each socket's file as we made it
+        self._lock = threading.Lock()  # the watch thread and stop() never restart and stop at once
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def _add(self, path: Path) -> Callable[[grpc.Server], None]:
+        if path == self.dra_socket:
+            def add(server: grpc.Server) -> None:
+                for pb, pb_grpc in APIS.values():
+                    pb_grpc.add_DRAPluginServicer_to_server(servicer(self.driver, pb, pb_grpc), server)
+            return add
+        return lambda server: reg_grpc.add_RegistrationServicer_to_server(self.registration, server)
+
+    def _serve(self, path: Path) -> None:
+        old = self._servers.pop(path, None)
+        if old is not None:
+            old.stop(1).wait()
+        self._servers[path] = serve_unix(path, self._add(path), 8, "dra" if path == self.dra_socket else "dra-reg")
+        self._served[path] = file_identity(path)
 
     def start(self) -> None:
-        def add_dra(server: grpc.Server) -> None:
-            for pb, pb_grpc in APIS.values():
-                pb_grpc.add_DRAPluginServicer_to_server(servicer(self.driver, pb, pb_grpc), server)
-
-        self._servers.append(_serve(self.dra_socket, add_dra, "dra"))
-        self._servers.append(_serve(self.registration_socket,
-                                    lambda s: reg_grpc.add_RegistrationServicer_to_server(self.registration, s),
-                                    "dra-reg"))
+        with self._lock:
+            self._serve(self.dra_socket)
+            self._serve(self.registration_socket)
         log.info("serving %s (%s) on %s, registration on %s", DRIVER, ", ".join(SUPPORTED_VERSIONS),
                  self.dra_socket, self.registration_socket)
+        self._stop.clear()
+        self._watch = threading.Thread(target=supervise, name="dra-socket-watch", daemon=True,
+                                       args=(self._stop, self.watch_interval_s, self.tick, "socket watch step"))
+        self._watch.start()
+
+    def tick(self) -> list[Path]:
+        """Serve again the sockets that are gone or are no longer our files; returns those served again."""
+        with self._lock:
+            if self._stop.is_set() or not self._servers:
+                return []
+            lost = [p for p in (self.dra_socket, self.registration_socket) if file_identity(p) != self._served[p]]
+            if self.dra_socket in lost and self.registration_socket not in lost:
+                lost.append(self.registration_socket)  # a new registration file: the kubelet registers us again
+            for path in lost:
+                log.warning("socket %s is gone: serving it again", path)
+                self._serve(path)
+            self.restarts += bool(lost)
+            return lost
+
+    def served(self, path: Path) -> tuple[int, int, int] | None:
+        """The identity of the socket file the plugin made at `path` (valve.device_plugin.server.file_identity)."""
+        with self._lock:
+            return self._served.get(path)
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join(10)  # a tick in progress finishes before the servers go
+            self._watch = None
         # Registration socket first: a kubelet that sees it go unregisters the driver before the DRA socket goes.
-        for server, path in zip(reversed(self._servers), (self.registration_socket, self.dra_socket), strict=False):
-            server.stop(1).wait()
-            path.unlink(missing_ok=True)
-        self._servers = []
+        with self._lock:
+            for path in (self.registration_socket, self.dra_socket):
+                server = self._servers.pop(path, None)
+                if server is not None:
+                    server.stop(1).wait()
+                    path.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from test_chart_image import cli_options
 from test_chart_rbac import account_of, granted_to, permissions
 
 from valve.api import dra
+from valve.api.contract import ENV_METRICS_ADDR
 from valve.dra import rbac as dra_rbac
 from valve.operator import rbac as op_rbac
 
@@ -76,3 +77,15 @@ def test_lint_strict_with_dra_and_its_values_are_checked() -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
     typo = cc.helm(HELMS[0], "lint", str(cc.CHART), "--set", "dra.enable=true")
     assert typo.returncode != 0 and "enable" in typo.stdout + typo.stderr
+
+
+def test_driver_serves_metrics_on_the_pod_ip_at_the_port_it_announces() -> None:
+    pod = driver(rendered("dra.metricsPort=9555"))["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    assert "--metrics-port=9555" in container["args"]
+    assert {"name": "metrics", "containerPort": 9555, "protocol": "TCP"} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9555"
+    [addr] = [e for e in container["env"] if e["name"] == ENV_METRICS_ADDR]
+    assert addr["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    quiet = driver(rendered("metrics.scrapeAnnotations=false"))["spec"]["template"]["metadata"]
+    assert "annotations" not in quiet

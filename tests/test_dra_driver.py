@@ -282,6 +282,7 @@ def test_a_socket_deleted_under_the_running_driver_is_served_again_and_registere
                            and kubelet.registered == plugin.served(registration))
         assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert plugin.restarts == 1 and kubelet.registrations >= 2
+        assert plugin.metrics.registry.get_sample_value("valve_dra_socket_restarts_total") == 1
         assert plugin.registration.statuses[-1] == (True, "")
         # NodePrepareResources works again, on a fresh connection to the DRA socket (answered from the checkpoint).
         again = kubelet.prepare(ref)

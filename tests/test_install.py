@@ -29,7 +29,7 @@ CLIENT = ("valve.runtime.gate.offline", "valve.runtime.online.signal", "valve.ru
 COMMAND_MODULES = {
     "operator": ("valve.operator.cli",),
     "device-plugin": ("valve.device_plugin.cli",),
-    "dra-driver": ("valve.dra.cli", "valve.dra.server", "valve.dra.driver", "valve.dra.slices"),
+    "dra-driver": ("valve.dra.cli", "valve.dra.server", "valve.dra.driver", "valve.dra.slices", "valve.dra.metrics"),
     "runtime": ("valve.runtime.cli",),
     "crds": ("valve.api.cli",),
     "pod-init": ("valve.operator.podinit",),

@@ -94,6 +94,20 @@ def test_device_plugin_binds_metrics_to_the_given_address(short_dir: Path) -> No
         serves_only_on(proc, short_dir / "log", port)
 
 
+def test_dra_driver_binds_metrics_to_the_given_address(short_dir: Path) -> None:
+    from operator_harness import write_kubeconfig
+
+    port = free_port()
+    # --no-publish: no API call until a claim is prepared, so an API server that is not there is never asked.
+    kubeconfig = write_kubeconfig(short_dir / "kubeconfig", f"http://127.0.0.1:{free_port('127.0.0.1')}")
+    args = ["-m", "valve.cli", "dra-driver", "--backend", "sim", "--sim-gpus", "1", "--node-name", "n1",
+            "--no-publish", "--plugin-dir", str(short_dir / "p"), "--registry-dir", str(short_dir / "r"),
+            "--cdi-dir", str(short_dir / "cdi"), "--state-dir", str(short_dir / "s"), "--runtime-root",
+            str(short_dir / "run"), "--metrics-port", str(port), "--log-level", "error"]
+    with running(args, short_dir / "log", {**ENV, "KUBECONFIG": str(kubeconfig), ENV_METRICS_ADDR: ADDR}) as proc:
+        serves_only_on(proc, short_dir / "log", port)
+
+
 def test_operator_binds_metrics_and_health_to_the_given_address(tmp_path: Path) -> None:
     pytest.importorskip("kopf")
     kmock = pytest.importorskip("kmock")

@@ -12,25 +12,11 @@ from valve.netaddr import host_port
 log = logging.getLogger(__name__)
 
 
-class PluginMetrics:
+class MetricsEndpoint:
+    """A component's own registry and its /metrics HTTP endpoint (the device plugin's, the DRA driver's)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.devices = Gauge("valve_devices", "Devices advertised to the kubelet.", ["resource"], registry=r)
-        self.healthy = Gauge(
-            "valve_device_healthy", "1 if the device is advertised Healthy, else 0.", ["gpu", "resource"], registry=r
-        )
-        self.allocations = Counter(
-            "valve_allocations_total", "Container allocations answered by Allocate.", ["resource"], registry=r
-        )
-        self.utilization = Gauge("valve_gpu_utilization_ratio", "GPU busy fraction (NVML), 0..1.", ["gpu"], registry=r)
-        self.registered = Gauge("valve_device_plugin_registered", "1 while the resource is registered with the "
-                                "kubelet, else 0.", ["resource"], registry=r)
-        self.memory_used = Gauge("valve_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], registry=r)
-        self.skipped = Gauge("valve_devices_skipped", "GPUs found but not advertised (mig: MIG mode enabled).",
-                             ["reason"], registry=r)
-        self.init_error = Gauge("valve_device_plugin_init_error", "1 while the plugin runs without advertising "
-                                "anything: it could not initialise (--no-fail-on-init-error).", registry=r)
         self._server: Any = None
         self.port: int | None = None
 
@@ -49,3 +35,24 @@ class PluginMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class PluginMetrics(MetricsEndpoint):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.devices = Gauge("valve_devices", "Devices advertised to the kubelet.", ["resource"], registry=r)
+        self.healthy = Gauge(
+            "valve_device_healthy", "1 if the device is advertised Healthy, else 0.", ["gpu", "resource"], registry=r
+        )
+        self.allocations = Counter(
+            "valve_allocations_total", "Container allocations answered by Allocate.", ["resource"], registry=r
+        )
+        self.utilization = Gauge("valve_gpu_utilization_ratio", "GPU busy fraction (NVML), 0..1.", ["gpu"], registry=r)
+        self.registered = Gauge("valve_device_plugin_registered", "1 while the resource is registered with the "
+                                "kubelet, else 0.", ["resource"], registry=r)
+        self.memory_used = Gauge("valve_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"], registry=r)
+        self.skipped = Gauge("valve_devices_skipped", "GPUs found but not advertised (mig: MIG mode enabled).",
+                             ["reason"], registry=r)
+        self.init_error = Gauge("valve_device_plugin_init_error", "1 while the plugin runs without advertising "
+                                "anything: it could not initialise (--no-fail-on-init-error).", registry=r)

@@ -7,10 +7,11 @@ from typing import NoReturn
 
 import typer
 
-from valve.api.contract import PRELOAD_LIBRARY, RUNTIME_DIR
+from valve.api.contract import ENV_METRICS_ADDR, PRELOAD_LIBRARY, RUNTIME_DIR
 from valve.api.dra import DRIVER
 from valve.device_plugin.cli import BackendName
 
+METRICS_PORT = 9403  # the device plugin's is 9402: the two never run on one node, but apart they are clearer
 PLUGIN_DIR = f"/var/lib/kubelet/plugins/{DRIVER}"
 REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
 CDI_DIR = "/var/run/cdi"
@@ -39,6 +40,11 @@ def register(app: typer.Typer) -> None:
         state_dir: Path = typer.Option(Path("/var/lib/valve/dra"), help="Where checkpoint.json is kept."),
         publish: bool = typer.Option(True, "--publish/--no-publish",
                                      help="Publish this node's ResourceSlice (needs the RBAC in valve.dra.rbac)."),
+        metrics_port: int = typer.Option(METRICS_PORT, min=0, max=65535, help="Prometheus port; 0 disables "
+                                         "metrics."),
+        metrics_addr: str = typer.Option("0.0.0.0", envvar=ENV_METRICS_ADDR,
+                                         help="Prometheus bind address (an IP address or host name; the chart: "
+                                              "the pod IP)."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
     ) -> None:
         """Run the DRA kubelet plugin: one device per GPU in a ResourceSlice; claims prepared through CDI."""
@@ -54,10 +60,17 @@ def register(app: typer.Typer) -> None:
             fail(f"--runtime-dir-mode {runtime_dir_mode!r}: expected an octal mode, e.g. 0700")
         if not node_name:
             fail("no node name: set NODE_NAME (the chart passes spec.nodeName) or --node-name")
+        from valve.netaddr import check_host
+
+        try:
+            metrics_addr = check_host(metrics_addr, "--metrics-addr")
+        except ValueError as e:
+            fail(str(e))
 
         from valve import kubeclient
         from valve.api.dra import device_name
         from valve.dra.driver import Driver, DriverConfig, KubeClaims, first_line
+        from valve.dra.metrics import DraMetrics
         from valve.dra.server import DraPlugin
         from valve.dra.slices import SlicePublisher, publish_loop, resource_slice
 
@@ -87,19 +100,27 @@ def register(app: typer.Typer) -> None:
             driver = Driver(cfg, gpus, KubeClaims(api_client), device_name)
         except (RuntimeError, ValueError) as e:  # an unreadable checkpoint, a UUID that makes no device name
             fail(str(e))
-        plugin = DraPlugin(driver, plugin_dir, registry_dir)
+        metrics = DraMetrics()
+        if metrics_port:
+            try:
+                metrics.serve(metrics_port, metrics_addr)
+            except OSError as e:  # "--metrics-port: cannot listen on ...: Address already in use"
+                fail(f"cannot serve: {first_line(e)}")
+        plugin = DraPlugin(driver, plugin_dir, registry_dir, metrics=metrics)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         try:
             plugin.start()
         except (OSError, ValueError, RuntimeError) as e:
+            metrics.close()
             fail(f"cannot serve: {first_line(e)}")
         threads = []
         if publish:
             body = resource_slice(node_name, gpus, gpu_backend.driver_version(), generation=int(time.time()))
             t = threading.Thread(target=publish_loop, args=(SlicePublisher(api_client), body, stop,
-                                                            threading.Event()), name="dra-slice", daemon=True)
+                                                            threading.Event()),
+                                 kwargs={"metrics": metrics}, name="dra-slice", daemon=True)
             t.start()
             threads.append(t)
         try:
@@ -109,6 +130,7 @@ def register(app: typer.Typer) -> None:
             for t in threads:
                 t.join(5)
             gpu_backend.close()
+            metrics.close()
 
 
 def fail(message: str) -> NoReturn:

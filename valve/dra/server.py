@@ -19,6 +19,7 @@ import grpc
 from valve.api.dra import DRIVER
 from valve.device_plugin.server import file_identity, serve_unix, supervise
 from valve.dra.driver import ClaimError, ClaimRef, Driver, first_line
+from valve.dra.metrics import DraMetrics
 from valve.dra.proto import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
 from valve.dra.proto import pluginregistration_pb2 as reg_pb
 from valve.dra.proto import pluginregistration_pb2_grpc as reg_grpc
@@ -35,7 +36,7 @@ REGISTRATION_SOCKET = f"{DRIVER}-reg.sock"
 DRA_SOCKET = "dra.sock"
 
 
-def servicer(driver: Driver, pb: ModuleType, pb_grpc: ModuleType) -> Any:
+def servicer(driver: Driver, pb: ModuleType, pb_grpc: ModuleType, metrics: DraMetrics) -> Any:
     """The DRAPlugin service of one API version; both versions have the same messages."""
 
     class Service(pb_grpc.DRAPluginServicer):
@@ -48,11 +49,14 @@ def servicer(driver: Driver, pb: ModuleType, pb_grpc: ModuleType) -> Any:
                 except ClaimError as e:
                     log.warning("prepare failed: %s", e)
                     out.claims[c.uid].error = str(e)
+                    metrics.prepares.labels("error").inc()
                     continue
                 except Exception as e:  # a bug or a disk error: still this claim's error, not the call's
                     log.exception("prepare of %s failed", ref)
                     out.claims[c.uid].error = f"{ref}: {first_line(e)}"
+                    metrics.prepares.labels("error").inc()
                     continue
+                metrics.prepares.labels("ok").inc()
                 out.claims[c.uid].devices.extend(
                     pb.Device(request_names=[d.request], pool_name=d.pool, device_name=d.device, cdi_device_ids=ids)
                     for d, ids in prepared)
@@ -64,8 +68,10 @@ def servicer(driver: Driver, pb: ModuleType, pb_grpc: ModuleType) -> Any:
                 try:
                     driver.unprepare(ClaimRef(c.namespace, c.uid, c.name))
                     out.claims[c.uid].SetInParent()  # an entry for every claim, even without an error
+                    metrics.unprepares.labels("ok").inc()
                 except Exception as e:
                     out.claims[c.uid].error = str(e) if isinstance(e, ClaimError) else first_line(e)
+                    metrics.unprepares.labels("error").inc()
             return out
 
     return Service()
@@ -104,8 +110,11 @@ class DraPlugin:
     the DRA socket and then the registration socket, whose new file makes the kubelet's plugin watcher register
     the driver again; a lost registration socket alone is recreated alone."""
 
-    def __init__(self, driver: Driver, plugin_dir: Path, registry_dir: Path, watch_interval_s: float = 1.0) -> None:
+    def __init__(self, driver: Driver, plugin_dir: Path, registry_dir: Path, watch_interval_s: float = 1.0,
+                 metrics: DraMetrics | None = None) -> None:
         self.driver = driver
+        self.metrics = metrics or DraMetrics()
+        self.metrics.track_prepared(lambda: len(driver.prepared()))
         self.dra_socket = plugin_dir / DRA_SOCKET
         self.registration_socket = registry_dir / REGISTRATION_SOCKET
         self.registration = Registration(self.dra_socket)
@@ -121,7 +130,8 @@ class DraPlugin:
         if path == self.dra_socket:
             def add(server: grpc.Server) -> None:
                 for pb, pb_grpc in APIS.values():
-                    pb_grpc.add_DRAPluginServicer_to_server(servicer(self.driver, pb, pb_grpc), server)
+                    pb_grpc.add_DRAPluginServicer_to_server(servicer(self.driver, pb, pb_grpc, self.metrics),
+                                                            server)
             return add
         return lambda server: reg_grpc.add_RegistrationServicer_to_server(self.registration, server)
 
@@ -154,7 +164,9 @@ class DraPlugin:
             for path in lost:
                 log.warning("socket %s is gone: serving it again", path)
                 self._serve(path)
-            self.restarts += bool(lost)
+            if lost:
+                self.restarts += 1
+                self.metrics.socket_restarts.inc()
             return lost
 
     def served(self, path: Path) -> tuple[int, int, int] | None:

@@ -17,6 +17,7 @@ from valve.api.dra import (
     slice_name,
 )
 from valve.device_plugin.backend import GpuInfo
+from valve.dra.metrics import DraMetrics
 
 log = logging.getLogger(__name__)
 PLURAL = "resourceslices"
@@ -96,14 +97,17 @@ class SlicePublisher:
 
 
 def publish_loop(publisher: SlicePublisher, body: dict[str, Any], stop: threading.Event,
-                 published: threading.Event, retry_s: float = 5.0, refresh_s: float = 300.0) -> None:
+                 published: threading.Event, retry_s: float = 5.0, refresh_s: float = 300.0,
+                 metrics: DraMetrics | None = None) -> None:
     """Publish until it succeeds (retrying every `retry_s`), then again every `refresh_s` (a deleted slice
-    comes back). `published` is set after the first success."""
+    comes back). `published` is set after the first success; each failed attempt counts in `metrics`."""
+    metrics = metrics or DraMetrics()
     failed = None
     while not stop.is_set():
         try:
             outcome = publisher.publish(body)
         except Exception as e:  # API down, RBAC missing: say it once per distinct reason, keep trying
+            metrics.publish_errors.inc()
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if reason != failed:
                 log.warning("cannot publish ResourceSlice %s: %s (retrying every %.0f s)",

@@ -342,3 +342,29 @@ def test_offline_killed_mid_reclaim_leaves_the_arbiter_consistent(tmp_path):
     assert f.offline_limit_bytes > 0  # offline may grow again
     pool.set_limit(int(f.offline_limit_bytes))
     pool.allocate("x", 1)
+
+
+def test_restarted_client_does_not_grow_into_its_dead_predecessors_pool():
+    """The arbiter granted "pool it read + room" with the pool figure of a process that died: a new client takes
+    only the room, until the arbiter writes a limit built on the new client's own figure."""
+    gpu = SimGPU(capacity_bytes=16 * GiB)
+    cb = ControlBlock.anonymous()
+    f = cb.fields
+    f.reserve_target_bytes = 1 * GiB
+    f.offline_pool_bytes, f.offline_limit_bytes = 4 * CHUNK, 5 * CHUNK  # the dead client's 4 chunks + 1 of room
+    pool = KVPool(SimBackend(gpu, "offline", store=False), block_bytes=2 * MiB, chunk_bytes=CHUNK, max_bytes=GiB)
+    h = ReclaimHandler(pool, cb)
+    h.poll()
+    assert pool.limit_bytes == CHUNK and f.offline_pool_bytes == 0
+    h.poll()  # its own figure (0) is there now, the limit is still the one built on the dead pool
+    assert pool.limit_bytes == CHUNK
+    pool.allocate("s", CHUNK // (2 * MiB))
+    with pytest.raises(Exception, match="(?i)exhaust|fit"):
+        pool.allocate("t", 1)  # one chunk mapped: the room, not the dead pool's memory
+    f.offline_limit_bytes = 3 * CHUNK  # the arbiter's next limit, built on this client's figure
+    h.poll()
+    assert pool.limit_bytes == 3 * CHUNK
+    # a live client's own figure never discounts its limit
+    f.offline_limit_bytes = 4 * CHUNK
+    h.poll()
+    assert pool.limit_bytes == 4 * CHUNK

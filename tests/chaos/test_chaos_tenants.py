@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from chaos import GPU, ArbiterProc, gate_open, ms
+from chaos import GPU, ArbiterProc, gate_open, ms, write_prompts
 from waiting import until
 
 from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR
@@ -35,12 +34,8 @@ def online_bursts(sig: OnlineSignal, stop: threading.Event, busy_s: float = 0.02
 def test_offline_runner_killed_and_restarted_resumes_without_duplicates_or_gaps(tmp_path, figures):
     pytest.importorskip("torch")
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    rng = random.Random(7)
     n = 24
-    with open(inp, "w") as f:
-        for i in range(n):
-            prompt = [rng.randrange(256) for _ in range(rng.randint(4, 24))]
-            f.write(json.dumps({"id": f"p{i}", "prompt": prompt, "max_tokens": rng.randint(4, 12)}) + "\n")
+    write_prompts(inp, n, seed=7)
     arb = ArbiterProc(tmp_path)
     arb.start()
     cb = arb.wait_ready()

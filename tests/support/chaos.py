@@ -38,6 +38,17 @@ def figures(request):
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def write_prompts(path: Path, n: int, seed: int) -> None:
+    """``n`` offline prompts (random token ids, ids ``p0``..) for the tiny model, as the runner's JSONL input."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = [rng.randrange(256) for _ in range(rng.randint(4, 24))]
+            f.write(json.dumps({"id": f"p{i}", "prompt": prompt, "max_tokens": rng.randint(4, 12)}) + "\n")
+
+
 def ms(ns: int) -> float:
     return round(ns / 1e6, 1)
 

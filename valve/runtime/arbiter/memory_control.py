@@ -237,4 +237,7 @@ class MemoryController:
         given = max(0, int(f.offline_limit_bytes) - pool)  # granted earlier, not used yet
         if grant > given:
             grant = given + int(self.grow_bucket.take(grant - given, now_ns))
-        f.offline_limit_bytes = pool + grant
+        # the pool figure read again, as late as possible: a restarted offline client replaces its dead
+        # predecessor's figure with its own (smaller) one, and a limit built on the old figure would hand it the
+        # dead pool's memory on top of the free room (the client also discounts a figure it did not write)
+        f.offline_limit_bytes = min(pool, int(f.offline_pool_bytes)) + grant

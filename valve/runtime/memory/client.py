@@ -38,6 +38,7 @@ class ReclaimHandler:
         self.follow_limit = follow_limit
         self.handled = 0
         self.last: ReclaimResult | None = None
+        self._foreign: tuple[int, int] | None = None  # (limit, pool figure) of a dead predecessor's grant
 
     @property
     def policy(self) -> str:
@@ -53,7 +54,18 @@ class ReclaimHandler:
     def poll(self) -> ReclaimResult | None:
         f = self.cb.fields
         if self.follow_limit and (f.offline_limit_bytes or f.reserve_target_bytes):  # 0/0: no memory arbiter
-            self.pool.set_limit(int(f.offline_limit_bytes))
+            limit, reported, mapped = int(f.offline_limit_bytes), int(f.offline_pool_bytes), self.pool.mapped_bytes
+            if reported > mapped:
+                # The arbiter grants "the pool it last read + the free room"; a pool figure above what we map was
+                # written by an offline process that died (its memory went with it, the driver freed it): only
+                # the room is ours, or a restarted client grows into the reserve online holds on to. The discount
+                # holds until the arbiter writes a new limit (one built on our own figure).
+                self._foreign = (limit, reported)
+            if self._foreign is not None and self._foreign[0] == limit:
+                limit = min(limit, mapped + max(0, limit - self._foreign[1]))
+            else:
+                self._foreign = None
+            self.pool.set_limit(limit)
         res = None
         seq = int(f.reclaim_req_seq)
         if seq % 2 == 0 and seq > int(f.reclaim_ack_seq):

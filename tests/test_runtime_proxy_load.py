@@ -133,3 +133,42 @@ async def test_an_upstream_that_never_answers_times_out_and_ends_the_request():
 def test_negative_connection_cap_is_refused():
     with pytest.raises(ValueError, match="upstream-connections"):
         Proxy("http://127.0.0.1:1", max_connections=-1)
+
+
+@pytest.mark.asyncio
+async def test_a_client_leaving_mid_stream_is_not_an_error(caplog):
+    class Slow(Upstream):
+        async def stream(self, request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(50):
+                await resp.write(b"data: %d\n\n" % i)
+                await asyncio.sleep(0.01)
+            return resp
+
+    up = Slow(1)
+    up_runner, up_url = await serve(up.app())
+    sig = CountingSignal()
+    proxy = Proxy(up_url, signal=sig)
+    # without handler cancellation the proxy's next write after the client left always fails: the case the
+    # real proxy (cancellation on) meets whenever the write comes before the cancellation
+    p_runner = web.AppRunner(proxy.app(), handler_cancellation=False)
+    await p_runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(p_runner, sock).start()
+    p_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(5):
+                async with client.post(p_url + "/v1/completions", data=b"{}") as r:
+                    assert (await r.content.readany()).startswith(b"data: 0")
+                    r.close()  # gone after the first event
+        deadline = asyncio.get_running_loop().time() + 10
+        while sig.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert sig.begun == 5 and sig.inflight == 0
+    finally:
+        await p_runner.cleanup()
+        await up_runner.cleanup()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]

@@ -252,6 +252,11 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.close()
                 return resp
+            except ConnectionResetError:
+                # the client went away mid-response (a closed tab, a cancelled request): expected, not an error;
+                # leaving the upstream context closes the upstream request so the engine can stop the work
+                log.debug("client left mid-response")
+                return resp
             await resp.write_eof()
         if online and 200 <= upstream.status < 300:
             self.metrics.record(timer)

@@ -10,23 +10,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bench.proxy_load import CountingSignal
 from valve.runtime.online.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(120)
 STREAMS = 200
 BARRIER_S = 30.0  # bounds the test if the proxy queues streams: they then fail instead of hanging
-
-
-class CountingSignal:
-    def __init__(self) -> None:
-        self.inflight = self.begun = 0
-
-    def begin(self) -> None:
-        self.inflight += 1
-        self.begun += 1
-
-    def end(self) -> None:
-        self.inflight -= 1
 
 
 class Upstream:

@@ -805,6 +805,8 @@ def orchestrate(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from valve.api.runtime import RuntimeSpec
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run, < 60 s")
     ap.add_argument("--out", default="bench/results")
@@ -819,9 +821,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mean-gap-ms", type=float, default=20.0)
     ap.add_argument("--idle-every", type=int, default=25, help="an idle gap every N bursts on average")
     ap.add_argument("--idle-ms", type=float, default=150.0)
-    ap.add_argument("--hysteresis-ms", type=float, default=2.0)
-    ap.add_argument("--queue-ahead", type=int, default=2)
-    ap.add_argument("--max-preemptions", type=float, default=100.0, help="the arbiter's rate cap (per second)")
+    # the runtime's own defaults: what a pair gets unless its spec says otherwise
+    spec = RuntimeSpec()
+    ap.add_argument("--hysteresis-ms", type=float, default=spec.idle_hysteresis_ms)
+    ap.add_argument("--queue-ahead", type=int, default=spec.queue_ahead)
+    ap.add_argument("--max-preemptions", type=float, default=spec.max_preemptions_per_second,
+                    help="the arbiter's rate cap (per second)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--offline-layers", type=int, default=8)
     ap.add_argument("--offline-hidden", type=int, default=4096)

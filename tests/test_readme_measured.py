@@ -66,7 +66,12 @@ def preemption(gpu: str) -> list[str]:
             parts.append(f"{name} {x(r['online_p50_ratio'])}/{x(r['online_p99_ratio'])}{off}")
     pre = "; ".join(f"{name} {v[name]['preempt_p50_us'] / 1e3:.2f}/{v[name]['preempt_p99_us'] / 1e3:.2f} ms"
                     for name in ("alone", "nogate", "gate"))
-    command = "`python3 bench/preemption.py" + (" --quick`" if doc["quick"] else "`")
+    # the runs before the bench took the runtime's defaults used a 2 ms hysteresis: the command says so
+    from valve.api.runtime import RuntimeSpec
+
+    hyst = doc["settings"]["hysteresis_ms"]
+    extra = f" --hysteresis-ms {hyst:g}" if hyst != RuntimeSpec().idle_hysteresis_ms else ""
+    command = "`python3 bench/preemption.py" + (" --quick" if doc["quick"] else "") + extra + "`"
     return [f"{doc['gpu']}, 1 run, {n.pop()} bursts per variant", command,
             "online burst p50/p99 (x alone; offline x offline alone): " + "; ".join(parts)
             + f". Arrival to first online kernel, p50/p99: {pre}"]

@@ -655,3 +655,20 @@ def test_colocation_runs_of_record():
     mhz = [f"{d['breakdown'][v]['sm_mhz_arrival']:.0f}" for d in docs for v in ("online-alone", "valve")]
     assert (f"with the mean SM clock at arrival {mhz[0]}/{mhz[1]} MHz (llama-1b, alone/Valve) and {mhz[2]}/{mhz[3]} "
             "MHz (llama-8b)") in flat_text
+
+
+def test_preemption_with_the_runtimes_defaults():
+    from valve.api.runtime import RuntimeSpec
+
+    doc = result("preemption_h200_defaults/preemption_nvidia_h200_quick.json")
+    assert doc["settings"]["hysteresis_ms"] == RuntimeSpec().idle_hysteresis_ms and doc["quick"]
+    g, a = doc["variants"]["gate"], doc["variants"]["alone"]
+    assert not doc["target"]["gate"]["within_target"]
+    text = flat(section("docs/preemption.md", "## Results"))
+    assert (f"`gate` p99 {g['online_p99_ms']:.2f} ms against `alone` {a['online_p99_ms']:.2f} ms "
+            f"({g['online_p99_ms'] - a['online_p99_ms']:+.2f} ms, target +0.25 ms: missed), p50 "
+            f"x{g['online_p50_ratio']:.2f}, offline x{g['offline_ratio']:.2f}; arrival to first online kernel "
+            f"{g['preempt_p50_us'] / 1e3:.2f}/{g['preempt_p99_us'] / 1e3:.2f} ms p50/p99 (alone "
+            f"{a['preempt_p50_us'] / 1e3:.2f}/{a['preempt_p99_us'] / 1e3:.2f} ms); the SM clock at burst arrival "
+            f"{g['sm_mhz_p50']:.0f} MHz against {a['sm_mhz_p50']:.0f} MHz alone") in text
+    assert f"{g['bursts']} bursts per variant" in text

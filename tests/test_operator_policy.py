@@ -121,15 +121,20 @@ def indexes(pods: dict[str, dict]) -> list[int]:
     return sorted(int(p["metadata"]["annotations"][ANN_COMPLETION_INDEX]) for p in pods.values())
 
 
-async def test_offline_pods_follow_the_online_replicas_through_scale_up_down_and_rollout(env):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+async def two_harvested(env) -> tuple[tuple[dict, str | None], tuple[dict, str | None], dict[str, dict]]:
+    """The operator with the policy `chat`, one replica on each of two nodes and their offline pods running."""
     env.add_node("gpu-a", 4)
     env.add_node("gpu-b", 2)
     await env.start_operator(cfg=CFG)
     await create_policy(env, policy_body())
-    a, gpu_a = await add_replica(env, "gpu-a")
-    b, gpu_b = await add_replica(env, "gpu-b")
-    pods = await follow(env, [a, b])
+    a = await add_replica(env, "gpu-a")
+    b = await add_replica(env, "gpu-b")
+    return a, b, await follow(env, [a[0], b[0]])
+
+
+async def test_offline_pods_follow_the_online_replicas_through_scale_up_down_and_rollout(env):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    (a, gpu_a), (b, gpu_b), pods = await two_harvested(env)
     status = await status_is(env, onlinePods=2, harvestedGPUs=2, offlineRunning=2)
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Matched": "True", "OfflineWorkload": "True", "Harvesting": "True", "Ready": "True"}
@@ -332,3 +337,46 @@ async def test_a_refused_offline_pod_says_why_and_is_tried_again_on_resync(env):
     del env.kube.refuse["chat-offline-0"]  # e.g. the namespace's PodSecurity label changed
     await env.until(lambda: _count(env, 1), "the offline pod, created on a resync")
     await status_is(env, offlinePods=1)
+
+
+def policy_series(name: str = "chat") -> dict[str, float | None]:
+    """The operator's per-policy series for `name` in NS, as its registry exports them (None: no such series)."""
+    from prometheus_client import REGISTRY
+
+    from valve.operator.metrics import POD_PHASES
+
+    labels = {"namespace": NS, "policy": name}
+    got = {m: REGISTRY.get_sample_value(f"valve_policy_{m}", labels) for m in ("online_pods", "harvested_gpus")}
+    got.update({p: REGISTRY.get_sample_value("valve_policy_offline_pods", {**labels, "phase": p}) for p in POD_PHASES})
+    return got
+
+
+async def test_policy_metrics_are_its_status_counts_and_go_with_the_policy(env):
+    await two_harvested(env)
+    await add_replica(env, "gpu-a", gpus=None)  # selected, holds no GPU: counted online, not harvested
+    await add_replica(env, "gpu-b")  # its offline pod is created and left Pending (nothing starts it)
+    status = await status_is(env, onlinePods=4, harvestedGPUs=3, offlinePods=3, offlineRunning=2)
+
+    def expect(status: dict) -> dict[str, float]:
+        pending = status["offlinePods"] - status["offlineRunning"]
+        return {"online_pods": status["onlinePods"], "harvested_gpus": status["harvestedGPUs"],
+                "Running": status["offlineRunning"], "Pending": pending, "Succeeded": 0, "Failed": 0, "Unknown": 0}
+
+    async def metrics_match(want: dict[str, float]):
+        got = policy_series()
+        return got if got == want else None
+    assert (await env.until(lambda: metrics_match(expect(status)), "the policy's series = its status")) == {
+        "online_pods": 4, "harvested_gpus": 3, "Running": 2, "Pending": 1, "Succeeded": 0, "Failed": 0, "Unknown": 0}
+
+    # One offline pod succeeds: its phase moves, the status and the series together.
+    done = next(p for p in (await offline_pods(env)).values() if p["status"].get("phase") == "Running")
+    assert await env.api.patch(f"{env.pods_path}/{done['metadata']['name']}/status",
+                               {"status": {"phase": "Succeeded"}}) == 200
+    await status_is(env, offlineRunning=1)
+    await env.until(lambda: metrics_match({**expect(status), "Running": 1, "Succeeded": 1}), "Succeeded counted")
+
+    assert await env.api.delete(f"{POLICIES}/chat") == 200
+
+    async def removed():
+        return all(v is None for v in policy_series().values())
+    await env.until(removed, "the deleted policy's series removed")

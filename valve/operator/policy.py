@@ -30,6 +30,7 @@ from valve.api.contract import (
 )
 from valve.api.policy import PolicyConditionType as T
 from valve.operator import status as st
+from valve.operator.metrics import POD_PHASES
 from valve.operator.pods import (
     JOB_LABELS,
     LABEL_MANAGED,
@@ -122,6 +123,7 @@ class PolicyPlan:
     actions: list[Create | Delete] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     warned: set[tuple[str, str]] = field(default_factory=set)  # (pod uid, reason) told by an event now
+    offline_phases: dict[str, int] = field(default_factory=dict)  # status.offlinePods by pod phase (for metrics)
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,10 @@ def plan_policy(
             "index": off.index if off else None, "offlinePhase": off.phase if off else None}.items()
             if v is not None})
     live = [p for p in mine if not p.deleting]
+    phases: dict[str, int] = {}
+    for p in live:
+        phase = p.phase if p.phase in POD_PHASES else "Unknown"
+        phases[phase] = phases.get(phase, 0) + 1
     running = sum(1 for p in live if p.phase == "Running" and (p.serves or "") in slots)
     done = completions is not None and len(completed & set(range(completions))) >= completions
 
@@ -319,7 +325,7 @@ def plan_policy(
     for cd in conds[:3]:
         if was.get(cd.type.value) != (cd.status, cd.reason):
             events.append(Event("Normal" if cd.status == "True" else "Warning", cd.reason, cd.message))
-    return PolicyPlan(status=status, actions=actions, events=events, warned=told)
+    return PolicyPlan(status=status, actions=actions, events=events, warned=told, offline_phases=phases)
 
 
 def _free_index(taken: set[int], completions: int | None, name_taken: Callable[[int], bool]) -> int | None:

@@ -133,6 +133,7 @@ class PolicyController:
             await self.op.kube.patch_status(*key, {**{k: None for k in old}, **todo.status}, plural=pol.PLURAL)
             self.written[key] = todo.status
         self.warned.setdefault(key, set()).update(todo.warned)
+        metrics.set_policy(*key, todo.status["onlinePods"], todo.status["harvestedGPUs"], todo.offline_phases)
         for event in [*todo.events, *done]:
             await self.op.kube.post_event(body, event.type, event.reason, event.message)
 
@@ -162,6 +163,7 @@ class PolicyController:
                 await self.reconcile(body)
 
     def forget(self, key: Key) -> None:
+        metrics.forget_policy(*key)
         for d in (self.locks, self.written, self.warned, self.created, self.refused, self.jobs, self.repairs,
                   self.rendered):
             d.pop(key, None)

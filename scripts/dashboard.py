@@ -35,6 +35,8 @@ def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99
 # the dashboard's variables: label selectors of the per-pair and per-GPU panels
 PAIR_SEL = 'namespace=~"$namespace", pair=~"$pair"'
 GPU_SEL = 'namespace=~"$namespace", pair=~"$pair", node=~"$node", gpu=~"$gpu"'
+# the operator's per-ColocationPolicy series carry the policy's own namespace (the ServiceMonitor honours it)
+POLICY_SEL = 'namespace=~"$namespace"'
 NODE_SEL = 'node=~"$node", gpu=~"$gpu"'  # the device plugin's series: a node's GPUs, no pair
 VARIABLES = (  # name, label, the query its values come from (each narrowed by the ones before it)
     ("namespace", "Namespace", "label_values(valve_online_inflight, namespace)"),
@@ -257,6 +259,21 @@ ROWS: list[tuple[str, list[dict]]] = [
             ),
         ],
     ),
+    (
+        "Policies ($namespace)",
+        [
+            panel("Policy online pods and harvested GPUs", "Per ColocationPolicy: online pods its selector matches, and "
+                  "the GPUs of those that get an offline pod (its status.onlinePods and status.harvestedGPUs).",
+                  [(f"sum by (namespace, policy) (valve_policy_online_pods{{{POLICY_SEL}}})",
+                    "online pods {{namespace}}/{{policy}}"),
+                   (f"sum by (namespace, policy) (valve_policy_harvested_gpus{{{POLICY_SEL}}})",
+                    "harvested GPUs {{namespace}}/{{policy}}")], "short"),
+            panel("Policy offline pods by phase", "Per ColocationPolicy: its offline pods by pod phase (Pending ones wait "
+                  "for their node's admission or image; Failed ones are recreated).",
+                  [(f"sum by (namespace, policy, phase) (valve_policy_offline_pods{{{POLICY_SEL}}})",
+                    "{{namespace}}/{{policy}} {{phase}}")], "short"),
+        ],
+    ),
 ]
 
 
@@ -287,7 +304,7 @@ def dashboard() -> dict:
     return {
         "title": "Valve",
         "uid": "valve-colocation",
-        "description": "Online latency, offline preemption, memory reclaim, GPUs and pairs of Valve.",
+        "description": "Online latency, offline preemption, memory reclaim, GPUs, pairs and policies of Valve.",
         "tags": ["valve", "gpu", "llm-inference"],
         "editable": True,
         "schemaVersion": 39,

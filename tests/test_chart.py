@@ -320,6 +320,7 @@ def test_every_scheduling_and_image_value_is_overridable(helm):
     sm = one(objs, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == ALL_ON["metrics"]["serviceMonitor"]["labels"]["release"]
     assert sm["spec"]["endpoints"][0]["interval"] == ALL_ON["metrics"]["serviceMonitor"]["interval"]
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True  # the per-policy series' own namespace label
     # The ServiceMonitor selects exactly the two metrics Services.
     selected = [
         s

@@ -168,6 +168,9 @@ def test_dashboard_has_the_required_panels(dashboard):
         "valve_reclaim_latency_seconds_bucket": "reclaim latency",
         "valve_gpu_utilization_ratio": "per-GPU utilisation",
         "valve_pairs": "pair status",
+        "valve_policy_online_pods": "policy online pods",
+        "valve_policy_harvested_gpus": "policy harvested GPUs",
+        "valve_policy_offline_pods": "policy offline pods by phase",
     }
     used = {n for e in dashboard_exprs(dashboard) for n in NAME_RE.findall(e)}
     assert not {k: v for k, v in required.items() if k not in used}
@@ -224,7 +227,7 @@ def test_every_panel_follows_the_variables(dashboard):
                 continue
             assert labels, f"{name} in {expr!r} ignores the dashboard's variables"
             wanted = {"node"} if name.startswith(("valve_device", "valve_allocations")) else (
-                {"namespace"} if name == "valve_pairs" else
+                {"namespace"} if name == "valve_pairs" or name.startswith("valve_policy_") else
                 {"namespace", "pair"} if name.startswith(("valve_online_ttft", "valve_online_tpot",
                                                            "valve_online_requests")) else
                 {"node", "gpu"} if name == "valve_gpu_utilization_ratio" else {"namespace", "pair", "node", "gpu"})

@@ -4,8 +4,9 @@ series and every dashboard query of the chart must return series with the labels
 The components: the arbiter (`valve runtime arbiter` on a simulated GPU, driven by a real online client and an
 offline client's progress in its control block), the device plugin (simulated GPUs, registered with a fake
 kubelet), the proxy (`valve runtime proxy` in front of a small streaming engine, three real requests through it)
-and the operator (kopf against the kmock emulator, placing one ColocationPair). Static scrape labels stand in for
-what the chart's PodMonitor/ServiceMonitor relabelling adds in a cluster (namespace, pair, node).
+and the operator (kopf against the kmock emulator, placing one ColocationPair and following one ColocationPolicy).
+Static scrape labels stand in for what the chart's PodMonitor/ServiceMonitor relabelling adds in a cluster
+(namespace, pair, node).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class OperatorWithAPair:
     async def _main(self) -> None:
         from operator_harness import emulated, pair_body
 
+        from valve.api import policy as pol
+
         self._stop = asyncio.Event()
         try:
             async with emulated() as env:
@@ -63,6 +66,17 @@ class OperatorWithAPair:
                 await env.start_operator()
                 await env.api.create_pair(pair_body(), env.namespace)
                 await env.until(lambda: env.pod("chat-online"), "the pair's online pod", timeout=60)
+                # a ColocationPolicy selecting no pod yet: its per-policy series, at 0
+                policies = f"/apis/{pol.API_VERSION}/namespaces/{env.namespace}/{pol.PLURAL}"
+                code, _ = await env.api.call("POST", policies, {
+                    "apiVersion": pol.API_VERSION, "kind": pol.KIND, "metadata": {"name": "batch"},
+                    "spec": {"selector": {"matchLabels": {"app": "chat"}}, "offline": {"template": {
+                        "spec": {"containers": [{"name": "batch", "image": "batch:1"}]}}}}})
+                assert code in (200, 201)
+
+                async def policy_status():
+                    return ((await env.api.call("GET", f"{policies}/batch"))[1].get("status") or {}).get("message")
+                await env.until(policy_status, "the policy's status", timeout=60)
                 self._ready.set()
                 await self._stop.wait()
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
@@ -211,7 +225,7 @@ def prom(tmp_path_factory):
                 {"job_name": "valve-runtime", "static_configs": [
                     {"targets": [f"127.0.0.1:{arbiter_port}"], "labels": {**runtime, "pod": "web-offline"}},
                     {"targets": [f"127.0.0.1:{proxy_port}"], "labels": {**runtime, "pod": "web-online"}}]},
-                {"job_name": "valve-operator", "static_configs": [
+                {"job_name": "valve-operator", "honor_labels": True, "static_configs": [  # as the ServiceMonitor
                     {"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "valve-system"}}]},
                 {"job_name": "valve-device-plugin", "static_configs": [
                     {"targets": [f"127.0.0.1:{plugin.metrics.port}"],
@@ -294,3 +308,7 @@ def test_scraped_labels_are_the_ones_the_views_use(prom):
     healthy = prom.query("valve_device_healthy")
     assert {s["metric"]["resource"] for s in healthy} == {"valve.io/online-gpu", "valve.io/offline-gpu"}
     assert prom.query("min(valve_device_plugin_registered)")[0]["value"][1] == "1"
+    # the operator's per-policy series keep the policy's namespace (honour_labels), not the scrape's valve-system
+    policy = prom.query('valve_policy_offline_pods{policy="batch"}')
+    assert {(s["metric"]["namespace"], s["metric"]["phase"], s["value"][1]) for s in policy} == {
+        ("default", phase, "0") for phase in ("Pending", "Running", "Succeeded", "Failed", "Unknown")}

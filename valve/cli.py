@@ -75,16 +75,15 @@ def demo(
 
 
 def serve_node(runtime_dir: str | None, gpus: int, rate: float, seed: int) -> None:
-    import signal
     import tempfile
     import threading
 
     from valve.demo_node import serve as serve_sim
+    from valve.signals import stop_on_signals
 
     root = runtime_dir or tempfile.mkdtemp(prefix="valve-demo-")
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     typer.echo(f"simulated node: {gpus} GPU(s) under {root}; watch it with: valve top --runtime-dir {root}",
                err=True)
     serve_sim(root, gpus, rate, seed, stop)

@@ -84,7 +84,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the kubelet device plugin: one online and one offline slot per GPU."""
         import logging
-        import signal
         import threading
 
         from valve.device_plugin.annotate import annotate_by_default
@@ -92,6 +91,7 @@ def register(app: typer.Typer) -> None:
         from valve.device_plugin.health import XidPolicy
         from valve.device_plugin.server import DevicePlugin, InitError, run_idle
         from valve.netaddr import check_host
+        from valve.signals import stop_on_signals
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
@@ -134,12 +134,8 @@ def register(app: typer.Typer) -> None:
                 fail(conflict)
         stop = threading.Event()
 
-        def on_signal(signum, frame) -> None:
-            logging.getLogger("valve.device_plugin").info("signal %d: stopping", signum)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop_on_signals(stop, on_signal=lambda signum: logging.getLogger("valve.device_plugin").info(
+            "signal %d: stopping", signum))
 
         def init_failed(reason: str, metrics=None) -> NoReturn:
             if fail_on_init_error:

@@ -49,9 +49,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the DRA kubelet plugin: one device per GPU in a ResourceSlice; claims prepared through CDI."""
         import logging
-        import signal
         import threading
         import time
+
+        from valve.signals import stop_on_signals
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
@@ -108,8 +109,7 @@ def register(app: typer.Typer) -> None:
                 fail(f"cannot serve: {first_line(e)}")
         plugin = DraPlugin(driver, plugin_dir, registry_dir, metrics=metrics)
         stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        stop_on_signals(stop)
         try:
             plugin.start()
         except (OSError, ValueError, RuntimeError) as e:

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from valve.signals import stop_on_signals
+
 log = logging.getLogger("valve.engine.offline")
 
 
@@ -237,10 +239,8 @@ def main(
     runner = OfflineRunner(eng, input, output, ByteTokenizer(cfg.vocab), max_tokens, progress, step_hook=hook,
                            progress_seconds=progress_interval)
 
-    def on_term(signum, frame):  # Kubernetes eviction: stop after this step, everything written is kept
-        runner.stop_event.set()
-
-    signal.signal(signal.SIGTERM, on_term)
+    # Kubernetes eviction: stop after this step, everything written is kept
+    stop_on_signals(runner.stop_event, (signal.SIGTERM,))
     stats = runner.run(duration=duration)
     log.info("done: %d records (%d already done), %d tokens in %.1f s: %.1f tokens/s (%d recomputed)",
              stats.records, stats.skipped, stats.generated_tokens, stats.seconds, stats.tokens_per_s,

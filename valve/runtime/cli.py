@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 from pathlib import Path
 
@@ -166,6 +165,7 @@ def arbiter(
     from valve.runtime.arbiter.loop import Arbiter
     from valve.runtime.arbiter.metrics import GateMetrics
     from valve.runtime.control import ControlBlock, control_path, write_pair
+    from valve.signals import stop_on_signals
 
     try:  # before waiting for the GPU: a bad address is the one line a failed start prints
         metrics_addr = check_host(metrics_addr)
@@ -185,8 +185,7 @@ def arbiter(
     # Before the block exists: whoever sees it (a kubelet stopping the pod, a test) may signal at once, and a
     # stop must still open the gate on the way out.
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_on_signals(stop)
     try:
         cb, reason = ControlBlock.open_or_create(path)
     except OSError as e:  # e.g. a directory another uid made with a narrow mode

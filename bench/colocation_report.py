@@ -50,12 +50,9 @@ SUMMARY_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "ttf
                 "busy_fraction")
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(x for x in xs if x is not None and x == x)
-    if not xs:
-        return float("nan")
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+def _median(xs: list[float | None]) -> float:
+    """The median of the figures a repeat measured (None and NaN left out); nan when none did."""
+    return percentile([x for x in xs if x is not None and x == x], 50)
 
 
 def summarize(repeat_rows: list[list[dict]]) -> list[dict]:

@@ -19,8 +19,8 @@ import json
 import os
 import random
 import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import output  # noqa: E402
-from bench.harness.procs import free_port  # noqa: E402
+from bench.harness.procs import Child, child_env, free_port, wait_for  # noqa: E402
 from valve.outpath import check_dir  # noqa: E402
 from valve.stats import percentile  # noqa: E402
 
@@ -125,47 +125,39 @@ def get_json(url: str) -> dict:
         return json.loads(r.read())
 
 
-def wait_listening(port: int, proc: subprocess.Popen, deadline_s: float = 60.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"a server exited with {proc.returncode} before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)  # polling a port that is not open yet; the condition is re-checked
-    raise RuntimeError(f"nothing listened on port {port} within {deadline_s:.0f} s")
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run(streams: int, abort: float, events: int, gap_ms: float, seed: int = 0) -> dict:
     up_port, proxy_port = free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
-    procs = [subprocess.Popen(me + ["--serve", "upstream", "--port", str(up_port), "--events", str(events),
-                                    "--gap-ms", str(gap_ms)]),
-             subprocess.Popen(me + ["--serve", "proxy", "--port", str(proxy_port), "--upstream",
-                                    f"http://127.0.0.1:{up_port}"])]
-    try:
-        wait_listening(up_port, procs[0])
-        wait_listening(proxy_port, procs[1])
-        up, px = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{proxy_port}"
-        aborting = set(random.Random(seed).sample(range(streams), round(abort * streams)))
-        direct = asyncio.run(wave(up, streams, aborting))
-        peak_direct = get_json(up + "/_stats")["peak"]
-        t0 = time.monotonic()
-        proxied = asyncio.run(wave(px, streams, aborting))
-        # the proxy ends an aborted stream's request when it sees the client gone: wait for in-flight to reach 0
-        t_end = time.monotonic()
-        stats = get_json(px + "/_stats")
-        while stats["inflight"] and time.monotonic() - t_end < 30:
-            time.sleep(0.01)
+    with tempfile.TemporaryDirectory(prefix="valve-proxy-load-") as tmp:
+        procs = [Child("upstream", me + ["--serve", "upstream", "--port", str(up_port), "--events", str(events),
+                                         "--gap-ms", str(gap_ms)], child_env(), Path(tmp) / "upstream.log"),
+                 Child("proxy", me + ["--serve", "proxy", "--port", str(proxy_port), "--upstream",
+                                      f"http://127.0.0.1:{up_port}"], child_env(), Path(tmp) / "proxy.log")]
+        try:
+            wait_for("the upstream", lambda: listening(up_port), 60, procs)
+            wait_for("the proxy", lambda: listening(proxy_port), 60, procs)
+            up, px = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{proxy_port}"
+            aborting = set(random.Random(seed).sample(range(streams), round(abort * streams)))
+            direct = asyncio.run(wave(up, streams, aborting))
+            peak_direct = get_json(up + "/_stats")["peak"]
+            t0 = time.monotonic()
+            proxied = asyncio.run(wave(px, streams, aborting))
+            # the proxy ends an aborted stream's request when it sees the client gone: wait for in-flight to reach 0
+            t_end = time.monotonic()
             stats = get_json(px + "/_stats")
-        drained_ms = (time.monotonic() - t_end) * 1e3
-        peak_proxied = get_json(up + "/_stats")["peak"]
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+            while stats["inflight"] and time.monotonic() - t_end < 30:
+                time.sleep(0.01)
+                stats = get_json(px + "/_stats")
+            drained_ms = (time.monotonic() - t_end) * 1e3
+            peak_proxied = get_json(up + "/_stats")["peak"]
+        finally:
+            for p in procs:
+                p.stop()
     full = [i for i in range(streams) if i not in aborting]
     same = sum(direct[i][1] == proxied[i][1] for i in full)
     d_ttfb = [direct[i][0] * 1e3 for i in range(streams)]

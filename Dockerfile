@@ -20,9 +20,11 @@ COPY valve ./valve
 RUN /opt/valve/bin/pip install --no-compile ".${VALVE_EXTRAS:+[${VALVE_EXTRAS}]}" \
  && /opt/valve/bin/valve operator --help >/dev/null
 # libvalvegate.so, the launch-level offline gate (valve/preload), at the path pods of gate "preload" mount from
-# the node (valve.api.contract.PRELOAD_LIBRARY): copy it from the image onto each GPU node.
+# the node (valve.api.contract.PRELOAD_LIBRARY): copy it from the image onto each GPU node. Beside it
+# libvalvebusguard.so, which keeps Valve's own processes alive when a control file is truncated under them.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
- && /opt/valve/bin/python -m valve.preload.build /opt/valve/lib
+ && /opt/valve/bin/python -m valve.preload.build /opt/valve/lib \
+ && /opt/valve/bin/python -m valve.runtime.busguard /opt/valve/lib
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="valve" \

@@ -7,11 +7,10 @@ the C library cannot drift from the Python layout.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from valve.cbuild import compile_shared
 from valve.runtime.control import FILE_SIZE, MAGIC, VERSION, Layout
 
 SOURCE = Path(__file__).with_name("valvegate.c")
@@ -27,18 +26,9 @@ def defines() -> list[str]:
 
 def build(out_dir: str | os.PathLike, cc: str | None = None) -> Path:
     """Compile the library into ``out_dir``; returns its path. Raises RuntimeError with gcc's output on failure."""
-    cc = cc or os.environ.get("CC") or "gcc"
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"building {LIBRARY} needs a C compiler: {cc!r} is not on PATH")
-    out = Path(out_dir) / LIBRARY
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden",
-           "-foptimize-sibling-calls", *defines(),  # dlsym passes through by tail call: glibc sees the caller
-           "-o", str(out), str(SOURCE), "-ldl", "-lpthread"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr}")
-    return out
+    return compile_shared(SOURCE, Path(out_dir) / LIBRARY, cc=cc, libs=["-ldl", "-lpthread"],
+                          flags=["-foptimize-sibling-calls",  # dlsym passes through by tail call: glibc sees the caller
+                                 *defines()])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from valve.api.contract import (
@@ -24,6 +25,7 @@ from valve.api.contract import (
     PAIR_FILE,
     RUNTIME_DIR,
 )
+from valve.runtime import busguard
 
 MAGIC = 0x564C5631  # "VLV1"
 VERSION = 1
@@ -126,7 +128,7 @@ def block_problem(file_size: int, mapped_ino: int, path_ino: int | None, magic: 
     """Why a mapped control file must not be touched (None: it may). ``path_ino`` None: the path is gone; the
     header words are read only when the size allows it (None: not read)."""
     if file_size < FILE_SIZE:
-        return f"truncated to {file_size} bytes (touching the mapping would raise SIGBUS)"
+        return f"truncated to {file_size} bytes"
     if path_ino is None:
         return "removed"
     if path_ino != mapped_ino:
@@ -225,8 +227,8 @@ def resolve_control_path(gpu_uuid: str | None = None, root: Path | str | None = 
 class ControlBlock:
     """A mapped control file; fields are attributes of ``self.fields`` (a ctypes view of the mapping).
 
-    A file can be truncated, replaced or rewritten under the mapping; touching a truncated mapping kills the
-    process with SIGBUS. So a client calls :meth:`healthy` (an ``fstat`` of the kept fd, a header read and, at a
+    A file can be truncated, replaced or rewritten under the mapping; touching a truncated mapping raises SIGBUS
+    (``busguard`` turns that into a read of zeros). So a client calls :meth:`healthy` (an ``fstat`` of the kept fd, a header read and, at a
     bounded rate, a ``stat`` of the path) before touching ``fields``; it re-attaches to a valid replacement in
     place (``generation`` counts re-attachments: views taken from the old mapping are stale then).
     """
@@ -243,6 +245,19 @@ class ControlBlock:
         self._next_stat = self._next_try = 0
         self._unreadable: set[int] = set()
         self._retired: list[mmap.mmap] = []  # mappings of files this block re-attached away from
+        self._guarded: list[int] = []  # addresses of this block's mappings in the SIGBUS guard
+        # released when the block goes, before its mappings are unmapped: an address reused by another mapping
+        # must not stay guarded
+        self._unguard = weakref.finalize(self, _release_all, self._guarded)
+        if fd is not None:
+            self._guard()
+
+    def _guard(self) -> None:
+        # the checks in healthy() cannot close the window between a check and a touch: a truncation in it
+        # would raise SIGBUS, which busguard turns into a read of zeros that the next check sees
+        address = ctypes.addressof(self.fields)
+        if busguard.protect(address, FILE_SIZE):
+            self._guarded.append(address)
 
     @classmethod
     def anonymous(cls) -> ControlBlock:
@@ -299,6 +314,7 @@ class ControlBlock:
         old = self._fd
         self._retired.append(self.mm)
         self.mm, self.fields, self._fd, self._ino = mm, Layout.from_buffer(mm), fd, ino
+        self._guard()
         self.generation += 1
         self.problem = None
         self._next_stat = time.monotonic_ns() + RECHECK_NS
@@ -453,11 +469,17 @@ class ControlBlock:
         return reaped
 
     def close(self) -> None:
+        self._unguard()
         del self.fields
         self.mm.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _release_all(addresses: list[int]) -> None:
+    for address in addresses:
+        busguard.release(address)
 
 
 class SlotClaim:

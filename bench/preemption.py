@@ -804,7 +804,7 @@ def orchestrate(args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from valve.api.runtime import RuntimeSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -845,6 +845,11 @@ def main(argv=None) -> int:
     ap.add_argument("--burst", type=int, default=1, help="online forwards (decode steps) per burst")
     ap.add_argument("--role", choices=("online", "offline", "arbiter"), help=argparse.SUPPRESS)
     ap.add_argument("--cfg", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.role:
         {"online": online_worker, "offline": offline_worker, "arbiter": arbiter_worker}[a.role](json.loads(a.cfg))

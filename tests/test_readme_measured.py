@@ -239,7 +239,7 @@ def test_colocation_runs_of_record_row():
     small, large = (record_rows(n)["valve"] for n in RECORD_RUNS)
     assert measured_rows()["LLM colocation of record, GPU-bound engine ([docs/engine.md](docs/engine.md))"] == [
         f"NVIDIA H200; llama-1b: 3 interleaved repeats, {small['requests'] // 3} requests per variant and repeat; "
-        f"llama-8b: 1 repeat (of 3 planned), {large['requests']} requests per variant",
+        f"llama-8b: 3 interleaved repeats, {large['requests'] // 3} requests per variant and repeat",
         "`python3 bench/colocation.py --model llama-1b --requests 310 --repeats 3 --output-mean 16 --busy 0.75 "
         "--offline-warmup 3` (llama-8b: `--model llama-8b --requests 300 --output-mean 8 --busy 0.6`)",
         "p50/p99, the median of the repeats (x online-alone; offline x offline-alone; harvest: of offline-alone x "

@@ -219,20 +219,3 @@ def test_control_block_found_from_the_device_plugin_env(built, shm):
 def test_build_without_a_compiler_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs a C compiler"):
         build(tmp_path, cc="no-such-cc")
-
-
-def test_gpu_bench_fails_fast_without_a_gpu_and_formats_its_table():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preload_gate", Path(__file__).parents[1] / "bench" / "preload_gate.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    with pytest.raises(SystemExit, match="a CUDA GPU visible to torch"):
-        bench.preflight(["eager"])
-    online = {"p50_ms": 1.0, "p99_ms": 2.0, "n": 10}
-    row = {"online_nolib": {**online, "p99_ms": 8.0}, "online_lib": {**online, "p99_ms": 2.1}, "unit": "steps",
-           "p99_ratio_ungated": 4.0, "p99_ratio_gated": 1.05, "preempt_excess_ms": {"p50": 0.1, "p99": 0.1},
-           "solo_nolib": 100.0, "solo_lib": 99.0, "overhead_gate_open": 0.01, "contended_nolib": 60.0,
-           "contended_lib": 40.0, "library_counters_contended": {"waits": 5, "launches": 5}}
-    text = bench.table({"online_alone": online, "programs": {"eager": row}})
-    assert "| eager | 8.00 (4.00x) | 2.10 (1.05x) |" in text and "99.0 (+1.0%)" in text

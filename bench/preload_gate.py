@@ -605,14 +605,14 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(out: Path, doc: dict, figure: bool = True) -> list[Path]:
+def write(out: Path, doc: dict) -> list[Path]:
     from bench.harness.output import write_json
 
     files = [write_json(out / "preload_gate.json", doc)]
     text = table(doc)
     (out / "preload_gate.md").write_text(text + "\n")
     files.append(out / "preload_gate.md")
-    if figure and any(r["kernel_ms"] is not None for r in doc["rows"]):
+    if any(r["kernel_ms"] is not None for r in doc["rows"]):
         plot(doc, out / "preload_gate.png")
         files.append(out / "preload_gate.png")
     return files
@@ -677,8 +677,8 @@ def main(argv=None) -> int:
     print(f"[bench] {len(items)} measurements per repeat x {args.repeats} repeats, "
           f"{math.ceil(args.bursts / args.repeats)} bursts per variant per repeat: about {est:.0f} s", flush=True)
 
-    def partial(raw: dict) -> None:  # each finished repeat is on disk (survives a timeout); the plot at the end
-        write(out, result(args, raw, est), figure=False)
+    def partial(raw: dict) -> None:  # each finished repeat is on disk, figure included (survives a timeout)
+        write(out, result(args, raw, est))
 
     raw = orchestrate(args, items, on_repeat=partial)
     doc = result(args, raw, est)

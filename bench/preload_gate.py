@@ -39,6 +39,7 @@ gcc, /dev/shm (tmpfs) and transformers for ``hf``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -74,7 +75,7 @@ def _sync(dev: str):
 
 
 def eager_program(dev: str, chunks: list[int]):
-    """(step(chunk), longest_kernel_ms(chunk), tokens per step) for the eager transformer-like step."""
+    """(step(chunk), longest_kernel_ms(chunk), steps per call) for the eager transformer-like step."""
     import torch
 
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -613,8 +614,11 @@ def write(out: Path, doc: dict) -> list[Path]:
     (out / "preload_gate.md").write_text(text + "\n")
     files.append(out / "preload_gate.md")
     if any(r["kernel_ms"] is not None for r in doc["rows"]):
-        plot(doc, out / "preload_gate.png")
-        files.append(out / "preload_gate.png")
+        try:
+            plot(doc, out / "preload_gate.png")
+            files.append(out / "preload_gate.png")
+        except ImportError as e:  # the numbers are on disk; --from-json draws the plot later
+            print(f"[bench] no plot ({e}): redraw it with --from-json {out / 'preload_gate.json'}", flush=True)
     return files
 
 
@@ -643,7 +647,20 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no repeat that would end after this many seconds (results so far are written)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", metavar="FILE", help="no run: the table and plot again from a result file, "
+                                                       "into --out")
     args = ap.parse_args(argv)
+    if args.from_json:
+        from bench.harness.output import checked_out
+
+        out = checked_out(ap, args.out)
+        try:
+            doc = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--from-json: cannot read {args.from_json}: {e}")
+        write(out, doc)  # the JSON too (the same document)
+        print(table(doc))
+        return 0
     if args.offline or args.online:
         try:
             chunks = parse_chunks(args.chunks or "full")

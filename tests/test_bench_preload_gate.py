@@ -114,6 +114,20 @@ def test_table_and_plot_are_written(tmp_path):
     assert json.loads((tmp_path / "preload_gate.json").read_text())["rows"][0]["chunk"] == "full"
 
 
+def test_from_json_draws_the_table_and_plot_again(tmp_path):
+    doc = pg.summarize(_raw())
+    src = tmp_path / "run"
+    src.mkdir()
+    pg.write(src, doc)
+    (src / "preload_gate.png").unlink()
+    p = run_script("--from-json", str(src / "preload_gate.json"), "--out", str(tmp_path / "again"), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "again" / "preload_gate.md").read_text() == (src / "preload_gate.md").read_text()
+    assert (tmp_path / "again" / "preload_gate.png").read_bytes()[:4] == b"\x89PNG"
+    bad = run_script("--from-json", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x"), timeout=60)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
 @pytest.mark.parametrize("args,why", [(["--chunks", "full,0"], "'0' is neither"),
                                       (["--paces", "fast"], "not a list of whole numbers"),
                                       (["--programs", "vllm"], "unknown ['vllm']")])

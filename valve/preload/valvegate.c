@@ -57,7 +57,7 @@ typedef struct {
 #define TMPFS_MAGIC 0x01021994
 #define DEFAULT_LEASE_NS 1000000000ULL
 #define RING 64
-#define DEFAULT_EVERY_US 100  /* a wait costs ~1 us (host call + device poll): <= ~1% for a small-kernel program */
+#define DEFAULT_EVERY_US 100  /* a wait costs ~1 us (inferred from the smoke run): <= ~1% of any stream's time */
 #define STREAMS 256           /* streams paced one by one; more than that: every launch of the others waits */
 
 /* ---- control block -------------------------------------------------------------------------------------- */

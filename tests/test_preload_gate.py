@@ -1,4 +1,5 @@
-"""libvalvegate.so against a fake libcuda: waits before launches on every path, lease, bound, counters, bad input."""
+"""libvalvegate.so against a fake libcuda: waits before launches on every path, pacing, lease, bound, counters,
+bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from valve.preload.build import build
-from valve.runtime.control import GATE_CLOSED, GATE_OPEN, VERSION, ControlBlock
+from valve.runtime.control import GATE_CLOSED, GATE_OPEN, VERSION, ControlBlock, Layout
 
 SUPPORT = Path(__file__).parent / "support" / "preload"
 
@@ -26,7 +27,8 @@ def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("preload")
     # -Bsymbolic: like libcuda, its proc-address table holds its own functions, not the preloaded ones
     _cc("-shared", "-fPIC", "-Wl,-Bsymbolic", "-o", str(d / "libcuda.so.1"), str(SUPPORT / "fake_libcuda.c"))
-    _cc("-o", str(d / "probe"), str(SUPPORT / "probe.c"), f"-L{d}", "-l:libcuda.so.1", "-ldl")
+    # -rdynamic: the probe's clock_gettime (a fake clock for the pacing tests) is the one the library binds to
+    _cc("-rdynamic", "-o", str(d / "probe"), str(SUPPORT / "probe.c"), f"-L{d}", "-l:libcuda.so.1", "-ldl")
     return d, build(d)
 
 
@@ -54,9 +56,11 @@ def launches(lines):
     return [ln for ln in lines if ln.startswith(("launch", "wait"))]
 
 
-def test_waits_before_every_launch_on_every_path(built, shm):
+@pytest.mark.parametrize("pacing", [{}, {"VALVE_GATE_EVERY_US": "0"}], ids=["default-pacing", "every-launch"])
+def test_waits_before_every_launch_on_every_path(built, shm, pacing):
+    # each launch goes to a stream of its own, so the default pacing waits before each too (a stream's first)
     cb = ControlBlock.create(shm / "control")
-    p, lines = run(built, cb.path)
+    p, lines = run(built, cb.path, **pacing)
     assert p.stderr == ""
     assert "passthrough 1 1" in p.stdout  # other symbols: the driver's own function, by dlsym and by proc address
     assert "next 1" in p.stdout  # dlsym(RTLD_NEXT) still sees its real caller
@@ -91,18 +95,97 @@ def test_stale_heartbeat_opens_a_closed_gate_and_a_fresh_one_does_not(built, shm
 
 def test_queue_ahead_bound_waits_for_the_gpu_before_queueing_more(built, shm):
     cb = ControlBlock.create(shm / "control")
-    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="2")
+    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="2", VALVE_GATE_EVERY_US="0")
     ops = [ln.split()[0] for ln in lines if ln.split()[0] in ("launch", "record", "query")]
     # two launches queue freely; the third and fourth first query the oldest mark until the GPU reached it
     assert ops[:4] == ["record", "launch", "record", "launch"]
     assert ops[4] == "query" and ops.count("launch") == 4 and ops.count("record") == 4
     assert cb.fields.preload_throttled >= 1
     cb.fields.queue_ahead = 3  # the arbiter's published value, used with "published"
-    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="published")
+    _, lines = run(built, cb.path, "many", VALVE_GATE_QUEUE_AHEAD="published", VALVE_GATE_EVERY_US="0")
     ops = [ln.split()[0] for ln in lines if ln.split()[0] in ("launch", "query")]
     assert ops[:3] == ["launch"] * 3 and ops[3] == "query"
-    _, lines = run(built, cb.path, "many")  # no bound by default
+    _, lines = run(built, cb.path, "many", VALVE_GATE_EVERY_US="0")  # no bound by default
     assert not any(ln.startswith(("record", "query")) for ln in lines)
+
+
+START = 10**12  # the fake clock's start (ns)
+
+
+def script(built, cb, *ops: str, **env: str):
+    """The probe's script mode on the fake clock; returns (stderr, the wait/launch lines as (op, stream, word))."""
+    p, lines = run(built, cb.path, "script", *ops, FAKE_CLOCK_START_NS=str(START),
+                   PROBE_GATE_OFFSET=str(Layout.gate.offset), **env)
+    seq = []
+    for ln in launches(lines):
+        w = ln.split()
+        seq.append(("wait", int(w[1], 16), int(w[-1].split("=")[1])) if w[0] == "wait" else ("launch", int(w[2], 16)))
+    return p.stderr, seq
+
+
+def W(s, word=1):  # noqa: N802 - a wait on stream s that saw the gate word
+    return ("wait", s, word)
+
+
+def L(s):  # noqa: N802
+    return ("launch", s)
+
+
+def test_pacing_waits_at_most_once_per_interval_per_stream(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    err, seq = script(built, cb, "L10", "T30", "L10", "T30", "L10", "L20", "T40", "L10", "L20", "T100", "L20",
+                      VALVE_GATE_EVERY_US="100")
+    assert err == ""
+    assert seq == [W(0x10), L(0x10), L(0x10), L(0x10),  # 30 and 60 us after the wait: none
+                   W(0x20), L(0x20),  # another stream: its own interval
+                   W(0x10), L(0x10),  # 100 us after 0x10's wait
+                   L(0x20),  # 40 us after 0x20's
+                   W(0x20), L(0x20)]
+    f = cb.fields
+    assert (f.preload_launches, f.preload_waits) == (7, 4)
+    cb2 = ControlBlock.create(shm / "control2")  # the default interval is 100 us too
+    _, seq = script(built, cb2, "L10", "T99", "L10", "T1", "L10")
+    assert seq == [W(0x10), L(0x10), L(0x10), W(0x10), L(0x10)]
+
+
+def test_pacing_every_n_launches_and_whichever_comes_first(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    _, seq = script(built, cb, *["L10"] * 7, VALVE_GATE_EVERY_US="0", VALVE_GATE_EVERY_N="3")
+    assert [op for op, *_ in seq] == ["wait", "launch", "launch", "launch", "wait", "launch", "launch", "launch",
+                                      "wait", "launch"]
+    _, seq = script(built, cb, "L10", "L10", "T100", "L10", "L10", "L10", "L10",
+                    VALVE_GATE_EVERY_US="100", VALVE_GATE_EVERY_N="3")
+    assert seq == [W(0x10), L(0x10), L(0x10), W(0x10), L(0x10), L(0x10), L(0x10), W(0x10), L(0x10)]
+
+
+def test_a_closed_gate_holds_the_next_launch_inside_the_interval(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    f = cb.fields
+    f.heartbeat_ns, f.lease_ns = START, 600 * 10**9  # a live arbiter (on the fake clock)
+    _, seq = script(built, cb, "L10", "T10", "G0", "L10", "T10", "L10", "G1", "T10", "L10", "T100", "L10",
+                    VALVE_GATE_EVERY_US="1000000")
+    assert seq == [W(0x10), L(0x10),
+                   W(0x10, 0), L(0x10), W(0x10, 0), L(0x10),  # closed: every launch waits, interval or not
+                   L(0x10), L(0x10)]  # open again: the interval restarted at the last wait
+    assert f.forced_opens == 0
+
+
+def test_the_lease_opens_a_closed_gate_under_pacing(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    f = cb.fields
+    f.gate, f.heartbeat_ns, f.lease_ns = GATE_CLOSED, START - 10**9, 50_000_000  # arbiter silent for 1 s
+    err, seq = script(built, cb, "L10", "T10", "L10", VALVE_GATE_EVERY_US="1000")
+    assert seq == [W(0x10, 1), L(0x10), L(0x10)]  # opened before the first wait; then paced as usual
+    assert f.gate == GATE_OPEN and f.forced_opens == 1 and "heartbeat is 1000 ms old" in err
+
+
+@pytest.mark.parametrize("name,value", [("VALVE_GATE_EVERY_US", "soon"), ("VALVE_GATE_EVERY_N", "-2")])
+def test_a_bad_pacing_value_says_so_and_keeps_the_default(built, shm, name, value):
+    cb = ControlBlock.create(shm / "control")
+    err, seq = script(built, cb, "L10", "T50", "L10", "T50", "L10", **{name: value})
+    assert err.strip().splitlines() == [f"valvegate: {name}={value} is not a whole number >= 0: using "
+                                        f"{100 if name.endswith('US') else 0}"]
+    assert seq == [W(0x10), L(0x10), L(0x10), W(0x10), L(0x10)]  # still gated, at the default pace
 
 
 def _ungated(built, control, why):
@@ -136,20 +219,3 @@ def test_control_block_found_from_the_device_plugin_env(built, shm):
 def test_build_without_a_compiler_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs a C compiler"):
         build(tmp_path, cc="no-such-cc")
-
-
-def test_gpu_bench_fails_fast_without_a_gpu_and_formats_its_table():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("preload_gate", Path(__file__).parents[1] / "bench" / "preload_gate.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    with pytest.raises(SystemExit, match="a CUDA GPU visible to torch"):
-        bench.preflight(["eager"])
-    online = {"p50_ms": 1.0, "p99_ms": 2.0, "n": 10}
-    row = {"online_nolib": {**online, "p99_ms": 8.0}, "online_lib": {**online, "p99_ms": 2.1}, "unit": "steps",
-           "p99_ratio_ungated": 4.0, "p99_ratio_gated": 1.05, "preempt_excess_ms": {"p50": 0.1, "p99": 0.1},
-           "solo_nolib": 100.0, "solo_lib": 99.0, "overhead_gate_open": 0.01, "contended_nolib": 60.0,
-           "contended_lib": 40.0, "library_counters_contended": {"waits": 5, "launches": 5}}
-    text = bench.table({"online_alone": online, "programs": {"eager": row}})
-    assert "| eager | 8.00 (4.00x) | 2.10 (1.05x) |" in text and "99.0 (+1.0%)" in text

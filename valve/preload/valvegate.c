@@ -1,12 +1,16 @@
 /* libvalvegate.so: Valve's offline gate at the CUDA driver's launch entry points, for unmodified programs.
  *
- * LD_PRELOAD it into the offline tenant. Before each kernel or graph launch it enqueues
+ * LD_PRELOAD it into the offline tenant. Before kernel and graph launches it enqueues
  * cuStreamWaitValue32(stream, gate word, GATE_OPEN, EQ) on the control block's gate word, so a closed gate
- * stops the tenant's stream at the next launch. It catches launches resolved by symbol, through dlsym (cuBLASLt
+ * stops the tenant's stream at the next wait. Pacing (VALVE_GATE_EVERY_US=T, default 100; VALVE_GATE_EVERY_N=N,
+ * default off): per stream, a launch gets a wait when T us of host time have passed since that stream's last
+ * wait, or N launches went without one, whichever comes first; always when the host sees the gate closed; T=0
+ * and N unset: before every launch. So the work a stream can run past a gate that closes is what its host
+ * issued in T us (about T us of GPU work when the host keeps pace with the GPU; more when it runs ahead). It catches launches resolved by symbol, through dlsym (cuBLASLt
  * asks libcuda by name) and through cuGetProcAddress[_v2] (the CUDA runtime and cuBLAS), per-thread-stream
  * variants included. Launches into a capturing stream are not gated (a wait there could break the capture): the
  * graph is gated when it launches. The arbiter's heartbeat lease opens a closed gate if the arbiter died.
- * Optional bound (VALVE_GATE_QUEUE_AHEAD=N): the host waits while N gated launches are queued that the GPU has
+ * Optional bound (VALVE_GATE_QUEUE_AHEAD=N): the host waits while N gate waits are queued that the GPU has
  * not reached. Any problem with the control block: one line on stderr, and the process runs ungated.
  *
  * Offsets of the control block come from valve/runtime/control.py (the build passes them as -D flags).
@@ -53,6 +57,8 @@ typedef struct {
 #define TMPFS_MAGIC 0x01021994
 #define DEFAULT_LEASE_NS 1000000000ULL
 #define RING 64
+#define DEFAULT_EVERY_US 100  /* a wait costs ~1 us (inferred from the smoke run): <= ~1% of any stream's time */
+#define STREAMS 256           /* streams paced one by one; more than that: every launch of the others waits */
 
 /* ---- control block -------------------------------------------------------------------------------------- */
 static volatile char *cb;  /* NULL: ungated */
@@ -219,7 +225,58 @@ static int bound(void) {
     return q < 1 ? 0 : q > RING ? RING : q;
 }
 
-/* Wait (host) until fewer than the bound of gated launches are queued past the GPU; then remember this one. */
+/* ---- pacing: which launches get a wait ---------------------------------------------------------------- */
+static uint64_t every_ns = DEFAULT_EVERY_US * 1000ULL;  /* 0: no time interval */
+static unsigned long every_n;                          /* 0: no launch-count bound */
+static pthread_mutex_t pace_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct { CUstream s; int used; unsigned long since; uint64_t last_ns; } paced[STREAMS];
+
+/* A non-negative whole number from the environment, else the default (one line on stderr if it was bad). */
+static unsigned long env_count(const char *name, unsigned long dflt) {
+    const char *v = getenv(name);
+    if (!v || !*v) return dflt;
+    char *end;
+    errno = 0;
+    unsigned long x = strtoul(v, &end, 10);
+    if (errno || *end || *v == '-') {
+        fprintf(stderr, "valvegate: %s=%s is not a whole number >= 0: using %lu\n", name, v, dflt);
+        return dflt;
+    }
+    return x;
+}
+
+/* 1 if the launch about to go on stream s gets a wait; then the stream's interval restarts. */
+static int wait_due(CUstream s) {
+    if (!every_ns && every_n <= 1) return 1;  /* every launch */
+    int closed = *U32(OFF_GATE) != GATE_OPEN;  /* as the host sees it: hold this launch, interval or not */
+    uint64_t now = now_ns();
+    uintptr_t k = (uintptr_t)s;
+    unsigned h = (unsigned)((k >> 4) ^ (k >> 12) ^ k) % STREAMS;
+    int due = 1;
+    pthread_mutex_lock(&pace_lock);
+    for (unsigned i = 0; i < STREAMS; i++) {
+        unsigned j = (h + i) % STREAMS;
+        if (paced[j].used && paced[j].s != s) continue;
+        if (!paced[j].used) {  /* the stream's first launch: a wait */
+            paced[j].used = 1;
+            paced[j].s = s;
+        } else {
+            due = closed || (every_ns && now - paced[j].last_ns >= every_ns) ||
+                  (every_n && paced[j].since + 1 >= every_n);
+        }
+        if (due) {
+            paced[j].since = 0;
+            paced[j].last_ns = now;
+        } else {
+            paced[j].since++;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&pace_lock);
+    return due;  /* table full: every launch of an untracked stream waits */
+}
+
+/* Wait (host) until fewer than the bound of gate waits are queued past the GPU; then remember this one. */
 static void throttle_and_mark(CUstream s) {
     int q = bound();
     if (!q) return;
@@ -244,12 +301,14 @@ static void throttle_and_mark(CUstream s) {
     pthread_mutex_unlock(&ring_lock);
 }
 
-/* Before a launch on stream s: the gate wait (and the bound), unless the stream is capturing. */
+/* Before a launch on stream s: the gate wait (and the bound) when one is due, unless the stream is capturing.
+ * Launches that get no wait cost a clock read and a lock, no driver call. */
 static void before_launch(CUstream s, int per_thread) {
     if (!cb) return;
     __atomic_fetch_add((uint64_t *)U64(OFF_PRELOAD_LAUNCHES), 1, __ATOMIC_RELAXED);
     if (setup() != 1) return;
     if (per_thread && s == NULL) s = CU_STREAM_PER_THREAD;
+    if (!wait_due(s)) return;
     int cap = CU_CAPTURE_NONE;
     if (p_capturing(s, &cap) != CU_OK || cap != CU_CAPTURE_NONE) {
         __atomic_fetch_add((uint64_t *)U64(OFF_PRELOAD_CAPTURED), 1, __ATOMIC_RELAXED);
@@ -391,4 +450,7 @@ __attribute__((constructor)) static void init(void) {
     find_dlsym();
     if (getenv("VALVE_GATE_OFF")) return;  /* same binary, no gating: the overhead baseline */
     map_control();
+    if (!cb) return;
+    every_ns = env_count("VALVE_GATE_EVERY_US", DEFAULT_EVERY_US) * 1000ULL;
+    every_n = env_count("VALVE_GATE_EVERY_N", 0);
 }

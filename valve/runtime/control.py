@@ -93,7 +93,7 @@ class Layout(ctypes.Structure):
         # launch-level gate (libvalvegate.so, valve/preload): counters it adds to, in place of reserved words
         ("preload_launches", ctypes.c_uint64),  # kernel and graph launches it saw
         ("preload_waits", ctypes.c_uint64),  # gate waits it enqueued before them
-        ("preload_captured", ctypes.c_uint64),  # launches into a capturing stream (gated when the graph launches)
+        ("preload_captured", ctypes.c_uint64),  # launches due a wait into a capturing stream (gated at graph launch)
         ("preload_throttled", ctypes.c_uint64),  # times the host waited for queue room (queue_ahead bound)
         # enforcement (taken from the reserved words: the offsets after them do not move)
         ("offline_pid", ctypes.c_uint64),  # the offline client's pid (its Gate writes it; the arbiter pauses it)

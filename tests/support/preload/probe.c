@@ -1,10 +1,30 @@
 /* Drives the fake libcuda the ways CUDA programs reach the launch entry points (run with libvalvegate.so
- * preloaded): by symbol, through dlsym, through cuGetProcAddress[_v2] with the per-thread flag. */
+ * preloaded): by symbol, through dlsym, through cuGetProcAddress[_v2] with the per-thread flag.
+ *
+ * "script OP...": launches and clock steps for the pacing tests. Ls: cuLaunchKernel on stream s (hex); Tn: the
+ * clock moves n us; Gv: the gate word becomes v (the block at VALVE_GATE_CONTROL, offset PROBE_GATE_OFFSET).
+ * With FAKE_CLOCK_START_NS set, this program's clock_gettime (exported, -rdynamic: the preloaded library binds
+ * to it) returns that time plus the steps, so the tests do not depend on how fast the machine runs. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t fake_ns;  /* 0: the real clock */
+
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    if (!fake_ns) return (int)syscall(SYS_clock_gettime, id, ts);
+    ts->tv_sec = (time_t)(fake_ns / 1000000000ULL);
+    ts->tv_nsec = (long)(fake_ns % 1000000000ULL);
+    return 0;
+}
 
 typedef int (*lk_t)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **,
                     void **);
@@ -18,7 +38,30 @@ typedef int (*gpa1_t)(const char *, void **, int, uint64_t);
 extern int cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
                           void **, void **);  /* linked: resolved by symbol */
 
+static int script(int argc, char **argv) {
+    const char *start = getenv("FAKE_CLOCK_START_NS"), *ctl = getenv("VALVE_GATE_CONTROL"),
+               *off = getenv("PROBE_GATE_OFFSET");
+    if (start) fake_ns = strtoull(start, NULL, 10);
+    volatile uint32_t *gate = NULL;
+    if (ctl && off) {
+        int fd = open(ctl, O_RDWR);
+        char *m = fd < 0 ? MAP_FAILED : mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m != MAP_FAILED) gate = (volatile uint32_t *)(m + atoi(off));
+    }
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i] + 1;
+        switch (argv[i][0]) {
+        case 'L': cuLaunchKernel(0, 1, 1, 1, 1, 1, 1, 0, (void *)strtoull(a, NULL, 16), 0, 0); break;
+        case 'T': fake_ns += strtoull(a, NULL, 10) * 1000ULL; break;
+        case 'G': if (!gate) { printf("no gate word\n"); return 2; } *gate = (uint32_t)atoi(a); break;
+        default: printf("bad op %s\n", argv[i]); return 2;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "script") == 0) return script(argc, argv);
     int n = argc > 1 ? 4 : 1;  /* "many": a few launches in a row, for the queue-ahead bound */
     void *h = dlopen("libcuda.so.1", RTLD_NOW);
     if (!h) { printf("no libcuda: %s\n", dlerror()); return 2; }

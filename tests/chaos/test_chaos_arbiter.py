@@ -36,9 +36,12 @@ def test_arbiter_killed_with_the_gate_closed(running, figures):
     sig.begin()
     until(lambda: not gate_open(cb) and off.parked(), "offline parked at the closed gate")
     killed = arb.kill()
+    # the lease runs from the dead arbiter's last heartbeat, which a loaded machine may have written well before
+    # the kill: offline passes no earlier than that, and only then
+    last_beat = int(cb.fields.heartbeat_ns)
     until(lambda: off.passed_after(killed), "offline past the lease", timeout=20)
     stall = off.passed_after(killed) - killed
-    assert stall >= LEASE_MS * 1e6 * 0.9  # the lease, not earlier: a live arbiter may be slow
+    assert off.passed_after(killed) - last_beat > LEASE_MS * 1e6
     assert cb.fields.forced_opens == 1
     started = arb.start()  # the request is still in flight: the new arbiter closes the gate for it
     until(lambda: not gate_open(cb), "the restarted arbiter closing the gate", timeout=20)
@@ -59,7 +62,9 @@ def test_arbiter_killed_with_the_gate_open(running, figures):
     until(lambda: off.count() > n + 100, "offline running with the arbiter dead")
     window = [t for t in off.passes if t > killed]
     gap = max(b - a for a, b in zip(window, window[1:], strict=False))
-    assert gap < LEASE_MS * 1e6  # never parked: nothing closed the gate
+    # never parked: nothing closed the gate, so the lease never had to open it (the gap itself is a figure: a
+    # loaded machine can pause the thread longer than a lease)
+    assert gate_open(cb) and cb.fields.forced_opens == 0
     until(lambda: time.monotonic_ns() - cb.fields.heartbeat_ns > LEASE_MS * 1e6, "a stale heartbeat")
     sig.begin()  # a request while the arbiter is dead: served, the stale flag closes nothing
     assert gate_open(cb)

@@ -434,8 +434,11 @@ def orchestrate(args, items: list[dict], on_repeat=None) -> dict:
     from valve.preload.build import build
     from valve.runtime.control import ControlBlock
 
-    out = Path(args.out)
-    lib = build(out / "lib")
+    # the library and the children's logs go beside the results, not among them: a device call returns only a
+    # few files from its output folder, and the logs must not crowd out the JSON
+    work = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="valve-preload-bench-work-"))
+    print(f"[bench] library and logs in {work}", flush=True)
+    lib = build(work / "lib")
     shm = Path(tempfile.mkdtemp(prefix="valve-preload-bench-", dir="/dev/shm"))
     cb = ControlBlock.create(shm / "control")
     base = procs.child_env({"OMP_NUM_THREADS": "1"} if args.device == "cpu" else None)
@@ -446,15 +449,15 @@ def orchestrate(args, items: list[dict], on_repeat=None) -> dict:
     raw: dict = {"alone": [], "contended": {}, "solo": {}, "kernel_ms": {}}
     t_start = time.monotonic()
     try:
-        workers["online"] = _worker("online", ["--online", str(cb.path), *dev], base, out)
+        workers["online"] = _worker("online", ["--online", str(cb.path), *dev], base, work)
         for prog in args.programs:
             workers[(prog, None)] = _worker(f"offline-{prog}-nolib", ["--offline", prog, *dev, *chunks_arg], base,
-                                            out)
+                                            work)
             for pace in args.paces:
                 env = {**base, "LD_PRELOAD": str(lib), "VALVE_GATE_CONTROL": str(cb.path),
                        "VALVE_GATE_EVERY_US": str(pace)}
                 workers[(prog, pace)] = _worker(f"offline-{prog}-lib-pace{pace}",
-                                                ["--offline", prog, *dev, *chunks_arg], env, out)
+                                                ["--offline", prog, *dev, *chunks_arg], env, work)
         ready = {k: w.expect("ready", timeout=args.start_timeout) for k, w in workers.items()}
         not_loaded = [k for k, r in ready.items() if k != "online" and r["preloaded"] != (k[1] is not None)]
         if not_loaded:
@@ -638,6 +641,8 @@ def main(argv=None) -> int:
                                                               "--quick 1)")
     ap.add_argument("--chunks", default=None, help="eager program: GEMM row chunks in tokens, 'full' = unsplit "
                                                    "(default full,2048,512,128; --quick full,512)")
+    ap.add_argument("--logs", default=None, help="folder for the built library and the children's logs (default: a "
+                    "new temporary folder, printed; not --out)")
     ap.add_argument("--paces", default="0,100", help="VALVE_GATE_EVERY_US of the library's processes, one process "
                                                       "per value per program (0: a wait before every launch)")
     ap.add_argument("--solo-seconds", type=float, default=None, help="offline alone, per measurement (default 1.5, "

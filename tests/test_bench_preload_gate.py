@@ -163,3 +163,5 @@ def test_dry_run_on_cpu_runs_every_step(tmp_path):
     assert doc["standard"]["met"] is False and doc["settings"]["device"] == "cpu"
     assert (tmp_path / "preload_gate.png").stat().st_size > 0
     assert "| hf | full | - | gated, every 100 us |" in (tmp_path / "preload_gate.md").read_text()
+    # only the results in --out (a device call returns at most 8 files): the library and logs go elsewhere
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["preload_gate.json", "preload_gate.md", "preload_gate.png"]

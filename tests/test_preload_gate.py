@@ -56,9 +56,9 @@ def launches(lines):
     return [ln for ln in lines if ln.startswith(("launch", "wait"))]
 
 
-@pytest.mark.parametrize("pacing", [{}, {"VALVE_GATE_EVERY_US": "0"}], ids=["default-pacing", "every-launch"])
+@pytest.mark.parametrize("pacing", [{}, {"VALVE_GATE_EVERY_US": "100"}], ids=["default", "paced"])
 def test_waits_before_every_launch_on_every_path(built, shm, pacing):
-    # each launch goes to a stream of its own, so the default pacing waits before each too (a stream's first)
+    # by default a wait before every launch; paced, each launch here still waits: it is its stream's first
     cb = ControlBlock.create(shm / "control")
     p, lines = run(built, cb.path, **pacing)
     assert p.stderr == ""
@@ -143,9 +143,9 @@ def test_pacing_waits_at_most_once_per_interval_per_stream(built, shm):
                    W(0x20), L(0x20)]
     f = cb.fields
     assert (f.preload_launches, f.preload_waits) == (7, 4)
-    cb2 = ControlBlock.create(shm / "control2")  # the default interval is 100 us too
+    cb2 = ControlBlock.create(shm / "control2")  # unpaced by default: a wait before every launch
     _, seq = script(built, cb2, "L10", "T99", "L10", "T1", "L10")
-    assert seq == [W(0x10), L(0x10), L(0x10), W(0x10), L(0x10)]
+    assert seq == [W(0x10), L(0x10), W(0x10), L(0x10), W(0x10), L(0x10)]
 
 
 def test_pacing_every_n_launches_and_whichever_comes_first(built, shm):
@@ -184,8 +184,8 @@ def test_a_bad_pacing_value_says_so_and_keeps_the_default(built, shm, name, valu
     cb = ControlBlock.create(shm / "control")
     err, seq = script(built, cb, "L10", "T50", "L10", "T50", "L10", **{name: value})
     assert err.strip().splitlines() == [f"valvegate: {name}={value} is not a whole number >= 0: using "
-                                        f"{100 if name.endswith('US') else 0}"]
-    assert seq == [W(0x10), L(0x10), L(0x10), W(0x10), L(0x10)]  # still gated, at the default pace
+                                        "0"]
+    assert seq == [W(0x10), L(0x10), W(0x10), L(0x10), W(0x10), L(0x10)]  # still gated, before every launch
 
 
 def _ungated(built, control, why):

@@ -122,6 +122,8 @@ class MemoryController:
         snap = self.gpu.snapshot()
         reported = int(f.online_mem_bytes)
         held = snap.online_bytes
+        if held is None and reported:  # no per-process NVML figure: the online client says what it holds
+            held = int(f.online_held_bytes)
         demand = max(reported, held or 0)
         peak = self.peak.update(now_ns, demand)
         rp = self.spec.reserve

@@ -13,7 +13,10 @@ On one device, in one call, each variant runs real engine processes: the online 
 - ``time-slicing``: both, nothing between them (the driver time-slices the two contexts);
 - ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.gate.offline.attach``), the online signal
   (``online_request()``) and the offline KV cache in the runtime's ``KVPool``;
-- ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last).
+- ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last);
+- ``time-slicing-mem``, ``valve-mem``, ``mps-mem`` (``--memory-pressure`` adds them): memory pressure, the online
+  KV cache elastic (under Valve it asks the arbiter before it maps), the offline pool filling the free memory
+  (``memory_plan``); reclaims, bytes, reclaim time, online OOMs and waits, evictions in ``memory_rows``.
 
 Every variant sends the same seeded request trace. Offline tokens/s is measured over the load window from the
 runner's progress records. On CPU (``--device cpu``) the same harness runs a tiny model in a few seconds.

@@ -205,11 +205,12 @@ def make_elastic(worker: EngineWorker, base_bytes: int, valve: bool, idle_releas
     pool.release_free(base_bytes)  # what the warm-up mapped
     memory = None
     if valve:
+        from valve.api.contract import ENV_GPU_UUID
         from valve.runtime.control import ControlBlock, resolve_control_path
 
         path = resolve_control_path()
         if path is None:
-            raise ValueError("--valve with --kv-elastic-bytes needs VALVE_GPU_UUID (the arbiter's GPU)")
+            raise ValueError(f"--valve with --kv-elastic-bytes needs {ENV_GPU_UUID} (the arbiter's GPU)")
         memory = OnlineMemory(ControlBlock.open(path), device_free_bytes(pool.backend))
     el = ElasticKV(worker.engine, pool, base_bytes, memory, idle_release_s)
     worker.before_step = el.before_step

@@ -143,7 +143,9 @@ def memory_plan(s: Settings, gpu_total_bytes: int | None) -> dict:
             "online_base_bytes": s.mem_online_base_bytes or -(-(s.prompt_max + s.output_max) * per_token // chunk) * chunk,
             # GPU: room for the tenants' own activations (torch allocations outside the pools)
             "leave_bytes": pick(s.mem_leave_bytes, 0, 256 * MiB),
-            "reserve_bytes": pick(s.mem_reserve_bytes, chunk, 8 * chunk), "hysteresis_bytes": pick(None, 0, 4 * chunk),
+            # the offline engine's activations (outside the pool) grow with its contexts: fill once they peaked
+            "fill_after_steps": 3 if cpu else 200,
+            "reserve_bytes": pick(s.mem_reserve_bytes, chunk, 32 * chunk), "hysteresis_bytes": pick(None, 0, 8 * chunk),
             "decay_s": 0.3 if cpu else 5.0,
             "idle_release_s": pick(s.mem_idle_release_s, 0.1, 1.0),
             "device_bytes": device, "offline_max_bytes": device or gpu_total_bytes or (8 << 30)}
@@ -306,7 +308,8 @@ def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, 
            "--progress", str(progress), "--progress-interval", str(s.progress_interval), "--seed", str(s.seed + 1)]
     if mem is not None:  # the pool under every variant; it fills the free memory (less leave_bytes)
         cmd += ["--kv-pool", "--kv-pool-bytes", str(mem["offline_max_bytes"]), "--kv-chunk-bytes",
-                str(mem["chunk_bytes"]), "--kv-pool-fill", "--kv-pool-leave-bytes", str(mem["leave_bytes"])]
+                str(mem["chunk_bytes"]), "--kv-pool-fill", "--kv-pool-leave-bytes", str(mem["leave_bytes"]),
+                "--kv-pool-fill-after-steps", str(mem["fill_after_steps"])]
         cmd += ["--gate"] if valve else []
         cmd += ["--reclaim-log", str(reclaim_log)] if reclaim_log else []
     elif valve:

@@ -234,6 +234,7 @@ def main(
     kv_chunk_bytes: int | None = None,
     kv_pool_fill: bool = False,
     kv_pool_leave_bytes: int = 512 << 20,
+    kv_pool_fill_after_steps: int = 3,
     reclaim_log: str | None = None,
 ) -> None:
     """Run every prompt of INPUT through a random-weight Llama-shaped model, resumably, and report tokens/s.
@@ -243,7 +244,8 @@ def main(
     the runtime's KVPool and, when VALVE_GPU_UUID names a GPU with a running arbiter, answers its memory
     reclaim requests between steps (--reclaim-log PATH: one JSON line per request answered). --kv-pool-fill maps
     the pool up to its limit (the arbiter's, or --kv-pool-bytes) less --kv-pool-leave-bytes of free device memory,
-    as a preallocating engine takes the free memory."""
+    as a preallocating engine takes the free memory, from step --kv-pool-fill-after-steps on (by then the engine's
+    own activations must have reached their peak: they are allocated outside the pool)."""
     from valve.engine.choice import build_engine_model, require_engine
 
     require_engine(engine, arch, "valve.engine.offline")  # before torch is imported or a model built
@@ -272,7 +274,8 @@ def main(
         if kv_pool_fill:
             from valve.runtime.memory.online import device_free_bytes
 
-            hooks.append(PoolFill(pool, device_free_bytes(pool.backend), kv_pool_leave_bytes))
+            hooks.append(PoolFill(pool, device_free_bytes(pool.backend), kv_pool_leave_bytes,
+                                  kv_pool_fill_after_steps))
         if hooks:
             def hook(engine):
                 for h in hooks:

@@ -13,7 +13,10 @@ On one device, in one call, each variant runs real engine processes: the online 
 - ``time-slicing``: both, nothing between them (the driver time-slices the two contexts);
 - ``valve``: both, with Valve's arbiter, the offline gate (``valve.runtime.gate.offline.attach``), the online signal
   (``online_request()``) and the offline KV cache in the runtime's ``KVPool``;
-- ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last).
+- ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last);
+- ``time-slicing-mem``, ``valve-mem``, ``mps-mem`` (``--memory-pressure`` adds them): memory pressure, the online
+  KV cache elastic (under Valve it asks the arbiter before it maps), the offline pool filling the free memory
+  (``memory_plan``); reclaims, bytes, reclaim time, online OOMs and waits, evictions in ``memory_rows``.
 
 Every variant sends the same seeded request trace. Offline tokens/s is measured over the load window from the
 runner's progress records. On CPU (``--device cpu``) the same harness runs a tiny model in a few seconds.
@@ -48,6 +51,11 @@ from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR  # noqa: E402
 from valve.outpath import check_dir  # noqa: E402
 
 VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "mps")
+# memory-pressure variants (--memory-pressure, or by name): the same trace, the online KV cache elastic (it maps
+# what queued requests need and gives it back when idle), the offline pool taking the free device memory
+MEM_VARIANTS = ("time-slicing-mem", "valve-mem", "mps-mem")
+ALL_VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "time-slicing-mem", "valve-mem", "mps",
+                "mps-mem")  # the order they run in: online-alone first (calibration), MPS last
 
 
 @dataclass
@@ -87,6 +95,14 @@ class Settings:
     offline_warmup: float = 10.0  # seconds of offline steps before the window (kernels loaded, batch full)
     graphs: bool = True  # the online server replays CUDA graphs for decode steps (CUDA only)
     keep_logs: bool = False  # copy the children's logs to <out>/colocation_logs/<variant>/
+    # memory-pressure variants (None: sized by memory_plan from the device and the model shapes)
+    mem_device_bytes: int | None = None  # CPU: the simulated device's memory (GPU: the real one)
+    mem_chunk_bytes: int | None = None  # both pools' mapping unit
+    mem_online_bytes: int | None = None  # the most the online KV pool may map
+    mem_online_base_bytes: int | None = None  # what it keeps mapped
+    mem_leave_bytes: int | None = None  # free memory the offline pool leaves when it fills up
+    mem_reserve_bytes: int | None = None  # the arbiter's reserve floor (RuntimeSpec.reserve.min_bytes)
+    mem_idle_release_s: float | None = None  # online idle time before it gives its burst memory back
 
     def offline_blocks(self, kv_bytes_per_token: int) -> int:
         return max(1, self.offline_kv_bytes // (kv_bytes_per_token * self.block_size))
@@ -99,6 +115,40 @@ class Settings:
         weights = 2 * (on.params() + off.params())
         online_kv = self.online_blocks * self.block_size * on.kv_bytes_per_token()
         return weights + online_kv + self.offline_kv_bytes
+
+
+def memory_plan(s: Settings, gpu_total_bytes: int | None) -> dict:
+    """Sizes of the memory-pressure variants, in units of the pools' mapping chunk. The offline pool may map the
+    whole device and fills the free memory but ``leave_bytes`` (without Valve) or what the arbiter grants (with
+    Valve: free beyond the reserve and its hysteresis); the online pool keeps ``online_base_bytes`` and may grow to
+    what ``online_max_seqs`` requests of the longest shape need (a device that refuses it is an online OOM: the
+    requests then wait for blocks). The arbiter's reserve is small (a few chunks) and
+    its recent-peak memory short (``decay_s``), so online bursts need memory that offline holds: RuntimeSpec's
+    defaults (1 GiB floor, 60 s half-life) would keep that much free and leave little to reclaim. On CPU the device
+    is a simulated one of ``device_bytes`` (VALVE_SIM_DEVICE, shared by the processes) sized to the tiny model."""
+    from valve.engine.config import get_config
+
+    cpu = s.device == "cpu"
+    KiB, MiB = 1 << 10, 1 << 20
+    chunk = s.mem_chunk_bytes or (16 * KiB if cpu else 8 * MiB)
+    per_token = get_config(s.online_model).kv_bytes_per_token(4 if cpu else 2)
+    need = s.online_max_seqs * (s.prompt_max + s.output_max) * per_token
+    device = s.mem_device_bytes or (8 * MiB if cpu else None)
+
+    def pick(value, cpu_default, gpu_default):
+        return value if value is not None else cpu_default if cpu else gpu_default
+
+    return {"chunk_bytes": chunk, "online_max_bytes": s.mem_online_bytes or -(-need // chunk) * chunk,
+            # one request of the longest shape always fits: without memory from offline, requests queue, never hang
+            "online_base_bytes": s.mem_online_base_bytes or -(-(s.prompt_max + s.output_max) * per_token // chunk) * chunk,
+            # GPU: room for the tenants' own activations (torch allocations outside the pools)
+            "leave_bytes": pick(s.mem_leave_bytes, 0, 256 * MiB),
+            # the offline engine's activations (outside the pool) grow with its contexts: fill once they peaked
+            "fill_after_steps": 3 if cpu else 200,
+            "reserve_bytes": pick(s.mem_reserve_bytes, chunk, 32 * chunk), "hysteresis_bytes": pick(None, 0, 8 * chunk),
+            "decay_s": 0.3 if cpu else 5.0,
+            "idle_release_s": pick(s.mem_idle_release_s, 0.1, 1.0),
+            "device_bytes": device, "offline_max_bytes": device or gpu_total_bytes or (8 << 30)}
 
 
 def check_settings(s: Settings, gpu_total_bytes: int | None) -> None:
@@ -235,8 +285,12 @@ def write_offline_prompts(path: Path, s: Settings, vocab: int) -> None:
 
 
 # ---- processes --------------------------------------------------------------------------------------------------
-def server_cmd(s: Settings, port: int, ready: Path, valve: bool, timeline: Path | None = None) -> list[str]:
-    return [sys.executable, "-m", "valve.engine.server"] + (["--timeline", str(timeline)] if timeline else []) + [ "--model", s.online_model, "--device", s.device,
+def server_cmd(s: Settings, port: int, ready: Path, valve: bool, timeline: Path | None = None,
+               mem: dict | None = None) -> list[str]:
+    elastic = [] if mem is None else [
+        "--kv-elastic-bytes", str(mem["online_max_bytes"]), "--kv-base-bytes", str(mem["online_base_bytes"]),
+        "--kv-chunk-bytes", str(mem["chunk_bytes"]), "--kv-idle-release-s", str(mem["idle_release_s"])]
+    return [sys.executable, "-m", "valve.engine.server"] + elastic + (["--timeline", str(timeline)] if timeline else []) + [ "--model", s.online_model, "--device", s.device,
             "--engine", s.engine, "--arch", s.arch,
             "--port", str(port), "--num-blocks", str(s.online_blocks), "--block-size", str(s.block_size),
             "--max-batch-tokens", str(s.online_batch_tokens), "--max-seqs", str(s.online_max_seqs),
@@ -244,21 +298,35 @@ def server_cmd(s: Settings, port: int, ready: Path, valve: bool, timeline: Path 
             str(s.prompt_max + s.output_max), "--warmup-max-prompt", str(s.prompt_max)] + (["--valve"] if valve else []) + ([] if s.graphs else ["--no-graphs"])
 
 
-def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, n_blocks: int) -> list[str]:
+def offline_cmd(s: Settings, inp: Path, out: Path, progress: Path, valve: bool, n_blocks: int,
+                mem: dict | None = None, reclaim_log: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "valve.engine.offline", "--input", str(inp), "--output", str(out),
            "--model", s.offline_model, "--device", s.device, "--block-size", str(s.block_size),
            "--engine", s.engine, "--arch", s.arch,
            "--num-blocks", str(n_blocks), "--max-batch-tokens", str(s.offline_batch_tokens),
            "--max-seqs", str(s.offline_max_seqs), "--max-tokens", str(s.offline_output),
            "--progress", str(progress), "--progress-interval", str(s.progress_interval), "--seed", str(s.seed + 1)]
-    if valve:
+    if mem is not None:  # the pool under every variant; it fills the free memory (less leave_bytes)
+        cmd += ["--kv-pool", "--kv-pool-bytes", str(mem["offline_max_bytes"]), "--kv-chunk-bytes",
+                str(mem["chunk_bytes"]), "--kv-pool-fill", "--kv-pool-leave-bytes", str(mem["leave_bytes"]),
+                "--kv-pool-fill-after-steps", str(mem["fill_after_steps"])]
+        cmd += ["--gate"] if valve else []
+        cmd += ["--reclaim-log", str(reclaim_log)] if reclaim_log else []
+    elif valve:
         cmd += ["--gate", "--kv-pool", "--kv-pool-bytes", str(s.offline_kv_bytes)]
     return cmd
 
 
-def arbiter_cmd(gpu_uuid: str, runtime_dir: Path, metrics_port: int) -> list[str]:
+def arbiter_cmd(gpu_uuid: str, runtime_dir: Path, metrics_port: int, spec: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", gpu_uuid,
-            "--runtime-dir", str(runtime_dir), "--metrics-port", str(metrics_port)]
+            "--runtime-dir", str(runtime_dir), "--metrics-port", str(metrics_port)] + (
+        ["--spec", str(spec)] if spec else [])
+
+
+def runtime_spec(mem: dict) -> dict:
+    """The arbiter's RuntimeSpec for a memory-pressure variant: the reserve of the plan."""
+    return {"reserve": {"min_bytes": mem["reserve_bytes"], "hysteresis_bytes": mem["hysteresis_bytes"],
+                        "decay_seconds": mem["decay_s"]}}
 
 
 def valve_missing() -> str | None:
@@ -345,15 +413,22 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
     s, wd = run.s, run.workdir / f"repeat{run.repeat + 1}" / name
     wd.mkdir(parents=True, exist_ok=True)
     online, offline = name != "offline-alone", name != "online-alone"
-    valve = name == "valve"
+    base = name.removesuffix("-mem")
+    mem = memory_plan(s, run.env_info.get("gpu_total_bytes")) if name in MEM_VARIANTS else None
+    valve = base == "valve"
     on_cfg, off_cfg = get_config(s.online_model), get_config(s.offline_model)
     extra: dict = {}
     children: list[Child] = []
     util = UtilSampler(s.device)
     stack = ExitStack()
     try:
-        if name == "mps":
+        if base == "mps":
             extra.update(stack.enter_context(mps.Daemon(wd)).env)
+        if mem is not None and mem["device_bytes"]:  # CPU: one simulated device for the three processes
+            from valve.runtime.memory.sim import ENV_SIM_DEVICE, SharedSimGPU
+
+            SharedSimGPU(wd / "sim-device", mem["device_bytes"], mem["chunk_bytes"])
+            extra[ENV_SIM_DEVICE] = str(wd / "sim-device")
         if valve:
             rdir = wd / "runtime"
             uuid = run.env_info["gpu_uuid"]
@@ -363,22 +438,31 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             # created here so that the engines may start beside the arbiter (which reuses a valid block)
             ControlBlock.create(control_path(uuid, rdir)).close()
             cenv = child_env(extra, one_thread=s.device == "cpu")
-            children.append(Child("arbiter", arbiter_cmd(uuid, rdir, free_port()), cenv,
+            spec = None
+            if mem is not None:
+                spec = wd / "runtime-spec.json"
+                spec.write_text(json.dumps(runtime_spec(mem)))
+            children.append(Child("arbiter", arbiter_cmd(uuid, rdir, free_port(), spec), cenv,
                                   wd / "arbiter.log"))
         cenv = child_env(extra, one_thread=s.device == "cpu")
         url = None
         if online:
             port, ready = free_port(), wd / "server.ready"
             timeline = wd / "timeline.jsonl"
-            children.append(Child("online server", server_cmd(s, port, ready, valve, timeline), cenv,
+            if valve and mem is not None:  # the server's memory client maps the control block: arbiter first
+                wait_for("the arbiter's heartbeat", lambda: heartbeat(control_path(uuid, rdir)), 60, children)
+            children.append(Child("online server", server_cmd(s, port, ready, valve, timeline, mem), cenv,
                                   wd / "server.log"))
             url = f"http://127.0.0.1:{port}"
-        progress = wd / "progress.jsonl"
+        progress, reclaims = wd / "progress.jsonl", wd / "reclaims.jsonl"
+        if online and mem is not None:  # the offline pool fills what the server (weights, warm-up) left free
+            wait_for("the online server", ready.exists, s.startup_timeout, children)
         if offline:
             inp = run.workdir / "offline_prompts.jsonl"
             n_blocks = s.offline_blocks(off_cfg.kv_bytes_per_token(2 if s.device == "cuda" else 4))
             children.append(Child("offline runner", offline_cmd(s, inp, wd / "completions.jsonl", progress, valve,
-                                                                n_blocks), cenv, wd / "offline.log"))
+                                                                n_blocks, mem, reclaims if valve else None),
+                                  cenv, wd / "offline.log"))
         run.pids += [c.pid for c in children]
         if valve:
             wait_for("the arbiter's heartbeat", lambda: heartbeat(control_path(uuid, rdir)), 60, children)
@@ -427,6 +511,9 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["timeline"] = join_timeline(ok, timeline)
         if valve:
             out["control"] = read_control(control_path(uuid, rdir))
+        if mem is not None:
+            out.update(memory_figures(stats0.get("memory", {}), stats1.get("memory", {}), read_progress(reclaims),
+                                      t0, t1, out.get("errors", 0)))
         return out
     finally:
         util.stop()
@@ -435,6 +522,25 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         stack.close()  # the MPS daemon, after its clients
         if tick:
             tick(1.0)
+
+
+def memory_figures(before: dict, after: dict, reclaims: list[dict], t0: float, t1: float, errors: int) -> dict:
+    """A memory-pressure variant's figures over the load window: the offline pool's reclaims (count, bytes, host
+    time of each, sequences evicted and their tokens to recompute) and the online pool (failed device
+    allocations, waits for memory it asked for, peak). ``mem_*`` keys, so repeats pool like the other figures."""
+    win = [r for r in reclaims if t0 <= r["time"] <= t1 and r["released_bytes"] > 0]
+    waits = after.get("ask_wait_s", [])[len(before.get("ask_wait_s", [])):]
+    return {
+        "mem_reclaims": len(win), "mem_reclaimed_bytes": sum(r["released_bytes"] for r in win),
+        "mem_reclaim_ms": [r["seconds"] * 1e3 for r in win],
+        "mem_evicted": sum(r["evicted"] for r in win), "mem_recomputed_tokens": sum(r["evicted_tokens"] for r in win),
+        "mem_online_ooms": after.get("ooms", 0) - before.get("ooms", 0),
+        "mem_online_device_ooms": after.get("device_ooms", 0) - before.get("device_ooms", 0),
+        "mem_online_grows": after.get("grows", 0) - before.get("grows", 0),
+        "mem_online_grown_bytes": after.get("grown_bytes", 0) - before.get("grown_bytes", 0),
+        "mem_online_peak_bytes": after.get("peak_bytes", 0), "mem_ask_wait_ms": [w * 1e3 for w in waits],
+        "mem_online_errors": errors,
+    }
 
 
 def offline_warm(records: list[dict], warmup_s: float) -> bool:
@@ -491,14 +597,15 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None, resum
     skipped: dict[str, str] = {}
     todo = []
     for v in s.variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
-        why = valve_missing() if v == "valve" else mps_missing(s.device) if v == "mps" else None
+        if v not in ALL_VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(ALL_VARIANTS)}")
+        base = v.removesuffix("-mem")
+        why = valve_missing() if base == "valve" else mps_missing(s.device) if base == "mps" else None
         if why:
             skipped[v] = why
         else:
             todo.append(v)
-    todo.sort(key=VARIANTS.index)  # online-alone first (calibration), mps last
+    todo.sort(key=ALL_VARIANTS.index)  # online-alone first (calibration), mps last
     reps: list[dict[str, dict]] = []
     started, earlier = time.time(), 0.0
     if resume:
@@ -559,6 +666,10 @@ def write_result(s: Settings, run: Run, env_info: dict, reps: list[dict[str, dic
         "window_s": run.seconds(), "seconds_total": seconds_total, "skipped": dict(skipped),
         "pids": list(run.pids), "tenants": tenants(pooled),
     }
+    mem_rows = report.memory_rows(pooled)
+    if mem_rows:  # only runs with memory-pressure variants carry these (older results load as they were)
+        result["memory_plan"] = memory_plan(s, env_info.get("gpu_total_bytes"))
+        result["memory_rows"] = mem_rows
     if len(reps) == 1:
         result.update(variants=reps[0], rows=report.rows(reps[0]), breakdown=report.breakdown(reps[0]))
     else:
@@ -595,6 +706,9 @@ def table_text(result: dict) -> str:
 
     con = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     con.print(report.render_table(result["rows"], result.get("title", "colocation")))
+    if result.get("memory_rows"):
+        con.print(report.render_memory_table(result["memory_rows"], "memory pressure (load window; reclaim time: "
+                                             "the offline pool's, host)"))
     for k, v in result["skipped"].items():
         con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
     for name, d in result.get("breakdown", {}).items():
@@ -617,7 +731,9 @@ def load_resume(path: Path, s: Settings) -> dict:
         raise ValueError(f"--resume {path} is not a colocation result")
     ours = {k: v for k, v in json.loads(json.dumps(asdict(s))).items() if k not in ("repeats", "keep_logs")}
     theirs = doc.get("settings", {})
-    diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+    # a setting added since that run is as it was then when it has its default
+    defaults = json.loads(json.dumps(asdict(Settings())))
+    diff = sorted(k for k in ours if theirs.get(k, defaults.get(k)) != ours[k])
     if diff:
         raise ValueError(f"--resume {path} ran other settings ({', '.join(diff)}): pass the same options")
     done = len(doc.get("repeats") or [doc.get("variants")])
@@ -630,6 +746,12 @@ def settings_from(device: str | None, quick: bool, **overrides) -> Settings:
     dev = device or detect_device()
     s = preset(dev, quick)
     return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def with_memory_variants(chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """``chosen`` plus the memory-pressure variant of each colocated one (time-slicing and valve when none is)."""
+    mem = [f"{v}-mem" for v in chosen if f"{v}-mem" in MEM_VARIANTS] or ["time-slicing-mem", "valve-mem"]
+    return tuple(dict.fromkeys((*chosen, *mem)))
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -651,8 +773,18 @@ def colocation(
     rate: float | None = typer.Option(None, min=0.01, help="Online requests/s (skips calibration)."),
     arrival: str | None = typer.Option(None, help="poisson, gamma or onoff."),
     cv: float | None = typer.Option(None, help="Gamma arrivals: CV of the gaps."),
-    variants: str | None = typer.Option(None, help="Comma list (default: all): online-alone, offline-alone, "
-                                                   "time-slicing, valve, mps."),
+    variants: str | None = typer.Option(None, help="Comma list (default: all but the memory-pressure ones): "
+                                                   "online-alone, offline-alone, time-slicing, valve, mps, "
+                                                   "time-slicing-mem, valve-mem, mps-mem."),
+    memory_pressure: bool = typer.Option(False, "--memory-pressure", help="Add the memory-pressure variants of "
+                                         "the chosen ones (time-slicing-mem, valve-mem, mps-mem): elastic online "
+                                         "KV cache, offline pool filling the free memory."),
+    mem_device_bytes: int | None = typer.Option(None, help="Memory variants on CPU: the simulated device's bytes."),
+    mem_online_bytes: int | None = typer.Option(None, help="Memory variants: the online KV pool's most bytes."),
+    mem_leave_bytes: int | None = typer.Option(None, help="Memory variants: free bytes the filling offline pool "
+                                               "leaves (GPU default 256 MiB)."),
+    mem_reserve_bytes: int | None = typer.Option(None, help="Memory variants: the arbiter's reserve floor "
+                                                 "(GPU default: RuntimeSpec's, 1 GiB)."),
     seed: int | None = typer.Option(None, help="Seed of the request trace and the weights."),
     output_mean: float | None = typer.Option(None, help="Mean online output tokens."),
     prompt_mean: float | None = typer.Option(None, help="Mean online prompt tokens."),
@@ -667,11 +799,15 @@ def colocation(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
+    if memory_pressure:
+        chosen = with_memory_variants(chosen or VARIANTS)
     s = settings_from(device, quick, online_model=online_model or model, offline_model=offline_model or model,
                       engine=engine, arch=arch, seconds=seconds, requests=requests, repeats=repeats,
                       busy=busy, rate=rate, arrival=arrival, cv=cv, variants=chosen, seed=seed,
                       output_mean=output_mean, prompt_mean=prompt_mean, offline_warmup=offline_warmup,
-                      graphs=graphs, keep_logs=keep_logs or None)
+                      graphs=graphs, keep_logs=keep_logs or None, mem_device_bytes=mem_device_bytes,
+                      mem_online_bytes=mem_online_bytes, mem_leave_bytes=mem_leave_bytes,
+                      mem_reserve_bytes=mem_reserve_bytes)
     try:
         check_dir(out)
         check_settings(s, environment(s.device).get("gpu_total_bytes"))

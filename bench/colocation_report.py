@@ -6,7 +6,7 @@ from __future__ import annotations
 from bench.harness.output import pyplot
 from valve.stats import percentile
 
-ORDER = ("online-alone", "offline-alone", "time-slicing", "mps", "valve")
+ORDER = ("online-alone", "offline-alone", "time-slicing", "mps", "valve", "time-slicing-mem", "mps-mem", "valve-mem")
 
 
 def ratio(a, b) -> float:
@@ -151,6 +151,46 @@ def render_table(table_rows: list[dict], title: str):
             "-" if util is None else f"{util:.0f}%",
             "-" if busy is None else f"{busy:.0%}",
         )
+    return t
+
+
+def memory_rows(variants: dict[str, dict]) -> list[dict]:
+    """One row per memory-pressure variant (those with ``mem_*`` figures): offline reclaims (count, MiB, host
+    time p50/p99 of one reclaim), sequences evicted and tokens to recompute, online failed allocations (OOMs),
+    its waits for memory it asked for (p50/p99), and its peak pool."""
+    out = []
+    for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        v = variants[name]
+        if "mem_reclaims" not in v:
+            continue
+        ms, waits = v.get("mem_reclaim_ms") or [], v.get("mem_ask_wait_ms") or []
+        out.append({"variant": name, "reclaims": v["mem_reclaims"], "reclaimed_bytes": v["mem_reclaimed_bytes"],
+                    "reclaim_p50_ms": percentile(ms, 50), "reclaim_p99_ms": percentile(ms, 99),
+                    "evicted": v["mem_evicted"], "recomputed_tokens": v["mem_recomputed_tokens"],
+                    "online_ooms": v["mem_online_ooms"], "online_errors": v.get("mem_online_errors", 0),
+                    "ask_wait_p50_ms": percentile(waits, 50), "ask_wait_p99_ms": percentile(waits, 99),
+                    "asks": len(waits), "online_peak_bytes": v.get("mem_online_peak_bytes")})
+    return out
+
+
+def render_memory_table(mem_rows: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("variant", "reclaims", "reclaimed MiB", "reclaim p50 ms", "reclaim p99 ms", "evicted seqs",
+                "recompute tok", "online OOMs", "online asks", "ask wait p50 ms", "ask wait p99 ms",
+                "online peak MiB"):
+        t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None or x != x else fmt.format(x)
+
+    for r in mem_rows:
+        t.add_row(r["variant"], f(r["reclaims"], "{:.0f}"), f(r["reclaimed_bytes"] / 2**20, "{:.2f}"),
+                  f(r["reclaim_p50_ms"]), f(r["reclaim_p99_ms"]), f(r["evicted"], "{:.0f}"),
+                  f(r["recomputed_tokens"], "{:.0f}"), f(r["online_ooms"], "{:.0f}"), f(r["asks"], "{:.0f}"),
+                  f(r["ask_wait_p50_ms"]), f(r["ask_wait_p99_ms"]),
+                  f((r["online_peak_bytes"] or 0) / 2**20, "{:.2f}"))
     return t
 
 

@@ -211,3 +211,46 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path):
         load_resume(path, Settings(requests=300, repeats=2))
     with pytest.raises(ValueError, match="cannot read --resume"):
         load_resume(tmp_path / "missing.json", s)
+
+
+@pytest.mark.timeout(240)
+def test_memory_pressure_variant_reclaims_for_online_on_cpu(tmp_path):
+    """valve-mem end to end: the online server's KV pool grows for bursts after asking the arbiter; the offline
+    pool, which filled the (simulated, shared) device, gives the memory back; no online allocation fails."""
+    pytest.importorskip("torch")
+    cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu", "--seconds", "1.5",
+           "--rate", "30", "--arrival", "gamma", "--cv", "3", "--out", str(tmp_path),
+           "--variants", "online-alone,valve-mem"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((tmp_path / "colocation_cpu.json").read_text())
+    v = res["variants"]["valve-mem"]
+    assert v["errors"] == 0 and len(v["ttft_ms"]) >= 10
+    assert v["mem_reclaims"] > 0 and v["mem_reclaimed_bytes"] > 0 and len(v["mem_reclaim_ms"]) == v["mem_reclaims"]
+    assert v["mem_online_ooms"] == 0 and v["mem_online_device_ooms"] == 0
+    assert v["mem_online_grows"] > 0 and len(v["mem_ask_wait_ms"]) > 0  # it asked, then mapped
+    assert v["control"]["reclaim_ack_seq"] > 0 and v["offline_tokens_per_s"] > 0
+    row = {r["variant"]: r for r in res["memory_rows"]}["valve-mem"]
+    assert row["reclaims"] == v["mem_reclaims"] and row["online_ooms"] == 0 and row["reclaim_p99_ms"] > 0
+    assert {"evicted", "recomputed_tokens", "ask_wait_p99_ms"} <= set(row)
+    assert res["memory_plan"]["device_bytes"] > 0 and "online-alone" not in {r["variant"] for r in res["memory_rows"]}
+    assert "memory pressure" in done.stdout and "online OOMs" in done.stdout
+    assert "memory pressure" in (tmp_path / "colocation_cpu.txt").read_text()
+
+
+def test_memory_pressure_flag_adds_the_variants_and_old_settings_still_resume(tmp_path):
+    from dataclasses import asdict
+
+    from bench.colocation import Settings, load_resume, with_memory_variants
+
+    assert with_memory_variants(("online-alone", "valve", "mps")) == ("online-alone", "valve", "mps", "valve-mem",
+                                                                     "mps-mem")
+    assert with_memory_variants(("online-alone",))[-2:] == ("time-slicing-mem", "valve-mem")
+    s = Settings(requests=300, repeats=3)
+    old = {k: v for k, v in asdict(s).items() if not k.startswith("mem_")}  # a result from before these settings
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmark": "colocation", "settings": {**old, "repeats": 2}, "repeats": [{}, {}]}))
+    assert len(load_resume(path, s)["repeats"]) == 2
+    with pytest.raises(ValueError, match=r"ran other settings \(mem_leave_bytes\)"):
+        load_resume(path, Settings(requests=300, repeats=3, mem_leave_bytes=1 << 20))

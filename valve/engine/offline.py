@@ -164,23 +164,52 @@ class OfflineRunner:
             f.write(json.dumps(rec) + "\n")
 
 
-def kv_pool_cache(cfg, dtype, block_size: int, pool_bytes: int, backend=None):
+def kv_pool_cache(cfg, dtype, block_size: int, pool_bytes: int, backend=None, chunk_bytes: int | None = None):
     """A paged cache whose blocks come from the runtime's KVPool (CUDA virtual memory on a GPU, else the
     simulated backend). Returns (cache, pool)."""
     from valve.engine.kvcache import PagedKVCache
     from valve.runtime.memory.pool import KVPool
 
     block_bytes = cfg.kv_bytes_per_token(dtype.itemsize) * block_size
-    pool = KVPool(backend=backend, block_bytes=block_bytes, max_bytes=pool_bytes)
+    pool = KVPool(backend=backend, block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=pool_bytes)
     return PagedKVCache(cfg, pool, dtype, block_size), pool
 
 
-def reclaim_hook(pool, engine, control):
+def reclaim_hook(pool, engine, control, log_path=None):
     """A step hook answering the arbiter's reclaim requests between engine steps (the block tables of a step
-    in flight must not move under it): moved blocks are remapped and evicted sequences re-queued."""
+    in flight must not move under it): moved blocks are remapped and evicted sequences re-queued. ``log_path``:
+    one JSON line per answered request (bytes, host time, evictions)."""
     from valve.runtime.memory.client import ReclaimHandler
 
-    return ReclaimHandler(pool, control, on_reclaim=engine.apply_reclaim)
+    def on_reclaim(res):
+        engine.apply_reclaim(res)
+        if log_path:
+            rec = {"time": time.time(), "requested_bytes": res.requested_bytes, "released_bytes": res.released_bytes,
+                   "seconds": res.seconds, "evicted": len(res.evicted), "evicted_tokens": res.evicted_tokens,
+                   "copied_bytes": res.copied_bytes, "chunks": res.chunks}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    return ReclaimHandler(pool, control, on_reclaim=on_reclaim)
+
+
+class PoolFill:
+    """Keep the pool mapped up to its limit, less ``leave_bytes`` of the device's free memory, as an engine that
+    takes the free memory up front (vLLM's ``gpu_memory_utilization``) does. It starts after ``after_steps``
+    steps (the engine's own activations are allocated by then); a refused mapping waits ``backoff_s``."""
+
+    def __init__(self, pool, free_bytes, leave_bytes: int, after_steps: int = 3, backoff_s: float = 1.0) -> None:
+        self.pool, self.free_bytes, self.leave = pool, free_bytes, int(leave_bytes)
+        self.after_steps, self.backoff_s = after_steps, backoff_s
+        self._retry_at = 0.0
+
+    def __call__(self, engine) -> None:
+        if engine.steps < self.after_steps or time.monotonic() < self._retry_at:
+            return
+        room = self.free_bytes() - self.leave
+        if room >= self.pool.chunk_bytes and not self.pool.grow_to(self.pool.mapped_bytes + room) and \
+                self.pool.mapped_bytes < self.pool.limit_bytes:
+            self._retry_at = time.monotonic() + self.backoff_s
 
 
 def main(
@@ -202,13 +231,21 @@ def main(
     seed: int = 0,
     engine: str = "ours",
     arch: str = "llama",
+    kv_chunk_bytes: int | None = None,
+    kv_pool_fill: bool = False,
+    kv_pool_leave_bytes: int = 512 << 20,
+    kv_pool_fill_after_steps: int = 3,
+    reclaim_log: str | None = None,
 ) -> None:
     """Run every prompt of INPUT through a random-weight Llama-shaped model, resumably, and report tokens/s.
 
     --engine transformers runs transformers' own model classes (--arch llama or qwen) on the same scheduler and
     paged cache (valve.engine.hf). --gate puts Valve's offline gate before every attention and MLP block; --kv-pool takes the KV cache from
     the runtime's KVPool and, when VALVE_GPU_UUID names a GPU with a running arbiter, answers its memory
-    reclaim requests between steps."""
+    reclaim requests between steps (--reclaim-log PATH: one JSON line per request answered). --kv-pool-fill maps
+    the pool up to its limit (the arbiter's, or --kv-pool-bytes) less --kv-pool-leave-bytes of free device memory,
+    as a preallocating engine takes the free memory, from step --kv-pool-fill-after-steps on (by then the engine's
+    own activations must have reached their peak: they are allocated outside the pool)."""
     from valve.engine.choice import build_engine_model, require_engine
 
     require_engine(engine, arch, "valve.engine.offline")  # before torch is imported or a model built
@@ -226,13 +263,23 @@ def main(
         log.info("Valve gate before %d sub-layers", len(handle.names))
     hook = None
     if kv_pool:
-        cache, pool = kv_pool_cache(cfg, m.dtype, block_size, kv_pool_bytes)
+        cache, pool = kv_pool_cache(cfg, m.dtype, block_size, kv_pool_bytes, chunk_bytes=kv_chunk_bytes)
         eng = Engine(m, cache, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
         from valve.runtime.control import ControlBlock, resolve_control_path
 
+        hooks = []
         path = resolve_control_path()  # the arbiter's block of VALVE_GPU_UUID, when the device plugin set it
         if path is not None:
-            hook = reclaim_hook(pool, eng, ControlBlock.open(path))
+            hooks.append(reclaim_hook(pool, eng, ControlBlock.open(path), reclaim_log))
+        if kv_pool_fill:
+            from valve.runtime.memory.online import device_free_bytes
+
+            hooks.append(PoolFill(pool, device_free_bytes(pool.backend), kv_pool_leave_bytes,
+                                  kv_pool_fill_after_steps))
+        if hooks:
+            def hook(engine):
+                for h in hooks:
+                    h(engine)
     else:
         eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                             max_seqs=max_seqs)

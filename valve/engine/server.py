@@ -71,7 +71,7 @@ def _chunk(cid: str, model: str, created: int, text: str, finish: str | None) ->
 
 def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
                online_signal: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-               max_tokens_limit: int = 4096, timeline=None) -> Starlette:
+               max_tokens_limit: int = 4096, timeline=None, elastic=None) -> Starlette:
     async def completions(request: Request):
         arrive = time.perf_counter()
         try:
@@ -148,8 +148,11 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
 
     async def stats(request: Request):
         eng = worker.engine
-        return JSONResponse({"steps": eng.steps, "step_seconds": eng.step_seconds, "sync_seconds": eng.sync_seconds,
-                             "generated": eng.generated, "computed": eng.computed})
+        out = {"steps": eng.steps, "step_seconds": eng.step_seconds, "sync_seconds": eng.sync_seconds,
+               "generated": eng.generated, "computed": eng.computed}
+        if elastic is not None:
+            out["memory"] = elastic.stats()
+        return JSONResponse(out)
 
     return Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
@@ -159,22 +162,60 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
     ])
 
 
+def elastic_engine(m, block_size: int, max_batch_tokens: int, max_seqs: int, max_bytes: int, chunk_bytes: int | None):
+    """An engine whose KV cache is a KVPool of at most ``max_bytes`` (mapped on demand: ``ElasticKV``)."""
+    from valve.engine.engine import Engine
+    from valve.engine.kvcache import PagedKVCache
+    from valve.runtime.memory.pool import KVPool
+
+    block_bytes = m.cfg.kv_bytes_per_token(m.dtype.itemsize) * block_size
+    pool = KVPool(block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=max_bytes)
+    return Engine(m, PagedKVCache(m.cfg, pool, m.dtype, block_size), max_batch_tokens=max_batch_tokens,
+                  max_seqs=max_seqs), pool
+
+
 def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,
                  max_seqs: int, seed: int = 0, graphs: bool = False, graph_max_batch: int = 32,
                  graph_max_context: int = 4096, graph_max_prompt: int = 0, engine: str = "ours",
-                 arch: str = "llama") -> EngineWorker:
+                 arch: str = "llama", elastic_bytes: int = 0, chunk_bytes: int | None = None) -> EngineWorker:
     from valve.engine.choice import build_engine_model
     from valve.engine.config import get_config
     from valve.engine.engine import Engine
 
     m = build_engine_model(engine, arch, get_config(model), device=device, seed=seed)
-    eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
-                        max_seqs=max_seqs)
+    if elastic_bytes:
+        eng, _ = elastic_engine(m, block_size, max_batch_tokens, max_seqs, elastic_bytes, chunk_bytes)
+    else:
+        eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
+                            max_seqs=max_seqs)
     warmup(eng)
     if graphs and m.device.type == "cuda":
         eng.enable_graphs(min(graph_max_batch, max_seqs), graph_max_context,
                           prefill_tokens=min(graph_max_prompt, max_batch_tokens))
     return EngineWorker(eng, name="online-engine")
+
+
+def make_elastic(worker: EngineWorker, base_bytes: int, valve: bool, idle_release_s: float):
+    """The worker's engine grows its KV pool before steps and shrinks it when idle; with ``valve`` it asks the
+    arbiter of VALVE_GPU_UUID first (the control block must exist: the arbiter runs)."""
+    from valve.engine.elastic import ElasticKV
+    from valve.runtime.memory.online import OnlineMemory, device_free_bytes
+
+    pool = worker.engine.cache.allocator
+    pool.release_free(base_bytes)  # what the warm-up mapped
+    memory = None
+    if valve:
+        from valve.api.contract import ENV_GPU_UUID
+        from valve.runtime.control import ControlBlock, resolve_control_path
+
+        path = resolve_control_path()
+        if path is None:
+            raise ValueError(f"--valve with --kv-elastic-bytes needs {ENV_GPU_UUID} (the arbiter's GPU)")
+        memory = OnlineMemory(ControlBlock.open(path), device_free_bytes(pool.backend))
+    el = ElasticKV(worker.engine, pool, base_bytes, memory, idle_release_s)
+    worker.before_step = el.before_step
+    worker.on_idle = el.on_idle
+    return el
 
 
 def warmup_lengths(max_prompt: int) -> list[int]:
@@ -217,12 +258,19 @@ def main(
     engine: str = "ours",
     arch: str = "llama",
     timeline: str | None = None,
+    kv_elastic_bytes: int = 0,
+    kv_base_bytes: int = 0,
+    kv_chunk_bytes: int | None = None,
+    kv_idle_release_s: float = 1.0,
 ) -> None:
     """Serve a random-weight Llama-shaped model on /v1/completions. On CUDA, all-decode steps and a prompt of up
     to --warmup-max-prompt tokens alone in its step replay CUDA graphs (``--no-graphs``: eager). --engine
     transformers serves transformers' own model classes (--arch llama or qwen) on the same scheduler, paged cache
     and graphs (valve.engine.hf). --timeline PATH writes where each streamed request's time to first token went
-    (one JSON line per request, valve.engine.timeline)."""
+    (one JSON line per request, valve.engine.timeline). --kv-elastic-bytes N: the KV cache is a KVPool of up to
+    N bytes that keeps --kv-base-bytes mapped, maps what queued requests need before each step (with --valve after
+    asking the arbiter, valve.runtime.memory.online) and gives the rest back after --kv-idle-release-s idle
+    (valve.engine.elastic); /stats then reports it under "memory"."""
     import sys
 
     from valve.engine.choice import require_engine
@@ -236,8 +284,12 @@ def main(
     signal = resolve_online_signal(valve)
     sys.setswitchinterval(0.0005)  # the engine thread and the event loop hand the GIL over quickly
     worker = build_worker(model, device, num_blocks, block_size, max_batch_tokens, max_seqs, seed, graphs,
-                          graph_max_batch, graph_max_context, warmup_max_prompt, engine, arch)
+                          graph_max_batch, graph_max_context, warmup_max_prompt, engine, arch, kv_elastic_bytes,
+                          kv_chunk_bytes)
     warmup(worker.engine, sweep=warmup_max_prompt)  # again through the graphs, and every prefill size
+    elastic = None
+    if kv_elastic_bytes:
+        elastic = make_elastic(worker, kv_base_bytes, valve, kv_idle_release_s)
     g = worker.engine.graphs
     log.info("decode graphs: %s", f"{len(g.graphs)} captured in {g.capture_seconds:.1f} s" if g else "off")
     tl = None
@@ -246,9 +298,9 @@ def main(
 
         tl = Timeline(timeline, worker.engine.model.device.type == "cuda")
         worker.engine.timing = True
-        worker.on_idle = tl.idle
+        worker.on_idle = tl.idle if elastic is None else (lambda: (tl.idle(), elastic.on_idle()))
     worker.start()
-    app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal, timeline=tl)
+    app = create_app(worker, model, ByteTokenizer(get_config(model).vocab), signal, timeline=tl, elastic=elastic)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     if ready_file:

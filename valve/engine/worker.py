@@ -40,6 +40,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
         self.on_idle = None  # called when the engine has nothing to do (e.g. to re-calibrate the device clock)
+        self.before_step = None  # called before each step (e.g. to map memory the queued requests need)
 
     def start(self) -> EngineWorker:
         self._thread.start()
@@ -102,6 +103,8 @@ class EngineWorker:
                     if self.on_idle is not None:
                         self.on_idle()
                     continue
+                if self.before_step is not None:
+                    self.before_step()
                 res = eng.step()
                 for req_id in res.scheduled:
                     sub = self._subs.get(req_id)

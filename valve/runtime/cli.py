@@ -60,7 +60,8 @@ def load_spec(path: str | None, env: str | None = None):
 
 
 def gpu_memory_info(uuid: str):
-    """NVML memory info for the GPU when available, else a simulated GPU (memory arbitration is then inert)."""
+    """NVML memory info for the GPU when available, else the shared simulated device of VALVE_SIM_DEVICE, else a
+    simulated GPU of its own (memory arbitration is then inert)."""
     try:
         from valve.runtime.memory.cuda import NvmlGpuInfo
 
@@ -68,9 +69,13 @@ def gpu_memory_info(uuid: str):
         info.snapshot()
         return info, "nvml"
     except Exception as e:  # noqa: BLE001 - no NVML, no driver, unknown UUID: fall back, say why
-        from valve.runtime.memory.sim import SimGpuInfo
+        from valve.runtime.memory.sim import SharedSimGpuInfo, SimGpuInfo, shared_sim_gpu
         from valve.runtime.sim import SimGPU
 
+        shared = shared_sim_gpu()
+        if shared is not None:  # CPU runs: the device the tenants' pools allocate from (VALVE_SIM_DEVICE)
+            log.info("NVML memory info unavailable for %s: using the simulated device %s", uuid, shared.path)
+            return SharedSimGpuInfo(shared), "shared-sim"
         log.warning("NVML memory info unavailable for %s (%s): using a simulated GPU", uuid, e)
         return SimGpuInfo(SimGPU(uuid=uuid)), "sim"
 

@@ -100,7 +100,8 @@ class Layout(ctypes.Structure):
         ("violations", ctypes.c_uint64),  # arbiter: closed-gate periods in which offline worked anyway
         ("violation_ns", ctypes.c_uint64),  # arbiter: monotonic time of the last one
         ("paused_pid", ctypes.c_uint64),  # arbiter: the pid it stopped (SIGSTOP), 0 when none
-        ("reserved", ctypes.c_uint64 * 4),
+        ("online_held_bytes", ctypes.c_uint64),  # online client: what it holds of online_mem_bytes (NVML unknown)
+        ("reserved", ctypes.c_uint64 * 3),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate

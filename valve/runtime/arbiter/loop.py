@@ -8,7 +8,10 @@ Each :meth:`Arbiter.step` (a loop every ``period_s``, or a simulated clock in te
    closed while busy, reopen after the idle hysteresis) and writes the gate word,
 4. sets ``FLAG_CLOSE_ALLOWED`` while a closure would be within the cap, so online clients close the gate
    themselves at request start with no arbiter round trip,
-5. updates counters and metrics, and runs the memory controller (``memory.step``) every ``memory_ms``,
+5. updates counters and metrics, and runs the memory controller (``memory.step``) every ``memory_ms``; while its
+   reclaim request is unanswered the gate is held open (``reclaim_opens`` counts it): the offline client answers
+   between engine steps, and an online request waiting for that memory keeps the gate closed, so a closed gate
+   would hold the answer back until the request gave up (the policy still counts the gate as closed),
 6. with ``enforce`` (``arbiter/enforce.py``): looks for offline work behind the closed gate, reports it and, in
    ``pause`` mode, stops the offline process until the gate opens.
 
@@ -71,6 +74,8 @@ class Arbiter:
         self.recreated = 0  # times the control file was bad and re-created
         self.steps = 0
         self.preemption_latencies_ns: list[int] = []
+        self.reclaim_open = False  # the gate is open for an unanswered reclaim request, closed for the policy
+        self.reclaim_opens = 0
 
     # ---- reading the online slots ------------------------------------------------------------------------
     def _collect(self) -> tuple[int, int, int, int]:
@@ -101,7 +106,7 @@ class Arbiter:
             t = min(now, client_close) if client_close else now
             p.adopt_close(t)
             f.last_close_ns = t
-        elif not p.gate_open and f.gate == GATE_OPEN:  # an offline client opened it on a stale heartbeat
+        elif not p.gate_open and f.gate == GATE_OPEN and not self.reclaim_open:  # offline, on a stale heartbeat
             log.warning("the gate was opened behind the arbiter's back (heartbeat lease); following it")
             p.adopt_open(now)
             if p.resume(now, True, inflight):  # requests still in flight: they need it closed (our beat is fresh)
@@ -152,8 +157,21 @@ class Arbiter:
         if self.memory is not None and now >= self._next_memory:
             self._next_memory = now + self.memory_ns
             self.memory.step(now, self.cb)
+        self._hold_for_reclaim(f, p)
         self.steps += 1
         return p.reopen_at()
+
+    def _hold_for_reclaim(self, f, p) -> None:
+        """Open the gate while a reclaim request is unanswered; close it again after if the policy has it closed."""
+        waiting = getattr(self.memory, "outstanding", None) is not None
+        if waiting and not p.gate_open and not self.reclaim_open:
+            self.reclaim_open = True
+            self.reclaim_opens += 1
+            f.gate = GATE_OPEN
+        elif self.reclaim_open and (not waiting or p.gate_open):
+            self.reclaim_open = False
+            if not p.gate_open:
+                f.gate = GATE_CLOSED
 
     def _ensure_block(self) -> None:
         """A bad block (truncated, replaced, another version) is re-attached or re-created before it is touched."""

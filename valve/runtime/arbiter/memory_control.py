@@ -9,6 +9,10 @@ and keeps
 where ``peak`` is the online demand's recent peak, decaying towards the current demand with a half-life of
 ``decay_seconds``: memory online used recently stays free, so most bursts find it free and need no reclaim.
 
+What online holds comes from NVML when the controller's ``gpu_info`` knows the online processes, else from the
+online client's ``online_held_bytes`` (``valve.runtime.memory.online``: it asks before it maps); the part of
+``online_mem_bytes`` above it is pending demand, which free memory must cover on top of the reserve.
+
 - free < reserve: post "give back N bytes" (N = the gap, at most what the pool holds) and lower
   ``offline_limit_bytes`` by N; the offline client answers at its next sub-layer boundary.
 - free > reserve + hysteresis: raise ``offline_limit_bytes`` so offline may grow into the excess.
@@ -122,6 +126,8 @@ class MemoryController:
         snap = self.gpu.snapshot()
         reported = int(f.online_mem_bytes)
         held = snap.online_bytes
+        if held is None and f.online_held_bytes:  # no per-process NVML figure: the online client's own, if it
+            held = int(f.online_held_bytes)  # reports one (valve.runtime.memory.online); else its demand is all held
         demand = max(reported, held or 0)
         peak = self.peak.update(now_ns, demand)
         rp = self.spec.reserve

@@ -101,7 +101,8 @@ def match_runs(src: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def default_backend() -> MemoryBackend:
-    """CUDA (virtual memory management) when torch sees a GPU, else the CPU store of the simulated backend."""
+    """CUDA (virtual memory management) when torch sees a GPU, else the CPU store of the simulated backend (its
+    memory on the shared simulated device ``VALVE_SIM_DEVICE`` names, if set)."""
     try:
         import torch
 
@@ -111,10 +112,11 @@ def default_backend() -> MemoryBackend:
             return CudaBackend()
     except ImportError:
         pass
-    from valve.runtime.memory.sim import SimBackend
+    from valve.runtime.memory.sim import SimBackend, shared_sim_gpu
 
     log.info("KVPool: no CUDA device, using the simulated backend (a CPU byte store)")
-    return SimBackend()
+    shared = shared_sim_gpu()  # VALVE_SIM_DEVICE: one simulated device for several processes
+    return SimBackend(gpu=shared, granularity=shared.granularity) if shared else SimBackend()
 
 
 class KVPool:
@@ -166,7 +168,7 @@ class KVPool:
         self._device_oom = ""
         self._views: dict = {}
         self.counters = dict(grows=0, reclaims=0, mapped_chunks_total=0, released_bytes_total=0,
-                             copied_bytes_total=0, evicted_total=0, evicted_tokens_total=0)
+                             copied_bytes_total=0, evicted_total=0, evicted_tokens_total=0, device_ooms=0)
         self.backend.reserve(self.max_bytes)
 
     # ---- sizes -----------------------------------------------------------------------------------------------
@@ -239,14 +241,18 @@ class KVPool:
             got += int(self._cap[c])
         if got < need:
             return False
+        return self._map(pick)
+
+    def _map(self, pick: list[int]) -> bool:
         try:
             self.backend.map([c * self.chunk_bytes for c in pick], self.chunk_bytes)
         except DeviceOutOfMemory as e:
             self._device_oom = f"; growing failed: {e}"
+            self.counters["device_ooms"] += 1
             return False
         self._device_oom = ""
         self._mapped[pick] = True
-        self._mapped_cap += got
+        self._mapped_cap += int(self._cap[pick].sum())
         for c in pick:
             first = int(self._first[c])
             for b in range(first, first + int(self._cap[c])):
@@ -254,6 +260,33 @@ class KVPool:
         self.counters["grows"] += 1
         self.counters["mapped_chunks_total"] += len(pick)
         return True
+
+    def grow_to(self, nbytes: int) -> int:
+        """Map chunks (lowest first) until ``nbytes`` are mapped, within the limit: an engine that takes its
+        memory up front, as a preallocating engine does. Returns the bytes mapped by this call (0 when the
+        device had no room: :meth:`allocate` then reports it)."""
+        k = (min(int(nbytes), self._limit) - self.mapped_bytes) // self.chunk_bytes
+        if k <= 0:
+            return 0
+        pick = [int(c) for c in np.flatnonzero(~self._mapped)[:k]]
+        return len(pick) * self.chunk_bytes if pick and self._map(pick) else 0
+
+    def release_free(self, keep_bytes: int) -> int:
+        """Unmap chunks that hold no live block, highest-addressed first, until at most ``keep_bytes`` stay
+        mapped (never below it): an engine giving back memory it has stopped using. No copies and no evictions,
+        so no block table changes; the lowest chunks stay (what padding in a block table points to). Returns
+        the bytes released."""
+        over = (self.mapped_bytes - max(0, int(keep_bytes))) // self.chunk_bytes
+        victims = [int(c) for c in np.flatnonzero(self._mapped & (self._live == 0))[::-1][:max(over, 0)]]
+        if not victims:
+            return 0
+        self.backend.wait(self.backend.fence())  # kernels that read these chunks' blocks have finished
+        self.backend.unmap([c * self.chunk_bytes for c in victims], self.chunk_bytes)
+        self._mapped[victims] = False
+        self._mapped_cap -= int(self._cap[victims].sum())
+        self._trim_heap()
+        self.counters["released_bytes_total"] += len(victims) * self.chunk_bytes
+        return len(victims) * self.chunk_bytes
 
     def free(self, seq_id) -> int:
         """Return ``seq_id``'s blocks to the pool (they stay mapped). Unknown ids free nothing. Returns blocks."""
@@ -354,11 +387,7 @@ class KVPool:
         ph["unmap"] = t4 - t3
         self._mapped[victims] = False
         self._mapped_cap -= int(self._cap[victims].sum())
-        # the heap keeps entries of released and now-used blocks: allocate() skips them; rebuilt only when large
-        if len(self._heap) > 2 * self.max_blocks:
-            self._heap = np.flatnonzero(usable & self._mapped[np.where(usable, bc, 0)]
-                                        & (self._owner == FREE)).tolist()
-            heapq.heapify(self._heap)
+        self._trim_heap()
         self._limit = min(self._limit, self.mapped_bytes)
         res.chunks = len(victims)
         res.released_bytes = len(victims) * self.chunk_bytes
@@ -371,6 +400,15 @@ class KVPool:
         c["evicted_total"] += len(res.evicted)
         c["evicted_tokens_total"] += res.evicted_tokens
         return res
+
+    def _trim_heap(self) -> None:
+        """The heap keeps entries of released and now-used blocks (allocate() skips them); rebuilt when large."""
+        if len(self._heap) > 2 * self.max_blocks:
+            bc = self._block_chunk
+            usable = bc >= 0
+            self._heap = np.flatnonzero(usable & self._mapped[np.where(usable, bc, 0)]
+                                        & (self._owner == FREE)).tolist()
+            heapq.heapify(self._heap)
 
     def _move(self, src: np.ndarray, dst: np.ndarray, res: ReclaimResult) -> None:
         """Copy blocks src[i] -> dst[i] (where both go up by one, one copy) and update the tables."""

@@ -14,8 +14,12 @@ a CPU byte store, and every operation adds modelled device time.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from valve.runtime.memory.backend import MemorySnapshot
 from valve.runtime.memory.errors import DeviceOutOfMemory
@@ -159,3 +163,118 @@ class SimGpuInfo:
     def snapshot(self) -> MemorySnapshot:
         held = sum(c.mem_used for c in self.gpu.contexts if c.name in self.online)
         return MemorySnapshot(self.gpu.capacity_bytes, self.gpu.mem_free, held)
+
+
+# ---- one simulated device shared by processes -------------------------------------------------------------------
+ENV_SIM_DEVICE = "VALVE_SIM_DEVICE"  # path of a SharedSimGPU file: the CPU stand-in for one GPU's memory
+_HEAD = struct.Struct("=QQQ")  # magic, capacity, allocation granularity
+_ENTRY = struct.Struct("=QQ")  # pid, bytes held
+SHARED_MAGIC = 0x56534D31  # "VSM1"
+SHARED_SLOTS = 64
+
+
+@dataclass
+class _SharedAlloc:
+    nbytes: int
+    freed: bool = False
+
+
+class SharedSimGPU:
+    """The memory of one simulated device, shared by processes through a small file (CPU runs of the benchmarks
+    and tests): each process's bytes in a table under an ``flock``; an allocation that does not fit raises
+    :class:`SimOutOfMemory`, as ``cuMemCreate`` fails when the device is full. A dead process's bytes count as
+    freed (the driver frees them). Implements what :class:`SimBackend` needs (``context``, ``malloc``, ``free``)."""
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int | None = None,
+                 granularity: int = 2 << 20) -> None:
+        self.path = Path(path)
+        if capacity_bytes is not None:  # create (or reset) the device
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(_HEAD.pack(SHARED_MAGIC, int(capacity_bytes), int(granularity))
+                                  + bytes(_ENTRY.size * SHARED_SLOTS))
+        data = self.path.read_bytes()
+        magic, self.capacity_bytes, self.granularity = _HEAD.unpack_from(data)
+        if magic != SHARED_MAGIC or len(data) != _HEAD.size + _ENTRY.size * SHARED_SLOTS:
+            raise ValueError(f"{self.path} is not a simulated device file")
+
+    def _table(self, f) -> dict[int, int]:
+        f.seek(0)
+        data = f.read()
+        out = {}
+        for i in range(SHARED_SLOTS):
+            pid, n = _ENTRY.unpack_from(data, _HEAD.size + i * _ENTRY.size)
+            if pid and n and _alive(pid):
+                out[pid] = out.get(pid, 0) + n
+        return out
+
+    def _write(self, f, table: dict[int, int]) -> None:
+        rows = [(p, n) for p, n in table.items() if n > 0]
+        if len(rows) > SHARED_SLOTS:
+            raise RuntimeError(f"more than {SHARED_SLOTS} processes on the simulated device {self.path}")
+        f.seek(_HEAD.size)
+        f.write(b"".join(_ENTRY.pack(p, n) for p, n in rows) + bytes(_ENTRY.size * (SHARED_SLOTS - len(rows))))
+        f.flush()
+
+    def _change(self, delta: int) -> None:
+        with open(self.path, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            table = self._table(f)
+            used = sum(table.values())
+            if delta > 0 and used + delta > self.capacity_bytes:
+                raise SimOutOfMemory(f"simulated device {self.path.name}: {delta} bytes asked, "
+                                     f"{self.capacity_bytes - used} of {self.capacity_bytes} free")
+            pid = os.getpid()
+            table[pid] = max(0, table.get(pid, 0) + delta)
+            self._write(f, table)
+
+    def used_by(self) -> dict[int, int]:
+        with open(self.path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            return self._table(f)
+
+    @property
+    def mem_used(self) -> int:
+        return sum(self.used_by().values())
+
+    @property
+    def mem_free(self) -> int:
+        return max(0, self.capacity_bytes - self.mem_used)
+
+    def context(self, name: str) -> str:
+        return name
+
+    def malloc(self, ctx, nbytes: int) -> _SharedAlloc:
+        self._change(int(nbytes))
+        return _SharedAlloc(int(nbytes))
+
+    def free(self, alloc: _SharedAlloc) -> None:
+        if not alloc.freed:
+            alloc.freed = True
+            self._change(-alloc.nbytes)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedSimGpuInfo:
+    """``GpuMemoryInfo`` of a :class:`SharedSimGPU` (the arbiter's view on CPU): total and free bytes; like NVML
+    without per-process figures, what online holds is left to the online client's report."""
+
+    def __init__(self, gpu: SharedSimGPU) -> None:
+        self.gpu = gpu
+
+    def snapshot(self) -> MemorySnapshot:
+        return MemorySnapshot(self.gpu.capacity_bytes, self.gpu.mem_free, None)
+
+
+def shared_sim_gpu() -> SharedSimGPU | None:
+    """The simulated device named by ``VALVE_SIM_DEVICE``, if set."""
+    path = os.environ.get(ENV_SIM_DEVICE)
+    return SharedSimGPU(path) if path else None

@@ -53,3 +53,23 @@ def test_the_compile_figures_are_the_result_file():
         r = COMPILE[mode]
         assert r["matches_eager"] and r["held_while_closed"] and r["completed_after_open"]
         assert f"{r['ms_gated']:.2f} ms" in DOC and f"{r['ms_ungated']:.2f} ms" in DOC
+
+
+def test_the_standard_run_table_is_the_result_file():
+    result = (ROOT / "bench" / "results" / "preload_gate_h200.md").read_text()
+    doc = DOC[DOC.index("#### Measured (H200, 3 repeats x 100 bursts per variant)"):]
+    rows = [ln for ln in doc.splitlines() if ln.startswith("| ")]
+    table = [ln for ln in result.splitlines() if ln.startswith("| ")]
+    assert rows[:len(table)] == table and len(table) == 25  # header and 24 variants, as printed by the bench
+    assert "measurement standard (>= 300 bursts per variant, >= 3 repeats): met" in result
+    assert "online alone: p50 0.588 ms, p99 0.675 ms (300 bursts" in result
+    assert "Online alone p50/p99 0.588/0.675 ms (300 bursts)" in doc
+    by = {tuple(c.strip() for c in ln.split("|")[1:5]): ln.split("|")[6].strip() for ln in table[2:]}
+    flat = " ".join(doc.replace("**", "").split())
+    for key, words in [(("eager", "full", "0.357", "gated, every 0 us"), "falls to {} with its full-size kernels"),
+                       (("eager", "2048", "0.094", "gated, every 0 us"), "x1.80 whole; x1.88 against {} at 0.094"),
+                       (("eager", "128", "0.034", "gated, every 0 us"), "{} (0.034 ms)"),
+                       (("eager", "full", "0.357", "gated, every 100 us"), "pacing at 100 µs made the gated p99 worse "
+                                                                         "for the eager program ({} against"),
+                       (("graphs", "full", "-", "gated, every 0 us"), "not helped ({} gated)")]:
+        assert words.format(by[key]).lower() in flat.lower(), (key, by[key])

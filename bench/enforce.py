@@ -13,7 +13,9 @@ as the online client (``OnlineSignal``), which closes the gate ``--closures`` ti
 - ``gated``: the same work behind a real offline ``Gate`` (the CUDA backend on CUDA, the host one on the CPU).
 
 Per closure: whether the arbiter recorded a violation (the control block's ``violations`` counter) and when
-(``violation_ns`` minus the closure), and the gate marks the tenant passed while it was closed. Written:
+(``violation_ns`` minus the closure), the gate marks the tenant passed while it was closed and, on the CPU
+path, the tenant's CPU share after the grace (what the arbiter's samples can see: a tenant that other jobs on
+the machine starve of CPU takes little and is not flagged). Written:
 ``enforce_<device>.json`` and ``.txt`` (detection p50/p99/max for ``skip``, false positives for ``gated``) and a
 ``.png`` of the detection times when matplotlib is installed.
 
@@ -25,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import random
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,15 +50,16 @@ CPU_GPU = "GPU-e0f0c0e0-0000-4000-8000-000000000001"  # the control block's name
 
 # ---- the tenant (a child process) ----------------------------------------------------------------------------
 def make_work(device: str, size: int, per_step: int):
-    """``per_step`` matmuls of ``size`` square matrices: (work, stream, sync)."""
+    """``per_step`` matmuls of ``size`` square matrices: (work, stream, sync). A thread's work: the tenant may run
+    several (numpy releases the GIL)."""
     if device == "cpu":
         import numpy as np
 
         rng = np.random.default_rng(0)
         a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
-        c = np.empty_like(a)
 
         def work() -> None:
+            c = np.empty_like(a)
             for _ in range(per_step):
                 np.matmul(a, b, out=c)
 
@@ -73,7 +76,10 @@ def make_work(device: str, size: int, per_step: int):
     return work, torch.cuda.current_stream(), torch.cuda.synchronize
 
 
-def tenant(kind: str, control: str, device: str, size: int, per_step: int) -> None:
+def tenant(kind: str, control: str, device: str, size: int, per_step: int, threads: int) -> None:
+    """Work until told to exit. On the CPU ``threads`` threads each run the loop, as a GPU kernel spreads over
+    SMs: a tenant that takes the device takes several cores, so it stays visible in /proc when other jobs share
+    the machine. Each thread of the gated tenant passes the (one, shared) Gate before each step."""
     from valve.runtime.control import ControlBlock
 
     cmds = commands()
@@ -88,22 +94,29 @@ def tenant(kind: str, control: str, device: str, size: int, per_step: int) -> No
         cb.fields.offline_pid = os.getpid()  # what Gate._publish_pid writes, with no gate after it
     work()
     sync()
+    stop = threading.Event()
+    steps = [0] * (threads if device == "cpu" else 1)
+
+    def loop(k: int) -> None:
+        while not stop.is_set():
+            if gate is not None:
+                gate.gate(stream)  # waits (host) or queues a wait (CUDA) while the gate is closed
+            work()
+            steps[k] += 1
+            if gate is None and steps[k] % 4 == 0:
+                sync()  # bound the skipping tenant's queue as an engine's per-step sync does
+
+    workers = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(len(steps))]
+    for w in workers:
+        w.start()
     emit({"event": "ready", "pid": os.getpid()}, PREFIX)
-    steps = 0
-    while True:
-        try:
-            if cmds.get_nowait().get("cmd") == "exit":
-                break
-        except queue.Empty:
-            pass
-        if gate is not None:
-            gate.gate(stream)  # waits (host) or queues a wait (CUDA) while the gate is closed
-        work()
-        steps += 1
-        if gate is None and steps % 4 == 0:
-            sync()  # bound the skipping tenant's queue as an engine's per-step sync does
+    while cmds.get().get("cmd") != "exit":
+        pass
+    stop.set()
+    for w in workers:
+        w.join()
     sync()
-    emit({"event": "done", "steps": steps, "passed": gate.passed if gate else 0}, PREFIX)
+    emit({"event": "done", "steps": sum(steps), "passed": gate.passed if gate else 0}, PREFIX)
 
 
 # ---- the orchestrator ----------------------------------------------------------------------------------------
@@ -126,6 +139,7 @@ def arbiter_cmd(gpu: str, runtime_dir: str, busy: str, grace_ms: float, period_m
 
 def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
     """One tenant under one arbiter, ``s['closures']`` closures; per-closure records and the tenant's counts."""
+    from valve.runtime.arbiter.enforce import CpuTimeSampler
     from valve.runtime.control import (
         FLAG_ARBITER,
         FLAG_CLOSE_ALLOWED,
@@ -155,7 +169,7 @@ def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
         f = cb.fields
         ten = Worker(f"tenant-{kind}", [sys.executable, str(Path(__file__).resolve()), "--tenant", kind,
                                         "--control", str(path), "--device", s["device"], "--size", str(s["size"]),
-                                        "--per-step", str(s["per_step"])],
+                                        "--per-step", str(s["per_step"]), "--threads", str(s["threads"])],
                      env=cenv, log=logs / f"tenant-{kind}.log", prefix=PREFIX)
         ready = ten.expect("ready", timeout=180)
         if int(f.offline_pid) != ready["pid"]:
@@ -174,7 +188,13 @@ def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
             if not sig.begin():  # the arbiter closes it on its next step instead
                 wait_for("the gate to close", lambda: f.gate != GATE_OPEN, 10, children, poll=0.001)
                 t0 = int(f.last_close_ns)
-            time.sleep(hold / 1000)
+            # the tenant's own CPU share after the grace (CPU path): what the arbiter's /proc samples can see
+            share = CpuTimeSampler() if s["device"] == "cpu" else None
+            time.sleep(min(hold, s["grace_ms"]) / 1000)
+            if share is not None:
+                share.sample(time.monotonic_ns(), ready["pid"])
+            time.sleep(max(0.0, hold - s["grace_ms"]) / 1000)
+            cpu = share.sample(time.monotonic_ns(), ready["pid"]) if share is not None else []
             marks = int(f.offline_progress) - marks0  # read while still closed
             sig.end()
             wait_for("the gate to reopen", lambda: f.gate == GATE_OPEN, 10, children, poll=0.001)
@@ -183,7 +203,8 @@ def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
             records.append({"i": i, "hold_ms": round(hold, 1), "closed_ms": round(closed_ms, 1),
                             "detected": detected,
                             "detect_ms": round((int(f.violation_ns) - t0) / 1e6, 2) if detected else None,
-                            "marks_while_closed": marks})
+                            "marks_while_closed": marks,
+                            "cpu_share_after_grace": round(cpu[0][1], 2) if cpu else None})
         sig.close()
         ten.send(cmd="exit")
         done = ten.expect("done", timeout=60)
@@ -209,7 +230,7 @@ def summary(records: list[dict]) -> dict:
 
 def run(device: str = "cpu", closures: int = 60, hold_ms=(200.0, 400.0), gap_ms=(200.0, 500.0),
         grace_ms: float = 50.0, period_ms: float | None = None, threshold: float | None = None,
-        size: int | None = None, per_step: int = 4, warmup_s: float = 1.0, seed: int = 0,
+        size: int | None = None, per_step: int = 4, threads: int = 4, warmup_s: float = 1.0, seed: int = 0,
         tenants=TENANTS, logs: Path | None = None) -> dict:
     """The benchmark; returns the result document."""
     gpu, gpu_name = gpu_uuid(device)
@@ -217,10 +238,11 @@ def run(device: str = "cpu", closures: int = 60, hold_ms=(200.0, 400.0), gap_ms=
          "grace_ms": grace_ms, "busy": "cpu" if device == "cpu" else "nvml",
          # /proc counts in clock ticks (10 ms): a 100 ms period on the CPU path; NVML is sampled as the sidecar does
          "period_ms": period_ms if period_ms is not None else (100.0 if device == "cpu" else 20.0),
-         # the host gate polls its word every 50 us while it waits: ~0.1 of a core, so the CPU path's threshold
-         # sits above it (a GPU gate's wait uses no SM)
+         # the host gate polls its word (and the lease) every 50 us while it waits: 0.1-0.2 of a core here, so
+         # the CPU path's threshold sits above it (a GPU gate's wait uses no SM)
          "threshold": threshold if threshold is not None else (0.3 if device == "cpu" else 0.2),
-         "size": size if size is not None else (192 if device == "cpu" else 4096), "per_step": per_step,
+         "size": size if size is not None else (256 if device == "cpu" else 4096), "per_step": per_step,
+         "threads": threads if device == "cpu" else None,
          "warmup_s": warmup_s, "seed": seed, "tenants": list(tenants)}
     logs = Path(logs or tempfile.mkdtemp(prefix="valve-enforce-logs-"))
     doc = {"bench": "enforce", "env": envrec.record(device, gpu=gpu_name), "settings": s, "tenants": {}}
@@ -280,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace-ms", type=float, default=50.0)
     ap.add_argument("--period-ms", type=float, help="busy sample period (default: 20 on CUDA, 100 on the CPU)")
     ap.add_argument("--threshold", type=float, help="busy share that counts (default: 0.2 on CUDA, 0.3 on the CPU)")
-    ap.add_argument("--size", type=int, help="matrix side (default: 4096 on CUDA, 192 on the CPU)")
+    ap.add_argument("--size", type=int, help="matrix side (default: 4096 on CUDA, 256 on the CPU)")
     ap.add_argument("--per-step", type=int, default=4, help="matmuls per step (per gate for the gated tenant)")
+    ap.add_argument("--threads", type=int, default=4, help="CPU path: the tenants' worker threads")
     ap.add_argument("--tenants", nargs="+", choices=TENANTS, default=list(TENANTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -290,14 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--control", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.tenant:
-        tenant(a.tenant, a.control, a.device, a.size, a.per_step)
+        tenant(a.tenant, a.control, a.device, a.size, a.per_step, a.threads)
         return 0
-    if a.closures < 1 or a.hold_ms[0] > a.hold_ms[1] or a.gap_ms[0] > a.gap_ms[1] or min(*a.hold_ms, *a.gap_ms) < 0:
-        ap.exit(2, f"{ap.prog}: --closures at least 1, --hold-ms and --gap-ms MIN <= MAX, not negative\n")
+    if a.closures < 1 or a.threads < 1 or a.hold_ms[0] > a.hold_ms[1] or a.gap_ms[0] > a.gap_ms[1] or min(*a.hold_ms, *a.gap_ms) < 0:
+        ap.exit(2, f"{ap.prog}: --closures and --threads at least 1, --hold-ms and --gap-ms MIN <= MAX, not negative\n")
     output.checked_out(ap, a.out)
     stem = "enforce_" + output.slug(a.device if a.device == "cpu" else envrec.nvml().get("gpu", "cuda"))
     doc = run(a.device, a.closures, tuple(a.hold_ms), tuple(a.gap_ms), a.grace_ms, a.period_ms, a.threshold,
-              a.size, a.per_step, seed=a.seed, tenants=a.tenants, logs=a.logs)
+              a.size, a.per_step, a.threads, seed=a.seed, tenants=a.tenants, logs=a.logs)
     try:
         import matplotlib  # noqa: F401
         drawn = lambda p: plot(doc, p)  # noqa: E731

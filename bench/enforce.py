@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -214,6 +215,7 @@ def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
         if ten is not None:
             ten.stop()
         arb.stop()
+        shutil.rmtree(rt, ignore_errors=True)
 
 
 def summary(records: list[dict]) -> dict:
@@ -242,7 +244,7 @@ def run(device: str = "cpu", closures: int = 60, hold_ms=(200.0, 400.0), gap_ms=
          # the CPU path's threshold sits above it (a GPU gate's wait uses no SM)
          "threshold": threshold if threshold is not None else (0.3 if device == "cpu" else 0.2),
          "size": size if size is not None else (256 if device == "cpu" else 4096), "per_step": per_step,
-         "threads": threads if device == "cpu" else None,
+         "threads": threads if device == "cpu" else 1,  # CUDA: one thread, one stream
          "warmup_s": warmup_s, "seed": seed, "tenants": list(tenants)}
     logs = Path(logs or tempfile.mkdtemp(prefix="valve-enforce-logs-"))
     doc = {"bench": "enforce", "env": envrec.record(device, gpu=gpu_name), "settings": s, "tenants": {}}

@@ -30,6 +30,7 @@ async def env():
     (lambda s: s["runtime"]["reserve"].update(minBytes=-1), "minBytes"),
     (lambda s: s["runtime"].update(evictionPolicy="random"), "evictionPolicy"),
     (lambda s: s["offline"].pop("template"), "template"),
+    (lambda s: s["offline"].update(enforce="kill"), "enforce"),
 ])
 async def test_invalid_pair_is_refused_by_the_schema(env, mutate, needle):
     body = pair_body()
@@ -43,6 +44,7 @@ async def test_invalid_pair_is_refused_by_the_schema(env, mutate, needle):
     (lambda s: s["runtime"]["reserve"].update(minBytes=-1), "spec.runtime.reserve.minBytes"),
     (lambda s: s["runtime"].update(evictionPolicy="random"), "spec.runtime.evictionPolicy"),
     (lambda s: s["offline"].pop("template"), "spec.offline.template"),
+    (lambda s: s["offline"].update(enforce="kill"), "spec.offline.enforce"),
 ])
 async def test_invalid_pair_past_the_schema_fails_clearly_and_creates_nothing(env, mutate, needle):
     env.kube.validate_crs = False  # e.g. an older CRD without the validation
@@ -235,3 +237,21 @@ async def test_pods_gone_before_the_pairs_deleted_event_are_not_recreated(env):
         await env.api.delete(f"{env.pods_path}/{name}")
     await env.resyncs()
     assert sorted(env.pod_creations()) == ["chat-offline", "chat-online"] and await env.api.pods(NS) == []
+
+
+async def test_a_pair_with_enforce_pause_gets_a_shared_pid_namespace_and_a_kill_capable_arbiter(env):
+    env.add_node("gpu-a", 1)
+    await env.start_operator()
+    body = pair_body()
+    body["spec"]["offline"]["enforce"] = "pause"
+    code, resp = await env.api.create_pair(body, NS)
+    assert code in (200, 201), resp
+    online = await env.until(lambda: env.pod("chat-online"), "online pod")
+    await env.nodes.start(online)
+    offline = await env.until(lambda: env.pod("chat-offline"), "offline pod")
+    assert offline["spec"]["shareProcessNamespace"] is True and "shareProcessNamespace" not in online["spec"]
+    (arbiter,) = [ct for ct in offline["spec"]["containers"] if ct["name"] == "valve-arbiter"]
+    assert arbiter["args"][arbiter["args"].index("--enforce") + 1] == "pause"
+    assert arbiter["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["KILL"]}
+    await env.nodes.start(offline)
+    await env.until_phase("Running")

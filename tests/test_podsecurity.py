@@ -128,3 +128,30 @@ def test_a_pairs_pods_need_privileged_only_for_valves_host_folders(role, gate):
     host = {f"volume {v['name']}: hostPath" for v in spec["volumes"] if "hostPath" in v}
     assert host and set(violations(spec, "restricted")) == host
     assert len(host) == (2 if (role, gate) == (OFFLINE, "preload") else 1)
+
+
+@pytest.mark.parametrize("placement", ["devicePlugin", "dra"])
+def test_enforce_pause_needs_baseline_for_the_arbiters_uid_and_kill_capability(placement):
+    """The pause arbiter runs as uid 0 with KILL: baseline admits it, restricted refuses exactly that. With
+    placement dra (no hostPath) the offline pod then needs the level the docs give; with devicePlugin it is
+    privileged for the host folder anyway, and pause adds nothing baseline refuses."""
+    b = pair_body(placement=placement)
+    b["metadata"].update(uid="u", generation=1)
+    template = b["spec"][OFFLINE]["template"]
+    template["spec"] = {**copy.deepcopy(RESTRICTED), **{k: v for k, v in template["spec"].items()
+                                                        if k not in RESTRICTED}}
+    levels = {}
+    for mode in ("report", "pause"):
+        b["spec"][OFFLINE]["enforce"] = mode
+        pod = render_pod(b, c.ColocationPairSpec.model_validate(b["spec"]), OFFLINE,
+                         "" if placement == "dra" else "n1", OperatorConfig(sidecar_image="valve:t"))
+        levels[mode] = strictest_level(pod["spec"])
+    host = {v for v in violations(pod["spec"], "restricted") if "hostPath" in v}
+    assert sorted(set(violations(pod["spec"], "restricted")) - host) == [
+        "container valve-arbiter: capabilities.add ['KILL']", "container valve-arbiter: runAsNonRoot not true",
+        "container valve-arbiter: runAsUser 0"]
+    assert set(violations(pod["spec"], "baseline")) == host
+    if placement == "dra":
+        assert levels == {"report": "restricted", "pause": claimed()["an offline pod with enforce: pause, placement dra"][1]}
+    else:
+        assert levels == {"report": "privileged", "pause": claimed()["a pair's online and offline pods"][1]}

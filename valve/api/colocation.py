@@ -133,6 +133,15 @@ class ArbiterSidecar(BaseModel):
                               "the operator allows (--allowed-sidecar-image).")
 
 
+EnforceMode = Literal["off", "report", "pause"]  # the arbiter's --enforce (valve.runtime.arbiter.policy.ENFORCE_MODES)
+ENFORCE_HELP = (
+    "What the arbiter does when the offline process works while the gate is closed: off, report (a metric, a log "
+    "line and the control block's violation count) or pause (also SIGSTOP until the gate opens; the offline pod "
+    "then shares its process namespace and the arbiter sidecar runs as root with only the KILL capability, so the "
+    "namespace needs PodSecurity baseline at least)."
+)
+
+
 class OnlineRole(BaseModel):
     model_config = _CAMEL
 
@@ -151,6 +160,7 @@ class OfflineRole(BaseModel):
         "(libvalvegate.so in LD_PRELOAD gates every kernel launch of an unmodified engine; the library must be on "
         "the node) or none.",
     )
+    enforce: EnforceMode = Field("report", description=ENFORCE_HELP)
 
 
 class ReserveSettings(ReservePolicy):

@@ -15,8 +15,10 @@ from pydantic import BaseModel, Field, model_validator
 
 from valve.api.colocation import (
     _CAMEL,
+    ENFORCE_HELP,
     ArbiterSidecar,
     Condition,
+    EnforceMode,
     Labels,
     LabelValue,
     PodTemplate,
@@ -113,6 +115,7 @@ class OfflineSide(BaseModel):
     arbiter: ArbiterSidecar = Field(default_factory=ArbiterSidecar)
     gate: Literal["hooks", "preload", "none"] = Field(
         "hooks", description="How the offline worker is gated (as in ColocationPair).")
+    enforce: EnforceMode = Field("report", description=ENFORCE_HELP)
 
     @model_validator(mode="after")
     def _one_source(self) -> OfflineSide:

@@ -126,12 +126,14 @@ def render_pod(
     if role == ONLINE:
         sidecar = proxy_sidecar(spec.online.proxy, cfg, dra)
     else:
-        sidecar = arbiter_sidecar(spec.offline.arbiter.image, spec.runtime, cfg, dra)
+        sidecar = arbiter_sidecar(spec.offline.arbiter.image, spec.runtime, cfg, dra, enforce=spec.offline.enforce)
     if sidecar is not None and dra:
         containers.append(sidecar)
         _claim_gpu(sidecar, role)
     elif sidecar is not None:
         add_sidecar(body_spec, sidecar, cfg)
+    if role == OFFLINE:
+        share_pids(body_spec, spec.offline.enforce)
     if dra:
         if spec.node_selector:
             body_spec["nodeSelector"] = {**body_spec.get("nodeSelector", {}), **spec.node_selector}
@@ -211,7 +213,8 @@ def render_policy_offline_pod(
     for container in containers:
         env = [e for e in container.get("env") or [] if e.get("name") != ENV_COMPLETION_INDEX]
         container["env"] = [*env, {"name": ENV_COMPLETION_INDEX, "value": str(index)}]
-    add_sidecar(body_spec, arbiter_sidecar(offline.arbiter.image, runtime, cfg), cfg)
+    add_sidecar(body_spec, arbiter_sidecar(offline.arbiter.image, runtime, cfg, enforce=offline.enforce), cfg)
+    share_pids(body_spec, offline.enforce)
     body_spec["affinity"] = _pin_to(node, body_spec.get("affinity"))
     labels = {k: v for k, v in template.metadata.labels.items() if k not in JOB_LABELS}
     labels.update({LABEL_MANAGED: MANAGED_BY, LABEL_PAIR: meta["name"], LABEL_POLICY: meta["name"],
@@ -252,6 +255,14 @@ def spec_hash(pod: dict[str, Any]) -> str:
     ann = {k: v for k, v in meta.get("annotations", {}).items() if k not in (ANN_HASH, ANN_GPU, ANN_ROLE, ANN_WANT_GPU)}
     text = json.dumps([pod["spec"], meta.get("labels", {}), ann], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def share_pids(body_spec: dict[str, Any], enforce: str) -> None:
+    """enforce pause: one process namespace for the offline pod, so the pid the offline Gate publishes (its own
+    namespace's) is the pid the arbiter sidecar signals. Only then: a shared namespace lets every container of
+    the pod see the others' processes (and their environment, to the same uid)."""
+    if enforce == "pause":
+        body_spec["shareProcessNamespace"] = True
 
 
 def _request_gpu(container: dict[str, Any], resource: str) -> None:
@@ -322,6 +333,16 @@ def _security() -> dict[str, Any]:
     }
 
 
+def _pause_security() -> dict[str, Any]:
+    """The arbiter of enforce pause: SIGSTOP/SIGCONT to the offline process, whatever its uid, needs CAP_KILL.
+    A capability added to a non-root container is not effective (containerd and CRI-O put it in the bounding and
+    inheritable sets only, not the ambient one: kubernetes/kubernetes#56374), so this one container runs as uid 0
+    with KILL as its only capability: no DAC_OVERRIDE, FOWNER or CHOWN, so it reads and writes as any other
+    tenant of the GPU folder does. PodSecurity baseline admits it; restricted refuses uid 0 and KILL."""
+    return {**_security(), "runAsNonRoot": False, "runAsUser": 0, "runAsGroup": 0,
+            "capabilities": {"drop": ["ALL"], "add": ["KILL"]}}
+
+
 def _resources(cfg: OperatorConfig) -> dict[str, Any]:
     return {"requests": {"cpu": cfg.sidecar_cpu, "memory": cfg.sidecar_memory},
             "limits": {"memory": cfg.sidecar_memory}}
@@ -384,12 +405,17 @@ def proxy_sidecar(proxy: c.ProxySidecar, cfg: OperatorConfig, dra: bool = False)
 
 
 def arbiter_sidecar(image: str | None, runtime: c.RuntimeSettings, cfg: OperatorConfig,
-                    dra: bool = False) -> dict[str, Any]:
-    """The GPU's arbiter, next to the offline worker; ENV_PAIR comes from the pod's LABEL_PAIR."""
+                    dra: bool = False, enforce: str = "report") -> dict[str, Any]:
+    """The GPU's arbiter, next to the offline worker; ENV_PAIR comes from the pod's LABEL_PAIR. ``enforce``: the
+    pair's `spec.offline.enforce` (pause also needs :func:`share_pids` on the pod)."""
     side = _sidecar_base("valve-arbiter", image or cfg.sidecar_image, cfg, dra)
     side["command"] = ["valve"]
     # The arbiter reads its RuntimeSpec from ENV_RUNTIME_SPEC.
     side["args"] = ["runtime", "arbiter", *_gpu_from(dra), "--metrics-port", str(cfg.metrics_port)]
+    if enforce != "report":  # the arbiter's default: pods of pairs that leave it unset keep their spec hash
+        side["args"] += ["--enforce", enforce]
+    if enforce == "pause":
+        side["securityContext"] = _pause_security()
     side["ports"] = [_metrics_port(cfg)]
     side["env"] = [
         *_sidecar_env(OFFLINE, dra),

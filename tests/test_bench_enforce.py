@@ -55,3 +55,24 @@ def test_bad_input_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, bench, "--device", "cpu", "--hold-ms", "500", "400"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().startswith("enforce: --closures and --threads at least 1")
+
+
+def test_the_h200_figures_in_the_docs_are_the_result_file():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = json.loads((root / "bench" / "results" / "enforce_nvidia_h200.json").read_text())
+    skip = doc["tenants"]["skip"]["records"]
+    caught = [r for r in skip if r["detected"]]
+    missed = [r for r in skip if not r["detected"]]
+    s = doc["tenants"]["skip"]["summary"]
+    text = " ".join((root / "docs" / "runtime.md").read_text().split())
+    assert (f"flagged in {len(caught)} of {len(skip)} closures of {doc['settings']['hold_ms'][0]:.0f}-"
+            f"{doc['settings']['hold_ms'][1]:.0f} ms, {s['detect_min_ms']:.0f}-{s['detect_max_ms']:.0f} ms after "
+            f"the closure (p50 {s['detect_p50_ms']:.0f} ms)") in text
+    assert f"no closure shorter than {min(r['closed_ms'] for r in caught):.0f} ms was caught" in text
+    assert f"some up to {max(r['closed_ms'] for r in missed):.0f} ms were not" in text
+    gated = doc["tenants"]["gated"]["records"]
+    assert doc["gated_false_positives"] == 0 and not any(r["detected"] for r in gated)
+    assert f"the gated tenant was flagged in none of {len(gated)}" in text

@@ -411,7 +411,9 @@ class Operator:
     async def wake(self, node: str | None) -> None:
         """An offline pod on the node was admitted (or went): the next pair held by the gate may go on.
 
-        One at a time: the first that creates its offline pod closes the gate again for the others.
+        One at a time: the first that creates its offline pod closes the gate again for the others. A pair
+        that is held again (another offline pod on the node still waits for admission) ends the round: without
+        that, it was taken again and again, never awaiting anything, and the event loop stood still.
         """
         waiting = self.waiting.get(node or "")
         while waiting:
@@ -420,7 +422,7 @@ class Operator:
             body = self.pair_body(key)
             if body is not None:
                 await self.reconcile(body)
-            if node in self.inflight:
+            if node in self.inflight or key in waiting:
                 return
 
     def forget(self, key: Key) -> None:

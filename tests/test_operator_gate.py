@@ -1,5 +1,6 @@
-"""The operator's per-node offline gate (Operator.wake) and kopf's index readiness gate (valve.operator.kopfgate),
-without kopf or an API: the parts that decide whether a burst of events costs O(N) or O(N^2), or never ends."""
+"""The operator's per-node offline gate (Operator.wake), kopf's index readiness gate (valve.operator.kopfgate) and
+the operator process's garbage collection, without an API: the parts that decided whether a burst of events costs
+O(N) or O(N^2), or never ends."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from valve.operator.capacity import node_view
 from valve.operator.handlers import Operator
 from valve.operator.pods import OperatorConfig, pod_view, render_pod
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
+pytestmark = pytest.mark.timeout(60)
 CFG = OperatorConfig(sidecar_image="valve:t")
 
 
@@ -55,6 +56,7 @@ def pod(body: dict, role: str, phase: str, gpu: str | None = None):
     return pod_view(raw)
 
 
+@pytest.mark.asyncio
 async def test_a_pair_held_again_by_the_gate_ends_the_wake_round():
     """Pair a's offline pod waits for admission; pair b (online pod running on GPU 1) waits for the gate. An
     event that wakes the node must reconcile b once, leave it waiting and return (it used to take b again
@@ -95,6 +97,7 @@ def toggles():
     return aiotoggles
 
 
+@pytest.mark.asyncio
 async def test_counting_gate_keeps_kopf_semantics(toggles):
     gate = toggles.ToggleSet(all)
     assert gate.valve_counting and gate.is_on()  # no toggles: all() of nothing
@@ -123,6 +126,7 @@ async def test_counting_gate_keeps_kopf_semantics(toggles):
     assert paused.is_off() and len(paused) == 0
 
 
+@pytest.mark.asyncio
 async def test_counting_gate_wakes_its_waiters_once_not_per_object(toggles):
     """N objects seen at start: each has a toggle, each worker waits for the set. Waiters are woken when the set
     turns on, not at every toggle added or dropped (kopf's own set: N wake-ups per drop, N^2 in all)."""
@@ -147,3 +151,15 @@ async def test_counting_gate_wakes_its_waiters_once_not_per_object(toggles):
         await asyncio.sleep(0)
     await asyncio.wait_for(asyncio.gather(*workers), 5)
     assert wakeups <= 3 * n  # one check on entry, one when the set turns on (kopf's: about n * n / 2)
+
+
+def test_the_operator_process_collects_young_objects_rarely():
+    """`valve operator` raises the young-generation threshold and freezes what it made at start (full collections
+    over every stored object were half its CPU at 1,000 pairs); run in a process of its own, as the CLI does."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from valve.operator.cli import GC_YOUNG, tune_gc; tune_gc(); "
+            "print(gc.get_threshold()[0] == GC_YOUNG > 700, gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True"]

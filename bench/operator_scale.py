@@ -328,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "operator_scale.json")
     args = ap.parse_args(argv)
     from bench.harness.output import checked_out
+    from valve.operator.cli import tune_gc
 
     checked_out(ap, args.out, file=True)
+    tune_gc()  # kmock keeps every object version and request: full collections here walk all of them
 
     sizes = [(n, False) for n in args.pairs] + ([(max(args.pairs), True)] if args.restart else [])
     runs: list[dict[str, Any]] = []

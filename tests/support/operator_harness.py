@@ -181,6 +181,16 @@ class ValveKube(kmock.KubernetesEmulator):
                                            if request.action == kmock.action.DELETE else None)
         return response
 
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list[Any]:
+        """kmock finds the object a request names by walking every stored object (O(objects) per request, so
+        O(N^2) over a run with thousands of pods): a named request is one dict lookup on the same key kmock
+        stores it under; lists and watches (no name) still walk."""
+        if request.name is not None and request.resource is not None and (strict or request.namespace is not None):
+            obj = self.objects._objects.get((request.resource, request.namespace, request.name))
+            return [] if obj is None else [obj]
+        check = self._KubernetesEmulator__check
+        return [o for (r, ns, n), o in self.objects.items() if check(request, r, ns, n, strict)]
+
     def _stored(self, request: kmock.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)
         if key not in self.objects or self.objects[key].deleted:

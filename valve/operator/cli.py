@@ -8,6 +8,19 @@ import typer
 
 from valve.api.contract import ENV_IMAGE, ENV_METRICS_ADDR, PODINFO_FILE, RUNTIME_DIR, SIDECAR_GPU_DIR
 
+GC_YOUNG = 50_000  # allocations between young collections (Python's default: 700)
+
+
+def tune_gc() -> None:
+    """Fewer garbage collections for the operator process. Each watch event allocates thousands of short-lived
+    objects (kopf's per-event state, parsed JSON): at Python's default threshold they survive into the older
+    generations and trigger full collections over every stored object, about half the operator's CPU at 1,000
+    pairs. Objects made at start (modules, the client) are frozen out of the collector's walks."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+
 
 def register(app: typer.Typer) -> None:
     @app.command("operator")
@@ -111,6 +124,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(code=2) from None
         cfg = OperatorConfig(sidecar_image=sidecar_image, runtime_dir=runtime_dir, metrics_port=sidecar_metrics_port,
                              metrics_addr=sidecar_metrics_addr, allowed_images=tuple(allowed_sidecar_image))
+        tune_gc()
         asyncio.run(run_operator(cfg=cfg, namespaces=namespace, api_client=api_client, resync_seconds=resync_seconds,
                                  liveness_endpoint=liveness, peering=peering, webhook=webhook))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 from typing import Any
 
@@ -33,8 +34,6 @@ class CreateRefused(Exception):
 
 def api_message(e: Any) -> str:
     """The Status message of an ApiException, else its reason."""
-    import json
-
     try:
         return json.loads(e.body).get("message") or str(e.reason)
     except (TypeError, ValueError, AttributeError):
@@ -42,13 +41,30 @@ def api_message(e: Any) -> str:
 
 
 class Kube:
-    """Pods, pair status and events. Blocking client calls run in threads."""
+    """Pods, pair status and events, as plain JSON through a kubernetes ApiClient (its configuration, auth and
+    connection pool, not its typed API classes). Blocking client calls run in threads."""
 
     def __init__(self, api_client: Any) -> None:
-        from kubernetes import client
+        self.client = api_client
 
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+    def send(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+             content_type: str = JSON) -> Any:
+        """One request with a plain JSON body, answered with the plain JSON (blocking; run it in a thread).
+
+        The client's typed methods validate a dict into its pydantic models, dump it back for the request and
+        build models from the answer (more CPU per pod create than the rest of a pair's reconcile), and importing
+        them costs a second at start. Errors raise ApiException as the typed methods do."""
+        from kubernetes.client.exceptions import ApiException
+
+        client = self.client
+        request = client.param_serialize(method=method, resource_path=path, query_params=query or [],
+                                         header_params={"Content-Type": content_type, "Accept": JSON}, body=body,
+                                         auth_settings=["BearerToken"])
+        resp = client.call_api(*request)
+        resp.read()
+        if not 200 <= resp.status <= 299:
+            raise ApiException.from_response(http_resp=resp, body=None, data=None)
+        return json.loads(resp.data) if resp.data else None
 
     async def create_pod(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         """Create a pod and return it as stored; None if one with that name exists already.
@@ -58,23 +74,26 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            created = await asyncio.to_thread(self.core.create_namespaced_pod, pod["metadata"]["namespace"],
-                                              pod, field_validation="Strict", _content_type=JSON)
+            return await asyncio.to_thread(self.send, "POST", f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods",
+                                           pod, [("fieldValidation", "Strict")])
         except ApiException as e:
             if e.status == 409:
                 return None
             if e.status is not None and 400 <= e.status < 500:
                 raise CreateRefused(e.status, api_message(e)) from None
             raise
-        return self.core.api_client.sanitize_for_serialization(created)
 
     async def get_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
         """placement dra: the pair's ResourceClaim, None if there is none."""
+        return await self.get(f"/apis/{dra.RESOURCE_GROUP}/{dra.RESOURCE_VERSION}/namespaces/{namespace}"
+                              f"/resourceclaims/{name}")
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """GET an object, None if there is none."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return await asyncio.to_thread(self.custom.get_namespaced_custom_object, dra.RESOURCE_GROUP,
-                                           dra.RESOURCE_VERSION, namespace, "resourceclaims", name)
+            return await asyncio.to_thread(self.send, "GET", path)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -86,8 +105,8 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            await asyncio.to_thread(self.custom.create_namespaced_custom_object, dra.RESOURCE_GROUP,
-                                    dra.RESOURCE_VERSION, claim["metadata"]["namespace"], "resourceclaims", claim)
+            await asyncio.to_thread(self.send, "POST", f"/apis/{dra.RESOURCE_GROUP}/{dra.RESOURCE_VERSION}"
+                                    f"/namespaces/{claim['metadata']['namespace']}/resourceclaims", claim)
         except ApiException as e:
             if e.status == 409:
                 return
@@ -98,15 +117,9 @@ class Kube:
     async def pair_exists(self, namespace: str, name: str, uid: str | None) -> bool:
         """Whether that pair (same uid) is still there and not being deleted: asked before recreating a pod,
         since its pods' deletions may be seen before the pair's."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            pair = await asyncio.to_thread(self.custom.get_namespaced_custom_object,
-                                           c.GROUP, c.VERSION, namespace, c.PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
+        pair = await self.get(f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{c.PLURAL}/{name}")
+        if pair is None:
+            return False
         meta = pair.get("metadata") or {}
         return (uid is None or meta.get("uid") == uid) and not meta.get("deletionTimestamp")
 
@@ -116,8 +129,7 @@ class Kube:
 
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}} if uid else None
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_pod, name, namespace, body=body,
-                                    _content_type=JSON)
+            await asyncio.to_thread(self.send, "DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body)
             return True
         except ApiException as e:
             if e.status not in (404, 409):
@@ -126,25 +138,12 @@ class Kube:
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any], plural: str = c.PLURAL) -> None:
         """Merge-patch the status subresource (None values remove fields)."""
-        await asyncio.to_thread(
-            self.custom.patch_namespaced_custom_object_status,
-            c.GROUP, c.VERSION, namespace, plural, name, {"status": status},
-            _content_type=MERGE_PATCH,
-        )
+        await asyncio.to_thread(self.send, "PATCH", f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{plural}/{name}"
+                                "/status", {"status": status}, content_type=MERGE_PATCH)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Job (a policy's offline workload), None if there is none."""
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        batch = client.BatchV1Api(self.core.api_client)
-        try:
-            job = await asyncio.to_thread(batch.read_namespaced_job, name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return self.core.api_client.sanitize_for_serialization(job)
+        return await self.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
 
     async def post_event(self, pair: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the pair; failures are logged, never raised."""
@@ -168,7 +167,6 @@ class Kube:
             "count": 1,
         }
         try:
-            await asyncio.to_thread(self.core.create_namespaced_event, meta["namespace"], event,
-                                    _content_type=JSON)
+            await asyncio.to_thread(self.send, "POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
         except Exception as e:  # events are auxiliary
             log.warning("could not post event %s/%s on %s: %s", type, reason, meta["name"], e)

@@ -54,8 +54,11 @@ async def run_operator(
     """
     import kopf
 
+    from valve.operator import kopfgate
     from valve.operator.handlers import Operator, build_registry, make_settings
     from valve.operator.kube import Kube, load_api_client
+
+    kopfgate.install()  # kopf's index readiness gate, linear instead of quadratic in the objects seen at start
 
     api_client = api_client or load_api_client()
     op = Operator(Kube(api_client), cfg or OperatorConfig(), resync_seconds)

@@ -202,11 +202,11 @@ def add_policy_handlers(registry: kopf.OperatorRegistry, op: Any, webhook: bool 
             task.cancel()
 
     @kopf.index(**policies, id="valve_policies")
-    def valve_policies(namespace: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    async def valve_policies(namespace: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         return {namespace: _snapshot(body)}
 
     @kopf.index("v1", "pods", registry=registry, id="valve_ns_pods")
-    def valve_ns_pods(namespace: str, body: kopf.Body, **_: Any) -> dict[str, WorkloadPod]:
+    async def valve_ns_pods(namespace: str, body: kopf.Body, **_: Any) -> dict[str, WorkloadPod]:
         return {namespace: workload_pod(dict(body))}
 
     @kopf.on.event(**policies, id="valve_policy_event")

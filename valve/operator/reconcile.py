@@ -114,10 +114,12 @@ def plan(
     unwished: bool = False,
     create_failed: str | None = None,
     render: Callable[..., dict[str, Any]] = render_pod,
+    parsed: tuple[c.ColocationPairSpec | None, str | None] | None = None,
 ) -> Plan:
     """What to do now. `create_failed`: the API's message when it refused to create one of the pair's pods
-    (e.g. PodSecurity): no pods are created this time, and the pair says why."""
-    spec, invalid = parse_spec(pair)
+    (e.g. PodSecurity): no pods are created this time, and the pair says why. `parsed`: `parse_spec(pair)`,
+    when the caller has it already."""
+    spec, invalid = parsed or parse_spec(pair)
     refused = "InvalidSpec"
     if spec is not None and (bad := not_allowed(spec, cfg)):
         invalid, refused = bad, "ImageNotAllowed"
@@ -179,11 +181,12 @@ def plan_dra(
     now: str,
     create_failed: str | None = None,
     render: Callable[..., dict[str, Any]] = render_pod,
+    parsed: tuple[c.ColocationPairSpec | None, str | None] | None = None,
 ) -> Plan:
     """placement dra: the pair's ResourceClaim (created once, from the spec's gate and runtime settings), both
     pods at once (the shared claim puts them on one GPU: no order, no node, no GPU wish), a pod recreated when
     its spec changed or it ended; status from the claim's allocation and the pods."""
-    spec, invalid = parse_spec(pair)
+    spec, invalid = parsed or parse_spec(pair)
     refused = "InvalidSpec"
     if spec is not None and (bad := not_allowed(spec, cfg)):
         invalid, refused = bad, "ImageNotAllowed"

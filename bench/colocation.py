@@ -16,7 +16,8 @@ On one device, in one call, each variant runs real engine processes: the online 
 - ``mps``: both under an MPS daemon started for the run (CUDA, root and ``nvidia-cuda-mps-control`` only; last);
 - ``time-slicing-mem``, ``valve-mem``, ``mps-mem`` (``--memory-pressure`` adds them): memory pressure, the online
   KV cache elastic (under Valve it asks the arbiter before it maps), the offline pool filling the free memory
-  (``memory_plan``); reclaims, bytes, reclaim time, online OOMs and waits, evictions in ``memory_rows``.
+  (``memory_plan``); reclaims, bytes, reclaim time, online KV mappings refused, online requests failed (and
+  of those, out of memory: any allocation of the engine), waits, evictions in ``memory_rows``.
 
 Every variant sends the same seeded request trace. Offline tokens/s is measured over the load window from the
 runner's progress records. On CPU (``--device cpu``) the same harness runs a tiny model in a few seconds.
@@ -505,6 +506,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["ttft_ms"] = [r.ttft * 1e3 for r in ok]
             out["tpot_ms"] = [r.tpot * 1e3 for r in ok if r.tpot is not None]
             out["errors"] = len(results) - len(ok)
+            out["oom_errors"] = report.oom_errors(r.error for r in results)  # every one, not only the samples
             out["error_samples"] = sorted({r.error for r in results if r.error})[:3]
             out["busy_fraction"] = busy_fraction(ok, run.seconds())
             out["online_host_share"] = host_share(stats0, stats1)
@@ -706,9 +708,10 @@ def table_text(result: dict) -> str:
 
     con = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
     con.print(report.render_table(result["rows"], result.get("title", "colocation")))
-    if result.get("memory_rows"):
-        con.print(report.render_memory_table(result["memory_rows"], "memory pressure (load window; reclaim time: "
-                                             "the offline pool's, host)"))
+    if result.get("memory_rows"):  # rebuilt from the variants: a result written before a column was added has it
+        pooled = result["variants"] if "variants" in result else report.pool(result["repeats"])
+        con.print(report.render_memory_table(report.memory_rows(pooled), "memory pressure (load window; reclaim "
+                                             "time: the offline pool's, host)"))
     for k, v in result["skipped"].items():
         con.print(f"skipped {k}: {v.splitlines()[0] if v else ''}")
     for name, d in result.get("breakdown", {}).items():

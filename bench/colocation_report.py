@@ -154,20 +154,43 @@ def render_table(table_rows: list[dict], title: str):
     return t
 
 
+def is_oom(error: str) -> bool:
+    """A request's error text names an out-of-memory failure (torch's CUDA OOM, ``DeviceOutOfMemory``, ...)."""
+    e = error.lower()
+    return "out of memory" in e or "outofmemory" in e
+
+
+def oom_errors(errors) -> int:
+    """How many of these request errors (None: no error) are out-of-memory failures."""
+    return sum(1 for e in errors if e and is_oom(e))
+
+
+def online_oom_errors(v: dict) -> tuple[int, bool]:
+    """A variant's failed requests that said out of memory, and whether that count is exact. Results written
+    before the bench counted them keep only a few distinct error texts (``error_samples``): the number of those
+    that say OOM is then a lower bound."""
+    if "oom_errors" in v:
+        return v["oom_errors"], True
+    return oom_errors(v.get("error_samples") or []), not v.get("errors")
+
+
 def memory_rows(variants: dict[str, dict]) -> list[dict]:
     """One row per memory-pressure variant (those with ``mem_*`` figures): offline reclaims (count, MiB, host
-    time p50/p99 of one reclaim), sequences evicted and tokens to recompute, online failed allocations (OOMs),
-    its waits for memory it asked for (p50/p99), and its peak pool."""
+    time p50/p99 of one reclaim), sequences evicted and tokens to recompute, online KV mappings the device refused
+    (``online_ooms``), failed online requests and those of them that failed of out-of-memory (any allocation of
+    the engine, not only its KV pool), its waits for memory it asked for (p50/p99), and its peak pool."""
     out = []
     for name in sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         v = variants[name]
         if "mem_reclaims" not in v:
             continue
         ms, waits = v.get("mem_reclaim_ms") or [], v.get("mem_ask_wait_ms") or []
+        oom, exact = online_oom_errors(v)
         out.append({"variant": name, "reclaims": v["mem_reclaims"], "reclaimed_bytes": v["mem_reclaimed_bytes"],
                     "reclaim_p50_ms": percentile(ms, 50), "reclaim_p99_ms": percentile(ms, 99),
                     "evicted": v["mem_evicted"], "recomputed_tokens": v["mem_recomputed_tokens"],
                     "online_ooms": v["mem_online_ooms"], "online_errors": v.get("mem_online_errors", 0),
+                    "online_oom_errors": oom, "online_oom_errors_exact": exact,
                     "ask_wait_p50_ms": percentile(waits, 50), "ask_wait_p99_ms": percentile(waits, 99),
                     "asks": len(waits), "online_peak_bytes": v.get("mem_online_peak_bytes")})
     return out
@@ -178,17 +201,26 @@ def render_memory_table(mem_rows: list[dict], title: str):
 
     t = Table(title=title)
     for col in ("variant", "reclaims", "reclaimed MiB", "reclaim p50 ms", "reclaim p99 ms", "evicted seqs",
-                "recompute tok", "online OOMs", "online asks", "ask wait p50 ms", "ask wait p99 ms",
-                "online peak MiB"):
+                "recompute tok", "KV map OOMs", "failed reqs", "online asks", "ask wait p50 ms",
+                "ask wait p99 ms", "online peak MiB"):
         t.add_column(col, justify="left" if col == "variant" else "right", no_wrap=col == "variant")
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None or x != x else fmt.format(x)
 
+    def failed(r):  # "60 (60 OOM)"; ">=" where the result kept only samples of its errors, "?" none said OOM
+        n, oom = r.get("online_errors") or 0, r.get("online_oom_errors")
+        if not n:
+            return "0"
+        if r.get("online_oom_errors_exact", oom is not None):
+            return f"{n:.0f}" + (f" ({oom:.0f} OOM)" if oom else "")
+        return f"{n:.0f} ({f'>={oom:.0f}' if oom else '?'} OOM)"
+
     for r in mem_rows:
         t.add_row(r["variant"], f(r["reclaims"], "{:.0f}"), f(r["reclaimed_bytes"] / 2**20, "{:.2f}"),
                   f(r["reclaim_p50_ms"]), f(r["reclaim_p99_ms"]), f(r["evicted"], "{:.0f}"),
-                  f(r["recomputed_tokens"], "{:.0f}"), f(r["online_ooms"], "{:.0f}"), f(r["asks"], "{:.0f}"),
+                  f(r["recomputed_tokens"], "{:.0f}"), f(r["online_ooms"], "{:.0f}"), failed(r),
+                  f(r["asks"], "{:.0f}"),
                   f(r["ask_wait_p50_ms"]), f(r["ask_wait_p99_ms"]),
                   f((r["online_peak_bytes"] or 0) / 2**20, "{:.2f}"))
     return t

@@ -1,5 +1,6 @@
 """The colocation benchmark (bench/colocation.py): its measurements, and the script end to end on CPU."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -235,7 +236,7 @@ def test_memory_pressure_variant_reclaims_for_online_on_cpu(tmp_path):
     assert row["reclaims"] == v["mem_reclaims"] and row["online_ooms"] == 0 and row["reclaim_p99_ms"] > 0
     assert {"evicted", "recomputed_tokens", "ask_wait_p99_ms"} <= set(row)
     assert res["memory_plan"]["device_bytes"] > 0 and "online-alone" not in {r["variant"] for r in res["memory_rows"]}
-    assert "memory pressure" in done.stdout and "online OOMs" in done.stdout
+    assert "memory pressure" in done.stdout and "KV map OOMs" in done.stdout and "failed reqs" in done.stdout
     assert "memory pressure" in (tmp_path / "colocation_cpu.txt").read_text()
 
 
@@ -254,3 +255,48 @@ def test_memory_pressure_flag_adds_the_variants_and_old_settings_still_resume(tm
     assert len(load_resume(path, s)["repeats"]) == 2
     with pytest.raises(ValueError, match=r"ran other settings \(mem_leave_bytes\)"):
         load_resume(path, Settings(requests=300, repeats=3, mem_leave_bytes=1 << 20))
+
+
+def table_cells(t) -> list[list[str]]:
+    """A rich table's rows as the strings it prints."""
+    return [[str(c._cells[i]) for c in t.columns] for i in range(t.row_count)]
+
+
+def test_online_requests_failed_of_oom_are_counted():
+    """The engine dies of a CUDA OOM in its own allocations (not its KV pool): the request in flight gets the error
+    in its stream, later ones a 500 that names it; the bench counts every one as an OOM failure and the memory
+    table says so (before, it counted only KV mappings the device refused: 0)."""
+    torch = pytest.importorskip("torch")
+    from bench import colocation_report as report
+    from bench.harness.loadgen import TraceRequest, run_trace
+    from tests.support.serving import serving
+    from valve.engine.server import build_worker, create_app
+    from valve.engine.tokenizer import ByteTokenizer
+
+    worker = build_worker("tiny", "cpu", num_blocks=64, block_size=8, max_batch_tokens=64, max_seqs=4)
+
+    def step():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 MiB. GPU 0 has 31.56 MiB free.")
+
+    worker.engine.step = step
+    worker.start()
+    try:
+        with serving(create_app(worker, "tiny", ByteTokenizer(256))) as url:
+            first = asyncio.run(run_trace(url, [TraceRequest(0.0, [5, 6, 7], 4)], "tiny"))
+            assert worker.error is not None  # set before the request in flight was told
+            later = asyncio.run(run_trace(url, [TraceRequest(0.01 * i, [5, 6], 4) for i in range(3)], "tiny"))
+    finally:
+        worker.stop()
+    assert "out of memory" in first[0].error and all(r.error.startswith("HTTP 500") for r in later)
+    errors = [r.error for r in first + later] + [None, "HTTP 400: bad request", "DeviceOutOfMemory: chunk 3"]
+    assert report.oom_errors(errors) == 5
+    v = {"errors": 4, "oom_errors": report.oom_errors(r.error for r in first + later), "mem_reclaims": 0,
+         "mem_reclaimed_bytes": 0, "mem_evicted": 0, "mem_recomputed_tokens": 0, "mem_online_ooms": 0,
+         "mem_online_errors": 4, "error_samples": sorted({r.error for r in first + later})[:3]}
+    (row,) = report.memory_rows({"valve-mem": v})
+    assert (row["online_ooms"], row["online_errors"], row["online_oom_errors"]) == (0, 4, 4)
+    old = {k: val for k, val in v.items() if k != "oom_errors"}  # a result written before the count: samples
+    (old_row,) = report.memory_rows({"valve-mem": old})
+    assert (old_row["online_oom_errors"], old_row["online_oom_errors_exact"]) == (2, False)
+    cells = [table_cells(report.render_memory_table(rows, "t"))[0] for rows in ([row], [old_row])]
+    assert [c[8] for c in cells] == ["4 (4 OOM)", "4 (>=2 OOM)"] and cells[0][7] == "0"

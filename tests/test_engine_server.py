@@ -2,17 +2,14 @@
 
 import contextlib
 import json
-import socket
 import threading
-import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
-
+from tests.support.serving import serving  # noqa: E402
 from valve.engine.server import build_worker, create_app  # noqa: E402
 from valve.engine.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -40,20 +37,8 @@ class Signal:
 def served():
     worker = build_worker("tiny", "cpu", num_blocks=256, block_size=8, max_batch_tokens=256, max_seqs=16).start()
     signal = Signal()
-    app = create_app(worker, "tiny", ByteTokenizer(256), signal)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", signal, worker
-    server.should_exit = True
-    th.join(10)
+    with serving(create_app(worker, "tiny", ByteTokenizer(256), signal)) as url:
+        yield url, signal, worker
     worker.stop()
 
 

@@ -1,16 +1,13 @@
 """The server's --timeline: each streamed request's time to first token, split into parts that add up."""
 
 import json
-import socket
-import threading
 
 import pytest
 
 torch = pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
-
+from tests.support.serving import serving  # noqa: E402
 from tests.support.waiting import until  # noqa: E402
 from valve.engine.engine import StepTiming  # noqa: E402
 from valve.engine.server import build_worker, create_app  # noqa: E402
@@ -41,15 +38,8 @@ def served(tmp_path):
     worker.on_idle = tl.idle
     worker.start()
     app = create_app(worker, "tiny", ByteTokenizer(256), timeline=tl)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    until(lambda: server.started, "the server started", 60)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", path
-    server.should_exit = True
-    th.join(10)
+    with serving(app) as url:
+        yield url, path
     worker.stop()
     tl.close()
 

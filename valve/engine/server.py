@@ -87,6 +87,9 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
         signal.enter_context(online_signal())  # from arrival to the last token
         try:
             sub = worker.submit(ids, max_tokens)
+        except RuntimeError as e:  # the engine thread died: say why (e.g. CUDA OOM), not a bare 500
+            signal.close()
+            return JSONResponse({"error": {"message": str(e), "type": "server_error"}}, 500)
         except BaseException:
             signal.close()
             raise

@@ -82,6 +82,11 @@ def test_proxy_bad_upstream_is_one_line() -> None:
     _one_line(proc, "valve runtime proxy: --upstream '127.0.0.1:8000'")
 
 
+def test_proxy_bad_gpu_list_is_one_line() -> None:
+    proc = _run(["-m", "valve.cli", "runtime", "proxy", "--gpu", "GPU-a,,GPU-b", "--metrics-port", "0"])
+    _one_line(proc, "valve runtime proxy: --gpu: invalid GPU UUID ''")
+
+
 def test_proxy_port_in_use_ends_with_one_line(busy_port: int) -> None:
     proc = _run(["-m", "valve.cli", "runtime", "proxy", "--listen", f"127.0.0.1:{busy_port}", "--metrics-port", "0"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

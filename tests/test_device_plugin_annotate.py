@@ -110,7 +110,9 @@ def test_pods_with_devices_keeps_valve_pods_only():
         PodDevices("b", "two", ("G2", "G3"), ("online", "offline")),
     ]
     assert PodDevices("b", "two", ("G2", "G3"), ("online", "offline")).annotations() == {
-        ANN_GPU: "G2,G3", ANN_ROLE: "online,offline"}
+        ANN_GPU: "G2,G3", ANN_ROLE: "online,offline", "valve.io/gpu-uuid-0": "G2", "valve.io/gpu-uuid-1": "G3"}
+    # one GPU: the list alone (a single-GPU pod's sidecars mount by it)
+    assert PodDevices("a", "on", ("G1",), ("online",)).annotations() == {ANN_GPU: "G1", ANN_ROLE: "online"}
 
 
 def test_annotation_patch_sets_only_what_differs():

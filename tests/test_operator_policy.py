@@ -98,16 +98,20 @@ async def offline_pods(env) -> dict[str, dict]:
 
 async def follow(env, online: list[dict]) -> dict[str, dict]:
     """Start offline pods as the operator creates them (one per node at a time) until each online pod has one."""
-    want = {p["metadata"]["uid"] for p in online}
+    return await start_until(env, offline_pods, {p["metadata"]["uid"] for p in online})
 
+
+async def start_until(env, collect, want: set) -> dict:
+    """Start the offline pods `collect` returns as the operator creates them until their keys are `want`, all
+    running."""
     async def step():
-        pods = await offline_pods(env)
+        pods = await collect(env)
         for pod in pods.values():
             if pod["status"].get("phase") == "Pending" and pod["metadata"]["uid"] not in env.nodes.placed:
                 await env.nodes.start(pod)
         return pods if set(pods) == want and all(p["status"].get("phase") == "Running" for p in pods.values()) \
             else None
-    return await env.until(step, f"offline pods for {len(want)} online pods")
+    return await env.until(step, f"offline pods for {len(want)} slot(s)")
 
 
 async def status_is(env, **fields) -> dict:
@@ -190,6 +194,69 @@ async def test_offline_pods_follow_the_online_replicas_through_scale_up_down_and
         return reasons if reasons.count("DeletingOfflinePod") == 2 else None
     reasons = await env.until(told, "two DeletingOfflinePod events")
     assert reasons.count("CreatedOfflinePod") == 4
+
+
+async def offline_by_gpu(env) -> dict[tuple[str, str], dict]:
+    """The policy's offline pods, by (uid of the online pod it serves, the GPU it wishes)."""
+    return {(p["metadata"]["annotations"][ANN_ONLINE_POD], p["metadata"]["annotations"][ANN_WANT_GPU]): p
+            for p in await env.api.pods(NS, "valve.io/policy=chat")
+            if p["metadata"]["labels"].get("valve.io/role") == OFFLINE}
+
+
+async def follow_gpus(env, online: list[tuple[dict, str]]) -> dict[tuple[str, str], dict]:
+    """Start offline pods as the operator creates them until every GPU of every online pod runs one."""
+    return await start_until(env, offline_by_gpu, {(p["metadata"]["uid"], g) for p, gpus in online
+                                                   for g in gpus.split(",")})
+
+
+async def test_a_replica_on_two_gpus_gets_an_offline_pod_on_each_and_scaling_down_removes_both(env):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    env.add_node("gpu-a", 4)
+    env.add_node("gpu-b", 2)
+    await env.start_operator(cfg=CFG)
+    await create_policy(env, policy_body())
+    a = await add_replica(env, "gpu-a", gpus=2)
+    b = await add_replica(env, "gpu-b", gpus=2)
+    for created, gpus in (a, b):
+        online = await env.pod(created["metadata"]["name"])  # as the device plugin annotated it
+        assert len(gpus.split(",")) == 2 and online["metadata"]["annotations"]["valve.io/gpu-uuid"] == gpus
+        assert [online["metadata"]["annotations"][f"valve.io/gpu-uuid-{i}"] for i in (0, 1)] == gpus.split(",")
+        assert [ct["name"] for ct in online["spec"]["containers"]] == ["vllm", "valve-proxy"]
+        assert online["spec"]["initContainers"][0]["args"][-2:] == ["--gpus", "2"]
+    pods = await follow_gpus(env, [a, b])
+    status = await status_is(env, onlinePods=2, harvestedGPUs=4, offlinePods=4, offlineRunning=4)
+    assert sorted((r["onlinePod"], r["gpuUUID"], r["node"]) for r in status["slots"]) == sorted(
+        (o["metadata"]["name"], g, node) for (o, gpus), node in ((a, "gpu-a"), (b, "gpu-b")) for g in gpus.split(","))
+    assert indexes(pods) == [0, 1, 2, 3]
+    for (uid, gpu), off in pods.items():
+        node = "gpu-a" if uid == a[0]["metadata"]["uid"] else "gpu-b"
+        assert off["spec"]["nodeName"] == node and off["metadata"]["annotations"]["valve.io/gpu-uuid"] == gpu
+        assert off["spec"]["containers"][0]["resources"]["limits"] == {OFFLINE_RESOURCE: "1"}
+        stored = {k: v for k, v in off.items() if k != "status"}
+        stored["metadata"] = {k: v for k, v in off["metadata"].items()
+                              if k in ("name", "namespace", "labels", "annotations", "ownerReferences")}
+        kubernetes_validate.validate(stored, kubernetes_validate.latest_version(), strict=True)
+    for online, _ in (a, b):  # the online pods as admitted, validated too
+        stored = {k: v for k, v in online.items() if k != "status"}
+        stored["metadata"] = {k: v for k, v in online["metadata"].items()
+                              if k in ("name", "namespace", "labels", "annotations")}
+        kubernetes_validate.validate(stored, kubernetes_validate.latest_version(), strict=True)
+
+    # Scale down: replica b goes, both its offline pods go with it; a's two stay.
+    for (uid, _), off in pods.items():
+        if uid == b[0]["metadata"]["uid"]:
+            env.nodes.release(off["metadata"]["uid"])
+    await remove(env, b[0])
+    keep = {k for k in pods if k[0] == a[0]["metadata"]["uid"]}
+
+    async def only_a():
+        now = await offline_by_gpu(env)
+        return now if set(now) == keep else None
+    await env.until(only_a, "b's two offline pods removed")
+    await status_is(env, onlinePods=1, harvestedGPUs=2, offlineRunning=2)
+    assert len(env.pod_creations()) == 4
+    await env.resyncs()
+    assert len(env.pod_creations()) == 4  # each created once
 
 
 async def _exactly(env, uids: set[str]):

@@ -105,7 +105,6 @@ def test_a_selected_pod_gets_the_pairs_proxy_runtime_dir_and_env():
     (replica(), [], None),  # no policy in the namespace
     (replica(), [policy(selector={"matchExpressions": [{"key": "tier", "operator": "Exists"}]})], None),
     (replica(gpus=None), [policy()], "requests no valve.io/online-gpu"),
-    (replica(gpus=2), [policy()], "one per pod is supported"),
     (replica(gpus="a"), [policy()], "not an integer"),
     (replica(volumes=[{"name": "valve-links", "emptyDir": {}}]), [policy()], "valve-links"),
     (replica(), [policy(online={"proxy": {"image": "evil:1"}})], "not allowed"),

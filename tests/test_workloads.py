@@ -16,7 +16,7 @@ import yaml
 
 from valve.api import colocation as c
 from valve.api import policy as pol
-from valve.api.contract import ANN_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE
+from valve.api.contract import ANN_COMPLETION_INDEX, ANN_GPU, ANN_WANT_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE
 from valve.operator.pods import OperatorConfig, render_policy_offline_pod
 from valve.operator.policy import Create, Delete, job_view, offline_template, plan_policy, workload_pod
 from valve.operator.webhook import admit, gpu_request
@@ -151,11 +151,11 @@ def test_an_index_held_by_a_terminating_pod_is_not_reused():
 
 
 def test_bad_input_creates_nothing_and_warns_once_per_pod():
-    pods = [_online("a", injected=False), _online("b", gpus=2), _online("c", gpu=None)]
+    pods = [_online("a", injected=False), _online("b", gpus="two"), _online("c", gpu=None)]
     todo = _plan(pods)
     assert todo.actions == []
     reasons = sorted(e.reason for e in todo.events if e.type == "Warning")
-    assert reasons == ["MultiGPUNotHarvested", "NoGPU", "NotInjected"]
+    assert reasons == ["NoGPU", "NoGPURequest", "NotInjected"]
     again = _plan(pods, warned=frozenset(todo.warned), policy={**_policy(), "status": todo.status})
     assert again.events == []  # nothing new: no event
     assert todo.status["onlinePods"] == 3 and todo.status["harvestedGPUs"] == 0
@@ -166,6 +166,47 @@ def test_bad_input_creates_nothing_and_warns_once_per_pod():
     assert refused.actions == []
     cond = next(cd for cd in refused.status["conditions"] if cd["type"] == "OfflineWorkload")
     assert cond["reason"] == "InvalidSpec" and "exactly one of template and jobRef" in cond["message"]
+
+
+def test_each_gpu_of_a_multi_gpu_replica_is_a_slot_with_its_own_offline_pod():
+    spec = pol.ColocationPolicySpec.model_validate(_policy()["spec"])
+    template = c.PodTemplate.model_validate({"spec": {"containers": [{"name": "b", "image": "b:1"}]}})
+    # the device plugin has reported one of the two GPUs so far: nothing to harvest yet, nothing to warn about
+    partial = _plan([_online("tp", "n1", "G1", gpus=2)])
+    assert partial.actions == [] and partial.status["harvestedGPUs"] == 0
+    assert not [e for e in partial.events if e.reason not in ("PodsMatched", "TemplateReady", "NoGPU")]
+
+    tp = _online("tp", "n1", "G1,G2", gpus=2)
+    first = _plan([tp])
+    (create,) = first.actions  # one pending offline pod per node at a time
+    assert create.node == "n1" and create.pod["metadata"]["annotations"][ANN_WANT_GPU] == "G1"
+    assert first.status["harvestedGPUs"] == 2 and first.status["onlinePods"] == 1
+    assert [r["gpuUUID"] for r in first.status["slots"]] == ["G1", "G2"]
+
+    def offline(gpu: str, index: int, phase: str = "Running") -> dict:
+        pod = render_policy_offline_pod(_policy(), spec.offline, c.RuntimeSettings(), template, node="n1", gpu=gpu,
+                                        online_uid="uid-tp", index=index, cfg=CFG)
+        pod["metadata"].update(uid=f"off-{gpu}")
+        pod["metadata"]["annotations"][ANN_GPU] = gpu
+        pod["spec"]["nodeName"] = "n1"
+        pod["status"] = {"phase": phase}
+        return pod
+
+    second = _plan([tp, offline("G1", 0)])
+    (create,) = second.actions  # the other GPU, with the next index
+    assert create.pod["metadata"]["annotations"][ANN_WANT_GPU] == "G2"
+    assert create.pod["metadata"]["annotations"][ANN_COMPLETION_INDEX] == "1"
+    both = _plan([tp, offline("G1", 0), offline("G2", 1)])
+    assert both.actions == [] and both.status["offlineRunning"] == 2
+    harvesting = next(cd for cd in both.status["conditions"] if cd["type"] == "Harvesting")
+    assert (harvesting["reason"], harvesting["message"]) == ("AllGPUsHarvested", "2 offline pod(s) run on 2 GPU(s)")
+    assert [(r["gpuUUID"], r["offlinePod"], r["index"]) for r in both.status["slots"]] == [
+        ("G1", "p-offline-0", 0), ("G2", "p-offline-1", 1)]
+
+    # the replica goes (scale down): both its offline pods go with it
+    gone = _plan([offline("G1", 0), offline("G2", 1)])
+    assert sorted((a.name, a.why) for a in gone.actions if isinstance(a, Delete)) == [
+        ("p-offline-0", "OnlinePodGone"), ("p-offline-1", "OnlinePodGone")]
 
 
 def test_completions_bound_the_indexes():

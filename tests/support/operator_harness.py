@@ -39,7 +39,7 @@ from valve.api.contract import (
     ONLINE_RESOURCE,
 )
 from valve.api.crds import colocationpair_crd, colocationpolicy_crd
-from valve.operator.pods import RESOURCE
+from valve.operator.pods import RESOURCE, pod_view
 
 
 def openapi_to_jsonschema(schema: dict[str, Any], strict: bool = True) -> dict[str, Any]:
@@ -429,16 +429,16 @@ class FakeNodes:
         self.placed: dict[str, tuple[str, str, str, str, str]] = {}  # uid -> (node, namespace, name, role, gpu)
         self.bound: dict[str, dict[str, dict[str, Any]]] = {}  # node -> uid -> pod bound, not started
 
-    def pick(self, node: str, role: str) -> str:
+    def pick(self, node: str, role: str, count: int = 1) -> list[str]:
         from valve.device_plugin.allocation import pending_wishes, preferred_allocation
 
         gpus = self.gpus[node]
         free = [g for g in gpus if (g, role) not in self.taken]
-        if not free:
-            raise RuntimeError(f"no {role} slot left on {node}")
+        if len(free) < count:
+            raise RuntimeError(f"no {count} {role} slot(s) left on {node}")
         taken = {r: {g for g in gpus if (g, r) in self.taken} for r in (ONLINE, OFFLINE)}
         wanted = pending_wishes(self.bound.get(node, {}).values(), RESOURCE[role])
-        return preferred_allocation(role, free, [], 1, taken, gpus, wanted)[0]
+        return preferred_allocation(role, free, [], count, taken, gpus, wanted)
 
     async def bind(self, pod: dict[str, Any], node: str | None = None) -> None:
         """`node`: for a pod the operator did not pin (a workload's own pod, which its scheduler places)."""
@@ -458,15 +458,19 @@ class FakeNodes:
         node = node or meta["annotations"][ANN_NODE]
         role = role or meta["labels"][LABEL_ROLE]
         await self.bind(pod, node)
-        gpu = self.force_gpu.get(meta["name"]) or self.pick(node, role)
+        view = pod_view(pod)  # a pod asking for several GPUs (tensor parallel) gets that many
+        count = max(1, view.online if role == ONLINE else view.offline)
+        picked = [self.force_gpu[meta["name"]]] if meta["name"] in self.force_gpu else self.pick(node, role, count)
+        gpu = ",".join(sorted(picked))  # as the annotator lists them; start() returns it
         self.bound[node].pop(meta["uid"], None)
-        self.taken[(gpu, role)] = meta["uid"]
+        for one in picked:
+            self.taken[(one, role)] = meta["uid"]
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
         self.placed[meta["uid"]] = (node, meta["namespace"], meta["name"], role, gpu)
         if self.annotate:
             from valve.device_plugin.annotate import PodDevices, annotation_patch
 
-            wanted = PodDevices(meta["namespace"], meta["name"], (gpu,), (role,)).annotations()
+            wanted = PodDevices(meta["namespace"], meta["name"], tuple(sorted(picked)), (role,)).annotations()
             assert wanted[ANN_GPU] == gpu
             patch = annotation_patch(meta.get("annotations"), wanted, meta["uid"])
             if patch is not None:
@@ -480,14 +484,15 @@ class FakeNodes:
     def release(self, uid: str) -> None:
         placed = self.placed.pop(uid, None)
         if placed is not None:
-            self.taken.pop((placed[4], placed[3]), None)
+            for gpu in placed[4].split(","):
+                self.taken.pop((gpu, placed[3]), None)
         for pods in self.bound.values():
             pods.pop(uid, None)
 
     def pod_resources(self, node: str) -> list[tuple[str, list[str], str, str]]:
         """What the node's kubelet PodResources API lists: (resource, device IDs, namespace, name) per pod,
         the shape `valve.device_plugin.fake_kubelet.FakePodResources.assigned` takes."""
-        return [(RESOURCE[role], [gpu], ns, name)
+        return [(RESOURCE[role], gpu.split(","), ns, name)
                 for n, ns, name, role, gpu in self.placed.values() if n == node]
 
 

@@ -26,6 +26,9 @@ LABEL_ROLE = f"{GROUP}/role"  # operator writes (a role); operator reads
 # operator's webhook writes on the online pods it injects, the operator on a policy's offline pods (the policy's name)
 LABEL_POLICY = f"{GROUP}/policy"
 ANN_GPU = f"{GROUP}/gpu-uuid"  # device plugin's annotator writes (UUIDs, comma-separated); operator and sidecars read
+# device plugin's annotator writes, on a pod holding several GPUs, one annotation per GPU as well: ann_gpu_index(i)
+# names the i-th UUID of ANN_GPU's list; the operator's sidecars take each as an env (one folder mount per GPU)
+ANN_GPU_INDEX_PREFIX = f"{GROUP}/gpu-uuid-"
 ANN_ROLE = f"{GROUP}/role"  # device plugin's annotator writes (roles, comma-separated); operator reads
 ANN_NODE = f"{GROUP}/node"  # operator writes (the node it placed the pod on); operator reads
 # operator writes on an offline pod (the GPU its online partner got); the device plugin's preferred allocation reads
@@ -49,6 +52,9 @@ PODINFO_FILE = f"{PODINFO_DIR}/annotations"  # kubelet writes (key="value" lines
 # the folder the operator's init container fills with one link <gpu-uuid> -> SIDECAR_GPU_DIR (an emptyDir mounted
 # at the runtime dir), so the runtime finds <runtime dir>/<gpu-uuid>/control without seeing other GPUs' folders.
 SIDECAR_GPU_DIR = "/var/run/valve-gpu"
+
+# A sidecar of a pod holding several GPUs mounts the i-th GPU's folder at sidecar_gpu_dir(i) (and the init
+# container links <gpu-uuid> -> there), instead of SIDECAR_GPU_DIR.
 
 # Volume and container names the operator adds to a pair's pods; a pair's templates may not use them.
 VOLUME_RUNTIME = "valve-runtime"  # hostPath RUNTIME_DIR, mounted only at the pod's own GPU folder
@@ -89,3 +95,13 @@ def plugin_socket(resource: str) -> str:
     """The device plugin's socket for a resource in DEVICE_PLUGIN_DIR, which it registers with the kubelet:
     valve.io/online-gpu -> valve.io-online-gpu.sock."""
     return resource.replace("/", "-") + ".sock"
+
+
+def ann_gpu_index(i: int) -> str:
+    """The annotation with the i-th GPU of a pod holding several: valve.io/gpu-uuid-0, valve.io/gpu-uuid-1, ..."""
+    return f"{ANN_GPU_INDEX_PREFIX}{i}"
+
+
+def sidecar_gpu_dir(i: int) -> str:
+    """Where a sidecar of a pod holding several GPUs mounts the i-th one's folder: /var/run/valve-gpu-0, ..."""
+    return f"{SIDECAR_GPU_DIR}-{i}"

@@ -3,7 +3,8 @@
 `Allocate` sets `VALVE_GPU_UUID` only inside the container that requests the GPU; the API server never sees
 it. So the plugin reads the kubelet PodResources API (List: namespace, name and device IDs of every pod on
 this node) and patches, on every pod holding a Valve device, the annotations `valve.io/gpu-uuid` (the GPU
-UUIDs, comma-separated) and `valve.io/role` (online|offline) when they are missing or different. The
+UUIDs, comma-separated; on a pod holding several, also `valve.io/gpu-uuid-<i>`, one per GPU, in the list's
+order) and `valve.io/role` (online|offline) when they are missing or different. The
 operator confirms the pair's GPU from them; the sidecars read them through a downward-API volume.
 
 A pass runs every `interval_s` (catches plugin restarts and missed allocations) and, for `kick_window_s`
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from valve import __version__
-from valve.api.contract import ANN_GPU, ANN_ROLE, ROLES
+from valve.api.contract import ANN_GPU, ANN_ROLE, ROLES, ann_gpu_index
 from valve.device_plugin.allocation import PodResourcesUnavailable, list_pod_resources, pending_wishes
 from valve.kubeclient import load_api_client
 
@@ -59,7 +60,10 @@ class PodDevices:
         return self.namespace, self.name
 
     def annotations(self) -> dict[str, str]:
-        return {ANN_GPU: ",".join(self.gpus), ANN_ROLE: ",".join(self.roles)}
+        out = {ANN_GPU: ",".join(self.gpus), ANN_ROLE: ",".join(self.roles)}
+        if len(self.gpus) > 1:  # one per GPU too, in the list's order: a sidecar mounts each GPU's folder by it
+            out.update({ann_gpu_index(i): gpu for i, gpu in enumerate(self.gpus)})
+        return out
 
 
 def pods_with_devices(resp: Any, resources: Mapping[str, str]) -> list[PodDevices]:

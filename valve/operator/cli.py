@@ -134,13 +134,18 @@ def register(app: typer.Typer) -> None:
         links: Path = typer.Option(Path(RUNTIME_DIR), help="Folder to write the link <gpu-uuid> in."),
         target: Path = typer.Option(Path(SIDECAR_GPU_DIR), help="Where the sidecars mount their GPU's folder."),
         gpu_wait_seconds: float = typer.Option(300.0, min=0.0, help="How long to wait for the GPU annotation."),
+        gpus: int = typer.Option(1, min=1, help="GPUs the pod holds; several: link each to <target>-<i>."),
     ) -> None:
-        """Init container of a pair's pods: wait for the GPU annotation, link the sidecars' GPU folder."""
-        from valve.operator.podinit import run
+        """Init container of Valve's and injected pods: wait for the GPU annotation(s), link the sidecars' GPU
+        folder(s)."""
+        from valve.operator.podinit import indexed_target, run
 
         try:
-            uuid = run(gpu_from, links, target, gpu_wait_seconds)
+            uuids = run(gpu_from, links, target, gpu_wait_seconds, gpus=gpus)
         except (OSError, TimeoutError, ValueError) as e:
             typer.echo(f"valve pod-init: {e}", err=True)
             raise typer.Exit(code=2) from None
-        typer.echo(f"valve pod-init: {links / uuid} -> {target}")
+        if gpus == 1:
+            typer.echo(f"valve pod-init: {links / uuids} -> {target}")
+        for i, uuid in enumerate(uuids.split(",") if gpus > 1 else ()):
+            typer.echo(f"valve pod-init: {links / uuid} -> {indexed_target(target, i)}")

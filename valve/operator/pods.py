@@ -42,6 +42,8 @@ from valve.api.contract import (
     VOLUME_PODINFO,
     VOLUME_PRELOAD,
     VOLUME_RUNTIME,
+    ann_gpu_index,
+    sidecar_gpu_dir,
 )
 
 RESOURCE = {ONLINE: ONLINE_RESOURCE, OFFLINE: OFFLINE_RESOURCE}
@@ -163,11 +165,12 @@ def render_pod(
     return pod
 
 
-def add_sidecar(body_spec: dict[str, Any], sidecar: dict[str, Any], cfg: OperatorConfig) -> None:
-    """A Valve sidecar in a pod spec (changed in place), with the init container that links its GPU's folder and
-    the three volumes it mounts (the host's runtime root, the links emptyDir, the downward-API annotations)."""
+def add_sidecar(body_spec: dict[str, Any], sidecar: dict[str, Any], cfg: OperatorConfig, gpus: int = 1) -> None:
+    """A Valve sidecar in a pod spec (changed in place), with the init container that links its GPU's folder (each
+    of its `gpus` GPUs' folders) and the three volumes it mounts (the host's runtime root, the links emptyDir, the
+    downward-API annotations)."""
     body_spec["containers"].append(sidecar)
-    body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg))
+    body_spec.setdefault("initContainers", []).append(_pod_init(sidecar["image"], cfg, gpus))
     volumes = body_spec.setdefault("volumes", [])
     volumes.append({
         "name": RUNTIME_VOLUME,
@@ -236,14 +239,16 @@ def render_policy_offline_pod(
     return pod
 
 
-def inject_online(pod: dict[str, Any], policy_name: str, proxy: c.ProxySidecar, cfg: OperatorConfig) -> dict[str, Any]:
+def inject_online(pod: dict[str, Any], policy_name: str, proxy: c.ProxySidecar, cfg: OperatorConfig,
+                  gpus: int = 1) -> dict[str, Any]:
     """An online pod of a policy as the webhook admits it (a new dict): the proxy sidecar, its init container and
     volumes, exactly as a pair's online pod has them, and the policy's labels. Resources and node are the
-    workload's own (its scheduler and the device plugin place it)."""
+    workload's own (its scheduler and the device plugin place it). `gpus` > 1 (tensor parallel): the proxy mounts
+    each of the pod's GPU folders (and only those) and signals every GPU per request."""
     out = copy.deepcopy(pod)
-    sidecar = proxy_sidecar(proxy, cfg)
+    sidecar = proxy_sidecar(proxy, cfg, gpus=gpus)
     if sidecar is not None:
-        add_sidecar(out.setdefault("spec", {}), sidecar, cfg)
+        add_sidecar(out.setdefault("spec", {}), sidecar, cfg, gpus)
     labels = out.setdefault("metadata", {}).setdefault("labels", {})
     labels.update({LABEL_POLICY: policy_name, LABEL_PAIR: policy_name})
     return out
@@ -307,13 +312,23 @@ def _gpu_from(dra: bool) -> list[str]:
     return [] if dra else ["--gpu-from", PODINFO_FILE]
 
 
-def _sidecar_env(role: str, dra: bool = False) -> list[dict[str, Any]]:
+def _annotation_env(name: str, annotation: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}}
+
+
+def _gpu_env(i: int) -> str:
+    """The env a sidecar of a pod with several GPUs has the i-th GPU's UUID in (its folder's subPathExpr)."""
+    return f"{ENV_GPU_UUID}_{i}"
+
+
+def _sidecar_env(role: str, dra: bool = False, gpus: int = 1) -> list[dict[str, Any]]:
     if dra:
         return [{"name": ENV_ROLE, "value": role}]  # VALVE_GPU_UUID: from the CDI spec
     # The GPU from its annotation: a downward-API env is fixed at container start, which is after the init
     # container has waited for the annotation; it names the one GPU folder the sidecar mounts (subPathExpr).
-    gpu = {"fieldRef": {"fieldPath": f"metadata.annotations['{ANN_GPU}']"}}
-    return [{"name": ENV_ROLE, "value": role}, {"name": ENV_GPU_UUID, "valueFrom": gpu}]
+    # Several GPUs: VALVE_GPU_UUID lists them all (the proxy signals each), one env per GPU names its folder.
+    env = [{"name": ENV_ROLE, "value": role}, _annotation_env(ENV_GPU_UUID, ANN_GPU)]
+    return env + ([_annotation_env(_gpu_env(i), ann_gpu_index(i)) for i in range(gpus)] if gpus > 1 else [])
 
 
 def _security() -> dict[str, Any]:
@@ -348,13 +363,15 @@ def _resources(cfg: OperatorConfig) -> dict[str, Any]:
             "limits": {"memory": cfg.sidecar_memory}}
 
 
-def _pod_init(image: str, cfg: OperatorConfig) -> dict[str, Any]:
-    """Waits for the GPU annotation, then links <runtime dir>/<uuid> to the sidecars' GPU folder."""
+def _pod_init(image: str, cfg: OperatorConfig, gpus: int = 1) -> dict[str, Any]:
+    """Waits for the GPU annotation, then links <runtime dir>/<uuid> to the sidecars' GPU folder (several GPUs:
+    each <uuid_i> to the i-th folder, once the per-GPU annotations are there)."""
     return {
         "name": INIT_CONTAINER,
         "image": image,
         "command": ["valve"],
-        "args": ["pod-init", "--gpu-from", PODINFO_FILE, "--links", cfg.runtime_dir, "--target", SIDECAR_GPU_DIR],
+        "args": ["pod-init", "--gpu-from", PODINFO_FILE, "--links", cfg.runtime_dir, "--target", SIDECAR_GPU_DIR,
+                 *(["--gpus", str(gpus)] if gpus > 1 else [])],
         "resources": _resources(cfg),
         "volumeMounts": [{"name": LINKS_VOLUME, "mountPath": cfg.runtime_dir},
                          {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
@@ -362,16 +379,19 @@ def _pod_init(image: str, cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def _sidecar_base(name: str, image: str, cfg: OperatorConfig, dra: bool = False) -> dict[str, Any]:
+def _sidecar_base(name: str, image: str, cfg: OperatorConfig, dra: bool = False, gpus: int = 1) -> dict[str, Any]:
     if dra:  # the GPU, its folder and VALVE_GPU_UUID come from the claim's CDI spec
         return {"name": name, "image": image, "resources": _resources(cfg), "securityContext": _security()}
+    # Only this pod's GPU folder of the host (not the whole runtime root), reached through the init container's
+    # link at the runtime dir; several GPUs: each GPU's folder, and only those.
+    gpu_dirs = [{"name": RUNTIME_VOLUME, "mountPath": SIDECAR_GPU_DIR, "subPathExpr": f"$({ENV_GPU_UUID})"}] \
+        if gpus == 1 else [{"name": RUNTIME_VOLUME, "mountPath": sidecar_gpu_dir(i), "subPathExpr": f"$({_gpu_env(i)})"}
+                           for i in range(gpus)]
     return {
         "name": name,
         "image": image,
         "resources": _resources(cfg),
-        # Only this pod's GPU folder of the host (not the whole runtime root), reached through the init
-        # container's link at the runtime dir.
-        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": SIDECAR_GPU_DIR, "subPathExpr": f"$({ENV_GPU_UUID})"},
+        "volumeMounts": [*gpu_dirs,
                          {"name": LINKS_VOLUME, "mountPath": cfg.runtime_dir, "readOnly": True},
                          {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
         "securityContext": _security(),
@@ -389,16 +409,17 @@ def _metrics_addr(cfg: OperatorConfig) -> dict[str, Any]:
     return {"name": ENV_METRICS_ADDR, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
-def proxy_sidecar(proxy: c.ProxySidecar, cfg: OperatorConfig, dra: bool = False) -> dict[str, Any] | None:
-    """The proxy in front of the online server (None when the proxy is disabled)."""
+def proxy_sidecar(proxy: c.ProxySidecar, cfg: OperatorConfig, dra: bool = False,
+                  gpus: int = 1) -> dict[str, Any] | None:
+    """The proxy in front of the online server (None when the proxy is disabled); `gpus`: the pod's GPUs."""
     if not proxy.enabled:
         return None
-    side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg, dra)
+    side = _sidecar_base("valve-proxy", proxy.image or cfg.sidecar_image, cfg, dra, gpus)
     side["args"] = ["runtime", "proxy", "--listen", f":{proxy.port}",
                     "--upstream", f"http://127.0.0.1:{proxy.upstream_port}", *_gpu_from(dra),
                     "--metrics-port", str(cfg.metrics_port)]
     side["command"] = ["valve"]
-    side["env"] = [*_sidecar_env(ONLINE, dra), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
+    side["env"] = [*_sidecar_env(ONLINE, dra, gpus), {"name": ENV_RUNTIME_DIR, "value": cfg.runtime_dir},
                    _metrics_addr(cfg)]
     side["ports"] = [{"name": "valve-proxy", "containerPort": proxy.port}, _metrics_port(cfg)]
     return side

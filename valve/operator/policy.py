@@ -1,7 +1,8 @@
 """What to do for one ColocationPolicy, given what is observed (pure; policy_handlers.py carries it out).
 
-Slots: each selected online pod that Valve serves (injected by the webhook, one `valve.io/online-gpu`), has
-started and reports its GPU is a slot: (online pod, node, GPU). Each slot gets one offline pod, created from the
+Slots: each GPU of a selected online pod that Valve serves (injected by the webhook), has started and reports its
+GPUs (as many as it requests `valve.io/online-gpu`) is a slot: (online pod, node, GPU); a tensor-parallel replica
+on N GPUs is N slots. Each slot gets one offline pod, created from the
 policy's template (or its Job's), pinned to the slot's node and asking the device plugin for the slot's GPU, as
 a pair's offline pod does. An offline pod whose online pod is gone (scale down, rollout, eviction) is deleted; a
 new online pod gets a new one. Indexes (JOB_COMPLETION_INDEX) are the lowest free ones: an index is reused only
@@ -165,11 +166,16 @@ def offline_template(spec: pol.ColocationPolicySpec, job: JobView | None) -> tup
     return template, spec.offline.completions or job.completions, None
 
 
+def _gpus(gpu: str | None) -> list[str]:
+    return [p for p in (gpu or "").split(",") if p]
+
+
 def _single_gpu(gpu: str | None) -> str | None:
-    if not gpu:
-        return None
-    parts = [p for p in gpu.split(",") if p]
+    parts = _gpus(gpu)
     return parts[0] if len(parts) == 1 else None
+
+
+Slot = tuple[str, str]  # (online pod uid, GPU): a policy offline pod's (ANN_ONLINE_POD, ANN_WANT_GPU)
 
 
 def plan_policy(
@@ -214,38 +220,40 @@ def plan_policy(
     # Online side: the pods the selector picks (never Valve's own), each served or told why not.
     selected = [p for p in pods if spec is not None and not p.valve_pod and not p.deleting and not p.terminal
                 and spec.selector.matches(p.label_map())]
-    slots: dict[str, tuple[WorkloadPod, str, str]] = {}  # online uid -> (pod, node, gpu)
+    slots: dict[Slot, tuple[WorkloadPod, str, str]] = {}  # (online uid, gpu) -> (pod, node, gpu)
     for pod in selected:
         if pod.gpus == 0:
             warn(pod, "NoGPURequest", f"online pod {pod.name} requests no {ONLINE_RESOURCE}: not colocated")
-        elif pod.gpus != 1:
-            warn(pod, "MultiGPUNotHarvested", f"online pod {pod.name} asks for {pod.gpus} {ONLINE_RESOURCE}; "
-                 "only one per pod is harvested for now")
+        elif pod.gpus < 0:
+            warn(pod, "NoGPURequest", f"online pod {pod.name} requests {ONLINE_RESOURCE} that is not an integer: "
+                 "not colocated")
         elif not pod.injected:
             warn(pod, "NotInjected", f"online pod {pod.name} has no Valve proxy (created while the webhook was "
                  "unavailable?): its GPU is not harvested until the pod is recreated")
-        elif pod.started and pod.node and (gpu := _single_gpu(pod.gpu)):
-            slots[pod.uid] = (pod, pod.node, gpu)
+        elif pod.started and pod.node and len(gpus := _gpus(pod.gpu)) == pod.gpus:
+            for gpu in gpus:  # every GPU of the replica, once the device plugin has reported all of them
+                slots[(pod.uid, gpu)] = (pod, pod.node, gpu)
 
     # Offline side: the policy's pods, by the online pod they serve.
     mine = [p for p in pods if p.valve_pod and p.policy == name]
     completed = set(old.get("completedIndexes") or []) | {p.index for p in mine
                                                           if p.phase == "Succeeded" and p.index is not None}
     actions: list[Create | Delete] = []
-    serving: dict[str, WorkloadPod] = {}
+    serving: dict[Slot, WorkloadPod] = {}
     for pod in mine:
+        key = (pod.serves or "", pod.want or "")
         if pod.deleting:
-            if pod.serves in slots:
-                serving.setdefault(pod.serves, pod)  # its replacement waits until it is gone
+            if key in slots:
+                serving.setdefault(key, pod)  # its replacement waits until it is gone
             continue
-        slot = slots.get(pod.serves or "")
+        slot = slots.get(key)
         why = None
         if slot is None:
             why = "OnlinePodGone"
         elif pod.phase == "Failed":
             why = "PodFailed"
         elif template is not None and spec is not None and pod.index is not None and pod.hash != render(
-                policy, spec.offline, spec.runtime, template, node=slot[1], gpu=slot[2], online_uid=pod.serves,
+                policy, spec.offline, spec.runtime, template, node=slot[1], gpu=slot[2], online_uid=key[0],
                 index=pod.index, cfg=cfg)["metadata"]["annotations"][ANN_HASH]:
             why = "SpecChanged"
         elif repairs_left > 0 and pod.gpu is not None and _single_gpu(pod.gpu) != slot[2]:
@@ -253,14 +261,14 @@ def plan_policy(
         if why is not None:
             actions.append(Delete(pod.name, pod.uid, why))
         if slot is not None:
-            serving.setdefault(pod.serves or "", pod)
+            serving.setdefault(key, pod)
 
     if problem is None and template is not None and spec is not None:
         taken = {p.index for p in mine if p.index is not None} | completed
         names = {p.name for p in mine}
         busy = set(busy_nodes)
-        for uid, (_, node, gpu) in sorted(slots.items(), key=lambda s: s[1][0].name):
-            if uid in serving or node in busy:
+        for (uid, _), (_, node, gpu) in sorted(slots.items(), key=_slot_order):
+            if (uid, gpu) in serving or node in busy:
                 continue
             index = _free_index(taken, completions, lambda i: policy_pod_name(name, i) in names)
             if index is None:
@@ -272,8 +280,8 @@ def plan_policy(
 
     # Status.
     slot_rows = []
-    for uid, (online, node, gpu) in sorted(slots.items(), key=lambda s: s[1][0].name):
-        off = serving.get(uid)
+    for key, (online, node, gpu) in sorted(slots.items(), key=_slot_order):
+        off = serving.get(key)
         slot_rows.append({k: v for k, v in {
             "onlinePod": online.name, "node": node, "gpuUUID": gpu, "offlinePod": off.name if off else None,
             "index": off.index if off else None, "offlinePhase": off.phase if off else None}.items()
@@ -283,7 +291,7 @@ def plan_policy(
     for p in live:
         phase = p.phase if p.phase in POD_PHASES else "Unknown"
         phases[phase] = phases.get(phase, 0) + 1
-    running = sum(1 for p in live if p.phase == "Running" and (p.serves or "") in slots)
+    running = sum(1 for p in live if p.phase == "Running" and (p.serves or "", p.want or "") in slots)
     done = completions is not None and len(completed & set(range(completions))) >= completions
 
     matched = st.Cond(T.Matched, "True", "PodsMatched", f"{len(selected)} online pod(s) selected") if selected \
@@ -326,6 +334,10 @@ def plan_policy(
         if was.get(cd.type.value) != (cd.status, cd.reason):
             events.append(Event("Normal" if cd.status == "True" else "Warning", cd.reason, cd.message))
     return PolicyPlan(status=status, actions=actions, events=events, warned=told, offline_phases=phases)
+
+
+def _slot_order(item: tuple[Slot, tuple[WorkloadPod, str, str]]) -> tuple[str, str]:
+    return item[1][0].name, item[1][2]  # by online pod, then GPU
 
 
 def _free_index(taken: set[int], completions: int | None, name_taken: Callable[[int], bool]) -> int | None:

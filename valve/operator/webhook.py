@@ -1,9 +1,10 @@
 """The mutating admission webhook's decision for one pod (pure; the kopf handler in policy_handlers.py serves it).
 
 A pod that a `ColocationPolicy` of its namespace selects gets the proxy sidecar, the init container that links its
-GPU's runtime folder and the volumes (`pods.inject_online`, the functions a pair's online pod is built with). Any
-other pod is left untouched, and so is a selected pod Valve cannot serve (no or several `valve.io/online-gpu`, a
-reserved name, an image the operator does not allow): the pod is admitted as it is, with a warning the client
+GPU's runtime folder and the volumes (`pods.inject_online`, the functions a pair's online pod is built with); a pod
+asking for several `valve.io/online-gpu` (tensor parallel) gets them for each of its GPUs. Any other pod is left
+untouched, and so is a selected pod Valve cannot serve (no `valve.io/online-gpu` or not an integer, a reserved
+name, an image the operator does not allow): the pod is admitted as it is, with a warning the client
 shows, and the operator's policy status says why its GPU is not harvested. Nothing here refuses a pod.
 """
 
@@ -62,8 +63,8 @@ def unserved(pod: dict[str, Any], spec: pol.ColocationPolicySpec, cfg: OperatorC
     gpus = gpu_request(pod)
     if gpus == 0:
         return f"requests no {ONLINE_RESOURCE}"
-    if gpus != 1:
-        return f"requests {ONLINE_RESOURCE} {gpus if gpus > 0 else '(not an integer)'}; one per pod is supported"
+    if gpus < 0:
+        return f"requests {ONLINE_RESOURCE} that is not an integer"
     if not cfg.image_allowed(spec.online.proxy.image):
         return f"proxy image {spec.online.proxy.image!r} is not allowed by the operator"
     body = pod.get("spec") or {}
@@ -96,4 +97,4 @@ def admit(pod: dict[str, Any], policies: Iterable[dict[str, Any]],
     if why is not None:
         return None, [*warnings, f"valve: ColocationPolicy {name} selects this pod but it {why}: "
                                  "admitted without Valve's sidecar, its GPU is not harvested"]
-    return inject_online(pod, name, spec.online.proxy, cfg), warnings
+    return inject_online(pod, name, spec.online.proxy, cfg, gpus=gpu_request(pod)), warnings

@@ -234,7 +234,8 @@ def arbiter(
 def proxy(
     listen: str = typer.Option(":9000", help="Address to listen on, [host]:port."),
     upstream: str = typer.Option("http://127.0.0.1:8000", help="The online engine's HTTP base URL."),
-    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID, help="GPU UUID (for the arbiter)."),
+    gpu: str | None = typer.Option(None, "--gpu", envvar=ENV_GPU_UUID,
+                                   help="GPU UUID, or several comma-separated (each request signals each GPU)."),
     gpu_from: str | None = typer.Option(None, "--gpu-from", help=GPU_FROM_HELP),
     gpu_wait_seconds: float = typer.Option(300.0, "--gpu-wait-seconds", min=0.0,
                                            help="How long --gpu-from waits for the annotation."),
@@ -251,6 +252,7 @@ def proxy(
     """Run the online reverse proxy sidecar (signals request start/end, measures TTFT/TPOT)."""
     from valve.netaddr import check_host
     from valve.runtime.online.proxy import ListenError, check_upstream, parse_listen, proxy_command
+    from valve.runtime.online.signal import control_paths
 
     try:  # before waiting for the GPU: a bad address is the one line a failed start prints
         parse_listen(listen)
@@ -260,7 +262,12 @@ def proxy(
         typer.echo(f"valve runtime proxy: {e}", err=True)
         raise typer.Exit(code=2) from None
     if gpu_from and not gpu:
-        gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=True)
+        gpu = gpu_or_exit("proxy", gpu, gpu_from, gpu_wait_seconds, required=False, single=False)  # a list: each GPU
+    try:
+        control_paths(gpu, runtime_dir)
+    except ValueError as e:
+        typer.echo(f"valve runtime proxy: --gpu: {e}", err=True)
+        raise typer.Exit(code=2) from None
     try:
         proxy_command(listen=listen, upstream=upstream, gpu=gpu, runtime_dir=runtime_dir,
                       metrics_port=metrics_port or None, metrics_addr=metrics_addr,

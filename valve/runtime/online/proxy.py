@@ -1,7 +1,8 @@
 """Online reverse proxy sidecar: `valve runtime proxy --listen :9000 --upstream http://127.0.0.1:8000`.
 
 Sits in front of an OpenAI-compatible HTTP server (no engine change). For each inference request (POST by
-default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.signal.OnlineSignal`, streams
+default) it signals request start/end to the per-GPU arbiter through `valve.runtime.online.signal.OnlineSignal` (of
+each GPU of the pod: `MultiGpuSignal`), streams
 the upstream response back chunk by chunk (byte-for-byte, SSE included, no re-encoding), and records:
 
 - ``valve_online_requests_total``: inference requests seen;
@@ -269,15 +270,15 @@ def bad_gateway(message: str, status: int = 502) -> web.Response:
 
 
 def make_signal(gpu: str | None, runtime_dir: str | None = None):
-    """An `OnlineSignal` on the GPU's control block, or a `NullSignal` when no GPU is configured."""
-    from valve.runtime.control import resolve_control_path
-    from valve.runtime.online.signal import OnlineSignal
+    """A signal on the control block of each GPU of `gpu` (comma-separated: a server on several GPUs closes the
+    gate of every one per request), or a `NullSignal` when no GPU is configured."""
+    from valve.runtime.online.signal import control_paths, signal_on
 
-    path = resolve_control_path(gpu, runtime_dir)
-    if path is None:
+    paths = control_paths(gpu, runtime_dir)
+    if not paths:
         log.warning("no --gpu / %s: forwarding and measuring only, the arbiter is not told", ENV_GPU_UUID)
         return NullSignal()
-    return OnlineSignal(path)  # opened lazily: works before the arbiter starts
+    return signal_on(paths)  # opened lazily: works before the arbiter starts
 
 
 class ListenError(Exception):

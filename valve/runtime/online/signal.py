@@ -2,6 +2,8 @@
 
 ``with online_request():`` around each request (sync or async code: it only writes shared memory), or
 ``OnlineSignal(cb).begin()`` / ``.end()`` where start and end are in different places (the proxy).
+A server on several GPUs (tensor parallel: every request uses all of them) signals each GPU's block:
+``MultiGpuSignal`` (``VALVE_GPU_UUID`` lists them comma-separated, as the device plugin sets it).
 
 Each process claims one writer slot in the control block and only ever writes its own slot (no shared
 read-modify-write across processes). When the arbiter allows it (``FLAG_CLOSE_ALLOWED``: it runs and the
@@ -17,9 +19,10 @@ signal claims a slot in the new mapping with its requests in flight.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from valve.api.contract import ENV_GPU_UUID
@@ -29,7 +32,7 @@ from valve.runtime.control import (
     GATE_OPEN,
     ControlBlock,
     ControlBlockError,
-    resolve_control_path,
+    control_path,
 )
 
 log = logging.getLogger(__name__)
@@ -140,10 +143,83 @@ class OnlineSignal:
         return _Request(self)
 
 
+class MultiGpuSignal:
+    """Start/end of online requests of a server spanning several GPUs: one ``OnlineSignal`` (one control block,
+    one slot) per GPU, and each request begins and ends on all of them, so every GPU's gate closes for it (a
+    tensor-parallel request keeps all its GPUs busy). A GPU whose block is missing or bad is skipped as a single
+    signal skips it; the others are still signalled."""
+
+    def __init__(self, blocks: Sequence[ControlBlock | Path | str],
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        if not blocks:
+            raise ValueError("MultiGpuSignal: no control block given")
+        self.signals = [OnlineSignal(b, clock) for b in blocks]
+
+    def begin(self) -> bool:
+        """An online request starts on every GPU. Returns True if it closed any GPU's gate."""
+        begun: list[OnlineSignal] = []
+        closed = False
+        try:
+            for sig in self.signals:
+                closed = sig.begin() or closed
+                begun.append(sig)
+        except BaseException:  # all or none: the caller does not end() a begin() that raised
+            for sig in begun:
+                sig.end()
+            raise
+        return closed
+
+    def end(self) -> None:
+        if self.inflight <= 0:
+            raise ValueError("MultiGpuSignal.end() without a matching begin()")
+        for sig in self.signals:
+            sig.end()
+
+    def close(self) -> None:
+        for sig in self.signals:
+            sig.close()
+
+    @property
+    def inflight(self) -> int:
+        return self.signals[0].inflight
+
+    @property
+    def closes(self) -> int:
+        return sum(sig.closes for sig in self.signals)
+
+    @property
+    def ungated(self) -> int:
+        """Requests begun while some GPU's block was bad (the proxy counts ungated requests by last_gated)."""
+        return max(sig.ungated for sig in self.signals)
+
+    @property
+    def last_gated(self) -> bool:
+        """Whether the last begin() reached every GPU's control block."""
+        return all(sig.last_gated for sig in self.signals)
+
+    def __call__(self) -> _Request:
+        return _Request(self)
+
+
+def control_paths(gpus: str | None, root: Path | str | None = None) -> list[Path]:
+    """The control files of a comma-separated GPU list (``VALVE_GPU_UUID`` when None) under ``root``; [] when no
+    GPU is known. ValueError on an empty or unsafe UUID in the list."""
+    gpus = gpus or os.environ.get(ENV_GPU_UUID)
+    if not gpus:
+        return []
+    return [control_path(g.strip(), root) for g in gpus.split(",")]
+
+
+def signal_on(paths: Sequence[ControlBlock | Path | str],
+              clock: Callable[[], int] = time.monotonic_ns) -> OnlineSignal | MultiGpuSignal:
+    """One GPU's signal, or one over several GPUs."""
+    return OnlineSignal(paths[0], clock) if len(paths) == 1 else MultiGpuSignal(paths, clock)
+
+
 class _Request:
     __slots__ = ("sig",)
 
-    def __init__(self, sig: OnlineSignal) -> None:
+    def __init__(self, sig: OnlineSignal | MultiGpuSignal) -> None:
         self.sig = sig
 
     def __enter__(self) -> _Request:
@@ -154,24 +230,26 @@ class _Request:
         self.sig.end()
 
 
-_signals: dict[object, OnlineSignal] = {}
+_signals: dict[object, OnlineSignal | MultiGpuSignal] = {}
 _signals_lock = threading.Lock()
 
 
-def signal_for(control: ControlBlock | None = None, gpu_uuid: str | None = None) -> OnlineSignal:
-    """The process's signal for a control block (or for the GPU of ``VALVE_GPU_UUID`` under
-    ``VALVE_RUNTIME_DIR``); one slot per process and block."""
+def signal_for(control: ControlBlock | None = None, gpu_uuid: str | None = None) -> OnlineSignal | MultiGpuSignal:
+    """The process's signal for a control block (or for the GPUs of ``gpu_uuid``, else ``VALVE_GPU_UUID``,
+    comma-separated, under ``VALVE_RUNTIME_DIR``); one slot per process and block."""
     if control is not None:
         key: object = id(control)
+        paths: list[Path] = []
     else:
-        key = resolve_control_path(gpu_uuid)
-        if key is None:
+        paths = control_paths(gpu_uuid)
+        if not paths:
             raise ValueError(f"online_request: no GPU given and {ENV_GPU_UUID} is not set (the device plugin sets "
                              "it in Valve pods)")
+        key = tuple(paths)
     with _signals_lock:
         sig = _signals.get(key)
         if sig is None:
-            sig = _signals[key] = OnlineSignal(control if control is not None else key)
+            sig = _signals[key] = OnlineSignal(control) if control is not None else signal_on(paths)
         return sig
 
 

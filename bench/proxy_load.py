@@ -35,16 +35,27 @@ from valve.stats import percentile  # noqa: E402
 
 
 # ---- the two servers (child processes) ---------------------------------------------------------------------------
-def run_upstream(port: int, events: int, gap_ms: float) -> None:
+def run_upstream(port: int, events: int, gap_ms: float, hold: int = 0) -> None:
+    """``hold`` > 0: each stream waits to send until that many are open at once (at most 60 s), so the peak shows
+    whether anything between client and upstream capped the connections, however slowly a loaded machine opens
+    them."""
     from aiohttp import web
 
     state = {"active": 0, "peak": 0}
+    everyone = asyncio.Event()
 
     async def stream(request: web.Request) -> web.StreamResponse:
         sid = (await request.json())["id"]
         state["active"] += 1
         state["peak"] = max(state["peak"], state["active"])
         try:
+            if hold:
+                if state["active"] >= hold:
+                    everyone.set()
+                try:
+                    await asyncio.wait_for(everyone.wait(), 60)
+                except TimeoutError:
+                    pass  # a cap below ``hold``: the peak says so
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             try:
@@ -59,8 +70,12 @@ def run_upstream(port: int, events: int, gap_ms: float) -> None:
         finally:
             state["active"] -= 1
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response(state)
+    async def stats(request: web.Request) -> web.Response:
+        got = dict(state)
+        if "reset" in request.query:  # a new wave: its own peak, its own barrier
+            state["peak"] = state["active"]
+            everyone.clear()
+        return web.json_response(got)
 
     app = web.Application()
     app.router.add_post("/v1/completions", stream)
@@ -130,12 +145,13 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def run(streams: int, abort: float, events: int, gap_ms: float, seed: int = 0) -> dict:
+def run(streams: int, abort: float, events: int, gap_ms: float, seed: int = 0, hold: bool = False) -> dict:
     up_port, proxy_port = free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     with tempfile.TemporaryDirectory(prefix="valve-proxy-load-") as tmp:
         procs = [Child("upstream", me + ["--serve", "upstream", "--port", str(up_port), "--events", str(events),
-                                         "--gap-ms", str(gap_ms)], child_env(), Path(tmp) / "upstream.log"),
+                                         "--gap-ms", str(gap_ms), "--hold", str(streams if hold else 0)], child_env(),
+                       Path(tmp) / "upstream.log"),
                  Child("proxy", me + ["--serve", "proxy", "--port", str(proxy_port), "--upstream",
                                       f"http://127.0.0.1:{up_port}"], child_env(), Path(tmp) / "proxy.log")]
         try:
@@ -144,7 +160,7 @@ def run(streams: int, abort: float, events: int, gap_ms: float, seed: int = 0) -
             up, px = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{proxy_port}"
             aborting = set(random.Random(seed).sample(range(streams), round(abort * streams)))
             direct = asyncio.run(wave(up, streams, aborting))
-            peak_direct = get_json(up + "/_stats")["peak"]
+            peak_direct = get_json(up + "/_stats?reset=1")["peak"]
             t0 = time.monotonic()
             proxied = asyncio.run(wave(px, streams, aborting))
             # the proxy ends an aborted stream's request when it sees the client gone: wait for in-flight to reach 0
@@ -219,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", choices=("upstream", "proxy"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
+    ap.add_argument("--hold", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.serve == "upstream":
-        run_upstream(a.port, a.events, a.gap_ms)
+        run_upstream(a.port, a.events, a.gap_ms, a.hold)
         return 0
     if a.serve == "proxy":
         run_proxy(a.port, a.upstream)

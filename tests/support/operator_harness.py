@@ -600,7 +600,7 @@ class Harness:
             if alive:
                 raise AssertionError("the operator did not stop within 20 s")
 
-    async def until(self, check: Any, what: str, timeout: float = 15.0) -> Any:
+    async def until(self, check: Any, what: str, timeout: float = 60.0) -> Any:
         """Poll the coroutine function `check` until it returns something truthy."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

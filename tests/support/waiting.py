@@ -9,7 +9,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def until(check: Callable[[], T], what: str, timeout: float = 10.0, poll: float = 0.01) -> T:
+def until(check: Callable[[], T], what: str, timeout: float = 60.0, poll: float = 0.01) -> T:
     """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds. The timeout
     bounds a wait on a condition: it is not a timing assertion, so it is generous for loaded CI machines."""
     deadline = time.monotonic() + timeout

@@ -123,10 +123,12 @@ def memory_plan(s: Settings, gpu_total_bytes: int | None) -> dict:
     whole device and fills the free memory but ``leave_bytes`` (without Valve) or what the arbiter grants (with
     Valve: free beyond the reserve and its hysteresis); the online pool keeps ``online_base_bytes`` and may grow to
     what ``online_max_seqs`` requests of the longest shape need (a device that refuses it is an online OOM: the
-    requests then wait for blocks). The arbiter's reserve is small (a few chunks) and
-    its recent-peak memory short (``decay_s``), so online bursts need memory that offline holds: RuntimeSpec's
-    defaults (1 GiB floor, 60 s half-life) would keep that much free and leave little to reclaim. On CPU the device
+    requests then wait for blocks). On a GPU the arbiter's reserve floor and what the offline pool leaves free are
+    RuntimeSpec's 1 GiB floor (256 MiB left the H200's online engine no room for its own, non-KV allocations: every
+    request failed), but the reserve's recent-peak memory is short (``decay_s``, not RuntimeSpec's 60 s), so online
+    bursts need memory that offline holds. On CPU the device
     is a simulated one of ``device_bytes`` (VALVE_SIM_DEVICE, shared by the processes) sized to the tiny model."""
+    from valve.api.runtime import RuntimeSpec
     from valve.engine.config import get_config
 
     cpu = s.device == "cpu"
@@ -136,6 +138,8 @@ def memory_plan(s: Settings, gpu_total_bytes: int | None) -> dict:
     need = s.online_max_seqs * (s.prompt_max + s.output_max) * per_token
     device = s.mem_device_bytes or (8 * MiB if cpu else None)
 
+    floor = RuntimeSpec().reserve.min_bytes
+
     def pick(value, cpu_default, gpu_default):
         return value if value is not None else cpu_default if cpu else gpu_default
 
@@ -143,10 +147,10 @@ def memory_plan(s: Settings, gpu_total_bytes: int | None) -> dict:
             # one request of the longest shape always fits: without memory from offline, requests queue, never hang
             "online_base_bytes": s.mem_online_base_bytes or -(-(s.prompt_max + s.output_max) * per_token // chunk) * chunk,
             # GPU: room for the tenants' own activations (torch allocations outside the pools)
-            "leave_bytes": pick(s.mem_leave_bytes, 0, 256 * MiB),
+            "leave_bytes": pick(s.mem_leave_bytes, 0, floor),
             # the offline engine's activations (outside the pool) grow with its contexts: fill once they peaked
             "fill_after_steps": 3 if cpu else 200,
-            "reserve_bytes": pick(s.mem_reserve_bytes, chunk, 32 * chunk), "hysteresis_bytes": pick(None, 0, 8 * chunk),
+            "reserve_bytes": pick(s.mem_reserve_bytes, chunk, floor), "hysteresis_bytes": pick(None, 0, 8 * chunk),
             "decay_s": 0.3 if cpu else 5.0,
             "idle_release_s": pick(s.mem_idle_release_s, 0.1, 1.0),
             "device_bytes": device, "offline_max_bytes": device or gpu_total_bytes or (8 << 30)}

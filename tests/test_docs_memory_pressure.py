@@ -34,6 +34,7 @@ def test_commands_and_settings():
     plan = small["memory_plan"]
     assert plan["reserve_bytes"] == plan["leave_bytes"] == 256 * 2**20
     assert "reserve floor 256 MiB, the offline pool filling all but 256 MiB" in text
+    assert f"`--mem-reserve-bytes {plan['reserve_bytes']} --mem-leave-bytes {plan['leave_bytes']}`)" in text
     s = large["settings"]
     assert s["mem_reserve_bytes"] == s["mem_leave_bytes"] == large["memory_plan"]["reserve_bytes"] == 2**30
     assert (f"the same plus `--mem-reserve-bytes {s['mem_reserve_bytes']} --mem-leave-bytes {s['mem_leave_bytes']}`: "
@@ -93,3 +94,13 @@ def test_figures_in_the_text():
     assert "300" in runs_of_record and "below the runs of record's 300 requests and 3 repeats" in text
     assert all(v.get("mem_evicted", 0) == 0 for d in (small, large) for v in d["variants"].values())
     assert "mps-mem" not in small["settings"]["variants"] + large["settings"]["variants"]
+
+
+def test_the_gpu_default_is_the_run_that_served_every_request():
+    from bench.colocation import Settings, memory_plan
+    from valve.api.runtime import RuntimeSpec
+
+    plan = memory_plan(Settings(device="cuda"), 141 << 30)
+    served = result(RUNS["1 GiB"])["memory_plan"]
+    assert plan["reserve_bytes"] == plan["leave_bytes"] == RuntimeSpec().reserve.min_bytes
+    assert (plan["reserve_bytes"], plan["leave_bytes"]) == (served["reserve_bytes"], served["leave_bytes"])

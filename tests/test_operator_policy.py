@@ -7,7 +7,9 @@ pairs. Every wait is a bounded poll on a condition.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import re
 
 import pytest
 
@@ -447,3 +449,40 @@ async def test_policy_metrics_are_its_status_counts_and_go_with_the_policy(env):
     async def removed():
         return all(v is None for v in policy_series().values())
     await env.until(removed, "the deleted policy's series removed")
+
+
+async def test_an_offline_pod_that_keeps_failing_is_recreated_after_a_growing_backoff(env):
+    """Base 0.3 s doubling to 0.6 s (the defaults are 10 s to 5 min); resyncs every 60 s, so only the backoff's own
+    timer can bring the next pod within the waits' 20 s bound."""
+    loop = asyncio.get_running_loop()
+    env.add_node("gpu-a", 2)
+    await env.start_operator(cfg=OperatorConfig(sidecar_image="valve:t", offline_backoff_s=(0.3, 0.6)),
+                             resync_seconds=60)
+    await create_policy(env, policy_body())
+    online, _ = await add_replica(env, "gpu-a")
+    uid = online["metadata"]["uid"]
+    pod = (await follow(env, [online]))[uid]
+    for n, wait in enumerate((0.3, 0.6, 0.6), start=1):
+        env.nodes.release(pod["metadata"]["uid"])  # the kubelet frees a failed pod's devices
+        failed_at = loop.time()
+        assert await env.api.patch(f"{env.pods_path}/{pod['metadata']['name']}/status",
+                                   {"status": {"phase": "Failed"}}) == 200
+
+        async def recreated(old: str = pod["metadata"]["uid"]):
+            now = (await offline_pods(env)).get(uid)
+            return now if now is not None and now["metadata"]["uid"] != old else None
+        new = await env.until(recreated, f"the offline pod recreated after failure {n}", timeout=20)
+        assert loop.time() - failed_at >= wait - 0.02, f"recreated before its {wait} s backoff (failure {n})"
+
+        async def counted(n: int = n, name: str = new["metadata"]["name"]):
+            rows = (await get_policy(env))["status"]["slots"]
+            return rows if [(r.get("failures"), r.get("offlinePod")) for r in rows] == [(n, name)] else None
+        await env.until(counted, f"the slot's row: {n} failure(s), the new pod")
+        await env.nodes.start(new)
+        pod = new
+    await status_is(env, offlineRunning=1)
+    failures = [e for e in env.events() if e["reason"] == "OfflinePodFailed"]
+    assert len(failures) == 3 and all(e["type"] == "Warning" for e in failures)  # one per failure
+    assert sorted(re.search(r"\((\d+) in a row", e["message"]).group(1) for e in failures) == ["1", "2", "3"]
+    assert await _events(env, "OfflineBackoff")  # the Harvesting condition said so while the slot waited
+    assert len(env.pod_creations()) == 4

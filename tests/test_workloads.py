@@ -8,6 +8,7 @@ covered by the ClusterQueue).
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import chartcheck as cc
@@ -16,7 +17,14 @@ import yaml
 
 from valve.api import colocation as c
 from valve.api import policy as pol
-from valve.api.contract import ANN_COMPLETION_INDEX, ANN_GPU, ANN_WANT_GPU, OFFLINE_RESOURCE, ONLINE_RESOURCE
+from valve.api.contract import (
+    ANN_COMPLETION_INDEX,
+    ANN_GPU,
+    ANN_ONLINE_POD,
+    ANN_WANT_GPU,
+    OFFLINE_RESOURCE,
+    ONLINE_RESOURCE,
+)
 from valve.operator.pods import OperatorConfig, render_policy_offline_pod
 from valve.operator.policy import Create, Delete, job_view, offline_template, plan_policy, workload_pod
 from valve.operator.webhook import admit, gpu_request
@@ -124,8 +132,21 @@ def _online(name: str, node: str = "n1", gpu: str | None = "G1", injected: bool 
 
 
 def _plan(pods: list[dict], **kw):
-    return plan_policy(kw.pop("policy", _policy()), [workload_pod(p) for p in pods], cfg=CFG,
-                       now="2026-01-01T00:00:00Z", **kw)
+    return plan_policy(kw.pop("policy", _policy()), [workload_pod(p) for p in pods], cfg=kw.pop("cfg", CFG),
+                       now=kw.pop("now", "2026-01-01T00:00:00Z"), **kw)
+
+
+def _offline(gpu: str, index: int, phase: str = "Running", online: str = "tp", node: str = "n1",
+             uid: str | None = None) -> dict:
+    """The policy's offline pod as the operator rendered it for (online pod `online`, GPU), then placed."""
+    spec = pol.ColocationPolicySpec.model_validate(_policy()["spec"])
+    pod = render_policy_offline_pod(_policy(), spec.offline, c.RuntimeSettings(), spec.offline.template, node=node,
+                                    gpu=gpu, online_uid=f"uid-{online}", index=index, cfg=CFG)
+    pod["metadata"].update(uid=uid or f"off-{gpu}")
+    pod["metadata"]["annotations"][ANN_GPU] = gpu
+    pod["spec"]["nodeName"] = node
+    pod["status"] = {"phase": phase}
+    return pod
 
 
 def test_one_create_per_node_and_none_on_a_busy_node():
@@ -169,8 +190,6 @@ def test_bad_input_creates_nothing_and_warns_once_per_pod():
 
 
 def test_each_gpu_of_a_multi_gpu_replica_is_a_slot_with_its_own_offline_pod():
-    spec = pol.ColocationPolicySpec.model_validate(_policy()["spec"])
-    template = c.PodTemplate.model_validate({"spec": {"containers": [{"name": "b", "image": "b:1"}]}})
     # the device plugin has reported one of the two GPUs so far: nothing to harvest yet, nothing to warn about
     partial = _plan([_online("tp", "n1", "G1", gpus=2)])
     assert partial.actions == [] and partial.status["harvestedGPUs"] == 0
@@ -183,20 +202,11 @@ def test_each_gpu_of_a_multi_gpu_replica_is_a_slot_with_its_own_offline_pod():
     assert first.status["harvestedGPUs"] == 2 and first.status["onlinePods"] == 1
     assert [r["gpuUUID"] for r in first.status["slots"]] == ["G1", "G2"]
 
-    def offline(gpu: str, index: int, phase: str = "Running") -> dict:
-        pod = render_policy_offline_pod(_policy(), spec.offline, c.RuntimeSettings(), template, node="n1", gpu=gpu,
-                                        online_uid="uid-tp", index=index, cfg=CFG)
-        pod["metadata"].update(uid=f"off-{gpu}")
-        pod["metadata"]["annotations"][ANN_GPU] = gpu
-        pod["spec"]["nodeName"] = "n1"
-        pod["status"] = {"phase": phase}
-        return pod
-
-    second = _plan([tp, offline("G1", 0)])
+    second = _plan([tp, _offline("G1", 0)])
     (create,) = second.actions  # the other GPU, with the next index
     assert create.pod["metadata"]["annotations"][ANN_WANT_GPU] == "G2"
     assert create.pod["metadata"]["annotations"][ANN_COMPLETION_INDEX] == "1"
-    both = _plan([tp, offline("G1", 0), offline("G2", 1)])
+    both = _plan([tp, _offline("G1", 0), _offline("G2", 1)])
     assert both.actions == [] and both.status["offlineRunning"] == 2
     harvesting = next(cd for cd in both.status["conditions"] if cd["type"] == "Harvesting")
     assert (harvesting["reason"], harvesting["message"]) == ("AllGPUsHarvested", "2 offline pod(s) run on 2 GPU(s)")
@@ -204,7 +214,7 @@ def test_each_gpu_of_a_multi_gpu_replica_is_a_slot_with_its_own_offline_pod():
         ("G1", "p-offline-0", 0), ("G2", "p-offline-1", 1)]
 
     # the replica goes (scale down): both its offline pods go with it
-    gone = _plan([offline("G1", 0), offline("G2", 1)])
+    gone = _plan([_offline("G1", 0), _offline("G2", 1)])
     assert sorted((a.name, a.why) for a in gone.actions if isinstance(a, Delete)) == [
         ("p-offline-0", "OnlinePodGone"), ("p-offline-1", "OnlinePodGone")]
 
@@ -221,3 +231,91 @@ def test_completions_bound_the_indexes():
     assert done.actions == []
     cond = next(cd for cd in done.status["conditions"] if cd["type"] == "Harvesting")
     assert (cond["status"], cond["reason"]) == ("True", "Complete")
+
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def _at(seconds: float) -> str:
+    return (T0 + datetime.timedelta(seconds=seconds)).isoformat()
+
+
+def _seconds(stamp: str) -> float:
+    return (datetime.datetime.fromisoformat(stamp) - T0).total_seconds()
+
+
+def _row(todo) -> dict:
+    (row,) = todo.status["slots"]
+    return row
+
+
+def _harvesting(todo) -> dict:
+    return next(cd for cd in todo.status["conditions"] if cd["type"] == "Harvesting")
+
+
+def test_a_failed_offline_pod_is_recreated_after_a_backoff_that_doubles_to_a_cap_and_resets():
+    online = _online("a")
+    status: dict = {}
+
+    def plan(pods: list[dict], t: float):
+        nonlocal status
+        todo = _plan([online, *pods], policy={**_policy(), "status": status}, now=_at(t))
+        status = todo.status
+        return todo
+
+    def creates(todo) -> list[str]:
+        return [x.pod["metadata"]["name"] for x in todo.actions if isinstance(x, Create)]
+
+    assert creates(plan([], 0)) == ["p-offline-0"]
+    failed = _offline("G1", 0, "Failed", online="a", uid="off-1")
+    first = plan([failed], 5)
+    assert [(x.name, x.why) for x in first.actions] == [("p-offline-0", "PodFailed")]
+    (told,) = [e for e in first.events if e.reason == "OfflinePodFailed"]
+    assert told.type == "Warning" and "the next one in 10 s" in told.message
+    assert {k: _row(first).get(k) for k in ("failures", "retryAfter", "failedPodUID")} == {
+        "failures": 1, "retryAfter": "2026-01-01T00:00:15.000Z", "failedPodUID": "off-1"}
+    assert first.retry_at == T0 + datetime.timedelta(seconds=15)
+    assert (_harvesting(first)["reason"], _harvesting(first)["status"]) == ("OfflineBackoff", "False")
+    assert "next attempt at 2026-01-01T00:00:15.000Z" in _harvesting(first)["message"]
+
+    again = plan([failed], 6)  # the same failed pod, seen again before its delete shows: not a new failure
+    assert not [e for e in again.events if e.reason == "OfflinePodFailed"] and _row(again)["failures"] == 1
+    early = plan([], 14.999)  # gone, but its slot still waits
+    assert creates(early) == [] and early.retry_at == T0 + datetime.timedelta(seconds=15)
+    retried = plan([], 15)
+    assert creates(retried) == ["p-offline-0"] and retried.retry_at is None
+    assert _row(retried)["failures"] == 1  # the history stays until it expires
+
+    # Each failure in a row doubles the wait, up to 300 s; each is told once.
+    waits, t = [], 15.0
+    for n in range(2, 9):
+        t += 1  # the recreated pod fails a second after it was created
+        todo = plan([_offline("G1", 0, "Failed", online="a", uid=f"off-{n}")], t)
+        assert _row(todo)["failures"] == n
+        assert len([e for e in todo.events if e.reason == "OfflinePodFailed"]) == 1
+        waits.append(_seconds(_row(todo)["retryAfter"]) - t)
+        t = _seconds(_row(todo)["retryAfter"])
+        assert creates(plan([], t - 0.001)) == [] and creates(plan([], t)) == ["p-offline-0"]
+    assert waits == [20, 40, 80, 160, 300, 300, 300]
+
+    # The pod created at the last retry runs for longer than 2 x cap: the history goes, the next failure is a first.
+    ran = plan([_offline("G1", 0, "Running", online="a", uid="off-ok")], t + 601)
+    assert not {"failures", "retryAfter", "failedPodUID"} & set(_row(ran))
+    assert _harvesting(ran)["reason"] == "AllGPUsHarvested"
+    later = plan([_offline("G1", 0, "Failed", online="a", uid="off-ok")], t + 700)
+    assert _row(later)["failures"] == 1 and _seconds(_row(later)["retryAfter"]) == t + 710
+
+
+def test_a_new_online_replica_is_a_new_slot_without_the_old_ones_backoff_and_the_base_is_configurable():
+    cfg = OperatorConfig(sidecar_image="valve:t", offline_backoff_s=(0.25, 1.0))
+    failed = _plan([_online("a"), _offline("G1", 0, "Failed", online="a", uid="off-1")], cfg=cfg, now=_at(0))
+    assert _row(failed)["retryAfter"] == "2026-01-01T00:00:00.250Z"
+    # a rollout: replica b replaces a on the same GPU while a's slot still backs off; b's slot starts clean
+    todo = _plan([_online("b")], cfg=cfg, now=_at(0.1), policy={**_policy(), "status": failed.status})
+    assert [x.pod["metadata"]["annotations"][ANN_ONLINE_POD] for x in todo.actions if isinstance(x, Create)] \
+        == ["uid-b"]
+    assert "failures" not in _row(todo) and todo.retry_at is None
+    # a history that is not a time (a hand-edited status) is forgotten, not a reconcile that fails forever
+    edited = {**failed.status, "slots": [{**_row(failed), "retryAfter": "soon"}]}
+    todo = _plan([_online("a")], cfg=cfg, now=_at(0.1), policy={**_policy(), "status": edited})
+    assert [x.node for x in todo.actions if isinstance(x, Create)] == ["n1"] and "failures" not in _row(todo)

@@ -157,6 +157,12 @@ class Slot(BaseModel):
     offline_pod: str | None = Field(None, max_length=253)
     index: int | None = Field(None, ge=0)
     offline_phase: str | None = Field(None, max_length=32)
+    failures: int | None = Field(None, ge=1, description="Offline pods of this GPU that failed in a row (their "
+                                 "recreation backs off).")
+    retry_after: str | None = Field(None, max_length=64, json_schema_extra={"format": "date-time"},
+                                    description="No offline pod is created for this GPU before this time.")
+    failed_pod_uid: str | None = Field(None, alias="failedPodUID", max_length=64,
+                                       description="The last failed offline pod counted (each failure counts once).")
 
 
 class ColocationPolicyStatus(BaseModel):

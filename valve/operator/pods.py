@@ -76,6 +76,9 @@ class OperatorConfig:
     metrics_port: int = 9400  # /metrics of the proxy and arbiter sidecars (port name `valve-metrics`)
     metrics_addr: str = ""  # their bind address; empty: the pod's IP (downward API), not every interface
     allowed_images: tuple[str, ...] = ()  # images a pair may name for its sidecars, besides sidecar_image
+    # A policy's failed offline pod is recreated after base seconds, doubling per failure in a row up to cap (the
+    # kubelet's CrashLoopBackOff: 10 s to 5 min); a failure 2 x cap after the last retry counts as the first again.
+    offline_backoff_s: tuple[float, float] = (10.0, 300.0)
 
     def image_allowed(self, image: str | None) -> bool:
         return image is None or image == self.sidecar_image or image in self.allowed_images

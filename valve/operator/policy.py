@@ -9,10 +9,18 @@ new online pod gets a new one. Indexes (JOB_COMPLETION_INDEX) are the lowest fre
 once no pod holding it is left (so two pods never work on one index at once), and a succeeded index is never run
 again (`status.completedIndexes`). At most one offline pod per node waits for admission (`busy_nodes`: the
 device plugin reads the wish of the one pod being admitted). Bad input creates nothing and says why.
+
+Backoff: a slot whose offline pod failed (phase Failed) gets its next one only after `cfg.offline_backoff_s`
+(base, doubling per failure in a row, up to cap; a failure more than 2 x cap after the slot's last retry counts as
+the first again, as the kubelet resets CrashLoopBackOff). The history is the slot's row in the policy's status
+(`failures`, `retryAfter`, `failedPodUID`), so an operator restart keeps it; a new online pod is a new slot, with
+none. Time is the `now` passed in.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +133,7 @@ class PolicyPlan:
     events: list[Event] = field(default_factory=list)
     warned: set[tuple[str, str]] = field(default_factory=set)  # (pod uid, reason) told by an event now
     offline_phases: dict[str, int] = field(default_factory=dict)  # status.offlinePods by pod phase (for metrics)
+    retry_at: datetime.datetime | None = None  # the earliest end of a slot's backoff: reconcile again then
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,31 @@ def _single_gpu(gpu: str | None) -> str | None:
 
 
 Slot = tuple[str, str]  # (online pod uid, GPU): a policy offline pod's (ANN_ONLINE_POD, ANN_WANT_GPU)
+BACKOFF_FIELDS = ("failures", "retryAfter", "failedPodUID")  # a slot's row: its failure history
+
+
+def backoff_seconds(failures: int, base: float, cap: float) -> float:
+    """The wait before a slot's next offline pod after `failures` (>= 1) failed in a row."""
+    return min(base * 2 ** min(failures - 1, 62), cap)
+
+
+def instant(text: Any) -> datetime.datetime | None:
+    """An RFC 3339 time (aware), None if it is not one (a hand-edited status forgets its history)."""
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def ceil_ms(at: datetime.datetime) -> datetime.datetime:
+    """Rounded up to the millisecond: a retry time as written is never earlier than the one computed."""
+    return datetime.datetime.fromtimestamp(math.ceil(at.timestamp() * 1000 - 1e-6) / 1000, datetime.UTC)
+
+
+def stamp(at: datetime.datetime) -> str:
+    """RFC 3339, UTC, milliseconds."""
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def plan_policy(
@@ -194,6 +228,10 @@ def plan_policy(
     meta = policy["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     old = policy.get("status") or {}
+    at = instant(now)
+    if at is None:
+        raise ValueError(f"now must be an RFC 3339 time with its offset, not {now!r}")
+    now = at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # conditions: whole seconds
     generation = int(meta.get("generation") or 1)
     spec, invalid = parse_policy(policy)
     problem: tuple[str, str] | None = None
@@ -234,6 +272,28 @@ def plan_policy(
             for gpu in gpus:  # every GPU of the replica, once the device plugin has reported all of them
                 slots[(pod.uid, gpu)] = (pod, pod.node, gpu)
 
+    # Each slot's failure history, from its row (expired: more than 2 x cap after its last retry).
+    base, cap = cfg.offline_backoff_s
+    rows = {(r.get("onlinePod"), r.get("gpuUUID")): r for r in old.get("slots") or [] if r.get("failures")}
+    history: dict[Slot, dict[str, Any]] = {}
+    for key, (online, _, gpu) in slots.items():
+        row = rows.get((online.name, gpu)) or {}
+        if (retry := instant(row.get("retryAfter"))) is not None and (at - retry).total_seconds() <= 2 * cap:
+            history[key] = {**{k: row[k] for k in BACKOFF_FIELDS if row.get(k) is not None}, "at": retry}
+
+    def failed(key: Slot, pod: WorkloadPod, node: str, gpu: str) -> None:
+        """Count a failed offline pod of a slot, once (its uid is kept), and say when the next one comes."""
+        was = history.get(key, {})
+        if was.get("failedPodUID") == pod.uid:
+            return
+        failures = int(was.get("failures") or 0) + 1
+        wait = backoff_seconds(failures, base, cap)
+        retry = ceil_ms(at + datetime.timedelta(seconds=wait))
+        history[key] = {"failures": failures, "retryAfter": stamp(retry), "failedPodUID": pod.uid, "at": retry}
+        events.append(Event("Warning", "OfflinePodFailed", f"offline pod {pod.name} (index {pod.index}) on node "
+                            f"{node}, GPU {gpu} failed ({failures} in a row on this GPU): the next one in {wait:g} s, "
+                            f"at {stamp(retry)}"))
+
     # Offline side: the policy's pods, by the online pod they serve.
     mine = [p for p in pods if p.valve_pod and p.policy == name]
     completed = set(old.get("completedIndexes") or []) | {p.index for p in mine
@@ -252,6 +312,7 @@ def plan_policy(
             why = "OnlinePodGone"
         elif pod.phase == "Failed":
             why = "PodFailed"
+            failed(key, pod, slot[1], slot[2])
         elif template is not None and spec is not None and pod.index is not None and pod.hash != render(
                 policy, spec.offline, spec.runtime, template, node=slot[1], gpu=slot[2], online_uid=key[0],
                 index=pod.index, cfg=cfg)["metadata"]["annotations"][ANN_HASH]:
@@ -263,12 +324,14 @@ def plan_policy(
         if slot is not None:
             serving.setdefault(key, pod)
 
+    backoff = {k: h["at"] for k, h in history.items() if h["at"] > at}  # slots waiting out their backoff
+    backing = sorted(backoff.values())
     if problem is None and template is not None and spec is not None:
         taken = {p.index for p in mine if p.index is not None} | completed
         names = {p.name for p in mine}
         busy = set(busy_nodes)
         for (uid, _), (_, node, gpu) in sorted(slots.items(), key=_slot_order):
-            if (uid, gpu) in serving or node in busy:
+            if (uid, gpu) in serving or (uid, gpu) in backoff or node in busy:
                 continue
             index = _free_index(taken, completions, lambda i: policy_pod_name(name, i) in names)
             if index is None:
@@ -284,8 +347,11 @@ def plan_policy(
         off = serving.get(key)
         slot_rows.append({k: v for k, v in {
             "onlinePod": online.name, "node": node, "gpuUUID": gpu, "offlinePod": off.name if off else None,
-            "index": off.index if off else None, "offlinePhase": off.phase if off else None}.items()
-            if v is not None})
+            "index": off.index if off else None, "offlinePhase": off.phase if off else None,
+            **{k: history.get(key, {}).get(k) for k in BACKOFF_FIELDS}}.items() if v is not None})
+    if len(slot_rows) > pol.MAX_SLOTS:  # bounded: the rows holding a failure history are kept first
+        keep = sorted(sorted(range(len(slot_rows)), key=lambda i: "failures" not in slot_rows[i])[:pol.MAX_SLOTS])
+        slot_rows = [slot_rows[i] for i in keep]
     live = [p for p in mine if not p.deleting]
     phases: dict[str, int] = {}
     for p in live:
@@ -310,6 +376,10 @@ def plan_policy(
     elif running == len(slots):
         harvesting = st.Cond(T.Harvesting, "True", "AllGPUsHarvested",
                              f"{running} offline pod(s) run on {len(slots)} GPU(s)")
+    elif backing:
+        harvesting = st.Cond(T.Harvesting, "False", "OfflineBackoff",
+                             f"{len(backing)} of {len(slots)} harvested GPU(s) wait after a failed offline pod; "
+                             f"next attempt at {stamp(backing[0])}")
     else:
         harvesting = st.Cond(T.Harvesting, "False", "OfflinePending",
                              f"{running} of {len(slots)} harvested GPU(s) run an offline pod")
@@ -324,7 +394,7 @@ def plan_policy(
         "offlinePods": len(live),
         "offlineRunning": running,
         "completedIndexes": sorted(completed),
-        "slots": slot_rows[:pol.MAX_SLOTS],
+        "slots": slot_rows,
         "message": ready.message,
         "observedGeneration": generation,
         "conditions": st.merge_conditions(old.get("conditions") or [], conds, generation, now),
@@ -333,7 +403,8 @@ def plan_policy(
     for cd in conds[:3]:
         if was.get(cd.type.value) != (cd.status, cd.reason):
             events.append(Event("Normal" if cd.status == "True" else "Warning", cd.reason, cd.message))
-    return PolicyPlan(status=status, actions=actions, events=events, warned=told, offline_phases=phases)
+    return PolicyPlan(status=status, actions=actions, events=events, warned=told, offline_phases=phases,
+                      retry_at=backing[0] if backing else None)
 
 
 def _slot_order(item: tuple[Slot, tuple[WorkloadPod, str, str]]) -> tuple[str, str]:
@@ -353,5 +424,5 @@ def action_event(action: Create | Delete) -> Event:
         return Event("Normal", "CreatedOfflinePod", f"created offline pod {meta['name']} (index "
                      f"{meta['annotations'][ANN_COMPLETION_INDEX]}) on node {action.node}, GPU "
                      f"{meta['annotations'][ANN_WANT_GPU]}")
-    kind = "Normal" if action.why in ("OnlinePodGone", "SpecChanged") else "Warning"
+    kind = "Warning" if action.why == "GPUMismatch" else "Normal"  # a failure has its own OfflinePodFailed
     return Event(kind, "DeletingOfflinePod", f"deleting offline pod {action.name}: {action.why}")

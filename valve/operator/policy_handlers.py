@@ -48,6 +48,8 @@ class PolicyController:
     repairs: dict[Key, int] = field(default_factory=dict)
     waiting: dict[str, set[Key]] = field(default_factory=dict)  # node -> policies held by its offline gate
     rendered: dict[Key, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    timers: dict[Key, asyncio.TimerHandle] = field(default_factory=dict)  # a reconcile when a backoff ends
+    retries: set[asyncio.Task] = field(default_factory=set)
 
     def policies_in(self, namespace: str) -> list[dict[str, Any]]:
         return list(self.op.indices["valve_policies"].get(namespace) or ())
@@ -100,13 +102,14 @@ class PolicyController:
         gate_key = ("policy:" + key[0], key[1])
         nodes = {p.node for p in pods if p.node}
         busy = frozenset(n for n in nodes if self.op.node_busy(n, gate_key))
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.datetime.now(datetime.UTC).isoformat()  # precise: backoffs are timed from it
         todo = plan_policy(body, pods, cfg=self.op.cfg, now=now, job=job, busy_nodes=busy,
                            warned=frozenset(self.warned.get(key, ())), create_failed=self.refused.get(key),
                            repairs_left=MAX_REPAIRS - self.repairs.get(key, 0),
                            render=self.renderer(key, body, self.jobs.get(key, (None,))[0]))
         for node in busy:
             self.waiting.setdefault(node, set()).add(key)
+        self.wake_at(key, todo.retry_at)
         done = []
         for action in todo.actions:
             if isinstance(action, Create):
@@ -137,6 +140,28 @@ class PolicyController:
         for event in [*todo.events, *done]:
             await self.op.kube.post_event(body, event.type, event.reason, event.message)
 
+    def wake_at(self, key: Key, at: datetime.datetime | None) -> None:
+        """Reconcile the policy again when its earliest backoff ends (nothing else may happen by then)."""
+        if (old := self.timers.pop(key, None)) is not None:
+            old.cancel()
+        if at is not None:
+            delay = max(0.0, (at - datetime.datetime.now(datetime.UTC)).total_seconds())
+            self.timers[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
+
+    def _retry(self, key: Key) -> None:
+        self.timers.pop(key, None)
+        if (body := self.body(key)) is not None:
+            task = asyncio.create_task(self.reconcile_logged(body), name=f"valve policy retry {key[0]}/{key[1]}")
+            self.retries.add(task)
+            task.add_done_callback(self.retries.discard)
+
+    async def reconcile_logged(self, body: dict[str, Any], resync: bool = False) -> None:
+        try:
+            await self.reconcile(body, resync)
+        except Exception as e:  # the next resync tries again
+            log.warning("reconcile of policy %s/%s failed: %s", body["metadata"].get("namespace"),
+                        body["metadata"].get("name"), e)
+
     def renderer(self, key: Key, body: dict[str, Any], job_seen: float | None) -> Any:
         """render_policy_offline_pod, remembered per policy: plan_policy renders each offline pod on every pass
         (to compare spec hashes), and its inputs change only with the policy's generation or its Job."""
@@ -164,6 +189,7 @@ class PolicyController:
 
     def forget(self, key: Key) -> None:
         metrics.forget_policy(*key)
+        self.wake_at(key, None)
         for d in (self.locks, self.written, self.warned, self.created, self.refused, self.jobs, self.repairs,
                   self.rendered):
             d.pop(key, None)
@@ -171,11 +197,7 @@ class PolicyController:
     async def resync(self) -> None:
         for store in list(self.op.indices["valve_policies"].values()):
             for body in list(store):
-                try:
-                    await self.reconcile(body, resync=True)
-                except Exception as e:
-                    log.warning("resync of policy %s/%s failed: %s", body["metadata"].get("namespace"),
-                                body["metadata"].get("name"), e)
+                await self.reconcile_logged(body, resync=True)
 
     async def resync_loop(self) -> None:
         await self.op.indexed.wait()

@@ -684,3 +684,16 @@ def test_preemption_with_the_runtimes_defaults():
             f"{a['preempt_p50_us'] / 1e3:.2f}/{a['preempt_p99_us'] / 1e3:.2f} ms); the SM clock at burst arrival "
             f"{g['sm_mhz_p50']:.0f} MHz against {a['sm_mhz_p50']:.0f} MHz alone") in text
     assert f"{g['bursts']} bursts per variant" in text
+
+
+def test_operator_scale_quiet_run():
+    doc = result("operator_scale_quiet.json")
+    (r,) = doc["runs"]
+    text = flat(section("docs/operator.md", "### Many pairs at once (kmock)"))
+    assert r["pairs"] == 2000 and r["degraded"] == 0 and r["split_pairs"] == 0 and r["seconds"] < 60
+    for figure in (f"load average {r['loadavg_before'][0]:.2f} at its start",
+                   f"`{doc['command']}`".replace("`", ""),
+                   f"2,000 pairs done in {r['seconds']:.1f} s, {r['operator_cpu_ms_per_pair']:.1f} ms of operator CPU per "
+                   f"pair, {r['requests_per_pair']:.2f} requests per pair, {r['degraded']} Degraded, "
+                   f"{r['split_pairs']} split"):
+        assert figure in text.replace("`", ""), figure

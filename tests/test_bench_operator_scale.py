@@ -41,6 +41,6 @@ def test_bench_fifty_pairs_with_a_restart(tmp_path):
     assert plain["requests"] <= 6 * 50 + 20
     after = restarted["restart"]
     assert after["pod_creates_refused_409"] == 0 and after["done_at_restart"] >= 25
-    assert after["started_in_s"] < after["seconds_to_all_done"] < 30
+    assert after["started_in_s"] <= after["seconds_to_all_done"] < 30  # rounded to 10 ms: the last pairs may finish as it starts watching
     # after the restart: kopf's lists and watches, then only what the pairs not done yet need (no re-creates)
     assert after["requests_after"].get("POST pods", 0) <= 2 * (50 - after["done_at_restart"])

@@ -59,6 +59,8 @@ class Row:
 
 
 def read_block(path: Path, now_ns: int | None = None) -> Read:
+    # the snapshot's time is taken after the read: one taken before could precede a heartbeat the arbiter wrote
+    # meanwhile, and the heartbeat's age would come out negative
     now = time.monotonic_ns() if now_ns is None else now_ns
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -73,6 +75,7 @@ def read_block(path: Path, now_ns: int | None = None) -> Read:
         return Read(now, None, f"cannot read the control file: {e.strerror}")
     finally:
         os.close(fd)
+    now = time.monotonic_ns() if now_ns is None else now_ns
     if size != FILE_SIZE or len(data) < ctypes.sizeof(Layout):
         return Read(now, None, f"size {size} bytes, expected {FILE_SIZE}: not a Valve control file")
     f = Layout.from_buffer_copy(data[: ctypes.sizeof(Layout)])

@@ -519,7 +519,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["control"] = read_control(control_path(uuid, rdir))
         if mem is not None:
             out.update(memory_figures(stats0.get("memory", {}), stats1.get("memory", {}), read_progress(reclaims),
-                                      t0, t1, out.get("errors", 0)))
+                                      t0, t1))
         return out
     finally:
         util.stop()
@@ -530,7 +530,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             tick(1.0)
 
 
-def memory_figures(before: dict, after: dict, reclaims: list[dict], t0: float, t1: float, errors: int) -> dict:
+def memory_figures(before: dict, after: dict, reclaims: list[dict], t0: float, t1: float) -> dict:
     """A memory-pressure variant's figures over the load window: the offline pool's reclaims (count, bytes, host
     time of each, sequences evicted and their tokens to recompute) and the online pool (failed device
     allocations, waits for memory it asked for, peak). ``mem_*`` keys, so repeats pool like the other figures."""
@@ -545,7 +545,6 @@ def memory_figures(before: dict, after: dict, reclaims: list[dict], t0: float, t
         "mem_online_grows": after.get("grows", 0) - before.get("grows", 0),
         "mem_online_grown_bytes": after.get("grown_bytes", 0) - before.get("grown_bytes", 0),
         "mem_online_peak_bytes": after.get("peak_bytes", 0), "mem_ask_wait_ms": [w * 1e3 for w in waits],
-        "mem_online_errors": errors,
     }
 
 
@@ -789,7 +788,7 @@ def colocation(
     mem_device_bytes: int | None = typer.Option(None, help="Memory variants on CPU: the simulated device's bytes."),
     mem_online_bytes: int | None = typer.Option(None, help="Memory variants: the online KV pool's most bytes."),
     mem_leave_bytes: int | None = typer.Option(None, help="Memory variants: free bytes the filling offline pool "
-                                               "leaves (GPU default 256 MiB)."),
+                                               "leaves (GPU default: RuntimeSpec's reserve floor, 1 GiB)."),
     mem_reserve_bytes: int | None = typer.Option(None, help="Memory variants: the arbiter's reserve floor "
                                                  "(GPU default: RuntimeSpec's, 1 GiB)."),
     seed: int | None = typer.Option(None, help="Seed of the request trace and the weights."),

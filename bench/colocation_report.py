@@ -189,7 +189,7 @@ def memory_rows(variants: dict[str, dict]) -> list[dict]:
         out.append({"variant": name, "reclaims": v["mem_reclaims"], "reclaimed_bytes": v["mem_reclaimed_bytes"],
                     "reclaim_p50_ms": percentile(ms, 50), "reclaim_p99_ms": percentile(ms, 99),
                     "evicted": v["mem_evicted"], "recomputed_tokens": v["mem_recomputed_tokens"],
-                    "online_ooms": v["mem_online_ooms"], "online_errors": v.get("mem_online_errors", 0),
+                    "online_ooms": v["mem_online_ooms"], "online_errors": v.get("errors", 0),
                     "online_oom_errors": oom, "online_oom_errors_exact": exact,
                     "ask_wait_p50_ms": percentile(waits, 50), "ask_wait_p99_ms": percentile(waits, 99),
                     "asks": len(waits), "online_peak_bytes": v.get("mem_online_peak_bytes")})

@@ -168,13 +168,10 @@ def create_app(worker: EngineWorker, model_name: str, tokenizer: ByteTokenizer,
 def elastic_engine(m, block_size: int, max_batch_tokens: int, max_seqs: int, max_bytes: int, chunk_bytes: int | None):
     """An engine whose KV cache is a KVPool of at most ``max_bytes`` (mapped on demand: ``ElasticKV``)."""
     from valve.engine.engine import Engine
-    from valve.engine.kvcache import PagedKVCache
-    from valve.runtime.memory.pool import KVPool
+    from valve.engine.offline import kv_pool_cache
 
-    block_bytes = m.cfg.kv_bytes_per_token(m.dtype.itemsize) * block_size
-    pool = KVPool(block_bytes=block_bytes, chunk_bytes=chunk_bytes, max_bytes=max_bytes)
-    return Engine(m, PagedKVCache(m.cfg, pool, m.dtype, block_size), max_batch_tokens=max_batch_tokens,
-                  max_seqs=max_seqs), pool
+    cache, pool = kv_pool_cache(m.cfg, m.dtype, block_size, max_bytes, chunk_bytes=chunk_bytes)
+    return Engine(m, cache, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs), pool
 
 
 def build_worker(model: str, device: str | None, num_blocks: int, block_size: int, max_batch_tokens: int,

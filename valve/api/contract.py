@@ -102,6 +102,7 @@ def ann_gpu_index(i: int) -> str:
     return f"{ANN_GPU_INDEX_PREFIX}{i}"
 
 
-def sidecar_gpu_dir(i: int) -> str:
-    """Where a sidecar of a pod holding several GPUs mounts the i-th one's folder: /var/run/valve-gpu-0, ..."""
-    return f"{SIDECAR_GPU_DIR}-{i}"
+def sidecar_gpu_dir(i: int, base: str = SIDECAR_GPU_DIR) -> str:
+    """Where a sidecar of a pod holding several GPUs mounts the i-th one's folder: /var/run/valve-gpu-0, ...
+    (``base``: the single-GPU folder, pod-init's --target)."""
+    return f"{base}-{i}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from valve.api.contract import ANN_GPU, ann_gpu_index
+from valve.api.contract import ANN_GPU, ann_gpu_index, sidecar_gpu_dir
 
 
 def check_uuid(value: str) -> str:
@@ -41,8 +41,8 @@ def link_gpu_dir(uuid: str, links: Path, target: Path) -> Path:
 
 
 def indexed_target(target: Path, i: int) -> Path:
-    """The i-th GPU's folder in a sidecar of a pod holding several (contract.sidecar_gpu_dir for the default)."""
-    return Path(f"{target}-{i}")
+    """The i-th GPU's folder in a sidecar of a pod holding several, for the --target the sidecars mount."""
+    return Path(sidecar_gpu_dir(i, str(target)))
 
 
 def run(gpu_from: Path, links: Path, target: Path, timeout_s: float, gpus: int = 1) -> str:

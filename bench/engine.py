@@ -285,7 +285,7 @@ def online(model, cfg: ModelConfig, device: str, engine: str, prompt_len: int, r
 
 # ---- report -----------------------------------------------------------------------------------------------------
 def fmt(x, spec: str = ".1f") -> str:
-    return "-" if x is None else format(x, spec)
+    return output.fmt(x, spec)
 
 
 def table_text(doc: dict) -> str:

@@ -105,8 +105,7 @@ def interference_summary(rows: list[dict]) -> dict:
     return out
 
 
-def fmt(v: float, spec: str = ".2f") -> str:
-    return "-" if v != v else format(v, spec)
+fmt = output.fmt
 
 
 def table(rows: list[dict], phases: list[str], offline: dict[str, dict], discovery: dict[str, dict]) -> str:

@@ -161,8 +161,7 @@ def clock_effect(rows: dict) -> dict:
     return {"measured": True, "alone_clock_drop": drop, "note": note, "per_variant": per}
 
 
-def fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+fmt = output.fmt
 
 
 def table(rows: dict, skipped: dict) -> str:

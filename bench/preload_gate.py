@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import procs  # noqa: E402
+from bench.harness.output import fmt  # noqa: E402
 from valve.stats import percentile  # noqa: E402
 
 PROGRAMS = ("eager", "graphs", "hf")
@@ -543,16 +544,12 @@ def result(args, raw: dict, estimate: float) -> dict:
     return doc
 
 
-def _f(x, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def table(doc: dict) -> str:
     a = doc["online_alone"]
     r_ = a["p99_ms_repeats"]
     st = doc["standard"]
-    rows = [f"online alone: p50 {_f(a['p50_ms'], '.3f')} ms, p99 {_f(a['p99_ms'], '.3f')} ms ({a['n']} bursts; "
-            f"p99 per repeat median {_f(r_['median'], '.3f')} [{_f(r_['min'], '.3f')}-{_f(r_['max'], '.3f')}])",
+    rows = [f"online alone: p50 {fmt(a['p50_ms'], '.3f')} ms, p99 {fmt(a['p99_ms'], '.3f')} ms ({a['n']} bursts; "
+            f"p99 per repeat median {fmt(r_['median'], '.3f')} [{fmt(r_['min'], '.3f')}-{fmt(r_['max'], '.3f')}])",
             f"measurement standard ({st['asks']}): {'met' if st['met'] else 'NOT met'} "
             f"(min {st['bursts_per_variant_min']} bursts per variant, {st['repeats']} repeats)", "",
             "| program | chunk | longest offline kernel ms | library | online p50 / p99 ms | p99 x alone "
@@ -566,11 +563,11 @@ def table(doc: dict) -> str:
         ovs = "" if ov is None else (f"{100 * ov['median']:+.1f}% [{100 * ov['min']:+.1f}..{100 * ov['max']:+.1f}%]"
                                      if ov["n"] else "-")
         rows.append(
-            f"| {r['program']} | {r['chunk']} | {_f(r['kernel_ms'], '.3f')} | {lib} "
-            f"| {_f(r['online']['p50_ms'])} / {_f(r['online']['p99_ms'])} | x{_f(r['p99_ratio'])} "
-            f"| x{_f(pr['median'])} [{_f(pr['min'])}-{_f(pr['max'])}] "
-            f"| {_f(oc['median'], '.1f')} {r['unit']}/s | {_f(oa['median'], '.1f')} [{_f(oa['min'], '.1f')}-"
-            f"{_f(oa['max'], '.1f')}] | {ovs} | {r['counters']['waits']:,} / {r['counters']['launches']:,} "
+            f"| {r['program']} | {r['chunk']} | {fmt(r['kernel_ms'], '.3f')} | {lib} "
+            f"| {fmt(r['online']['p50_ms'])} / {fmt(r['online']['p99_ms'])} | x{fmt(r['p99_ratio'])} "
+            f"| x{fmt(pr['median'])} [{fmt(pr['min'])}-{fmt(pr['max'])}] "
+            f"| {fmt(oc['median'], '.1f')} {r['unit']}/s | {fmt(oa['median'], '.1f')} [{fmt(oa['min'], '.1f')}-"
+            f"{fmt(oa['max'], '.1f')}] | {ovs} | {r['counters']['waits']:,} / {r['counters']['launches']:,} "
             f"| {r['online']['n']} |")
     rows.append(f"\ntargets: gated p99 <= {TARGET_P99_RATIO}x alone; overhead with the gate open <= "
                 f"{100 * TARGET_OVERHEAD:.0f}%. Offline rates: median over repeats (alone: [min-max]).")

@@ -20,6 +20,11 @@ def clean(x):
     return x
 
 
+def fmt(x, spec: str = ".2f") -> str:
+    """A figure for a table: "-" when there is none (None or NaN)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def slug(name: str, sep: str = "_") -> str:
     return re.sub(r"[^A-Za-z0-9]+", sep, name).strip(sep).lower() or "unknown"
 

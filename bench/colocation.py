@@ -57,6 +57,48 @@ VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "mps")
 MEM_VARIANTS = ("time-slicing-mem", "valve-mem", "mps-mem")
 ALL_VARIANTS = ("online-alone", "offline-alone", "time-slicing", "valve", "time-slicing-mem", "valve-mem", "mps",
                 "mps-mem")  # the order they run in: online-alone first (calibration), MPS last
+KNOB_SEP, SET_SEP = "@", "+"  # valve@queue_ahead=1+near_online.window_ms=200: Valve with RuntimeSpec settings
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """A variant name's base (one of ALL_VARIANTS) and the RuntimeSpec settings after ``@`` (Valve variants only:
+    ``valve@idle_hysteresis_ms=25+near_online.max_batch_tokens=512``, dotted keys for nested fields). Raises
+    ValueError with a one-line reason on an unknown variant, key or value."""
+    base, _, knobs = name.partition(KNOB_SEP)
+    if base not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {base!r}; expected some of {', '.join(ALL_VARIANTS)}")
+    if not knobs:
+        return base, {}
+    if not base.startswith("valve"):
+        raise ValueError(f"{name}: only Valve variants take RuntimeSpec settings")
+    spec: dict = {}
+    for item in knobs.split(SET_SEP):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{name}: {item!r} is not key=value")
+        *parents, leaf = key.split(".")
+        node = spec
+        for k in parents:
+            node = node.setdefault(k, {})
+        try:
+            node[leaf] = json.loads(value)
+        except ValueError:  # a bare word: a string (eviction_policy=fifo)
+            node[leaf] = value
+    from valve.api.runtime import RuntimeSpec
+
+    try:
+        RuntimeSpec.model_validate(spec)
+    except Exception as e:  # noqa: BLE001 - pydantic's message, on one line
+        raise ValueError(f"{name}: {' '.join(str(e).split())}") from None
+    return base, spec
+
+
+def merge(a: dict, b: dict) -> dict:
+    """``a`` with ``b``'s settings over it (nested dicts merged)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @dataclass
@@ -418,8 +460,9 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
     s, wd = run.s, run.workdir / f"repeat{run.repeat + 1}" / name
     wd.mkdir(parents=True, exist_ok=True)
     online, offline = name != "offline-alone", name != "online-alone"
-    base = name.removesuffix("-mem")
-    mem = memory_plan(s, run.env_info.get("gpu_total_bytes")) if name in MEM_VARIANTS else None
+    kind, knobs = parse_variant(name)
+    base = kind.removesuffix("-mem")
+    mem = memory_plan(s, run.env_info.get("gpu_total_bytes")) if kind in MEM_VARIANTS else None
     valve = base == "valve"
     on_cfg, off_cfg = get_config(s.online_model), get_config(s.offline_model)
     extra: dict = {}
@@ -444,9 +487,10 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             ControlBlock.create(control_path(uuid, rdir)).close()
             cenv = child_env(extra, one_thread=s.device == "cpu")
             spec = None
-            if mem is not None:
+            settings = merge(runtime_spec(mem) if mem is not None else {}, knobs)
+            if settings:
                 spec = wd / "runtime-spec.json"
-                spec.write_text(json.dumps(runtime_spec(mem)))
+                spec.write_text(json.dumps(settings))
             children.append(Child("arbiter", arbiter_cmd(uuid, rdir, free_port(), spec), cenv,
                                   wd / "arbiter.log"))
         cenv = child_env(extra, one_thread=s.device == "cpu")
@@ -504,6 +548,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             out["offline_progress"] = [[round(r["time"] - t0, 3), r["generated_tokens"]] for r in recs
                                        if t0 - 2 <= r["time"] <= t1 + 1]
             window = [r for r in recs if t0 <= r["time"] <= t1]
+            out["offline_small_steps"] = recs[-1].get("small_steps", 0) if recs else 0  # near-online budget
             out["offline_host_share"] = host_share(window[0], window[-1]) if len(window) > 1 else None
         if online:
             ok = [r for r in results if r.error is None and r.ttft is not None]
@@ -580,7 +625,8 @@ def read_control(path: Path) -> dict:
         return {"error": str(e)}
     out = {k: int(getattr(cb.fields, k)) for k in ("preemptions", "gate_closed_ns", "online_requests", "offline_progress",
                                           "forced_opens", "reclaim_ack_seq", "evicted_sequences",
-                                          "recomputed_tokens", "offline_pool_bytes")}
+                                          "recomputed_tokens", "offline_pool_bytes", "queue_ahead",
+                                          "near_online_ns", "near_online_tokens")}
     try:
         cb.close()
     except BufferError:  # a ctypes view still alive: the mapping goes with the process
@@ -602,15 +648,13 @@ def run_benchmark(s: Settings, out_dir: Path, progress=None, console=None, resum
     skipped: dict[str, str] = {}
     todo = []
     for v in s.variants:
-        if v not in ALL_VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; expected some of {', '.join(ALL_VARIANTS)}")
-        base = v.removesuffix("-mem")
+        base = parse_variant(v)[0].removesuffix("-mem")
         why = valve_missing() if base == "valve" else mps_missing(s.device) if base == "mps" else None
         if why:
             skipped[v] = why
         else:
             todo.append(v)
-    todo.sort(key=ALL_VARIANTS.index)  # online-alone first (calibration), mps last
+    todo.sort(key=lambda v: ALL_VARIANTS.index(parse_variant(v)[0]))  # online-alone first (calibration), mps last
     reps: list[dict[str, dict]] = []
     started, earlier = time.time(), 0.0
     if resume:
@@ -690,11 +734,16 @@ def write_result(s: Settings, run: Run, env_info: dict, reps: list[dict[str, dic
     stem = out_dir / f"colocation_{slug}"
     title = (f"{s.online_model} online + {s.offline_model} offline on {env_info['gpu']}, "
              f"{run.rate or 0:.2f} req/s {s.arrival}" + (f", {len(reps)} repeats" if len(reps) > 1 else ""))
-    result["files"] = [str(stem) + ".json", str(stem) + ".png"]
+    result["files"] = [str(stem) + ".json", str(stem) + ".png", str(stem) + "_breakdown.png"]
     result["title"] = title
+    sweep = sum(parse_variant(r["variant"])[0] == "valve" for r in result["rows"]) > 1  # Valve at several settings
+    if sweep:
+        result["tradeoff"] = report.tradeoff_points(result["rows"])
+        result["files"].append(str(stem) + "_tradeoff.png")
     output.write(out_dir, stem.name, result, table_text(result), lambda p: report.plot(pooled, str(p), title))
     report.plot_breakdown(result["breakdown"], str(stem) + "_breakdown.png", title)
-    result["files"].append(str(stem) + "_breakdown.png")
+    if sweep:
+        report.plot_tradeoff(result["rows"], str(stem) + "_tradeoff.png", title)
     return result
 
 

@@ -261,6 +261,37 @@ def plot(variants: dict[str, dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def tradeoff_points(table_rows: list[dict]) -> list[dict]:
+    """The trade-off curve's points: every colocated variant (no memory pressure) with its offline harvest and
+    online ratios to alone, Valve's settings variants among them."""
+    keys = ("harvest", "ttft_p50_ratio", "ttft_p99_ratio", "tpot_p50_ratio", "tpot_p99_ratio")
+    return [{"variant": r["variant"], **{k: r.get(k) for k in keys}} for r in table_rows
+            if r["variant"] not in ("online-alone", "offline-alone") and "-mem" not in r["variant"]]
+
+
+def plot_tradeoff(table_rows: list[dict], path: str, title: str, bound: float = 1.05) -> None:
+    """Online ratio to alone (TTFT p50/p99, TPOT p99) against offline harvest, one point per variant: where an
+    operator picks a setting. The dashed line is the latency bound."""
+    plt = pyplot()
+    pts = tradeoff_points(table_rows)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for key, marker in (("ttft_p50_ratio", "o"), ("ttft_p99_ratio", "^"), ("tpot_p99_ratio", "s")):
+        xs = [p["harvest"] for p in pts]
+        ax.scatter(xs, [p[key] for p in pts], marker=marker, label=key.replace("_ratio", "").replace("_", " "))
+    for p in pts:
+        ax.annotate(p["variant"].replace("valve@", "").replace("+", "\n"), (p["harvest"], p["ttft_p99_ratio"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(bound, ls="--", color="gray", lw=1)
+    ax.set_xlabel("offline harvest (share of offline-alone x online idle time)")
+    ax.set_ylabel("online latency / alone (median of repeats)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # where the time to first token goes: the server's --timeline parts, then HTTP and the client (``client``)
 SERVER_PARTS = ("signal", "queue", "host_prep", "more_steps", "gpu_wait", "gpu", "sync", "deliver")
 PARTS = SERVER_PARTS + ("client",)

@@ -38,6 +38,17 @@ class ReclaimLimits(BaseModel):
     grow_bytes_per_second: int = Field(8 << 30, gt=0, le=MAX_BYTES)
 
 
+class NearOnlinePolicy(BaseModel):
+    """Smaller offline steps while online is active or was within ``window_ms``: a request that arrives in a
+    burst then finds less offline work queued or running ahead of it. Costs offline throughput (smaller batches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_ms: float = Field(0.0, ge=0.0, le=60_000.0,
+                             description="How long after the gate last reopened offline steps stay small; 0: off.")
+    max_batch_tokens: int = Field(512, ge=1, le=1 << 20, description="The offline step's token budget meanwhile.")
+
+
 class RuntimeSpec(BaseModel):
     """Arbiter and client settings; the CRD's `spec.runtime` and the arbiter's config file."""
 
@@ -50,6 +61,7 @@ class RuntimeSpec(BaseModel):
     heartbeat_lease_ms: float = Field(1000.0, ge=10.0, le=60_000.0,
                                       description="Stale arbiter heartbeat after which offline opens its gate.")
     queue_ahead: int = Field(2, ge=1, le=64, description="Sub-layers the offline CPU may enqueue past the last gate.")
+    near_online: NearOnlinePolicy = Field(default_factory=NearOnlinePolicy)
     reserve: ReservePolicy = Field(default_factory=ReservePolicy)
     reclaim: ReclaimLimits = Field(default_factory=ReclaimLimits)
     eviction_policy: EvictionPolicy = EvictionPolicy.selective

@@ -40,6 +40,7 @@ class OfflineStats:
     seconds: float = 0.0
     step_seconds: float = 0.0  # wall time in engine steps
     sync_seconds: float = 0.0  # of which waiting for the GPU (the rest is host work)
+    small_steps: int = 0  # steps a step hook gave a smaller token budget than the engine's own (near online)
 
     @property
     def tokens_per_s(self) -> float:
@@ -113,6 +114,7 @@ class OfflineRunner:
         last_progress = float("-inf")  # the first step's record tells a watcher the runner is warm
         gen0, comp0 = eng.generated, eng.computed
         step0, sync0 = eng.step_seconds, eng.sync_seconds
+        full_budget = eng.scheduler.max_batch_tokens
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.output_path, "a") as out:
             while not self.stop_event.is_set():
@@ -128,6 +130,7 @@ class OfflineRunner:
                     break
                 if self.step_hook:
                     self.step_hook(eng)
+                stats.small_steps += eng.scheduler.max_batch_tokens < full_budget
                 res = eng.step()
                 if not res.n_tokens:  # nothing fits the cache now (the pool was shrunk): wait for room
                     time.sleep(0.001)
@@ -261,14 +264,13 @@ def main(
 
         handle = attach(m)  # default pattern: each layer's attention (``attn``/``self_attn``) and ``mlp``
         log.info("Valve gate before %d sub-layers", len(handle.names))
-    hook = None
+    from valve.runtime.control import ControlBlock, resolve_control_path
+
+    hooks = []
+    path = resolve_control_path()  # the arbiter's block of VALVE_GPU_UUID, when the device plugin set it
     if kv_pool:
         cache, pool = kv_pool_cache(cfg, m.dtype, block_size, kv_pool_bytes, chunk_bytes=kv_chunk_bytes)
         eng = Engine(m, cache, max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
-        from valve.runtime.control import ControlBlock, resolve_control_path
-
-        hooks = []
-        path = resolve_control_path()  # the arbiter's block of VALVE_GPU_UUID, when the device plugin set it
         if path is not None:
             hooks.append(reclaim_hook(pool, eng, ControlBlock.open(path), reclaim_log))
         if kv_pool_fill:
@@ -276,13 +278,18 @@ def main(
 
             hooks.append(PoolFill(pool, device_free_bytes(pool.backend), kv_pool_leave_bytes,
                                   kv_pool_fill_after_steps))
-        if hooks:
-            def hook(engine):
-                for h in hooks:
-                    h(engine)
     else:
         eng = Engine.create(m, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                             max_seqs=max_seqs)
+    if gate and path is not None:  # smaller steps near online, when the arbiter's RuntimeSpec asks for them
+        from valve.runtime.gate.budget import NearOnlineBudget
+
+        hooks.append(NearOnlineBudget(eng.scheduler, ControlBlock.open(path)))
+    hook = None
+    if hooks:
+        def hook(engine):
+            for h in hooks:
+                h(engine)
     runner = OfflineRunner(eng, input, output, ByteTokenizer(cfg.vocab), max_tokens, progress, step_hook=hook,
                            progress_seconds=progress_interval)
 

@@ -101,7 +101,10 @@ class Layout(ctypes.Structure):
         ("violation_ns", ctypes.c_uint64),  # arbiter: monotonic time of the last one
         ("paused_pid", ctypes.c_uint64),  # arbiter: the pid it stopped (SIGSTOP), 0 when none
         ("online_held_bytes", ctypes.c_uint64),  # online client: what it holds of online_mem_bytes (NVML unknown)
-        ("reserved", ctypes.c_uint64 * 3),
+        # smaller offline steps near online (RuntimeSpec.near_online; taken from the reserved words)
+        ("near_online_ns", ctypes.c_uint64),  # window after the gate last reopened (0: off)
+        ("near_online_tokens", ctypes.c_uint64),  # the offline step's token budget inside it
+        ("reserved", ctypes.c_uint64 * 1),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate

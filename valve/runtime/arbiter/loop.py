@@ -139,6 +139,8 @@ class Arbiter:
             if self.enforce is not None:
                 self.enforce.start(f, now)
         f.queue_ahead = self.spec.queue_ahead
+        f.near_online_ns = int(self.spec.near_online.window_ms * MS)
+        f.near_online_tokens = self.spec.near_online.max_batch_tokens
         f.eviction_policy = self.eviction_code
         if now >= self._next_reap:
             self._next_reap = now + self.reap_ns

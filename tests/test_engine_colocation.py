@@ -300,3 +300,47 @@ def test_online_requests_failed_of_oom_are_counted():
     assert (old_row["online_oom_errors"], old_row["online_oom_errors_exact"]) == (2, False)
     cells = [table_cells(report.render_memory_table(rows, "t"))[0] for rows in ([row], [old_row])]
     assert [c[8] for c in cells] == ["4 (4 OOM)", "4 (>=2 OOM)"] and cells[0][7] == "0"
+
+
+def test_variant_names_carry_runtime_settings():
+    from bench.colocation import merge, parse_variant
+
+    assert parse_variant("valve") == ("valve", {})
+    assert parse_variant("valve@queue_ahead=1+near_online.window_ms=200+near_online.max_batch_tokens=512") == (
+        "valve", {"queue_ahead": 1, "near_online": {"window_ms": 200, "max_batch_tokens": 512}})
+    assert parse_variant("valve-mem@eviction_policy=fifo") == ("valve-mem", {"eviction_policy": "fifo"})
+    for bad, why in (("vlave", "unknown variant 'vlave'"), ("mps@queue_ahead=1", "only Valve variants"),
+                     ("valve@queue_ahead", "is not key=value"), ("valve@queue_ahead=0", "greater than or equal"),
+                     ("valve@queue_ahaed=1", "queue_ahaed"), ("valve@near_online.window=5", "near_online.window")):
+        with pytest.raises(ValueError, match=why) as e:
+            parse_variant(bad)
+        assert "\n" not in str(e.value)
+    # the memory variant's reserve and a variant's settings together: nested dicts merged, the variant's win
+    assert merge({"reserve": {"min_bytes": 1, "decay_seconds": 5}}, {"reserve": {"min_bytes": 2}, "queue_ahead": 3}) \
+        == {"reserve": {"min_bytes": 2, "decay_seconds": 5}, "queue_ahead": 3}
+
+
+@pytest.mark.timeout(240)
+def test_bench_colocation_sweeps_runtime_settings_on_cpu(tmp_path):
+    """Valve at two settings beside its defaults in one run: each arbiter published its variant's settings, the
+    offline engine took the near-online budget, and the trade-off points and plot are written."""
+    pytest.importorskip("torch")
+    near = "valve@near_online.window_ms=60000+near_online.max_batch_tokens=8+queue_ahead=1"
+    cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu", "--requests", "4",
+           "--out", str(tmp_path), "--variants", f"online-alone,offline-alone,valve,{near},valve@idle_hysteresis_ms=40"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
+                          env={**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((tmp_path / "colocation_cpu.json").read_text())
+    v = res["variants"]
+    assert v["valve"]["control"]["near_online_ns"] == 0 and v["valve"]["offline_small_steps"] == 0
+    ctl = v[near]["control"]
+    assert (ctl["near_online_ns"], ctl["near_online_tokens"], ctl["queue_ahead"]) == (60 * 10**9, 8, 1)
+    assert v[near]["offline_small_steps"] > 0  # the engine stepped at most 8 tokens after online first came
+    assert v["valve@idle_hysteresis_ms=40"]["control"]["queue_ahead"] == 2
+    points = {p["variant"]: p for p in res["tradeoff"]}
+    assert set(points) == {"valve", near, "valve@idle_hysteresis_ms=40"}
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert all(points[n]["harvest"] == rows[n]["harvest"] > 0 for n in points)
+    assert (tmp_path / "colocation_cpu_tradeoff.png").stat().st_size > 10_000
+    assert str(tmp_path / "colocation_cpu_tradeoff.png") in res["files"]

@@ -50,7 +50,8 @@ def test_every_eviction_policy_has_a_control_block_code():
 
 @pytest.mark.parametrize(("queue_ahead", "policy"), [(5, "fifo"), (3, "selective")])
 def test_pair_settings_reach_the_offline_client(tmp_path: Path, queue_ahead: int, policy: str) -> None:
-    env = arbiter_env(pair({"queueAhead": queue_ahead, "evictionPolicy": policy}))
+    env = arbiter_env(pair({"queueAhead": queue_ahead, "evictionPolicy": policy,
+                            "nearOnline": {"windowMs": 250 * queue_ahead, "maxBatchTokens": 100 * queue_ahead}}))
     assert json.loads(env[ENV_RUNTIME_SPEC])["queue_ahead"] == queue_ahead
     proc = subprocess.Popen(
         [sys.executable, "-m", "valve.cli", "runtime", "arbiter", "--gpu", GPU, "--runtime-dir", str(tmp_path),
@@ -63,6 +64,9 @@ def test_pair_settings_reach_the_offline_client(tmp_path: Path, queue_ahead: int
         handler = ReclaimHandler(KVPool(SimBackend(), block_bytes=2 << 20, chunk_bytes=32 << 20,
                                         max_bytes=1 << 30), cb)
         assert (gate.queue_ahead, handler.policy) == (queue_ahead, policy)
+        # smaller offline steps near online: the window and the budget the engine's step hook reads
+        assert (cb.fields.near_online_ns, cb.fields.near_online_tokens) == (250 * queue_ahead * 10**6,
+                                                                           100 * queue_ahead)
         # an explicit argument still wins over the published value
         assert Gate(cb, backend="host", queue_ahead=1).queue_ahead == 1
         other = "selective" if policy == "fifo" else "fifo"

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from valve.api.contract import GROUP, OFFLINE_RESOURCE, ONLINE_RESOURCE, RESERVED_CONTAINERS, RESERVED_VOLUMES
-from valve.api.runtime import ReclaimLimits, ReservePolicy, RuntimeSpec
+from valve.api.runtime import NearOnlinePolicy, ReclaimLimits, ReservePolicy, RuntimeSpec
 
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -171,6 +171,10 @@ class ReclaimSettings(ReclaimLimits):
     model_config = _CAMEL
 
 
+class NearOnlineSettings(NearOnlinePolicy):
+    model_config = _CAMEL
+
+
 class RuntimeSettings(RuntimeSpec):
     """`spec.runtime`: the arbiter's settings (valve.api.runtime.RuntimeSpec in camelCase)."""
 
@@ -178,6 +182,7 @@ class RuntimeSettings(RuntimeSpec):
 
     reserve: ReserveSettings = Field(default_factory=ReserveSettings)
     reclaim: ReclaimSettings = Field(default_factory=ReclaimSettings)
+    near_online: NearOnlineSettings = Field(default_factory=NearOnlineSettings)
 
     def runtime_spec(self) -> RuntimeSpec:
         return RuntimeSpec.model_validate(self.model_dump(by_alias=False))

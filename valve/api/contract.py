@@ -45,6 +45,7 @@ PAIR_FILE = "pair"  # <runtime dir>/<gpu-uuid>/pair: the arbiter writes its pair
 # <runtime dir>/<gpu-uuid>/pids.json: the device plugin writes it with --pid-map (the GPU's compute processes: host
 # pid, pid in its own namespace, pod UID), the arbiter's NVML enforcement reads it to find its tenant's host pid
 PIDS_FILE = "pids.json"
+PIDS_FORMAT_VERSION = 1  # its "version": the device plugin writes, the arbiter reads only this one
 ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.lock: online clients flock, arbiter reaps
 # libvalvegate.so (valve/preload) on the node, the image builds it into the same path: the operator mounts it
 # (hostPath) into the offline container of a pair with spec.offline.gate "preload" and names it in LD_PRELOAD.

@@ -22,11 +22,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from valve.api.contract import PIDS_FILE
+from valve.api.contract import PIDS_FILE, PIDS_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 # Written by root (the plugin), read by the arbiter (uid 65532) and anyone on the GPU: readable by all, writable
 # by the owner only (the folder's sticky bit keeps others from replacing it).
 FILE_MODE = 0o644
@@ -91,7 +90,7 @@ def build_table(proc_root: Path, pids: Iterable[int]) -> tuple[list[dict], list[
 
 def document(gpu: str, entries: list[dict], now: float, interval_s: float) -> dict:
     """The file's content: ``time`` (Unix seconds) and ``interval_s`` let the reader tell a stale table."""
-    return {"version": FORMAT_VERSION, "gpu": gpu, "time": now, "interval_s": interval_s, "processes": entries}
+    return {"version": PIDS_FORMAT_VERSION, "gpu": gpu, "time": now, "interval_s": interval_s, "processes": entries}
 
 
 def write_atomic(path: Path, doc: dict) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import typer
@@ -18,6 +19,7 @@ from valve.api.contract import PIDS_FILE
 from valve.device_plugin.backend import SimBackend
 from valve.device_plugin.cli import register
 from valve.device_plugin.config import PluginConfig
+from valve.device_plugin.nvml import NvmlBackend
 from valve.device_plugin.pidmap import (
     FILE_MODE,
     PidMapWriter,
@@ -193,3 +195,24 @@ def test_the_flags_reach_the_config(monkeypatch, tmp_path):
     assert [(c.pid_map, c.pid_map_interval_s) for c in seen] == [(False, 1.0), (True, 0.5), (True, 1.0)]
     bad = CliRunner().invoke(app, [*base, "--pid-map-interval", "0"])
     assert bad.exit_code == 2
+
+
+def test_the_nvml_backend_lists_the_gpus_compute_pids():
+    class Nvml:
+        class NVMLError(Exception):
+            pass
+
+        def nvmlInit(self):
+            pass
+
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            if uuid != "GPU-a":
+                raise self.NVMLError("Not Found")
+            return "h"
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            return [SimpleNamespace(pid=48213, usedGpuMemory=2**30), SimpleNamespace(pid=1234, usedGpuMemory=None)]
+
+    backend = NvmlBackend(nvml=Nvml())
+    assert backend.compute_pids("GPU-a") == [48213, 1234]
+    assert backend.compute_pids("GPU-b") is None  # the pass leaves that GPU's file alone

@@ -251,6 +251,30 @@ def test_metrics_bind_to_the_pod_ip_unless_told_otherwise(helm):
 
 
 @helms
+def test_device_plugin_pid_map_is_off_by_default_and_takes_the_hosts_pid_namespace_only_when_on(helm, tmp_path):
+    def plugin(values=()):
+        return one(render(helm, values), "DaemonSet", "device-plugin")
+
+    off = plugin()["spec"]["template"]["spec"]
+    assert "hostPID" not in off and not [a for a in off["containers"][0]["args"] if a.startswith("--pid-map")]
+    assert DEFAULTS["devicePlugin"]["pidMap"] == {"enabled": False, "intervalSeconds": 1}
+    values = tmp_path / "pidmap.yaml"
+    values.write_text("devicePlugin:\n  pidMap:\n    enabled: true\n    intervalSeconds: 0.5\n")
+    ds = plugin((values,))
+    on = ds["spec"]["template"]["spec"]
+    assert on["hostPID"] is True
+    assert [a for a in on["containers"][0]["args"] if a.startswith("--pid-map")] == [
+        "--pid-map", "--pid-map-interval=0.5"]
+    # nothing else changes: still no capability, no privilege, the same folders
+    assert on["containers"][0]["securityContext"] == off["containers"][0]["securityContext"]
+    assert on["volumes"] == off["volumes"]
+    pytest.importorskip("kubernetes_validate")
+    assert cc.validate_rendered([ds]) == []
+    bad = cc.helm(helm, "lint", str(cc.CHART), "--set", "devicePlugin.pidMap.intervalSeconds=0")
+    assert bad.returncode != 0
+
+
+@helms
 def test_device_plugin_opt_in_label_can_be_dropped_or_changed(helm):
     def selector(*sets):
         return one(render(helm, (), sets), "DaemonSet", "device-plugin")["spec"]["template"]["spec"].get("nodeSelector")

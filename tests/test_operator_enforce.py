@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from valve.api import colocation as c
 from valve.api import policy as pol
-from valve.api.contract import OFFLINE, ONLINE
+from valve.api.contract import ENV_POD_UID, OFFLINE, ONLINE
 from valve.operator.pods import SIDECAR_UID, OperatorConfig, render_pod, render_policy_offline_pod
 from valve.runtime.arbiter.policy import ENFORCE_MODES
 
@@ -117,3 +117,16 @@ def test_the_policy_offline_pod_without_pause_shares_nothing(enforce):
     validate_pod(pod)
     assert "shareProcessNamespace" not in pod["spec"]
     assert arbiter(pod)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+@pytest.mark.parametrize("render", [lambda m: pair_pod(OFFLINE, m), lambda m: pair_pod(OFFLINE, m, "dra"),
+                                    policy_pod], ids=["pair", "pair-dra", "policy"])
+@pytest.mark.parametrize("enforce", MODES)
+def test_the_arbiter_learns_its_pods_uid_from_the_downward_api(render, enforce):
+    # NVML enforcement maps the tenant's pid to the host's through the device plugin's pid map, by pod UID
+    pod = render(enforce)
+    validate_pod(pod)
+    env = {e["name"]: e for e in arbiter(pod)["env"]}
+    assert env[ENV_POD_UID] == {"name": ENV_POD_UID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
+    assert all(ENV_POD_UID not in {e["name"] for e in ct.get("env", [])}
+               for ct in pod["spec"]["containers"] if ct["name"] != "valve-arbiter")

@@ -46,7 +46,11 @@ def run(built, control: Path | None, *args: str, **env: str):
     e.update(LD_LIBRARY_PATH=str(d), LD_PRELOAD=str(lib), FAKE_CUDA_LOG=str(log), **env)
     if control is not None:
         e["VALVE_GATE_CONTROL"] = str(control)
-    p = subprocess.run([str(d / "probe"), *args], env=e, capture_output=True, text=True, timeout=60)
+    with subprocess.Popen([str(d / "probe"), *args], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        out, err = proc.communicate(timeout=60)
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    p.pid = proc.pid  # what the library publishes as offline_pid
     assert p.returncode == 0, p.stdout + p.stderr
     lines = log.read_text().splitlines() if log.exists() else []
     return p, lines
@@ -214,6 +218,19 @@ def test_control_block_found_from_the_device_plugin_env(built, shm):
     cb = ControlBlock.create(shm / "GPU-a" / "control")
     p, lines = run(built, None, VALVE_RUNTIME_DIR=str(shm), VALVE_GPU_UUID="GPU-a,GPU-b")
     assert p.stderr == "" and cb.fields.preload_waits == 6
+
+
+def test_the_process_that_starts_launching_publishes_its_pid(built, shm):
+    cb = ControlBlock.create(shm / "control")
+    cb.fields.offline_pid = 424242  # published by an earlier tenant
+    p, lines = run(built, cb.path, "script")  # maps the block, never launches (a shell, a compiler)
+    assert p.stderr == "" and launches(lines) == [] and cb.fields.offline_pid == 424242
+    first, _ = run(built, cb.path, "script", "L10")
+    assert cb.fields.offline_pid == first.pid != 424242  # the arbiter samples and pauses it
+    second, _ = run(built, cb.path)
+    assert cb.fields.offline_pid == second.pid != first.pid  # the last one to start launching wins
+    off, _ = run(built, cb.path, "script", "L10", VALVE_GATE_OFF="1")
+    assert cb.fields.offline_pid == second.pid  # ungated: not the gate's tenant
 
 
 def test_build_without_a_compiler_says_so(tmp_path):

@@ -42,6 +42,10 @@ ANN_HASH = f"{GROUP}/pod-spec-hash"  # operator writes (hash of the rendered pod
 RUNTIME_DIR = "/var/run/valve"
 CONTROL_FILE = "control"  # <runtime dir>/<gpu-uuid>/control: the arbiter creates it, online and offline clients map it
 PAIR_FILE = "pair"  # <runtime dir>/<gpu-uuid>/pair: the arbiter writes its pair's name (ENV_PAIR); `valve top` reads
+# <runtime dir>/<gpu-uuid>/pids.json: the device plugin writes it with --pid-map (the GPU's compute processes: host
+# pid, pid in its own namespace, pod UID), the arbiter's NVML enforcement reads it to find its tenant's host pid
+PIDS_FILE = "pids.json"
+PIDS_FORMAT_VERSION = 1  # its "version": the device plugin writes, the arbiter reads only this one
 ONLINE_SLOTS_DIR = "online-slots"  # <runtime dir>/<gpu-uuid>/online-slots/<i>.lock: online clients flock, arbiter reaps
 # libvalvegate.so (valve/preload) on the node, the image builds it into the same path: the operator mounts it
 # (hostPath) into the offline container of a pair with spec.offline.gate "preload" and names it in LD_PRELOAD.
@@ -69,6 +73,7 @@ ENV_GPU_UUID = "VALVE_GPU_UUID"  # device plugin's Allocate sets it; engines' Ga
 ENV_ROLE = "VALVE_ROLE"  # device plugin's Allocate and the operator (sidecars) set it; tells a container its role
 ENV_RUNTIME_DIR = "VALVE_RUNTIME_DIR"  # device plugin's Allocate and the operator (sidecars) set it; runtime reads it
 ENV_PAIR = "VALVE_PAIR"  # operator sets it on the arbiter sidecar (from the pod's pair label); the arbiter reads it
+ENV_POD_UID = "VALVE_POD_UID"  # operator sets it on the arbiter sidecar (downward API metadata.uid); arbiter reads
 ENV_RUNTIME_SPEC = "VALVE_RUNTIME_SPEC"  # operator sets it on the arbiter sidecar (RuntimeSpec JSON); the arbiter reads it
 ENV_GATE_CONTROL = "VALVE_GATE_CONTROL"  # people/benchmarks set it; libvalvegate reads it (else the two above)
 ENV_GATE_QUEUE_AHEAD = "VALVE_GATE_QUEUE_AHEAD"  # people set it (N or "published"); libvalvegate bounds launches

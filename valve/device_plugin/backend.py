@@ -45,6 +45,10 @@ class Backend(Protocol):
         """Current utilization and used memory, or None if unknown."""
         ...
 
+    def compute_pids(self, uuid: str) -> list[int] | None:
+        """Host pids of the processes computing on the GPU (the pid map's input), or None if unknown."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -92,6 +96,7 @@ class SimBackend:
         self._gpus = [g for g in self._gpus if g.uuid not in self.skipped]
         self._events: queue.Queue[DeviceEvent] = queue.Queue()
         self._usage: dict[str, GpuUsage] = {g.uuid: GpuUsage(0.0, 0) for g in self._gpus}
+        self._pids: dict[str, list[int]] = {g.uuid: [] for g in self._gpus}
 
     def discover(self) -> list[GpuInfo]:
         return list(self._gpus)
@@ -116,6 +121,9 @@ class SimBackend:
     def set_usage(self, uuid: str, utilization_ratio: float, memory_used_bytes: int) -> None:
         self._usage[self._known(uuid)] = GpuUsage(utilization_ratio, memory_used_bytes)
 
+    def set_processes(self, uuid: str, pids: Iterable[int]) -> None:
+        self._pids[self._known(uuid)] = list(pids)
+
     def _known(self, uuid: str) -> str:
         if uuid not in self._usage:
             raise KeyError(f"no simulated GPU {uuid}")
@@ -132,6 +140,9 @@ class SimBackend:
 
     def usage(self, uuid: str) -> GpuUsage | None:
         return self._usage.get(uuid)
+
+    def compute_pids(self, uuid: str) -> list[int] | None:
+        return list(self._pids[uuid]) if uuid in self._pids else None
 
     def close(self) -> None:
         pass

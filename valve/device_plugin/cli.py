@@ -15,6 +15,7 @@ from valve.api.contract import (
     ENV_METRICS_ADDR,
     OFFLINE_RESOURCE,
     ONLINE_RESOURCE,
+    PIDS_FILE,
     POD_RESOURCES_SOCKET,
     RUNTIME_DIR,
 )
@@ -70,6 +71,13 @@ def register(app: typer.Typer) -> None:
             None, envvar="NODE_NAME", help="This node's name; pods bound to another node are not annotated."
         ),
         annotate_interval: float = typer.Option(2.0, min=0.1, help="Seconds between pod annotation passes."),
+        pid_map: bool = typer.Option(
+            False, "--pid-map/--no-pid-map", envvar="VALVE_PID_MAP",
+            help=f"Write <runtime-root>/<uuid>/{PIDS_FILE} (each GPU's compute processes: host pid, pid in its own "
+                 "namespace, pod UID) for the arbiters' NVML enforcement. Needs the host's pid namespace "
+                 "(hostPID: true; the chart's devicePlugin.pidMap).",
+        ),
+        pid_map_interval: float = typer.Option(1.0, min=0.1, max=60.0, help="Seconds between pid map passes."),
         log_level: str = typer.Option("info", help="debug, info, warning or error."),
         allow_nvidia_plugin: bool | None = typer.Option(
             None, "--allow-nvidia-plugin/--refuse-nvidia-plugin",
@@ -124,6 +132,8 @@ def register(app: typer.Typer) -> None:
             annotate=annotate,
             node_name=node_name or None,
             annotate_interval_s=annotate_interval,
+            pid_map=pid_map,
+            pid_map_interval_s=pid_map_interval,
         )
         if not (allow_nvidia_plugin if allow_nvidia_plugin is not None else not annotate_by_default(None)):
             from valve.device_plugin.annotate import PodClient

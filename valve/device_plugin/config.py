@@ -41,6 +41,10 @@ class PluginConfig:
     annotate: bool = False
     node_name: str | None = None  # NODE_NAME: pods bound elsewhere are left alone
     annotate_interval_s: float = 2.0
+    # The pid map (pidmap.py): needs the host's pid namespace (hostPID) to read NVML's host pids in proc_root.
+    pid_map: bool = False
+    pid_map_interval_s: float = 1.0
+    proc_root: Path = Path("/proc")
 
     @property
     def kubelet_socket(self) -> Path:

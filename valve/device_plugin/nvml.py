@@ -199,6 +199,16 @@ class NvmlBackend:
             return None
         return GpuUsage(util, used)
 
+    def compute_pids(self, uuid: str) -> list[int] | None:
+        """Host pids of the GPU's compute processes (``nvmlDeviceGetComputeRunningProcesses``), None if unknown."""
+        nv = self.nv
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(self._handle(uuid))
+        except nv.NVMLError as e:
+            log.debug("compute processes of %s unavailable: %s", uuid, e)
+            return None
+        return [int(p.pid) for p in procs]
+
     def close(self) -> None:
         try:
             self.nv.nvmlShutdown()

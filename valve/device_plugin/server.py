@@ -24,6 +24,7 @@ from valve.device_plugin.config import PluginConfig
 from valve.device_plugin.devices import DeviceTable
 from valve.device_plugin.health import DeviceEvent, health_change
 from valve.device_plugin.metrics import PluginMetrics
+from valve.device_plugin.pidmap import PidMapWriter
 from valve.device_plugin.service import MAX_STREAMS, UNARY_WORKERS, DevicePluginService, ensure_runtime_dir
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class DevicePlugin:
         self.config = config
         self.pods = pods  # the annotator's API access (default: PodClient from in-cluster config)
         self.annotator: Annotator | None = None
+        self.pid_map: PidMapWriter | None = None
         self.backend = backend
         self.metrics = metrics or PluginMetrics()
         self.table: DeviceTable | None = None
@@ -205,6 +207,10 @@ class DevicePlugin:
             self._spawn("usage", self._poll_usage)
         if self.annotator is not None:
             self._spawn("annotate", self.annotator.run)
+        if cfg.pid_map:
+            writer = self.pid_map = PidMapWriter(self.table.uuids, self.backend.compute_pids, cfg.runtime_root,
+                                                 cfg.pid_map_interval_s, cfg.proc_root)
+            self._spawn("pid-map", lambda: writer.run(self._stop))
 
     def _make_annotator(self, resources: dict[str, str]) -> Annotator | None:
         cfg = self.config

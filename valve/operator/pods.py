@@ -21,6 +21,7 @@ from valve.api.contract import (
     ENV_GPU_UUID,
     ENV_METRICS_ADDR,
     ENV_PAIR,
+    ENV_POD_UID,
     ENV_ROLE,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
@@ -448,6 +449,8 @@ def arbiter_sidecar(image: str | None, runtime: c.RuntimeSettings, cfg: Operator
         {"name": ENV_RUNTIME_SPEC, "value": runtime.runtime_spec().model_dump_json()},
         # the pair's name, for `valve top` on the node (through the GPU folder)
         {"name": ENV_PAIR, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{LABEL_PAIR}']"}}},
+        # the pod's UID: NVML enforcement finds the tenant's host pid in the device plugin's pid map by it
+        {"name": ENV_POD_UID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
     ]
     if dra:  # one source: the claim's configuration, which the DRA driver's CDI spec sets as this env
         side["env"] = [e for e in side["env"] if e["name"] != ENV_RUNTIME_SPEC]

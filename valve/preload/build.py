@@ -16,7 +16,7 @@ from valve.runtime.control import FILE_SIZE, MAGIC, VERSION, Layout
 SOURCE = Path(__file__).with_name("valvegate.c")
 LIBRARY = "libvalvegate.so"
 FIELDS = ("magic", "version", "size", "gate", "heartbeat_ns", "queue_ahead", "lease_ns", "forced_opens",
-          "preload_launches", "preload_waits", "preload_captured", "preload_throttled")
+          "preload_launches", "preload_waits", "preload_captured", "preload_throttled", "offline_pid")
 
 
 def defines() -> list[str]:

@@ -12,6 +12,9 @@
  * graph is gated when it launches. The arbiter's heartbeat lease opens a closed gate if the arbiter died.
  * Optional bound (VALVE_GATE_QUEUE_AHEAD=N): the host waits while N gate waits are queued that the GPU has
  * not reached. Any problem with the control block: one line on stderr, and the process runs ungated.
+ * Enforcement: when gating starts (the first launch with a context), it writes getpid() into offline_pid, as the
+ * Python Gate does, so the arbiter samples and pauses this process; several gated processes on one block: the
+ * last one to start launching wins (helpers that never launch, a shell or a compiler, never publish).
  *
  * Offsets of the control block come from valve/runtime/control.py (the build passes them as -D flags).
  * No CUDA headers: the few driver types are declared here. */
@@ -183,6 +186,8 @@ static int setup(void) {
                 const char *q = getenv("VALVE_GATE_QUEUE_AHEAD");
                 if (q && *q) queue_ahead = strcmp(q, "published") == 0 ? -1 : atoi(q);
                 if (queue_ahead && (!p_event_create || !p_event_record || !p_event_query)) queue_ahead = 0;
+                /* the arbiter's enforcement samples (NVML) and pauses (SIGSTOP) the pid published here */
+                __atomic_store_n((uint64_t *)U64(OFF_OFFLINE_PID), (uint64_t)getpid(), __ATOMIC_RELAXED);
                 state = 1;
             } else {
                 char why[96];

@@ -15,8 +15,10 @@ from valve.api.contract import (
     ENV_GPU_UUID,
     ENV_METRICS_ADDR,
     ENV_PAIR,
+    ENV_POD_UID,
     ENV_RUNTIME_DIR,
     ENV_RUNTIME_SPEC,
+    PIDS_FILE,
     PODINFO_FILE,
     RUNTIME_DIR,
 )
@@ -90,9 +92,10 @@ def check_enforce(mode: str, busy: str) -> None:
 
 
 def make_enforcement(mode: str, busy: str, gpu: str, grace_ms: float, threshold: float, period_ms: float,
-                     metrics):
+                     metrics, pids=None):
     """The arbiter's enforcement (None: off). ``busy``: where busy samples come from (``auto``: NVML when it
-    answers for this GPU, else none: gate marks only). Raises ValueError on a bad choice."""
+    answers for this GPU, else none: gate marks only). ``pids``: the published pid -> the pids NVML names
+    (arbiter/pidmap.py; None: the same pid). Raises ValueError on a bad choice."""
     from valve.runtime.arbiter.enforce import CpuTimeSampler, Enforcement, NvmlBusySampler
     from valve.runtime.arbiter.policy import MS, EnforcePolicy
 
@@ -106,7 +109,7 @@ def make_enforcement(mode: str, busy: str, gpu: str, grace_ms: float, threshold:
         sampler = CpuTimeSampler()
     elif busy in ("auto", "nvml"):
         try:
-            sampler = NvmlBusySampler(gpu)
+            sampler = NvmlBusySampler(gpu, pids=pids)
         except Exception as e:  # noqa: BLE001 - no pynvml, no driver, unknown GPU
             if busy == "nvml":
                 raise ValueError(f"--enforce-busy nvml: NVML unavailable for {gpu}: {e}") from None
@@ -162,6 +165,10 @@ def arbiter(
                                             help="Busy share of the offline process that counts as working."),
     enforce_period_ms: float = typer.Option(20.0, "--enforce-period-ms", min=1.0, max=60_000.0,
                                             help="How often a busy sample is taken."),
+    pod_uid: str | None = typer.Option(None, "--pod-uid", envvar=ENV_POD_UID,
+                                       help=f"This pod's UID (the operator: downward API metadata.uid): NVML "
+                                       f"samples find the tenant's host pid through the device plugin's "
+                                       f"{PIDS_FILE}. Unset: the published pid is taken as the host's."),
 ) -> None:
     """Run the per-GPU arbiter sidecar: owns the control block and decides when offline runs."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -169,6 +176,7 @@ def arbiter(
     from valve.netaddr import check_host, host_port
     from valve.runtime.arbiter.loop import Arbiter
     from valve.runtime.arbiter.metrics import GateMetrics
+    from valve.runtime.arbiter.pidmap import pid_mapping
     from valve.runtime.control import ControlBlock, control_path, write_pair
     from valve.signals import stop_on_signals
 
@@ -201,7 +209,7 @@ def arbiter(
         log.warning("re-initialised the control block: %s", reason)
     try:  # after the block: a bad runtime directory is the one line a failed start prints
         enforcement = make_enforcement(enforce, enforce_busy, gpu, enforce_grace_ms, enforce_threshold,
-                                       enforce_period_ms, metrics)
+                                       enforce_period_ms, metrics, pids=pid_mapping(path.parent, pod_uid))
     except ValueError as e:
         typer.echo(f"valve runtime arbiter: {e}", err=True)
         raise typer.Exit(code=2) from None

@@ -56,7 +56,7 @@ ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_m
 QUICK_SKIP = ("gate_linear", "mps_gate")  # --quick: < 60 s
 GATED = {"gate": "eager", "gate_linear": "eager_linear", "graph_memop": "graph_memop", "graph_spin": "graph_spin", "mps_gate": "eager"}
 GPU_ONLY = {"graph_memop", "graph_spin", "mps", "mps_gate"}
-TARGET_P99_MS = 0.5  # the goal: gated online p99 within 0.5 ms of online-alone p99
+TARGET_P99_MS = 0.25  # the goal: gated online p99 within 0.25 ms of online-alone p99 (results before: 0.5 ms)
 GPU_UUID = "GPU-bench"
 LINEAR_PATTERN = r"\.(q|k|v|o|gate|up|down)$"  # gate before every linear: finer than attention/MLP
 
@@ -122,7 +122,8 @@ def summarize(online: dict | None, offline: dict | None, base: dict | None, off_
 
 
 def verdict(rows: dict) -> dict:
-    """The target: gated p99 within 0.5 ms of alone p99, and below the no-gate and MPS variants."""
+    """The target: gated p99 within ``TARGET_P99_MS`` of alone p99 (recorded as ``target_ms``), and below the
+    no-gate and MPS variants."""
     out = {}
     for v in ("gate", "gate_linear", "graph_memop", "graph_spin", "mps_gate"):
         r = rows.get(v)
@@ -130,7 +131,7 @@ def verdict(rows: dict) -> dict:
             continue
         over = r["p99_over_alone_ms"]
         others = {k: rows[k]["online_p99_ms"] for k in ("nogate", "mps") if k in rows and "online_p99_ms" in rows[k]}
-        out[v] = {"p99_over_alone_ms": over, "within_target": over <= TARGET_P99_MS,
+        out[v] = {"p99_over_alone_ms": over, "target_ms": TARGET_P99_MS, "within_target": over <= TARGET_P99_MS,
                   "missed_by_ms": max(0.0, over - TARGET_P99_MS),
                   "below": {k: r["online_p99_ms"] < p for k, p in others.items()}}
     return out

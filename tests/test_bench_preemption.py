@@ -57,7 +57,8 @@ def test_summary_ratios_and_target(pb):
     slow = pb.summarize({"lat_ms": [2.0] * 100}, None, alone, None)
     v = pb.verdict({"alone": alone, "gate": slow})
     assert not v["gate"]["within_target"]
-    assert v["gate"]["missed_by_ms"] == pytest.approx(2.0 - alone["online_p99_ms"] - 0.5)
+    assert v["gate"]["missed_by_ms"] == pytest.approx(2.0 - alone["online_p99_ms"] - 0.25)
+    assert v["gate"]["target_ms"] == 0.25
     text = pb.table({"alone": alone, "gate": gate}, {"mps": "nvidia-cuda-mps-control not found"})
     assert "gate" in text and "mps          skipped: nvidia-cuda-mps-control not found" in text
 

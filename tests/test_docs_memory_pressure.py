@@ -104,3 +104,41 @@ def test_the_gpu_default_is_the_run_that_served_every_request():
     served = result(RUNS["1 GiB"])["memory_plan"]
     assert plan["reserve_bytes"] == plan["leave_bytes"] == RuntimeSpec().reserve.min_bytes
     assert (plan["reserve_bytes"], plan["leave_bytes"]) == (served["reserve_bytes"], served["leave_bytes"])
+
+
+RUN_300 = "mem_h200_300/colocation_h200_ours_llama-1b.json"
+HEADING_300 = "## Memory pressure on the H200, 300 requests"
+
+
+def test_the_300_request_run():
+    doc = result(RUN_300)
+    s, v = doc["settings"], doc["variants"]
+    text = section("docs/memory.md", HEADING_300)
+    command = ("`python3 bench/colocation.py --model llama-1b --variants {variants} --prompt-mean {prompt_mean:g} "
+               "--arrival {arrival} --cv {cv:g} --output-mean {output_mean:g} --requests {requests} "
+               "--offline-warmup {offline_warmup:g}`")
+    assert command.format(**{**s, "variants": ",".join(s["variants"])}) in flat(text)
+    assert s["repeats"] == 1 and doc["env"]["gpu"] == "NVIDIA H200"
+    assert doc["memory_plan"]["reserve_bytes"] == doc["memory_plan"]["leave_bytes"] == 2**30
+    assert v["valve-mem"]["control"]["near_online_ns"] == 0  # "near_online was off"
+    (table,) = tables(text)
+    perf = {r["variant"]: r for r in rows(v)}
+    expected = []
+    for m in memory_rows(v):
+        p, var = perf[m["variant"]], v[m["variant"]]
+        assert m["online_oom_errors_exact"]
+        expected.append([m["variant"], str(len(var["ttft_ms"])), str(m["online_errors"]), f"{m['online_ooms']:g}",
+                         f"{m['reclaims']:g}", f"{m['reclaimed_bytes'] / 2**20:.0f}",
+                         ms(m["reclaim_p50_ms"], m["reclaim_p99_ms"]), f"{m['evicted']:g}", str(m["asks"]),
+                         ms(m["ask_wait_p50_ms"], m["ask_wait_p99_ms"]), f"{m['online_peak_bytes'] / 2**20:.0f}",
+                         f"x{p['ttft_p50_ratio']:.2f} / x{p['ttft_p99_ratio']:.2f}",
+                         f"{p['offline_tokens_per_s']:,.0f} (x{p['offline_ratio']:.2f})"])
+    assert table[1:] == expected
+    vm, m = perf["valve-mem"], memory_rows(v)[0]
+    pool_gib = v["valve-mem"]["control"]["offline_pool_bytes"] / 2**30
+    for figure in (f"({pool_gib:.0f} GiB at the end of the window)",
+                   f"took {m['reclaimed_bytes'] / 2**20:.0f} MiB back from it in {m['reclaims']:g} reclaims",
+                   f"Online was busy {vm['busy_fraction'] * 100:.0f}% of the window",
+                   f"the harvest is {vm['harvest'] * 100:.0f}% of offline-alone",
+                   f"TTFT p99 and TPOT p99 are x{vm['ttft_p99_ratio']:.2f} and x{vm['tpot_p99_ratio']:.2f} of alone"):
+        assert figure in flat(text), figure

@@ -327,19 +327,22 @@ def test_bench_colocation_sweeps_runtime_settings_on_cpu(tmp_path):
     pytest.importorskip("torch")
     near = "valve@near_online.window_ms=60000+near_online.max_batch_tokens=8+queue_ahead=1"
     cmd = [sys.executable, str(ROOT / "bench" / "colocation.py"), "--quick", "--device", "cpu", "--requests", "4",
-           "--out", str(tmp_path), "--variants", f"online-alone,offline-alone,valve,{near},valve@idle_hysteresis_ms=40"]
+           "--out", str(tmp_path), "--variants", f"online-alone,offline-alone,valve,{near},valve@near_online.window_ms=0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=220,
                           env={**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((tmp_path / "colocation_cpu.json").read_text())
     v = res["variants"]
-    assert v["valve"]["control"]["near_online_ns"] == 0 and v["valve"]["offline_small_steps"] == 0
+    defaults = v["valve"]["control"]  # RuntimeSpec's defaults: 200 ms, 512 tokens
+    assert (defaults["near_online_ns"], defaults["near_online_tokens"]) == (200 * 10**6, 512)
+    off = "valve@near_online.window_ms=0"
+    assert v[off]["control"]["near_online_ns"] == 0 and v[off]["offline_small_steps"] == 0
     ctl = v[near]["control"]
     assert (ctl["near_online_ns"], ctl["near_online_tokens"], ctl["queue_ahead"]) == (60 * 10**9, 8, 1)
     assert v[near]["offline_small_steps"] > 0  # the engine stepped at most 8 tokens after online first came
-    assert v["valve@idle_hysteresis_ms=40"]["control"]["queue_ahead"] == 2
+    assert v[off]["control"]["queue_ahead"] == 2
     points = {p["variant"]: p for p in res["tradeoff"]}
-    assert set(points) == {"valve", near, "valve@idle_hysteresis_ms=40"}
+    assert set(points) == {"valve", near, off}
     rows = {r["variant"]: r for r in res["rows"]}
     assert all(points[n]["harvest"] == rows[n]["harvest"] > 0 for n in points)
     assert (tmp_path / "colocation_cpu_tradeoff.png").stat().st_size > 10_000

@@ -188,7 +188,7 @@ def test_every_row_is_checked():
         "eviction policy, modelled engine ([docs/memory.md](docs/memory.md))",
         "multi-GPU node ([docs/device_plugin.md](docs/device_plugin.md))",
         "device plugin ([docs/device_plugin.md](docs/device_plugin.md))",
-        "fleet (simulated, [docs/simulate.md](docs/simulate.md))"}
+        "fleet (simulated, [docs/simulate.md](docs/simulate.md))", SWEEP_ROW, MEMORY_ROW}
 
 
 def test_the_simulated_backend_names_what_the_h100_showed():
@@ -244,3 +244,48 @@ def test_colocation_runs_of_record_row():
         "--offline-warmup 3` (llama-8b: `--model llama-8b --requests 300 --output-mean 8 --busy 0.6`)",
         "p50/p99, the median of the repeats (x online-alone; offline x offline-alone; harvest: of offline-alone x "
         "the idle fraction): " + ". ".join(parts)]
+
+
+SWEEP_ROW = "LLM colocation, Valve's settings ([docs/engine.md](docs/engine.md))"
+MEMORY_ROW = "memory pressure, 300 requests ([docs/memory.md](docs/memory.md))"
+
+
+def sweep_row() -> list[str]:
+    from bench.colocation_report import pool, rows
+    from tests.test_docs_measured import SWEEP_RUNS, record_rows
+
+    parts = []
+    for name in SWEEP_RUNS:
+        doc = result(name)
+        by, pooled = record_rows(name), {r["variant"]: r for r in rows(pool(doc["repeats"]))}
+        cells = []
+        for v, r in by.items():
+            if v.startswith("valve"):
+                label = v.partition("@")[2].replace("+", ", ") or "near_online off (the default then)"
+                cells.append(f"{label} TTFT p99 {x(r['ttft_p99_ratio'])}/{x(pooled[v]['ttft_p99_ratio'])}, harvest "
+                             f"{r['harvest'] * 100:.0f}%")
+        parts.append(f"{doc['settings']['online_model']}: " + "; ".join(cells))
+    return ["NVIDIA H200; llama-1b and llama-8b: 3 interleaved repeats, 100 requests per variant and repeat",
+            "the runs of record's commands with `--requests 100` and `valve@key=value` variants (docs/engine.md)",
+            "online TTFT p99 (the median of the repeats / the repeats pooled, x online-alone) and harvest per setting: "
+            + ". ".join(parts) + ". `near_online` (200 ms, 512 tokens) is the default since"]
+
+
+def test_settings_sweep_row():
+    assert measured_rows()[SWEEP_ROW] == sweep_row()
+
+
+def memory_row() -> list[str]:
+    from bench.colocation_report import memory_rows, rows
+
+    doc = result("mem_h200_300/colocation_h200_ours_llama-1b.json")
+    (m,) = memory_rows(doc["variants"])
+    r = {r["variant"]: r for r in rows(doc["variants"])}["valve-mem"]
+    return ["NVIDIA H200, llama-1b, 1 run, 300 requests", "see docs/memory.md",
+            f"valve-mem: {r['requests']} of {doc['settings']['requests']} served, {m['online_errors']} failed, "
+            f"{m['online_ooms']:g} KV map OOMs; {m['reclaims']:g} reclaims ({m['reclaimed_bytes'] / 2**20:.0f} MiB, "
+            f"p50/p99 {m['reclaim_p50_ms']:.2f}/{m['reclaim_p99_ms']:.2f} ms); harvest {r['harvest'] * 100:.0f}%"]
+
+
+def test_memory_pressure_row():
+    assert measured_rows()[MEMORY_ROW] == memory_row()

@@ -151,6 +151,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the tenant keeps the GPU busy")
     args = ap.parse_args()
+    from bench.harness import output
+
+    out = output.checked_out(ap, args.out)
     why = missing()
     if why:
         ap.exit(2, f"{ap.prog}: {why}\n")
@@ -158,9 +161,7 @@ def main() -> int:
     import pynvml
 
     res["driver"] = pynvml.nvmlSystemGetDriverVersion()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pidmap_gpu.json").write_text(json.dumps(res, indent=1))
+    output.write_json(out / "pidmap_gpu.json", res)
     print(json.dumps(res.get("checks", res), indent=1))
     return 0 if res.get("checks") and all(res["checks"].values()) else 1
 

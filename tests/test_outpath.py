@@ -79,3 +79,7 @@ def test_demo_refuses_a_folder_as_its_json_file(tmp_path: Path) -> None:
 
 def test_crds_generate_refuses_an_unwritable_out_folder() -> None:
     one_line(["-m", "valve.cli", "crds", "generate", "--out", str(UNWRITABLE)], "valve crds generate: --out ")
+
+
+def test_pidmap_benchmark_refuses_a_file_as_its_out_folder(a_file: Path) -> None:
+    one_line(["bench/pidmap_gpu.py", "--out", str(a_file)], "pidmap_gpu.py: --out ")

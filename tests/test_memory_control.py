@@ -368,3 +368,78 @@ def test_restarted_client_does_not_grow_into_its_dead_predecessors_pool():
     f.offline_limit_bytes = 4 * CHUNK
     h.poll()
     assert pool.limit_bytes == 4 * CHUNK
+
+
+def test_a_limit_built_on_a_dead_figure_after_the_client_wrote_its_own_grants_only_the_room():
+    """The race the basis closes: the arbiter read the dead client's figure (4 chunks), the restarted client then
+    wrote its own (0), and the arbiter's limit built on the old figure arrived after. Without the basis the client
+    saw its own figure beside a 5-chunk limit and took the dead pool's memory; with it, only the room."""
+    gpu = SimGPU(capacity_bytes=16 * GiB)
+    cb = ControlBlock.anonymous()
+    f = cb.fields
+    f.reserve_target_bytes = 1 * GiB
+    pool = KVPool(SimBackend(gpu, "offline", store=False), block_bytes=2 * MiB, chunk_bytes=CHUNK, max_bytes=GiB)
+    h = ReclaimHandler(pool, cb)
+    f.offline_pool_bytes = 0  # the restarted client's own figure is already there
+    f.offline_limit_bytes, f.offline_limit_basis = 5 * CHUNK, 4 * CHUNK  # built on the dead figure: 1 chunk of room
+    h.poll()
+    assert pool.limit_bytes == CHUNK
+    pool.allocate("s", CHUNK // (2 * MiB))
+    with pytest.raises(Exception, match="(?i)exhaust|fit"):
+        pool.allocate("t", 1)
+    # the next limit is built on this client's figure (1 chunk) with 2 of room
+    f.offline_limit_bytes, f.offline_limit_basis = 3 * CHUNK, CHUNK
+    h.poll()
+    assert pool.limit_bytes == 3 * CHUNK
+
+
+class Torn:
+    """Control-block fields whose basis word changes between two reads (an arbiter writing a new pair)."""
+
+    def __init__(self, fields, bases):
+        object.__setattr__(self, "_f", fields)
+        object.__setattr__(self, "_bases", list(bases))
+
+    def __getattr__(self, name):
+        if name == "offline_limit_basis" and self._bases:
+            return self._bases.pop(0)
+        return getattr(self._f, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._f, name, value)
+
+
+def test_a_pair_read_while_the_arbiter_writes_it_is_not_used():
+    cb = ControlBlock.anonymous()
+    f = cb.fields
+    f.reserve_target_bytes = 1 * GiB
+    pool = KVPool(SimBackend(store=False), block_bytes=2 * MiB, chunk_bytes=CHUNK, max_bytes=GiB)
+    h = ReclaimHandler(pool, cb)
+    f.offline_limit_bytes, f.offline_limit_basis = 3 * CHUNK, CHUNK  # 2 chunks of room
+    h.poll()
+    assert pool.limit_bytes == 2 * CHUNK
+    f.offline_limit_bytes = 6 * CHUNK  # the new limit is written, its basis is changing under the read
+    h.cb = type("CB", (), {"fields": Torn(f, [CHUNK, 4 * CHUNK])})()
+    h.poll()
+    assert pool.limit_bytes == 2 * CHUNK  # the torn pair (6 over 1: 5 chunks) was not used
+    h.cb = cb
+    f.offline_limit_basis = 4 * CHUNK
+    h.poll()
+    assert pool.limit_bytes == 2 * CHUNK  # a limit of 6 over a figure of 4: 2 chunks of room over 0 mapped
+
+
+def test_every_limit_the_arbiter_writes_names_its_basis():
+    w = World(min_bytes=1 * GiB, hyst=256 * MiB)
+    for _ in range(200):  # offline grows into the free memory
+        w.tick()
+    f = w.cb.fields
+    w.now += MS
+    w.ctl.step(w.now, w.cb)  # a grant: on top of the figure the arbiter read
+    assert f.offline_limit_basis == f.offline_pool_bytes == w.pool.mapped_bytes > 0
+    assert f.offline_limit_bytes >= f.offline_limit_basis
+    w.set_online(14 * GiB)  # online takes most of what is free: the arbiter asks offline to shrink
+    w.now += MS
+    w.ctl.step(w.now, w.cb)
+    req = w.ctl.outstanding
+    assert req is not None and f.offline_limit_basis == w.pool.mapped_bytes
+    assert f.offline_limit_bytes == w.pool.mapped_bytes - req.nbytes

@@ -104,7 +104,9 @@ class Layout(ctypes.Structure):
         # smaller offline steps near online (RuntimeSpec.near_online; taken from the reserved words)
         ("near_online_ns", ctypes.c_uint64),  # window after the gate last reopened (0: off)
         ("near_online_tokens", ctypes.c_uint64),  # the offline step's token budget inside it
-        ("reserved", ctypes.c_uint64 * 1),
+        # arbiter: the pool figure its offline_limit_bytes was built on (written after the limit; the client's room
+        # is limit - basis over what it maps itself, so a limit built on a dead predecessor's figure grants no more)
+        ("offline_limit_basis", ctypes.c_uint64),
         # gate protocol (appended: the offsets above do not move)
         ("lease_ns", ctypes.c_uint64),  # heartbeat lease the arbiter publishes (0: clients use their default)
         ("reopen_ns", ctypes.c_uint64),  # monotonic time the arbiter last opened the gate

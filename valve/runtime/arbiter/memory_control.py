@@ -87,6 +87,13 @@ class Request:
     posted_ns: int
 
 
+def set_limit(f, limit: int, basis: int) -> None:
+    """Publish the offline pool's limit and the pool figure it was built on: the limit first, the basis last, so a
+    client that reads the basis, the limit and the basis again (and sees the basis unchanged) has a matching pair."""
+    f.offline_limit_bytes = limit
+    f.offline_limit_basis = basis
+
+
 class MemoryController:
     """Dynamic reservation and reclaim requests for one GPU. Call :meth:`step` from the arbiter loop."""
 
@@ -220,7 +227,7 @@ class MemoryController:
             log.warning("reserve cannot be met: free memory is %d bytes short and the offline pool holds only %d",
                         need, pool)
         want = min(need, pool)
-        f.offline_limit_bytes = min(int(f.offline_limit_bytes), pool)  # no growth while short
+        set_limit(f, min(int(f.offline_limit_bytes), pool), pool)  # no growth while short
         if want <= 0:
             return
         if self.req_bucket.refill(now_ns) < 1.0:
@@ -230,7 +237,7 @@ class MemoryController:
             return  # wait for a worthwhile byte budget
         self.req_bucket.take(1, now_ns)
         self.byte_bucket.take(n, now_ns)
-        f.offline_limit_bytes = max(0, pool - n)
+        set_limit(f, max(0, pool - n), pool)
         seq = self._write_request(f, n)
         self.outstanding = Request(seq, n, now_ns)
         self.requests += 1
@@ -244,6 +251,7 @@ class MemoryController:
         if grant > given:
             grant = given + int(self.grow_bucket.take(grant - given, now_ns))
         # the pool figure read again, as late as possible: a restarted offline client replaces its dead
-        # predecessor's figure with its own (smaller) one, and a limit built on the old figure would hand it the
-        # dead pool's memory on top of the free room (the client also discounts a figure it did not write)
-        f.offline_limit_bytes = min(pool, int(f.offline_pool_bytes)) + grant
+        # predecessor's figure with its own (smaller) one; the basis tells it which figure this limit is built on,
+        # so even a limit built on the dead one grants only the room
+        basis = min(pool, int(f.offline_pool_bytes))
+        set_limit(f, basis + grant, basis)

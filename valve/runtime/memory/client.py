@@ -54,18 +54,17 @@ class ReclaimHandler:
     def poll(self) -> ReclaimResult | None:
         f = self.cb.fields
         if self.follow_limit and (f.offline_limit_bytes or f.reserve_target_bytes):  # 0/0: no memory arbiter
-            limit, reported, mapped = int(f.offline_limit_bytes), int(f.offline_pool_bytes), self.pool.mapped_bytes
-            if reported > mapped:
-                # The arbiter grants "the pool it last read + the free room"; a pool figure above what we map was
-                # written by an offline process that died (its memory went with it, the driver freed it): only
-                # the room is ours, or a restarted client grows into the reserve online holds on to. The discount
-                # holds until the arbiter writes a new limit (one built on our own figure).
-                self._foreign = (limit, reported)
-            if self._foreign is not None and self._foreign[0] == limit:
-                limit = min(limit, mapped + max(0, limit - self._foreign[1]))
-            else:
+            basis, limit, again = int(f.offline_limit_basis), int(f.offline_limit_bytes), int(f.offline_limit_basis)
+            reported, mapped = int(f.offline_pool_bytes), self.pool.mapped_bytes
+            if basis != again:
+                pass  # the arbiter is writing a new pair: keep the current limit until the next poll
+            elif basis:
+                # the limit is "the pool figure it was built on + room": whoever wrote that figure (this client, or
+                # a predecessor that died with its memory), only the room is ours on top of what we map
                 self._foreign = None
-            self.pool.set_limit(limit)
+                self.pool.set_limit(min(limit, mapped + max(0, limit - basis)))
+            else:  # an arbiter that publishes no basis (or an empty pool's)
+                self.pool.set_limit(self._discounted(limit, reported, mapped))
         res = None
         seq = int(f.reclaim_req_seq)
         if seq % 2 == 0 and seq > int(f.reclaim_ack_seq):
@@ -74,6 +73,18 @@ class ReclaimHandler:
                 res = self._answer(f, seq, nbytes)
         f.offline_pool_bytes = self.pool.mapped_bytes
         return res
+
+    def _discounted(self, limit: int, reported: int, mapped: int) -> int:
+        if reported > mapped:
+            # The arbiter grants "the pool it last read + the free room"; a pool figure above what we map was
+            # written by an offline process that died (its memory went with it, the driver freed it): only the room
+            # is ours, or a restarted client grows into the reserve online holds on to. The discount holds until
+            # the arbiter writes a new limit (one built on our own figure).
+            self._foreign = (limit, reported)
+        if self._foreign is not None and self._foreign[0] == limit:
+            return min(limit, mapped + max(0, limit - self._foreign[1]))
+        self._foreign = None
+        return limit
 
     def _answer(self, f, seq: int, nbytes: int) -> ReclaimResult:
         res = self.pool.reclaim(nbytes, self.policy, allow_partial=True)

@@ -11,7 +11,9 @@ All variants run in one process tree, one call, side by side:
 - ``graph_memop`` / ``graph_spin``: offline runs as one CUDA graph per forward with a capturable gate inside
   (the batch-memop wait node of ``gate_cuda``, or a one-thread spin kernel polling the mapped word);
 - ``mps`` (and ``mps_gate`` in full runs): the same under MPS, last (daemon started and stopped here; skipped with
-  the reason when the control binary is missing or we are not root).
+  the reason when the control binary is missing or we are not root);
+- ``mps_prio``: MPS, offline ungated, online bursts on a high-priority CUDA stream: the block scheduler prefers
+  the online blocks as SMs free up (a bound at block granularity, not at a gate), with no Valve in the path.
 
 Offline: a stack of bf16 Llama-style decoder layers (hidden 4096) on a batch that fills the GPU, in its own process;
 its throughput alone is measured first in each variant, then under contention. Online: bursts of one decode
@@ -28,6 +30,7 @@ preemption timestamps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -52,10 +55,11 @@ from bench.harness import env, mps, output, procs  # noqa: E402  (after the path
 from valve import stats  # noqa: E402
 
 # graph_spin before graph_memop: a failed memop-node capture could leave the offline context unusable
-ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_memop", "mps", "mps_gate")
-QUICK_SKIP = ("gate_linear", "mps_gate")  # --quick: < 60 s
+ALL_VARIANTS = ("alone", "nogate", "gate", "gate_linear", "graph_spin", "graph_memop", "mps", "mps_gate", "mps_prio")
+QUICK_SKIP = ("gate_linear", "mps_gate", "mps_prio")  # --quick: < 60 s
+HIGH_PRIORITY = {"mps_prio"}  # online bursts on a high-priority stream
 GATED = {"gate": "eager", "gate_linear": "eager_linear", "graph_memop": "graph_memop", "graph_spin": "graph_spin", "mps_gate": "eager"}
-GPU_ONLY = {"graph_memop", "graph_spin", "mps", "mps_gate"}
+GPU_ONLY = {"graph_memop", "graph_spin", "mps", "mps_gate", "mps_prio"}
 TARGET_P99_MS = 0.25  # the goal: gated online p99 within 0.25 ms of online-alone p99 (results before: 0.5 ms)
 GPU_UUID = "GPU-bench"
 LINEAR_PATTERN = r"\.(q|k|v|o|gate|up|down)$"  # gate before every linear: finer than attention/MLP
@@ -125,7 +129,7 @@ def verdict(rows: dict) -> dict:
     """The target: gated p99 within ``TARGET_P99_MS`` of alone p99 (recorded as ``target_ms``), and below the
     no-gate and MPS variants."""
     out = {}
-    for v in ("gate", "gate_linear", "graph_memop", "graph_spin", "mps_gate"):
+    for v in ("gate", "gate_linear", "graph_memop", "graph_spin", "mps_gate", "mps_prio"):
         r = rows.get(v)
         if not r or "p99_over_alone_ms" not in r:
             continue
@@ -420,13 +424,16 @@ def online_worker(cfg: dict) -> None:
             sig.close()
             return
         arr = arrival_times(c["seconds"], cfg["mean_gap_ms"], cfg["idle_every"], cfg["idle_ms"], c["seed"])
+        # the bursts' stream: torch's default one (priority 0, as offline's), or a high-priority one (-1; a graph
+        # replay takes the priority of the stream it is launched into)
+        stream = torch.cuda.Stream(priority=-1) if cuda and c.get("high") else None
         lat, pre, pre_at_once, gpu_ms, sm_mhz, closed = [], [], 0, [], [], []
         evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                for _ in arr] if cuda else []
         if stamps:
             stamps.reset()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             for i, at in enumerate(arr):
                 delay = t0 + at - time.perf_counter()
                 if delay > 0:
@@ -726,7 +733,8 @@ def run_phase(variants: list[str], cfg: dict, results: dict, info: dict, env: di
 
 def on_bursts(on: procs.Worker, label: str, cfg: dict) -> dict:
     """The same arrival pattern (seed) in every variant."""
-    on.send(cmd="bursts", label=label, seconds=cfg["seconds"], seed=cfg["seed"], warmup=cfg["warmup"])
+    on.send(cmd="bursts", label=label, seconds=cfg["seconds"], seed=cfg["seed"], warmup=cfg["warmup"],
+            high=label in HIGH_PRIORITY)
     msg = on.expect("bursts", timeout=cfg["seconds"] * 10 + 120)
     return {k: msg[k] for k in ("lat_ms", "preempt_us", "gpu_ms", "sm_mhz", "closed", "warmup",
                                 "preempt_seen_at_once", "mark_error")}

@@ -89,7 +89,7 @@ def test_cpu_run_end_to_end(tmp_path, pb):
     assert "alone" in r.stdout and "skipped" in r.stdout
     rows = res["variants"]
     assert set(rows) == {"alone", "nogate", "gate", "gate_linear"}
-    for v in ("graph_memop", "graph_spin", "mps", "mps_gate"):
+    for v in ("graph_memop", "graph_spin", "mps", "mps_gate", "mps_prio"):
         assert res["skipped"][v] == "needs a CUDA device"
     assert rows["alone"]["online_p50_ratio"] == 1.0
     st = res["settings"]

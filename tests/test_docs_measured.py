@@ -784,3 +784,37 @@ def test_settings_sweep_figures():
 
     d = RuntimeSpec().near_online
     assert f"valve@near_online.window_ms={d.window_ms:g}+near_online.max_batch_tokens={d.max_batch_tokens}" == near
+
+
+def test_preemption_h200_at_the_standard():
+    from valve.api.runtime import RuntimeSpec
+
+    doc = result("preemption_h200/preemption_nvidia_h200.json")
+    spec = RuntimeSpec()
+    assert doc["settings"]["hysteresis_ms"] == spec.idle_hysteresis_ms and not doc["quick"]
+    assert doc["settings"]["queue_ahead"] == spec.queue_ahead
+    v, t = doc["variants"], doc["target"]
+    assert {r["bursts"] for r in v.values()} == {300}
+    assert [k for k, r in t.items() if r["within_target"]] == ["gate_linear"]
+    text = flat(section("docs/preemption.md", "## Results"))
+    a, g, gl = v["alone"], v["gate"], v["gate_linear"]
+    sub = doc["env"]["offline_sublayer_ms"]
+    ms = lambda r, k: f"{r[k] / 1e3:.2f}"  # noqa: E731
+    for figure in (
+        f"p99 {gl['online_p99_ms']:.2f} ms against `alone` {a['online_p99_ms']:.2f} ms "
+        f"(+{t['gate_linear']['p99_over_alone_ms']:.2f} ms), arrival to first online kernel "
+        f"{ms(gl, 'preempt_p50_us')}/{ms(gl, 'preempt_p99_us')} ms p50/p99 (alone {ms(a, 'preempt_p50_us')}/"
+        f"{ms(a, 'preempt_p99_us')} ms), at offline x{gl['offline_ratio']:.2f}",
+        f"`gate` misses (+{t['gate']['p99_over_alone_ms']:.2f} ms; offline x{g['offline_ratio']:.2f})",
+        f"(p99 {ms(g, 'preempt_p99_us')} ms; MLP block {sub['mlp_block_ms']['max']:.2f} ms, longest linear "
+        f"{sub['linear_ms']['max']:.2f} ms on this GPU)",
+        f"the SM clock at arrival is {g['sm_mhz_p50']:.0f} MHz against {a['sm_mhz_p50']:.0f} MHz alone "
+        f"({gl['sm_mhz_p50']:.0f} MHz under `gate_linear`",
+        f"`graph_memop` +{t['graph_memop']['p99_over_alone_ms']:.2f} ms, `mps_gate` "
+        f"+{t['mps_gate']['p99_over_alone_ms']:.2f} ms",
+        f"(p99 x{v['mps_prio']['online_p99_ratio']:.2f} against x{v['mps']['online_p99_ratio']:.2f}, online GPU "
+        f"time {v['mps_prio']['gpu_p50_ms']:.2f} against {v['mps']['gpu_p50_ms']:.2f} ms per burst)",
+        f"per linear layer meets the bound at {1 - gl['offline_ratio']:.0%} of offline throughput lost, per block "
+        f"loses {1 - g['offline_ratio']:.0%}",
+    ):
+        assert figure in text, figure

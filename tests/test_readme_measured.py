@@ -10,7 +10,8 @@ from tests.support.markdown import result, section, tables
 from valve.stats import percentile
 
 COLOCATION = {"H100": "colocation_h100-80gb-hbm3.json", "H200": "smoke_h200/colocation_h200.json"}
-PREEMPTION = {"H100": "preemption_nvidia_h100_80gb_hbm3.json", "H200": "smoke_h200/preemption_nvidia_h200_quick.json"}
+PREEMPTION = {"H100": "preemption_nvidia_h100_80gb_hbm3.json", "H200": "smoke_h200/preemption_nvidia_h200_quick.json",
+              "H200 defaults": "preemption_h200/preemption_nvidia_h200.json"}
 NAMES = {"time-slicing": "time-slicing", "mps": "MPS", "valve": "Valve"}
 
 
@@ -188,7 +189,7 @@ def test_every_row_is_checked():
         "eviction policy, modelled engine ([docs/memory.md](docs/memory.md))",
         "multi-GPU node ([docs/device_plugin.md](docs/device_plugin.md))",
         "device plugin ([docs/device_plugin.md](docs/device_plugin.md))",
-        "fleet (simulated, [docs/simulate.md](docs/simulate.md))", SWEEP_ROW, MEMORY_ROW}
+        "fleet (simulated, [docs/simulate.md](docs/simulate.md))", SWEEP_ROW, MEMORY_ROW, PREEMPTION_H200_ROW}
 
 
 def test_the_simulated_backend_names_what_the_h100_showed():
@@ -289,3 +290,24 @@ def memory_row() -> list[str]:
 
 def test_memory_pressure_row():
     assert measured_rows()[MEMORY_ROW] == memory_row()
+
+
+PREEMPTION_H200_ROW = "compute gate, runtime defaults ([docs/preemption.md](docs/preemption.md))"
+
+
+def preemption_h200_row() -> list[str]:
+    row = preemption("H200 defaults")
+    doc = result(PREEMPTION["H200 defaults"])
+    ran = [v for v in doc["variants"] if v != "mps_alone"]
+    row[1] = row[1].rstrip("`") + " --variants " + " ".join(ran) + "`"
+    t = doc["target"]
+    met = [v for v, r in t.items() if r["within_target"]]
+    missed = [v for v, r in t.items() if not r["within_target"]]
+    row[2] += (f". Target gated p99 <= alone + {t['gate']['target_ms']:g} ms: met by "
+               + ", ".join(f"{v} (+{t[v]['p99_over_alone_ms']:.2f} ms)" for v in met) + "; missed by "
+               + ", ".join(f"{v} (+{t[v]['p99_over_alone_ms']:.2f} ms)" for v in missed))
+    return row
+
+
+def test_preemption_h200_defaults_row():
+    assert measured_rows()[PREEMPTION_H200_ROW] == preemption_h200_row()

@@ -72,8 +72,8 @@ def test_an_offline_engine_steps_within_the_near_online_budget(tmp_path):
     pytest.importorskip("torch")
     from tests.test_engine_offline import make_runner, write_prompts
 
-    def run(cb):
-        inp, out = tmp_path / f"in{id(cb)}.jsonl", tmp_path / f"out{id(cb)}.jsonl"
+    def run(cb, name):
+        inp, out = tmp_path / f"{name}.in.jsonl", tmp_path / f"{name}.out.jsonl"  # one output each: no resume
         write_prompts(inp, 16)
         runner = make_runner(inp, out)  # the engine's own budget: 128 tokens a step
         sizes = []
@@ -90,7 +90,7 @@ def test_an_offline_engine_steps_within_the_near_online_budget(tmp_path):
         assert stats.records == 16
         return sizes, stats
 
-    sizes, stats = run(block(GATE_CLOSED, 0, 200 * MS, 12))  # online active: every step at most 12 tokens
+    sizes, stats = run(block(GATE_CLOSED, 0, 200 * MS, 12), "near")  # online active: every step at most 12 tokens
     assert max(sizes) <= 12 and stats.small_steps == len(sizes)
-    sizes, stats = run(block(GATE_OPEN, 0, 200 * MS, 12))  # reopened long ago: the engine's own steps
+    sizes, stats = run(block(GATE_OPEN, 0, 200 * MS, 12), "far")  # reopened long ago: the engine's own steps
     assert max(sizes) > 12 and stats.small_steps == 0

@@ -779,6 +779,10 @@ def test_settings_sweep_figures():
         f"{x(record_rows(RECORD_RUNS[0])['valve']['tpot_p99_ratio'])}.",
     ):
         assert figure in text, figure
+    mhz = [b["sm_mhz_arrival"] for d in (small, large) for b in d["breakdown"].values()]
+    alone = {round(d["breakdown"]["online-alone"]["sm_mhz_arrival"]) for d in (small, large)}
+    assert (f"The SM clock at arrival averaged {min(mhz):.0f}-{max(mhz):.0f} MHz in every variant of both sweeps "
+            f"({alone.pop():.0f} MHz alone)") in text and not alone
     # the default now is the setting measured here
     from valve.api.runtime import RuntimeSpec
 

@@ -36,7 +36,9 @@ def test_offline_runner_killed_and_restarted_resumes_without_duplicates_or_gaps(
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     n = 24
     write_prompts(inp, n, seed=7)
-    arb = ArbiterProc(tmp_path)
+    # a long lease: the arbiter lives through this test, and a loaded machine can starve it longer than the
+    # chaos suite's short lease (a forced open then would be right, but not what this test is about)
+    arb = ArbiterProc(tmp_path, lease_ms=30_000.0)
     arb.start()
     cb = arb.wait_ready()
     cmd = [sys.executable, "-m", "valve.engine.offline", "--input", str(inp), "--output", str(out), "--model",

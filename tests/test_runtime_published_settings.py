@@ -18,7 +18,7 @@ from valve.api.runtime import EvictionPolicy
 from valve.operator.pods import OperatorConfig, render_pod
 from valve.operator.reconcile import parse_spec
 from valve.runtime.control import EVICTION_CODES, FLAG_ARBITER, ControlBlock, control_path
-from valve.runtime.gate.offline import DEFAULT_QUEUE_AHEAD, Gate
+from valve.runtime.gate.offline import DEFAULT_QUEUE_AHEAD, Gate, published_granularity
 from valve.runtime.memory.client import ReclaimHandler
 from valve.runtime.memory.evict import POLICIES
 from valve.runtime.memory.pool import KVPool
@@ -50,7 +50,8 @@ def test_every_eviction_policy_has_a_control_block_code():
 
 @pytest.mark.parametrize(("queue_ahead", "policy"), [(5, "fifo"), (3, "selective")])
 def test_pair_settings_reach_the_offline_client(tmp_path: Path, queue_ahead: int, policy: str) -> None:
-    env = arbiter_env(pair({"queueAhead": queue_ahead, "evictionPolicy": policy,
+    granularity = "linear" if policy == "fifo" else "block"
+    env = arbiter_env(pair({"queueAhead": queue_ahead, "evictionPolicy": policy, "gateGranularity": granularity,
                             "nearOnline": {"windowMs": 250 * queue_ahead, "maxBatchTokens": 100 * queue_ahead}}))
     assert json.loads(env[ENV_RUNTIME_SPEC])["queue_ahead"] == queue_ahead
     proc = subprocess.Popen(
@@ -64,6 +65,7 @@ def test_pair_settings_reach_the_offline_client(tmp_path: Path, queue_ahead: int
         handler = ReclaimHandler(KVPool(SimBackend(), block_bytes=2 << 20, chunk_bytes=32 << 20,
                                         max_bytes=1 << 30), cb)
         assert (gate.queue_ahead, handler.policy) == (queue_ahead, policy)
+        assert published_granularity(gate) == granularity  # what attach() puts its gates before
         # smaller offline steps near online: the window and the budget the engine's step hook reads
         assert (cb.fields.near_online_ns, cb.fields.near_online_tokens) == (250 * queue_ahead * 10**6,
                                                                            100 * queue_ahead)

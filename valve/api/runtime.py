@@ -16,6 +16,11 @@ class EvictionPolicy(StrEnum):
     fifo = "fifo"
 
 
+class GateGranularity(StrEnum):
+    block = "block"
+    linear = "linear"
+
+
 class ReservePolicy(BaseModel):
     """How much free GPU memory the arbiter keeps for online bursts."""
 
@@ -63,6 +68,10 @@ class RuntimeSpec(BaseModel):
     heartbeat_lease_ms: float = Field(1000.0, ge=10.0, le=60_000.0,
                                       description="Stale arbiter heartbeat after which offline opens its gate.")
     queue_ahead: int = Field(2, ge=1, le=64, description="Sub-layers the offline CPU may enqueue past the last gate.")
+    gate_granularity: GateGranularity = Field(
+        GateGranularity.block,
+        description="Where the offline gate goes (attach()'s default): before each attention and MLP block, or "
+        "before each linear layer (a shorter wait for online, less offline throughput: docs/preemption.md).")
     near_online: NearOnlinePolicy = Field(default_factory=NearOnlinePolicy)
     reserve: ReservePolicy = Field(default_factory=ReservePolicy)
     reclaim: ReclaimLimits = Field(default_factory=ReclaimLimits)

@@ -114,8 +114,14 @@ class Layout(ctypes.Structure):
         ("parked_seq", ctypes.c_uint64),  # offline client: stream reached a closed gate (count) ...
         ("parked_ns", ctypes.c_uint64),  # ... and when (where the gate backend can tell; the sim backend can)
         ("slots", OnlineSlot * SLOTS),
+        # appended after the slots (the file is a page; the offsets above do not move)
+        ("gate_granularity", ctypes.c_uint64),  # GRANULARITY_CODES: where attach() puts the offline gate (0: unset)
     ]
 
+
+# gate_granularity words; names as in RuntimeSpec.gate_granularity
+GRANULARITY_CODES = {"block": 1, "linear": 2}
+GRANULARITY_NAMES = {v: k for k, v in GRANULARITY_CODES.items()}
 
 # eviction_policy words; names as in RuntimeSpec.eviction_policy
 EVICTION_CODES = {"fifo": 1, "selective": 2}

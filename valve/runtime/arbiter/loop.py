@@ -38,6 +38,7 @@ from valve.runtime.control import (
     FLAG_CLOSE_ALLOWED,
     GATE_CLOSED,
     GATE_OPEN,
+    GRANULARITY_CODES,
     SLOTS,
     ControlBlock,
     Layout,
@@ -62,6 +63,8 @@ class Arbiter:
         self.policy = GatePolicy(int(self.spec.idle_hysteresis_ms * MS), self.spec.max_preemptions_per_second)
         self.lease_ns = int(self.spec.heartbeat_lease_ms * MS)
         self.eviction_code = EVICTION_CODES[str(getattr(self.spec.eviction_policy, "value", self.spec.eviction_policy))]
+        self.granularity_code = GRANULARITY_CODES[str(getattr(self.spec.gate_granularity, "value",
+                                                              self.spec.gate_granularity))]
         self.reap_ns, self.memory_ns = int(reap_ms * MS), int(memory_ms * MS)
         self._next_reap = self._next_memory = 0
         f = control.fields
@@ -139,6 +142,7 @@ class Arbiter:
             if self.enforce is not None:
                 self.enforce.start(f, now)
         f.queue_ahead = self.spec.queue_ahead
+        f.gate_granularity = self.granularity_code
         f.near_online_ns = int(self.spec.near_online.window_ms * MS)
         f.near_online_tokens = self.spec.near_online.max_batch_tokens
         f.eviction_policy = self.eviction_code

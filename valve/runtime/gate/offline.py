@@ -340,18 +340,39 @@ class AttachHandle:
         self.handles = []
 
 
-def attach(model, pattern: str = DEFAULT_PATTERN, gate: Gate | None = None) -> AttachHandle:
+def published_granularity(g: Gate) -> str:
+    """The published ``gate_granularity`` (the arbiter's RuntimeSpec), ``block`` when unset or unreadable."""
+    from valve.runtime.control import GRANULARITY_NAMES
+
+    return GRANULARITY_NAMES.get(int(g.cb.fields.gate_granularity), "block") if g.attached() else "block"
+
+
+def attach(model, pattern: str | None = None, gate: Gate | None = None, granularity: str | None = None
+           ) -> AttachHandle:
     """Put a gate before every sub-module of ``model`` whose qualified name matches ``pattern`` (``re.search``),
     with forward pre-hooks that call the ``valve::gate_`` op (``gate.op``) on the module's first tensor input, so
-    ``torch.compile(fullgraph=True)`` and CUDA-graph capture keep the gates. Raises if nothing matches (a gate that is never hit would silently do nothing)."""
-    rx = re.compile(pattern)
+    ``torch.compile(fullgraph=True)`` and CUDA-graph captures keep the gates. Without a pattern, the granularity
+    (the argument, else what the arbiter publishes from ``RuntimeSpec.gate_granularity``) picks: ``block``, every
+    attention and MLP block (``DEFAULT_PATTERN``), or ``linear``, every ``torch.nn.Linear``. Raises if nothing
+    matches (a gate that is never hit would silently do nothing)."""
     g = gate if gate is not None else default_gate()
+    kind = "pattern" if pattern is not None else (granularity or published_granularity(g))
+    if kind not in ("pattern", "block", "linear"):
+        raise ValueError(f"attach: granularity {kind!r}; expected block or linear")
     names: list[str] = []
-    for name, _ in model.named_modules():  # parents come first: skip matches nested in a gated module
-        if name and rx.search(name) and not any(name.startswith(n + ".") for n in names):
-            names.append(name)
+    if kind == "linear":
+        import torch
+
+        names = [name for name, m in model.named_modules() if name and isinstance(m, torch.nn.Linear)]
+    else:
+        rx = re.compile(pattern if pattern is not None else DEFAULT_PATTERN)
+        for name, _ in model.named_modules():  # parents come first: skip matches nested in a gated module
+            if name and rx.search(name) and not any(name.startswith(n + ".") for n in names):
+                names.append(name)
     if not names:
-        raise ValueError(f"attach: no sub-module name of {type(model).__name__} matches {pattern!r}")
+        what = "has no torch.nn.Linear" if kind == "linear" else \
+            f"has no sub-module name matching {pattern if pattern is not None else DEFAULT_PATTERN!r}"
+        raise ValueError(f"attach: {type(model).__name__} {what}")
     mods = dict(model.named_modules())
     from valve.runtime.gate import op  # imports torch: the model is a torch module anyway
 

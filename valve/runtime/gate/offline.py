@@ -47,6 +47,10 @@ DEFAULT_LEASE_MS = 1000.0
 DEFAULT_QUEUE_AHEAD = 2  # RuntimeSpec's default, for a control block with no arbiter publishing one
 DEFAULT_PATTERN = r"(^|\.)(self_attn|attn|mlp|feed_forward)$"
 POLL_S = 50e-6  # CPU poll period while waiting for queue room or an open gate
+# a host-side wait for the gate past this long polls slower, so a waiting tenant's CPU use stays low (the enforced
+# gate's /proc samples must not read it as work); costs it at most that much after a reopen. Waits for queue room
+# keep the fast poll: they keep a GPU fed.
+POLL_SLOW_AFTER_S, POLL_SLOW_S = 0.005, 0.0005
 WATCHDOG_MIN_S, WATCHDOG_MAX_S = 0.002, 0.25  # bounds of the watchdog's period (a quarter lease)
 
 
@@ -251,12 +255,13 @@ class Gate:
         self.check_lease()
         return self.room()
 
-    def _wait_until(self, ready: Callable[[], bool]) -> None:
+    def _wait_until(self, ready: Callable[[], bool], slow: bool = False) -> None:
+        slow_at = time.monotonic() + POLL_SLOW_AFTER_S if slow else float("inf")
         while not ready():
             if not self.backend.can_block:
                 raise GateBusy("no queue room: the stream has not reached the earlier gates yet")
             self.check_lease()
-            time.sleep(POLL_S)
+            time.sleep(POLL_SLOW_S if time.monotonic() >= slow_at else POLL_S)
 
     # ---- the boundary ------------------------------------------------------------------------------------
     def gate(self, stream=None) -> None:
@@ -277,7 +282,7 @@ class Gate:
             self._wait_until(self.room)
             self.check_lease()
             if getattr(self.backend, "host_wait", False):
-                self._wait_until(lambda: self.check_lease() or self.is_open())
+                self._wait_until(lambda: self.check_lease() or self.is_open(), slow=True)
             self.backend.wait(stream)
             self.marks.append(self.backend.mark(stream))
             self.boundaries += 1

@@ -73,3 +73,15 @@ def test_the_standard_run_table_is_the_result_file():
                                                                          "for the eager program ({} against"),
                        (("graphs", "full", "-", "gated, every 0 us"), "not helped ({} gated)")]:
         assert words.format(by[key]).lower() in flat.lower(), (key, by[key])
+
+
+def test_the_median_floor_is_the_result_file():
+    table = [ln for ln in (ROOT / "bench" / "results" / "preload_gate_h200.md").read_text().splitlines()
+             if ln.startswith("| ")][2:]
+    short = [ln.split("|") for ln in table if ln.split("|")[1].strip() == "hf"
+             or (ln.split("|")[1].strip() == "eager" and ln.split("|")[2].strip() == "128")]
+    p50 = [float(c[5].split("/")[0]) for c in short]
+    assert len(p50) == 8  # eager at 128 tokens: none and gated at two paces; hf: none, open and gated at two
+    flat = " ".join(DOC.split())
+    assert f"online p50 was {min(p50):.2f}-{max(p50):.2f} ms in every variant" in flat
+    assert "against 0.588 ms alone" in flat and f"x1.10 of 0.675 ms, {1.10 * 0.675:.2f} ms" in flat

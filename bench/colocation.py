@@ -533,6 +533,7 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
             stats0 = http_json(url + "/stats")
             results = asyncio.run(run_trace(url, run.trace, s.online_model))
             stats1 = http_json(url + "/stats")
+            trace_end = time.time()  # past the window when the requests ran late (a loaded host)
         t1 = t0 + run.seconds()
         while time.time() < t1:
             for c in children:
@@ -563,8 +564,9 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
         if valve:
             out["control"] = read_control(control_path(uuid, rdir))
         if mem is not None:
+            # the reclaims over the span the online asks were counted in (stats0 to stats1), not only the window
             out.update(memory_figures(stats0.get("memory", {}), stats1.get("memory", {}), read_progress(reclaims),
-                                      t0, t1))
+                                      t0, max(t1, trace_end)))
         return out
     finally:
         util.stop()
@@ -576,9 +578,10 @@ def run_variant(run: Run, name: str, tick=None) -> dict:
 
 
 def memory_figures(before: dict, after: dict, reclaims: list[dict], t0: float, t1: float) -> dict:
-    """A memory-pressure variant's figures over the load window: the offline pool's reclaims (count, bytes, host
-    time of each, sequences evicted and their tokens to recompute) and the online pool (failed device
-    allocations, waits for memory it asked for, peak). ``mem_*`` keys, so repeats pool like the other figures."""
+    """A memory-pressure variant's figures from ``t0`` to ``t1`` (the load window, or the online trace's end if
+    later): the offline pool's reclaims (count, bytes, host time of each, sequences evicted and their tokens to
+    recompute) and the online pool (failed device allocations, waits for memory it asked for, peak). ``mem_*``
+    keys, so repeats pool like the other figures."""
     win = [r for r in reclaims if t0 <= r["time"] <= t1 and r["released_bytes"] > 0]
     waits = after.get("ask_wait_s", [])[len(before.get("ask_wait_s", [])):]
     return {

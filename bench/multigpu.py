@@ -532,23 +532,31 @@ def offline_worker(a: argparse.Namespace) -> None:
             model(x)
     if cuda:
         torch.cuda.synchronize()
-    state: dict = {}
+    from valve.runtime.gate.offline import Gate, attach
+
+    # the Gate and the gated path's first use happen here, before any phase: a one-off cost is no phase's figure
+    state: dict = {"gate": Gate(cb, backend="cuda" if cuda else "host", queue_ahead=a.queue_ahead)}
+    t_warm = time.perf_counter()
+    handle = attach(model, gate=state["gate"])
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+    if cuda:
+        torch.cuda.synchronize()
+    handle.remove()
+    info["gated_warmup_s"] = time.perf_counter() - t_warm
 
     def loop(gated: bool, stop: threading.Event, out: dict) -> None:
         try:
-            from valve.runtime.gate.offline import Gate, attach
-
-            handle = None
-            if gated:
-                if "gate" not in state:
-                    state["gate"] = Gate(cb, backend="cuda" if cuda else "host", queue_ahead=a.queue_ahead)
-                gate = state["gate"]
-                handle = attach(model, gate=gate)
+            handle = attach(model, gate=state["gate"]) if gated else None
             marks, n, t0 = [], 0, time.perf_counter()
+            t_late, n_late = None, 0  # the rate after the first second: a stall at the start shows as a gap
             with torch.inference_mode():
                 while not stop.is_set():
                     model(x)
                     n += 1
+                    if t_late is None and time.perf_counter() - t0 >= 1.0:
+                        t_late, n_late = time.perf_counter(), n
                     if cuda:  # at most two forwards queued ahead, gated or not
                         ev = torch.cuda.Event()
                         ev.record()
@@ -557,7 +565,10 @@ def offline_worker(a: argparse.Namespace) -> None:
                             marks.pop(0).synchronize()
             if cuda:
                 torch.cuda.synchronize()
-            out["sublayers_per_s"] = n * 2 * a.layers / (time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            out["sublayers_per_s"] = n * 2 * a.layers / (t1 - t0)
+            if t_late is not None and t1 > t_late:
+                out["after_1s_sublayers_per_s"] = (n - n_late) * 2 * a.layers / (t1 - t_late)
             if handle is not None:
                 handle.remove()
         except Exception as e:  # noqa: BLE001
@@ -704,6 +715,7 @@ def run_gpu(s: Settings, work: Path) -> dict:
         latency: dict[str, dict[str, list[float]]] = {p: {} for p in GPU_PHASES}
         preempt: dict[str, dict[str, int]] = {p: {} for p in GPU_PHASES}
         off_rates: dict[str, dict[str, float]] = {"alone": {}, "nogate": {}, "gate": {}}
+        off_runs: dict[str, dict[str, dict]] = {"alone": {}, "nogate": {}, "gate": {}}  # each loop's own figures
 
         def record(phase: str, lat: dict, off: dict, moved: dict, off_key: str | None = None) -> None:
             for u, r in lat.items():
@@ -713,6 +725,7 @@ def run_gpu(s: Settings, work: Path) -> dict:
             for u, r in off.items():
                 if off_key:
                     off_rates[off_key][u] = r["sublayers_per_s"]
+                    off_runs[off_key][u] = r
 
         root = node.runtime_root
         t_phase = time.monotonic()
@@ -727,7 +740,8 @@ def run_gpu(s: Settings, work: Path) -> dict:
         for u in uuids:
             offline[u].send(cmd="stop")
         for u in uuids:
-            off_rates["alone"][u] = offline[u].recv(120)["sublayers_per_s"]
+            off_runs["alone"][u] = offline[u].recv(120)
+            off_rates["alone"][u] = off_runs["alone"][u]["sublayers_per_s"]
         record("nogate", *run_phase_all(online, offline, uuids, s, 200, False, root), "nogate")
         record("gate", *run_phase_all(online, offline, uuids, s, 300, True, root), "gate")
         one = uuids if not s.quick_one else uuids[:1]
@@ -746,7 +760,7 @@ def run_gpu(s: Settings, work: Path) -> dict:
         first = next(iter(ready.values()))
         return {"gpu_name": first["name"], "found": found, "uuids": uuids, "pairs": envs, "schedule": steps,
                 "workers": ready, "rows": rows, "offline": offline_summary, "preemptions": preempt,
-                "cross_talk": cross_talk, "phases": list(GPU_PHASES),
+                "cross_talk": cross_talk, "phases": list(GPU_PHASES), "offline_runs": off_runs,
                 "control": {u: read_control(node.runtime_root, u) for u in uuids},
                 "arbiter_metrics": scrape_arbiters(arbiters),
                 "arbiters": {"mode": arbiters.mode, "fallback": arbiters.fallback}}

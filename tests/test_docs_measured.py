@@ -357,6 +357,37 @@ def test_multigpu_run():
         assert figure in text, figure
 
 
+def test_multigpu_rerun_with_the_settled_check():
+    doc = result("multigpu_h200x2.json")
+    before = result("multigpu_h200x2_before_warmup/multigpu_h200x2.json")
+    text = flat(section("docs/device_plugin.md", "## Multi-GPU node run"))
+    assert doc["cross_talk"] == [] and all(w["uuid_match"] for w in doc["workers"].values())
+    per_phase = {u: sum(doc["preemptions"][p][u] for p in doc["phases"]) for u in doc["uuids"]}
+    assert per_phase == {u: doc["control"][u]["preemptions"] for u in doc["uuids"]}
+    n = [ph["n"] for r in doc["rows"] for ph in r["phases"].values()]
+    off, off4 = doc["offline"].values(), result("multigpu_h200x4.json")["offline"].values()
+    gate, nogate = [o["gate_ratio"] for o in off], [o["nogate_ratio"] for o in off]
+    alone = [r["phases"]["alone"]["p50_ms"] for r in doc["rows"]]
+    warm = [w["gated_warmup_s"] for w in doc["workers"].values() if "gated_warmup_s" in w]
+    rates = lambda d: [o["alone_sublayers_per_s"] for o in d]  # noqa: E731
+    old = [o[k] for o in before["offline"].values() for k in ("gate_ratio", "nogate_ratio")]
+    for figure in (f"{doc['n_gpus']} x H200 (`python3 bench/multigpu.py`, one run, {doc['settings']['seconds']:g} s "
+                   f"per phase, {min(n)}-{max(n)} bursts per GPU and phase",
+                   f"({' and '.join(str(per_phase[u]) for u in doc['uuids'])})",
+                   f"gate {multigpu_spread(doc, 'gate')}, nogate {multigpu_spread(doc, 'nogate')}",
+                   f"gate-one {multigpu_spread(doc, 'gate-one')}, alone-all {multigpu_spread(doc, 'alone-all')}",
+                   f"offline kept x{min(gate):.2f}-{max(gate):.2f} of alone with the gate, "
+                   f"x{min(nogate):.2f}-{max(nogate):.2f} without",
+                   f"(p50 {alone[0]:.2f} ms against {alone[1]:.2f} ms on GPU 1)",
+                   f"took {min(warm):.1f}-{max(warm):.1f} s",
+                   f"read {min(rates(before['offline'].values())):.0f}-{max(rates(before['offline'].values())):.0f} "
+                   f"sub-layers/s and the offline ratios x{min(old):.2f}-{max(old):.2f}",
+                   f"offline-alone then read {min(rates(off)):.0f}-{max(rates(off)):.0f} sub-layers/s, as on four "
+                   f"GPUs ({min(rates(off4)):.0f}-{max(rates(off4)):.0f})"):
+        assert figure in text, figure
+    assert len(warm) == doc["n_gpus"] and "gated_warmup_s" not in next(iter(before["workers"].values()))
+
+
 def test_operator_scale_table():
     doc = result("operator_scale.json")
     text = section("docs/operator.md", "### Many pairs at once (kmock)")

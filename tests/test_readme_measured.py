@@ -133,7 +133,11 @@ def test_multigpu_row():
         f"GPUs: alone on all GPUs at once {both('alone-all')}, nogate {both('nogate')}, gate {both('gate')}, gate "
         f"with only that GPU's pair {both('gate-one')}; offline x alone: gate x{min(gate):.2f}-{max(gate):.2f}, "
         f"nogate x{min(nogate):.2f}-{max(nogate):.2f}. Interference between GPUs is not established either way: "
-        "this run's cross-talk check was racy (fixed since, not re-run on several GPUs)"]
+        "this run's cross-talk check was racy; with the fixed check, a 2 x H200 run (`bench/results/multigpu_h200x2.*`) "
+        "counted no cross-talk and every GPU's per-phase preemptions added up to its arbiter's total"]
+    two = result("multigpu_h200x2.json")
+    assert two["cross_talk"] == [] and two["n_gpus"] == 2 and all(
+        sum(two["preemptions"][p][u] for p in two["phases"]) == two["control"][u]["preemptions"] for u in two["uuids"])
 
 
 def test_device_plugin_row():

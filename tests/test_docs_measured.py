@@ -821,6 +821,61 @@ def test_settings_sweep_figures():
     assert f"valve@near_online.window_ms={d.window_ms:g}+near_online.max_batch_tokens={d.max_batch_tokens}" == near
 
 
+NEAR_RECORD = "record_near_online_h200/colocation_h200_ours_llama-8b_3x.json"
+
+
+def test_run_of_record_with_near_online_on():
+    from bench.colocation_report import pool, rows
+    from valve.api.runtime import RuntimeSpec
+
+    doc, by = result(NEAR_RECORD), record_rows(NEAR_RECORD)
+    st, spec = doc["settings"], RuntimeSpec().near_online
+    assert len(doc["repeats"]) == 3 and st["requests"] >= 300 and st["online_model"] == "llama-8b"
+    assert all(r["requests"] >= 900 for v, r in by.items() if v != "offline-alone")
+    assert st["rate"] == result(RECORD_RUNS[1])["calibration"]["rate_per_s"] == doc["calibration"]["rate_per_s"]
+    for rep in doc["repeats"]:  # plain valve ran the default near_online, the other variant none
+        assert rep["valve"]["control"]["near_online_ns"] == spec.window_ms * 1e6
+        assert rep["valve"]["control"]["near_online_tokens"] == spec.max_batch_tokens
+        assert rep["valve"]["offline_small_steps"] > 0
+        assert rep["valve@near_online.window_ms=0"]["control"]["near_online_ns"] == 0
+    pooled = {r["variant"]: r for r in rows(pool(doc["repeats"]))}
+    table = []
+    for v, label in (("valve", "defaults (near_online on)"), ("valve@near_online.window_ms=0", "near_online.window_ms=0")):
+        r, p = by[v], pooled[v]
+        table.append(["llama-8b", label, str(r["requests"]),
+                      *(record_cell(r, k) for k in ("ttft_p50_ratio", "ttft_p99_ratio", "tpot_p50_ratio",
+                                                     "tpot_p99_ratio", "offline_ratio")),
+                      record_cell(r, "harvest", pct=True), f"x{p['ttft_p99_ratio']:.2f}", f"x{p['tpot_p99_ratio']:.2f}"])
+    text = section("docs/engine.md", "### Run of record with `near_online` on (llama-8b)")
+    (got,) = tables(text)
+    assert got[1:] == table
+    v, off, on, offa = by["valve"], by["valve@near_online.window_ms=0"], by["online-alone"], by["offline-alone"]
+    p = pooled["valve"]
+    met = [v["ttft_p50_ratio"] <= 1.05, v["ttft_p99_ratio"] <= 1.05, v["tpot_p50_ratio"] <= 1.02,
+           v["tpot_p99_ratio"] <= 1.05, v["harvest"] >= 0.85, p["ttft_p99_ratio"] <= 1.05, p["tpot_p99_ratio"] <= 1.05]
+    assert all(met)
+    first = [r for r in doc["repeat_rows"][0] if r["variant"] == "valve"][0]
+    alone = [[r for r in reps if r["variant"] == "online-alone"][0] for reps in doc["repeat_rows"]]
+    old = record_rows(RECORD_RUNS[1])["valve"]
+    b = doc["breakdown"]
+    flat_text = flat(text)
+    for figure in (
+        f"--rate {st['rate']!r} --output-mean {st['output_mean']:g} --requests {st['requests']}",
+        f"Online-alone: TTFT p50/p99 {on['ttft_p50_ms']:.1f}/{on['ttft_p99_ms']:.1f} ms, TPOT "
+        f"{on['tpot_p50_ms']:.2f}/{on['tpot_p99_ms']:.2f} ms, busy {on['busy_fraction'] * 100:.0f}%; offline-alone "
+        f"{offa['offline_tokens_per_s']:,.0f} tok/s",
+        f"missed TTFT p99 (x{old['ttft_p99_ratio']:.3f}) and TPOT p99 (x{old['tpot_p99_ratio']:.2f})",
+        f"the first had TTFT p99 x{first['ttft_p99_ratio']:.2f}",
+        f"had TTFT p99 x{off['ttft_p99_ratio']:.2f} and harvest {off['harvest'] * 100:.0f}%",
+        f"({b['valve']['extra_vs_alone_ms']['gpu']:+.2f} ms against the same request alone; "
+        f"{b['valve@near_online.window_ms=0']['extra_vs_alone_ms']['gpu']:+.2f} ms with `near_online` off)",
+        f"{b['online-alone']['sm_mhz_arrival']:.0f} MHz alone and {b['valve']['sm_mhz_arrival']:.0f} MHz with Valve",
+        f"(TTFT {min(a['ttft_p99_ms'] for a in alone):.1f}-{max(a['ttft_p99_ms'] for a in alone):.1f} ms, TPOT "
+        f"{min(a['tpot_p99_ms'] for a in alone):.1f}-{max(a['tpot_p99_ms'] for a in alone):.1f} ms)",
+    ):
+        assert figure in flat_text, figure
+
+
 def test_preemption_h200_at_the_standard():
     from valve.api.runtime import RuntimeSpec
 

@@ -193,7 +193,8 @@ def test_every_row_is_checked():
         "eviction policy, modelled engine ([docs/memory.md](docs/memory.md))",
         "multi-GPU node ([docs/device_plugin.md](docs/device_plugin.md))",
         "device plugin ([docs/device_plugin.md](docs/device_plugin.md))",
-        "fleet (simulated, [docs/simulate.md](docs/simulate.md))", SWEEP_ROW, MEMORY_ROW, PREEMPTION_H200_ROW}
+        "fleet (simulated, [docs/simulate.md](docs/simulate.md))", SWEEP_ROW, MEMORY_ROW, PREEMPTION_H200_ROW,
+        NEAR_RECORD_ROW}
 
 
 def test_the_simulated_backend_names_what_the_h100_showed():
@@ -278,6 +279,37 @@ def sweep_row() -> list[str]:
 
 def test_settings_sweep_row():
     assert measured_rows()[SWEEP_ROW] == sweep_row()
+
+
+NEAR_RECORD_ROW = "LLM colocation of record, `near_online` on ([docs/engine.md](docs/engine.md))"
+
+
+def near_record_row() -> list[str]:
+    from bench.colocation_report import rows, summarize
+
+    doc = result("record_near_online_h200/colocation_h200_ours_llama-8b_3x.json")
+    st = doc["settings"]
+    by = {r["variant"]: r for r in summarize([rows(v) for v in doc["repeats"]])}
+    on = by["online-alone"]
+    per = [len(doc["repeats"]), min(r["requests"] // r["repeats"] for v, r in by.items() if v != "offline-alone")]
+
+    def cells(r: dict) -> str:
+        return (f"TTFT x{r['ttft_p50_ratio']:.2f}/x{r['ttft_p99_ratio']:.2f}, TPOT x{r['tpot_p50_ratio']:.2f}/"
+                f"x{r['tpot_p99_ratio']:.2f}, offline x{r['offline_ratio']:.2f} (harvest {r['harvest'] * 100:.0f}%)")
+
+    return [f"NVIDIA H200; {st['online_model']}: {per[0]} interleaved repeats, {per[1]} requests per variant and repeat",
+            f"`python3 bench/colocation.py --model {st['online_model']} --busy {st['busy']:g} --rate {st['rate']!r} "
+            f"--output-mean {st['output_mean']:g} --requests {st['requests']} --offline-warmup "
+            f"{st['offline_warmup']:g} --variants {','.join(st['variants'])} --repeats {per[0]}`",
+            f"p50/p99, the median of the repeats (x online-alone): online-alone TTFT {on['ttft_p50_ms']:.1f}/"
+            f"{on['ttft_p99_ms']:.1f} ms, TPOT {on['tpot_p50_ms']:.2f}/{on['tpot_p99_ms']:.2f} ms; Valve at the "
+            f"defaults {cells(by['valve'])}; Valve with near_online off {cells(by['valve@near_online.window_ms=0'])}. "
+            "Ratios under x1.00 come from a slower online step on an otherwise idle GPU, not from Valve; no llama-1b "
+            "run with `near_online` on"]
+
+
+def test_near_online_record_row():
+    assert measured_rows()[NEAR_RECORD_ROW] == near_record_row()
 
 
 def memory_row() -> list[str]:

@@ -287,25 +287,35 @@ NEAR_RECORD_ROW = "LLM colocation of record, `near_online` on ([docs/engine.md](
 def near_record_row() -> list[str]:
     from bench.colocation_report import rows, summarize
 
-    doc = result("record_near_online_h200/colocation_h200_ours_llama-8b_3x.json")
-    st = doc["settings"]
-    by = {r["variant"]: r for r in summarize([rows(v) for v in doc["repeats"]])}
-    on = by["online-alone"]
-    per = [len(doc["repeats"]), min(r["requests"] // r["repeats"] for v, r in by.items() if v != "offline-alone")]
+    docs = [result(f"record_near_online_h200/colocation_h200_ours_llama-{m}_3x.json") for m in ("1b", "8b")]
+    (small, large) = (d["settings"] for d in docs)
+    bys = [{r["variant"]: r for r in summarize([rows(v) for v in d["repeats"]])} for d in docs]
+    reps = {len(d["repeats"]) for d in docs}
+    per = {r["requests"] // r["repeats"] for by in bys for v, r in by.items() if v != "offline-alone"}
+    assert len(reps) == len(per) == 1
 
     def cells(r: dict) -> str:
         return (f"TTFT x{r['ttft_p50_ratio']:.2f}/x{r['ttft_p99_ratio']:.2f}, TPOT x{r['tpot_p50_ratio']:.2f}/"
                 f"x{r['tpot_p99_ratio']:.2f}, offline x{r['offline_ratio']:.2f} (harvest {r['harvest'] * 100:.0f}%)")
 
-    return [f"NVIDIA H200; {st['online_model']}: {per[0]} interleaved repeats, {per[1]} requests per variant and repeat",
-            f"`python3 bench/colocation.py --model {st['online_model']} --busy {st['busy']:g} --rate {st['rate']!r} "
-            f"--output-mean {st['output_mean']:g} --requests {st['requests']} --offline-warmup "
-            f"{st['offline_warmup']:g} --variants {','.join(st['variants'])} --repeats {per[0]}`",
-            f"p50/p99, the median of the repeats (x online-alone): online-alone TTFT {on['ttft_p50_ms']:.1f}/"
-            f"{on['ttft_p99_ms']:.1f} ms, TPOT {on['tpot_p50_ms']:.2f}/{on['tpot_p99_ms']:.2f} ms; Valve at the "
-            f"defaults {cells(by['valve'])}; Valve with near_online off {cells(by['valve@near_online.window_ms=0'])}. "
-            "Ratios under x1.00 come from a slower online step on an otherwise idle GPU, not from Valve; no llama-1b "
-            "run with `near_online` on"]
+    parts = []
+    for st, by in zip((small, large), bys, strict=True):
+        on = by["online-alone"]
+        part = (f"{st['online_model']}: online-alone TTFT {on['ttft_p50_ms']:.1f}/{on['ttft_p99_ms']:.1f} ms, TPOT "
+                f"{on['tpot_p50_ms']:.2f}/{on['tpot_p99_ms']:.2f} ms; Valve at the defaults {cells(by['valve'])}")
+        if "valve@near_online.window_ms=0" in by:
+            part += f"; Valve with near_online off {cells(by['valve@near_online.window_ms=0'])}"
+        parts.append(part)
+    (n,), (k,) = reps, per
+    return [f"NVIDIA H200; {small['online_model']} and {large['online_model']}: {n} interleaved repeats, {k} requests "
+            "per variant and repeat",
+            f"`python3 bench/colocation.py --model {large['online_model']} --busy {large['busy']:g} --rate "
+            f"{large['rate']!r} --output-mean {large['output_mean']:g} --requests {large['requests']} --offline-warmup "
+            f"{large['offline_warmup']:g} --variants {','.join(large['variants'])} --repeats {n}` "
+            f"({small['online_model']}: `--model {small['online_model']} --busy {small['busy']:g} --rate "
+            f"{small['rate']!r} --output-mean {small['output_mean']:g} --variants {','.join(small['variants'])}`)",
+            "p50/p99, the median of the repeats (x online-alone): " + ". ".join(parts)
+            + ". Ratios under x1.00 come from a slower online step on an otherwise idle GPU, not from Valve"]
 
 
 def test_near_online_record_row():

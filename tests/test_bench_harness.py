@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import sys
+import types
 
 import pytest
 
@@ -58,6 +59,28 @@ def test_child_env_puts_the_checkout_first():
     assert e["PYTHONPATH"].split(os.pathsep)[0] == str(procs.ROOT) and e["X"] == "1"
     assert e.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS", "1")
     assert 0 < procs.free_port() < 65536
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    # The kernel may give a just-released port out again at once; here it does so every time for one port.
+    offers = iter([41000, 41000, 41000, 41001])
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(offers)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(procs, "_handed_out", set())
+    monkeypatch.setattr(procs, "socket", types.SimpleNamespace(socket=Socket))  # procs' own, not the module
+    assert [procs.free_port(), procs.free_port()] == [41000, 41001]
 
 
 def test_mps_missing_and_daemon_protocol(tmp_path, monkeypatch):

@@ -17,17 +17,12 @@ from pathlib import Path
 import pytest
 from waiting import until
 
+from bench.harness.procs import free_port
 from valve.api.contract import ENV_METRICS_ADDR
 
 ADDR = "127.0.0.2"  # a loopback address other than 127.0.0.1 (Linux answers on all of 127/8)
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("KUBERNETES_SERVICE_HOST", ENV_METRICS_ADDR)},
        "PYTHONUNBUFFERED": "1"}
-
-
-def free_port(host: str = ADDR) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def get(host: str, port: int, path: str) -> int | None:
@@ -68,7 +63,7 @@ def serves_only_on(proc: subprocess.Popen, log: Path, port: int, path: str = "/m
 
 @pytest.mark.parametrize("via", ["flag", "env"])
 def test_arbiter_binds_metrics_to_the_given_address(tmp_path: Path, via: str) -> None:
-    port = free_port()
+    port = free_port(ADDR)
     args = ["-m", "valve.cli", "runtime", "arbiter", "--gpu", "GPU-x", "--runtime-dir", str(tmp_path),
             "--metrics-port", str(port), "--no-memory", "--enforce", "off"]
     args += ["--metrics-addr", ADDR] if via == "flag" else []
@@ -78,7 +73,7 @@ def test_arbiter_binds_metrics_to_the_given_address(tmp_path: Path, via: str) ->
 
 
 def test_proxy_binds_metrics_to_the_given_address_not_its_listen_host(tmp_path: Path) -> None:
-    listen, port = free_port("127.0.0.1"), free_port()
+    listen, port = free_port("127.0.0.1"), free_port(ADDR)
     args = ["-m", "valve.cli", "runtime", "proxy", "--listen", f"127.0.0.1:{listen}", "--metrics-port", str(port)]
     with running(args, tmp_path / "log", {**ENV, ENV_METRICS_ADDR: ADDR}) as proc:
         serves_only_on(proc, tmp_path / "log", port)
@@ -86,7 +81,7 @@ def test_proxy_binds_metrics_to_the_given_address_not_its_listen_host(tmp_path: 
 
 
 def test_device_plugin_binds_metrics_to_the_given_address(short_dir: Path) -> None:
-    port = free_port()
+    port = free_port(ADDR)
     args = ["-m", "valve.device_plugin", "--backend", "sim", "--sim-gpus", "1", "--device-plugin-dir",
             str(short_dir / "dp"), "--runtime-root", str(short_dir / "run"), "--state-dir", str(short_dir / "state"),
             "--pod-resources-socket", "none", "--metrics-port", str(port), "--log-level", "error"]
@@ -97,7 +92,7 @@ def test_device_plugin_binds_metrics_to_the_given_address(short_dir: Path) -> No
 def test_dra_driver_binds_metrics_to_the_given_address(short_dir: Path) -> None:
     from operator_harness import write_kubeconfig
 
-    port = free_port()
+    port = free_port(ADDR)
     # --no-publish: no API call until a claim is prepared, so an API server that is not there is never asked.
     kubeconfig = write_kubeconfig(short_dir / "kubeconfig", f"http://127.0.0.1:{free_port('127.0.0.1')}")
     args = ["-m", "valve.cli", "dra-driver", "--backend", "sim", "--sim-gpus", "1", "--node-name", "n1",
@@ -113,7 +108,7 @@ def test_operator_binds_metrics_and_health_to_the_given_address(tmp_path: Path) 
     kmock = pytest.importorskip("kmock")
     from operator_harness import ValveKube, write_kubeconfig
 
-    metrics, health = free_port(), free_port()
+    metrics, health = free_port(ADDR), free_port(ADDR)
 
     async def scenario() -> None:
         async with ValveKube() as kube, kmock.Server(kube):

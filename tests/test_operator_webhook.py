@@ -8,12 +8,12 @@ import base64
 import copy
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 
 import pytest
 
+from bench.harness.procs import free_port
 from valve.api import colocation as c
 from valve.api import policy as pol
 from valve.api.contract import LABEL_PAIR, LABEL_POLICY, ONLINE, ONLINE_RESOURCE
@@ -156,12 +156,6 @@ def test_label_selector_semantics():
 # ---- kopf serving the webhook over HTTPS, inside the operator, against kmock ----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _self_signed(folder) -> None:
     """tls.crt / tls.key for 127.0.0.1, as cert-manager or the chart put them in the webhook's Secret."""
     openssl = shutil.which("openssl")
@@ -184,7 +178,7 @@ async def test_kopf_serves_the_webhook_over_https_and_its_patch_gives_the_inject
     from valve.operator.policy_handlers import WEBHOOK_ID
 
     _self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
     context = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
     url = f"https://127.0.0.1:{port}/{WEBHOOK_ID}"
     async with emulated() as env:

@@ -32,6 +32,8 @@ from test_alerts import all_rules, needs_helm, rules_file
 from test_chart_dashboard import DASHBOARD
 from waiting import until
 
+from bench.harness.procs import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [needs_helm, pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed "
@@ -109,12 +111,6 @@ class StreamingEngine(BaseHTTPRequestHandler):
 def accepts(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> dict:

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from bench.harness.procs import free_port
 from valve.runtime.cli import load_spec
 from valve.runtime.control import (
     FILE_SIZE,
@@ -26,12 +26,6 @@ from valve.runtime.gate.offline import Gate, HostGateBackend
 from valve.runtime.online.signal import OnlineSignal
 
 GPU = "GPU-11111111-2222-4333-8444-555555555555"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout=30.0, what="condition"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.waiting import until
 
+from bench.harness.procs import free_port
 from valve.runtime.control import (
     FILE_SIZE,
     FLAG_ARBITER,
@@ -149,14 +150,6 @@ def test_block_problem_names_each_case():
 # ---- the arbiter process -------------------------------------------------------------------------------------
 def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def valid(path: Path) -> ControlBlock | None:

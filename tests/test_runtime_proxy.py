@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from bench.harness.procs import free_port
 from valve.runtime.control import FLAG_CLOSE_ALLOWED, GATE_CLOSED, ControlBlock
 from valve.runtime.online.proxy import (
     NullSignal,
@@ -221,11 +222,6 @@ async def test_upstream_breaking_mid_stream_cuts_client_and_ends(env):
 
 @async_test
 async def test_serve_exposes_metrics_and_stops():
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     cb = ControlBlock.anonymous()
     up_runner, up_url = await start(Upstream(cb).app())
     proxy = Proxy(up_url)

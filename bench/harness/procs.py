@@ -26,10 +26,20 @@ class ChildFailed(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` now, and never one this process handed out before: the kernel may give a
+    just-released port out again at once (about one pair of calls in 25,000), and two servers of one run must not
+    be told the same port."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def child_env(extra: dict | None = None, one_thread: bool = False) -> dict:

@@ -17,6 +17,7 @@ import pytest
 from chaos import GPU, ArbiterProc, gate_open, ms, write_prompts
 from waiting import until
 
+from bench.harness.procs import free_port
 from valve.api.contract import ENV_GPU_UUID, ENV_RUNTIME_DIR
 from valve.runtime.online.signal import OnlineSignal
 from valve.stats import percentile
@@ -107,14 +108,6 @@ class Streaming(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_online_requests_through_the_proxy_while_the_arbiter_dies(tmp_path, figures):

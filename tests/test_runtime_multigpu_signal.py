@@ -58,8 +58,9 @@ def test_each_request_closes_and_counts_on_every_gpu(tmp_path):
 
 
 def test_a_gpu_without_an_arbiter_yet_does_not_stop_the_others(tmp_path):
-    now = [10**12]
+    now = [10**12]  # the signal's clock: heartbeats are set on it, not on the machine's (its uptime may be shorter)
     a, = blocks(tmp_path, GPUS[:1])
+    a.fields.heartbeat_ns = now[0] + 60 * 10**9
     sig = MultiGpuSignal([tmp_path / g / "control" for g in GPUS[:2]], clock=lambda: now[0])
     assert sig.begin() is True and a.fields.gate == GATE_CLOSED and a.inflight() == 1
     assert not sig.last_gated  # GPU b has no block: this request did not reach it

@@ -96,7 +96,7 @@ def test_killed_arbiter_does_not_stall_offline_beyond_the_lease(arbiter_proc):
     proc, cb, _ = arbiter_proc
     sig = OnlineSignal(cb)
     sig.begin()  # an online request in flight keeps the gate closed
-    assert cb.fields.gate == GATE_CLOSED
+    wait_for(lambda: cb.fields.gate == GATE_CLOSED, what="the gate closed for the request")
     gate = Gate(cb, backend=HostGateBackend())  # lease from the control block (300 ms)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)

@@ -184,11 +184,14 @@ def phase(kind: str, s: dict, gpu: str, logs: Path) -> dict:
             time.sleep(gap / 1000)
             wait_for("the gate open and closing allowed",
                      lambda: f.gate == GATE_OPEN and bool(f.flags & FLAG_CLOSE_ALLOWED), 10, children, poll=0.001)
-            v0, marks0 = int(f.violations), int(f.offline_progress)
+            v0 = int(f.violations)
             t0 = time.monotonic_ns()
             if not sig.begin():  # the arbiter closes it on its next step instead
                 wait_for("the gate to close", lambda: f.gate != GATE_OPEN, 10, children, poll=0.001)
                 t0 = int(f.last_close_ns)
+            # counted from the closure, not before begin(): the first begin() claims a slot (file I/O), and the
+            # tenant passes gates until the gate is closed
+            marks0 = int(f.offline_progress)
             # the tenant's own CPU share after the grace (CPU path): what the arbiter's /proc samples can see
             share = CpuTimeSampler() if s["device"] == "cpu" else None
             time.sleep(min(hold, s["grace_ms"]) / 1000)

@@ -76,3 +76,6 @@ def test_the_h200_figures_in_the_docs_are_the_result_file():
     gated = doc["tenants"]["gated"]["records"]
     assert doc["gated_false_positives"] == 0 and not any(r["detected"] for r in gated)
     assert f"the gated tenant was flagged in none of {len(gated)}" in text
+    most = doc["tenants"]["gated"]["summary"]["max_marks_while_closed"]
+    assert most <= doc["settings"]["threads"] == 1
+    assert "passed at most one gate (its one thread's) in any closure" in text

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from waiting import until
 
 from bench.harness.procs import free_port
 from valve.runtime.cli import load_spec
@@ -29,15 +30,6 @@ from valve.runtime.online.signal import OnlineSignal
 GPU = "GPU-11111111-2222-4333-8444-555555555555"
 
 
-def wait_for(cond, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def arbiter_proc(tmp_path):
     port = free_port()
@@ -49,9 +41,9 @@ def arbiter_proc(tmp_path):
     )
     path = control_path(GPU, tmp_path)
     try:
-        wait_for(lambda: path.exists() and path.stat().st_size == FILE_SIZE, what="the control file")
+        until(lambda: path.exists() and path.stat().st_size == FILE_SIZE, what="the control file")
         cb = ControlBlock.open(path)
-        wait_for(lambda: cb.fields.flags & FLAG_ARBITER, what="the arbiter's first step")
+        until(lambda: cb.fields.flags & FLAG_ARBITER, what="the arbiter's first step")
         yield proc, cb, port
     finally:
         if proc.poll() is None:
@@ -74,14 +66,14 @@ def metric(text: str, name: str) -> float:
 def test_arbiter_process_serves_metrics_and_gates(arbiter_proc):
     proc, cb, port = arbiter_proc
     assert cb.fields.lease_ns == 300_000_000
-    wait_for(lambda: "valve_preemptions_total" in scrape(port), what="metrics")
+    until(lambda: "valve_preemptions_total" in scrape(port), what="metrics")
     assert cb.fields.flags & FLAG_CLOSE_ALLOWED  # clients may close the gate themselves ...
     sig = OnlineSignal(cb)
     sig.begin()  # ... if its heartbeat is within the lease, else (a loaded machine can hold it longer) it does
-    wait_for(lambda: cb.fields.gate == GATE_CLOSED, what="the gate closed for the request")
-    wait_for(lambda: metric(scrape(port), "valve_online_inflight") == 1, what="inflight gauge")
+    until(lambda: cb.fields.gate == GATE_CLOSED, what="the gate closed for the request")
+    until(lambda: metric(scrape(port), "valve_online_inflight") == 1, what="inflight gauge")
     sig.end()
-    wait_for(lambda: cb.fields.gate == GATE_OPEN, what="reopen after the hysteresis")
+    until(lambda: cb.fields.gate == GATE_OPEN, what="reopen after the hysteresis")
     text = scrape(port)
     assert metric(text, "valve_preemptions_total") == 1
     assert metric(text, "valve_gate_closed_seconds_total") > 0
@@ -96,7 +88,7 @@ def test_killed_arbiter_does_not_stall_offline_beyond_the_lease(arbiter_proc):
     proc, cb, _ = arbiter_proc
     sig = OnlineSignal(cb)
     sig.begin()  # an online request in flight keeps the gate closed
-    wait_for(lambda: cb.fields.gate == GATE_CLOSED, what="the gate closed for the request")
+    until(lambda: cb.fields.gate == GATE_CLOSED, what="the gate closed for the request")
     gate = Gate(cb, backend=HostGateBackend())  # lease from the control block (300 ms)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -118,10 +110,10 @@ def test_killed_online_process_is_reaped(arbiter_proc, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", code, str(cb.path)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "in"
-        wait_for(lambda: cb.fields.online_inflight == 1, what="the child's request")
+        until(lambda: cb.fields.online_inflight == 1, what="the child's request")
         child.kill()
         child.wait(10)
-        wait_for(lambda: cb.fields.online_inflight == 0 and cb.fields.gate == GATE_OPEN,
+        until(lambda: cb.fields.online_inflight == 0 and cb.fields.gate == GATE_OPEN,
                  what="the dead writer's slot reaped and the gate reopened")
     finally:
         if child.poll() is None:

@@ -27,15 +27,16 @@ pytestmark = pytest.mark.timeout(30)
 GPUS = ("GPU-aaaa", "GPU-bbbb", "GPU-cccc")
 
 
-def arbiter_runs(cb: ControlBlock) -> ControlBlock:
-    """What a live arbiter publishes: clients may close the gate, and its heartbeat is fresh for the test."""
+def arbiter_runs(cb: ControlBlock, now: int | None = None) -> ControlBlock:
+    """What a live arbiter publishes: clients may close the gate, and its heartbeat is fresh for the test
+    (on the signal's clock ``now``, the machine's by default)."""
     cb.fields.flags |= FLAG_CLOSE_ALLOWED
-    cb.fields.heartbeat_ns = time.monotonic_ns() + 60 * 10**9
+    cb.fields.heartbeat_ns = (time.monotonic_ns() if now is None else now) + 60 * 10**9
     return cb
 
 
-def blocks(root, gpus=GPUS) -> list[ControlBlock]:
-    return [arbiter_runs(ControlBlock.create(root / g / "control")) for g in gpus]
+def blocks(root, gpus=GPUS, now: int | None = None) -> list[ControlBlock]:
+    return [arbiter_runs(ControlBlock.create(root / g / "control"), now) for g in gpus]
 
 
 def test_each_request_closes_and_counts_on_every_gpu(tmp_path):
@@ -59,15 +60,12 @@ def test_each_request_closes_and_counts_on_every_gpu(tmp_path):
 
 def test_a_gpu_without_an_arbiter_yet_does_not_stop_the_others(tmp_path):
     now = [10**12]  # the signal's clock: heartbeats are set on it, not on the machine's (its uptime may be shorter)
-    a, = blocks(tmp_path, GPUS[:1])
-    a.fields.heartbeat_ns = now[0] + 60 * 10**9
+    a, = blocks(tmp_path, GPUS[:1], now[0])
     sig = MultiGpuSignal([tmp_path / g / "control" for g in GPUS[:2]], clock=lambda: now[0])
     assert sig.begin() is True and a.fields.gate == GATE_CLOSED and a.inflight() == 1
     assert not sig.last_gated  # GPU b has no block: this request did not reach it
     sig.end()
-    b = arbiter_runs(ControlBlock.create(tmp_path / GPUS[1] / "control"))  # b's arbiter starts
-    b.fields.heartbeat_ns = now[0] + 60 * 10**9
-    a.fields.heartbeat_ns = now[0] + 60 * 10**9
+    b = arbiter_runs(ControlBlock.create(tmp_path / GPUS[1] / "control"), now[0])  # b's arbiter starts
     a.fields.gate = GATE_OPEN
     now[0] += RETRY_NS  # the signal tries the missing block again once a second
     assert sig.begin() is True

@@ -714,7 +714,6 @@ def run_gpu(s: Settings, work: Path) -> dict:
 
         latency: dict[str, dict[str, list[float]]] = {p: {} for p in GPU_PHASES}
         preempt: dict[str, dict[str, int]] = {p: {} for p in GPU_PHASES}
-        off_rates: dict[str, dict[str, float]] = {"alone": {}, "nogate": {}, "gate": {}}
         off_runs: dict[str, dict[str, dict]] = {"alone": {}, "nogate": {}, "gate": {}}  # each loop's own figures
 
         def record(phase: str, lat: dict, off: dict, moved: dict, off_key: str | None = None) -> None:
@@ -722,10 +721,8 @@ def run_gpu(s: Settings, work: Path) -> dict:
                 latency[phase][u] = r["latency_ms"]
                 preempt[phase][u] = moved[u]["preemptions"]
             cross_talk.extend(cross_talk_of(list(lat), moved))
-            for u, r in off.items():
-                if off_key:
-                    off_rates[off_key][u] = r["sublayers_per_s"]
-                    off_runs[off_key][u] = r
+            if off_key:
+                off_runs[off_key].update(off)
 
         root = node.runtime_root
         t_phase = time.monotonic()
@@ -741,7 +738,6 @@ def run_gpu(s: Settings, work: Path) -> dict:
             offline[u].send(cmd="stop")
         for u in uuids:
             off_runs["alone"][u] = offline[u].recv(120)
-            off_rates["alone"][u] = off_runs["alone"][u]["sublayers_per_s"]
         record("nogate", *run_phase_all(online, offline, uuids, s, 200, False, root), "nogate")
         record("gate", *run_phase_all(online, offline, uuids, s, 300, True, root), "gate")
         one = uuids if not s.quick_one else uuids[:1]
@@ -750,11 +746,14 @@ def run_gpu(s: Settings, work: Path) -> dict:
         print(f"[multigpu] phases done in {time.monotonic() - t_phase:.1f} s", flush=True)
 
         rows = gpu_rows(latency, uuids, s.skip)
+
+        def rate(key: str, u: str) -> float:
+            return off_runs[key].get(u, {}).get("sublayers_per_s", float("nan"))
+
         offline_summary = {
-            u: {"alone_sublayers_per_s": off_rates["alone"].get(u),
-                "gate_ratio": ratio(off_rates["gate"].get(u, float("nan")), off_rates["alone"].get(u, float("nan"))),
-                "nogate_ratio": ratio(off_rates["nogate"].get(u, float("nan")),
-                                      off_rates["alone"].get(u, float("nan"))),
+            u: {"alone_sublayers_per_s": off_runs["alone"].get(u, {}).get("sublayers_per_s"),
+                "gate_ratio": ratio(rate("gate", u), rate("alone", u)),
+                "nogate_ratio": ratio(rate("nogate", u), rate("alone", u)),
                 "preemptions": preempt["gate"].get(u)}
             for u in uuids}
         first = next(iter(ready.values()))

@@ -145,4 +145,7 @@ def test_gpu_path_dry_run_on_cpu(tmp_path: Path) -> None:
         assert all(p["n"] > 0 for p in rows[u]["phases"].values())
         assert doc["preemptions"]["gate"][u] > 0  # the arbiter of that GPU closed its gate for online
         assert doc["offline"][u]["alone_sublayers_per_s"] > 0
+        runs = {k: doc["offline_runs"][k][u]["sublayers_per_s"] for k in ("alone", "gate", "nogate")}
+        assert doc["offline"][u]["gate_ratio"] == pytest.approx(runs["gate"] / runs["alone"])
+        assert doc["offline"][u]["nogate_ratio"] == pytest.approx(runs["nogate"] / runs["alone"])
     assert doc["settings"]["online"]["hidden"] == 64

@@ -527,22 +527,22 @@ def offline_worker(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(*[Block(a.hidden, a.heads) for _ in range(a.layers)]).to(a.device, dtype).eval()
     x = torch.randn(a.batch, a.tokens, a.hidden, device=a.device, dtype=dtype) * 0.1
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-    if cuda:
-        torch.cuda.synchronize()
+
+    def warm() -> None:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    warm()
     from valve.runtime.gate.offline import Gate, attach
 
     # the Gate and the gated path's first use happen here, before any phase: a one-off cost is no phase's figure
     state: dict = {"gate": Gate(cb, backend="cuda" if cuda else "host", queue_ahead=a.queue_ahead)}
     t_warm = time.perf_counter()
     handle = attach(model, gate=state["gate"])
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-    if cuda:
-        torch.cuda.synchronize()
+    warm()
     handle.remove()
     info["gated_warmup_s"] = time.perf_counter() - t_warm
 

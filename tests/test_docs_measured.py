@@ -641,9 +641,8 @@ def record_tables() -> tuple[list[list[str]], list[list[str]]]:
 def record_figures() -> dict[str, str]:
     """The page's figures in its text, by placeholder name."""
     small, large = (record_rows(n) for n in RECORD_RUNS)
-    doc = result(RECORD_RUNS[0])
-    third = {r["variant"]: r for r in doc["repeat_rows"][2]}["valve"]
-    third8 = {r["variant"]: r for r in result(RECORD_RUNS[1])["repeat_rows"][2]}["valve"]
+    doc, doc8 = (result(n) for n in RECORD_RUNS)
+    third, third8 = ({r["variant"]: r for r in d["repeat_rows"][2]}["valve"] for d in (doc, doc8))
     x = lambda v: f"x{v:.2f}"  # noqa: E731
     pct = lambda v: f"{v * 100:.0f}%"  # noqa: E731
     v, v8 = small["valve"], large["valve"]
@@ -658,7 +657,7 @@ def record_figures() -> dict[str, str]:
         "ALONEBUSY": pct(small["online-alone"]["busy_fraction"]), "TSBUSY": pct(small["time-slicing"]["busy_fraction"]),
         "MPSBUSY": pct(small["mps"]["busy_fraction"]),
         "VGPU": f"{doc['breakdown']['valve']['extra_vs_alone_ms']['gpu']:+.2f}",
-        "V8GPU": f"{result(RECORD_RUNS[1])['breakdown']['valve']['extra_vs_alone_ms']['gpu']:+.2f}",
+        "V8GPU": f"{doc8['breakdown']['valve']['extra_vs_alone_ms']['gpu']:+.2f}",
     }
 
 

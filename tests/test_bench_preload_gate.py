@@ -143,10 +143,12 @@ def test_the_gpu_run_fails_fast_without_a_gpu():
 
 @pytest.mark.slow
 def test_dry_run_on_cpu_runs_every_step(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
     p = run_script("--device", "cpu", "--programs", "eager,hf", "--paces", "100", "--chunks", "full,8",
-                   "--bursts", "4", "--repeats", "2", "--gap-ms", "2", "--solo-seconds", "0.05", "--out", str(tmp_path))
+                   "--bursts", "4", "--repeats", "2", "--gap-ms", "2", "--solo-seconds", "0.05", "--out", str(out),
+                   "--logs", str(work))
     assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads((tmp_path / "preload_gate.json").read_text())
+    doc = json.loads((out / "preload_gate.json").read_text())
     # each variant once per repeat, 2 bursts each time (4 over 2 repeats); online alone the same
     got = {(r["program"], r["chunk"], r["mode"], r["pace_us"]) for r in doc["rows"]}
     assert got == {("eager", "full", "nolib", None), ("eager", "full", "open", 100), ("eager", "full", "gated", 100),
@@ -161,7 +163,8 @@ def test_dry_run_on_cpu_runs_every_step(tmp_path):
         assert (r["kernel_ms"] is not None) == (r["program"] == "eager")
         assert r["counters"]["waits"] == 0  # no CUDA: the preloaded library has nothing to gate
     assert doc["standard"]["met"] is False and doc["settings"]["device"] == "cpu"
-    assert (tmp_path / "preload_gate.png").stat().st_size > 0
-    assert "| hf | full | - | gated, every 100 us |" in (tmp_path / "preload_gate.md").read_text()
-    # only the results in --out (a device call returns at most 8 files): the library and logs go elsewhere
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["preload_gate.json", "preload_gate.md", "preload_gate.png"]
+    assert (out / "preload_gate.png").stat().st_size > 0
+    assert "| hf | full | - | gated, every 100 us |" in (out / "preload_gate.md").read_text()
+    # only the results in --out (a device call returns at most 8 files): the library and logs go to --logs
+    assert sorted(f.name for f in out.iterdir()) == ["preload_gate.json", "preload_gate.md", "preload_gate.png"]
+    assert (work / "lib" / "libvalvegate.so").is_file() and (work / "online.log").is_file()

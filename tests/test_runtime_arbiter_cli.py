@@ -114,7 +114,7 @@ def test_killed_online_process_is_reaped(arbiter_proc, tmp_path):
         child.kill()
         child.wait(10)
         until(lambda: cb.fields.online_inflight == 0 and cb.fields.gate == GATE_OPEN,
-                 what="the dead writer's slot reaped and the gate reopened")
+              what="the dead writer's slot reaped and the gate reopened")
     finally:
         if child.poll() is None:
             child.kill()
